@@ -1,0 +1,51 @@
+"""Typed errors. Every error a user can trigger derives from PressoError and names what is at fault."""
+
+
+class PressoError(Exception):
+    """Base class of all presso errors."""
+
+
+class UnsupportedOpError(PressoError):
+    """A frontend met an op it cannot lower. Names the op, the node, where it came from, and what is supported."""
+
+    def __init__(self, op: str, node: str, location: str, supported):
+        self.op, self.node, self.location = op, node, location
+        self.supported = sorted(supported)
+        super().__init__(
+            f"unsupported op '{op}' at node '{node}' ({location}); "
+            f"supported ops: {', '.join(self.supported)}"
+        )
+
+
+class FrontendError(PressoError):
+    """The model could not be imported (untraceable module, malformed ONNX file, ...)."""
+
+
+class IRError(PressoError):
+    """Malformed IR built through the API (unknown op, wrong operand count, bad attribute)."""
+
+
+class VerificationError(IRError):
+    """The verifier rejected a graph; the message names the node and the broken rule."""
+
+
+class IRParseError(IRError):
+    """The IR text could not be parsed; the message carries the line and column."""
+
+    def __init__(self, msg: str, line: int, col: int, text_line: str = ""):
+        self.line, self.col = line, col
+        where = f"line {line}, col {col}"
+        caret = f"\n  {text_line}\n  {' ' * max(col - 1, 0)}^" if text_line else ""
+        super().__init__(f"{where}: {msg}{caret}")
+
+
+class PipelineError(PressoError, ValueError):
+    """Unknown pass, unknown or badly typed option, or malformed pipeline text."""
+
+
+class PassCheckError(PressoError):
+    """check='numeric' found a pass that changed the outputs beyond tolerance."""
+
+
+class InputError(PressoError, ValueError):
+    """Wrong number, shape or dtype of inputs given to a compiled model."""

@@ -1,0 +1,266 @@
+"""Every presso op, declared once: operands, attributes, reference implementation (torch), and
+FLOP counts for the heavy ones. Type inference comes from the reference on meta tensors unless an
+op gives its own rule (ops whose types the reference cannot express, such as packed int4).
+
+Adding an op = adding one ``defop`` here (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import IRError
+from .registry import Attr, defop
+from .types import DType, TensorType
+
+INT64_MAX = 2 ** 63 - 1
+
+
+def _numel_flops(ins, outs, attrs, b):
+    return sum(o.numel(b) for o in outs)
+
+
+# ---- elementwise -------------------------------------------------------------------------
+def _binary(name, fn):
+    defop(name, ["a", "b"], category="elementwise", flops=_numel_flops)(fn)
+
+
+for _name, _fn in {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "logical_and": torch.logical_and, "logical_or": torch.logical_or,
+}.items():
+    _binary(_name, (lambda f: lambda a, b: f(a, b))(_fn))
+
+for _name, _fn in {
+    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "tanh": torch.tanh, "erf": torch.erf,
+    "sigmoid": torch.sigmoid, "relu": torch.relu, "silu": F.silu, "sin": torch.sin, "cos": torch.cos,
+    "logical_not": torch.logical_not,
+}.items():
+    defop(_name, ["x"], category="elementwise", flops=_numel_flops)((lambda f: lambda x: f(x))(_fn))
+
+
+@defop("gelu", ["x"], {"approximate": Attr("str", "none", choices=("none", "tanh"))}, "elementwise", flops=_numel_flops)
+def gelu(x, approximate):
+    return F.gelu(x, approximate=approximate)
+
+
+@defop("where", ["cond", "a", "b"], category="elementwise", flops=_numel_flops)
+def where(cond, a, b):
+    return torch.where(cond, a, b)
+
+
+@defop("cast", ["x"], {"dtype": Attr("dtype")}, "elementwise")
+def cast(x, dtype):
+    return x.to(DType[dtype].torch)
+
+
+# ---- constants ---------------------------------------------------------------------------
+@defop("full", [], {"value": Attr("float"), "shape": Attr("shape", []), "dtype": Attr("dtype", "f32")}, "constant")
+def full(value, shape, dtype):
+    """A tensor filled with one value (scalars in arithmetic are 0-d ``full`` nodes)."""
+    return torch.full(shape, value, dtype=DType[dtype].torch)
+
+
+@defop("arange", [], {"start": Attr("int", 0), "end": Attr("dim"), "step": Attr("int", 1),
+                      "dtype": Attr("dtype", "i64")}, "constant")
+def arange(start, end, step, dtype):
+    return torch.arange(start, end, step, dtype=DType[dtype].torch)
+
+
+# ---- reductions and softmax --------------------------------------------------------------
+_RED = {"axes": Attr("ints"), "keepdim": Attr("bool", False)}
+
+
+@defop("reduce_sum", ["x"], _RED, "reduce")
+def reduce_sum(x, axes, keepdim):
+    return x.sum(dim=axes, keepdim=keepdim) if axes else x.sum()
+
+
+@defop("reduce_mean", ["x"], _RED, "reduce")
+def reduce_mean(x, axes, keepdim):
+    return x.mean(dim=axes, keepdim=keepdim) if axes else x.mean()
+
+
+@defop("reduce_max", ["x"], _RED, "reduce")
+def reduce_max(x, axes, keepdim):
+    return x.amax(dim=axes, keepdim=keepdim) if axes else x.amax()
+
+
+@defop("softmax", ["x"], {"axis": Attr("int", -1)}, "reduce", flops=lambda i, o, a, b: 5 * o[0].numel(b))
+def softmax(x, axis):
+    return torch.softmax(x, axis)
+
+
+# ---- linear algebra ----------------------------------------------------------------------
+def _linear_flops(ins, outs, attrs, b):
+    return 2 * outs[0].numel(b) * ins[0].concrete_shape(b)[-1]
+
+
+@defop("linear", ["x", "weight", "bias?"], category="linear", flops=_linear_flops)
+def linear(x, weight, bias=None):
+    """y = x @ weight.T + bias, weight is (out_features, in_features)."""
+    return F.linear(x, weight, bias)
+
+
+@defop("matmul", ["a", "b"], category="linear", flops=_linear_flops)
+def matmul(a, b):
+    return torch.matmul(a, b)
+
+
+def _conv_flops(ins, outs, attrs, b):
+    w = ins[1].concrete_shape(b)
+    return 2 * outs[0].numel(b) * math.prod(w[1:])
+
+
+@defop("conv2d", ["x", "weight", "bias?"], {"stride": Attr("ints", [1, 1]), "padding": Attr("ints", [0, 0]),
+                                           "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)},
+       "linear", flops=_conv_flops)
+def conv2d(x, weight, bias, stride, padding, dilation, groups):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+_POOL = {"kernel": Attr("ints"), "stride": Attr("ints"), "padding": Attr("ints", [0, 0])}
+
+
+@defop("max_pool2d", ["x"], _POOL, "reduce")
+def max_pool2d(x, kernel, stride, padding):
+    return F.max_pool2d(x, kernel, stride, padding)
+
+
+@defop("avg_pool2d", ["x"], _POOL, "reduce")
+def avg_pool2d(x, kernel, stride, padding):
+    return F.avg_pool2d(x, kernel, stride, padding)
+
+
+# ---- normalization -----------------------------------------------------------------------
+@defop("layer_norm", ["x", "weight?", "bias?"], {"eps": Attr("float", 1e-5), "ndim": Attr("int", 1)}, "norm",
+       flops=lambda i, o, a, b: 8 * o[0].numel(b))
+def layer_norm(x, weight, bias, eps, ndim):
+    """LayerNorm over the last ``ndim`` dims."""
+    return F.layer_norm(x, x.shape[-ndim:], weight, bias, eps)
+
+
+@defop("rms_norm", ["x", "weight?"], {"eps": Attr("float", 1e-6), "ndim": Attr("int", 1)}, "norm",
+       flops=lambda i, o, a, b: 5 * o[0].numel(b))
+def rms_norm(x, weight, eps, ndim):
+    """x / sqrt(mean(x^2) + eps) * weight, over the last ``ndim`` dims, computed in fp32."""
+    dims = tuple(range(-ndim, 0))
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    return y * weight if weight is not None else y
+
+
+# ---- attention ---------------------------------------------------------------------------
+def _attn_verify(types, attrs):
+    q, k, v = types[:3]
+    if q.rank < 3 or k.rank != q.rank or v.rank != q.rank:
+        raise IRError(f"attention: q, k, v must have the same rank >= 3 ([..., heads, seq, dim]), got {q}, {k}, {v}")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+        raise IRError(f"attention: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+
+
+def _attn_flops(ins, outs, attrs, b):
+    q, k = ins[0].concrete_shape(b), ins[1].concrete_shape(b)
+    return 4 * math.prod(q) * k[-2]
+
+
+@defop("attention", ["q", "k", "v", "mask?"], {"causal": Attr("bool", False), "scale": Attr("float", None, optional=True)},
+       "attention", verify=_attn_verify, flops=_attn_flops)
+def attention(q, k, v, mask, causal, scale):
+    """softmax(q k^T * scale + mask) v over [..., heads, seq, dim]; fewer k/v heads = GQA.
+    ``causal`` masks keys after the query's position (top-left aligned, as torch's SDPA)."""
+    gqa = q.shape[-3] != k.shape[-3]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@defop("rotary", ["x", "cos", "sin"], category="elementwise", flops=lambda i, o, a, b: 3 * o[0].numel(b))
+def rotary(x, cos, sin):
+    """RoPE, half-split convention: x * cos + rotate_half(x) * sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- layout ------------------------------------------------------------------------------
+@defop("reshape", ["x"], {"shape": Attr("shape")}, "layout")
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+@defop("transpose", ["x"], {"perm": Attr("ints")}, "layout")
+def transpose(x, perm):
+    return x.permute(perm)
+
+
+@defop("expand", ["x"], {"shape": Attr("shape")}, "layout")
+def expand(x, shape):
+    return x.expand(shape)
+
+
+@defop("slice", ["x"], {"axis": Attr("int"), "start": Attr("dim", 0), "end": Attr("dim", INT64_MAX),
+                        "step": Attr("int", 1)}, "layout")
+def slice_(x, axis, start, end, step):
+    idx = [slice(None)] * x.dim()
+    idx[axis] = slice(start, end, step)
+    return x[tuple(idx)]
+
+
+@defop("concat", ["xs*"], {"axis": Attr("int")}, "layout")
+def concat(xs, axis):
+    return torch.cat(xs, dim=axis)
+
+
+@defop("split", ["x"], {"axis": Attr("int"), "sizes": Attr("ints")}, "layout")
+def split(x, axis, sizes):
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+@defop("gather", ["x", "index"], {"axis": Attr("int", 0)}, "layout")
+def gather(x, index, axis):
+    """ONNX Gather / embedding lookup: out = x.shape[:axis] + index.shape + x.shape[axis+1:]."""
+    axis = axis % x.dim()
+    flat = torch.index_select(x, axis, index.reshape(-1))
+    return flat.reshape(x.shape[:axis] + index.shape + x.shape[axis + 1:])
+
+
+# ---- compressed storage (filled in by the compression passes) ----------------------------
+def _dequant_infer(types, attrs):
+    q, scales = types[0], types[1]
+    if q.dtype not in (DType.i4, DType.u4, DType.i8, DType.u8):
+        raise IRError(f"dequantize: packed weights must be i4/u4/i8/u8, got {q.dtype}")
+    return [TensorType(q.shape, DType[attrs["dtype"]])]
+
+
+@defop("dequantize", ["q", "scales", "zeros?"], {"group_size": Attr("int"), "dtype": Attr("dtype", "f32")},
+       "compressed", infer=_dequant_infer)
+def dequantize(q, scales, zeros, group_size, dtype):
+    """Group-wise dequantization of a (rows, cols) integer matrix; groups run along cols.
+    Sub-byte storage is unpacked here (low nibble first). w = (q - zeros) * scales."""
+    if q.dtype == torch.uint8 and scales.shape[-1] * group_size == q.shape[-1] * 2:
+        q = unpack_int4(q, signed=zeros is None)
+    w = q.to(torch.float32).reshape(q.shape[0], -1, group_size)
+    if zeros is not None:
+        w = w - zeros.to(torch.float32).unsqueeze(-1)
+    w = w * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(q.shape).to(DType[dtype].torch)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int values in [-8, 7] (signed) or [0, 15] two per byte along the last dim."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
+    lo, hi = p & 0xF, p >> 4
+    out = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2).to(torch.int16)
+    return torch.where(out > 7, out - 16, out).to(torch.int8) if signed else out.to(torch.uint8)

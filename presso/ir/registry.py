@@ -1,0 +1,195 @@
+"""The op registry: every op is declared once, with its operands, typed attributes, a reference
+implementation in torch and (where the reference cannot tell) an explicit type rule.
+
+Type inference by default *runs the reference on meta tensors*: each symbolic dim is replaced by
+a distinct large prime, the reference runs on the ``meta`` device (no memory, no compute), and
+result sizes are mapped back to symbols (a product of primes maps to a product of symbols). So the
+reference is the single source of truth for shapes as well as for numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import IRError
+from .types import DType, TensorType, eval_dim
+
+REQUIRED = object()
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "shape", "dim", "dtype")
+_PRIMES = (100003, 100019, 100043, 100049, 100057, 100069, 100103, 100109, 100129, 100151,
+           100153, 100169, 100183, 100189, 100193, 100207, 100213, 100237, 100267, 100271)
+
+
+@dataclass
+class Attr:
+    kind: str
+    default: Any = REQUIRED
+    choices: Optional[tuple] = None
+    optional: bool = False  # None allowed
+
+    def check(self, op: str, name: str, value, where: str):
+        if value is None and (self.optional or self.default is None):
+            return None
+        ok = {
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool),
+            "str": lambda v: isinstance(v, str),
+            "ints": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+            "floats": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v),
+            "shape": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v),
+            "dim": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
+            "dtype": lambda v: isinstance(v, str) and v in DType.__members__,
+        }[self.kind](value)
+        if not ok:
+            raise IRError(f"{where}: attribute '{name}' of op '{op}' must be {self.kind}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise IRError(f"{where}: attribute '{name}' of op '{op}' must be one of {list(self.choices)}, got {value!r}")
+        if self.kind == "float":
+            return float(value)
+        if self.kind in ("ints", "shape"):
+            return list(value)
+        if self.kind == "floats":
+            return [float(x) for x in value]
+        return value
+
+
+@dataclass
+class OpDef:
+    name: str
+    operands: tuple[str, ...]           # "x", "bias?" (optional), "xs*" (variadic, last only)
+    attrs: dict[str, Attr]
+    ref: Callable
+    category: str
+    doc: str = ""
+    infer: Optional[Callable] = None     # (input types, attrs) -> list[TensorType]
+    verify: Optional[Callable] = None    # (input types, attrs) -> None or raise IRError
+    flops: Optional[Callable] = None     # (input types, output types, attrs, bindings) -> int
+
+    # ---- schema -------------------------------------------------------------------------
+    @property
+    def variadic(self) -> bool:
+        return bool(self.operands) and self.operands[-1].endswith("*")
+
+    def operand_names(self) -> list[str]:
+        return [o.rstrip("?*") for o in self.operands]
+
+    def check_arity(self, inputs: Sequence, where: str) -> None:
+        n_req = sum(1 for o in self.operands if not o.endswith(("?", "*")))
+        n_max = math.inf if self.variadic else len(self.operands)
+        if not (n_req <= len(inputs) <= n_max):
+            raise IRError(f"{where}: op '{self.name}' takes operands ({', '.join(self.operands)}), "
+                          f"got {len(inputs)}")
+        for spec, v in zip(self.operands, inputs):
+            if v is None and not spec.endswith("?"):
+                raise IRError(f"{where}: operand '{spec}' of op '{self.name}' is required")
+
+    def complete_attrs(self, attrs: Mapping, where: str) -> dict:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise IRError(f"{where}: op '{self.name}' has no attribute(s) {sorted(unknown)}; "
+                          f"allowed: {sorted(self.attrs) or 'none'}")
+        out = {}
+        for name, spec in self.attrs.items():
+            if name in attrs:
+                out[name] = spec.check(self.name, name, attrs[name], where)
+            elif spec.default is REQUIRED:
+                raise IRError(f"{where}: op '{self.name}' needs attribute '{name}' ({spec.kind})")
+            else:
+                out[name] = spec.default
+        return out
+
+    # ---- execution ----------------------------------------------------------------------
+    def resolve_attrs(self, attrs: Mapping, bindings: Mapping[str, int]) -> dict:
+        """Attrs with symbolic dims in ``shape`` attributes replaced by their sizes."""
+        out = dict(attrs)
+        for k, v in attrs.items():
+            kind = self.attrs[k].kind
+            if kind == "shape" and v is not None:
+                out[k] = [eval_dim(d, bindings) for d in v]
+            elif kind == "dim" and isinstance(v, str):
+                out[k] = eval_dim(v, bindings)
+        return out
+
+    def run(self, tensors: Sequence[Optional[torch.Tensor]], attrs: Mapping, bindings: Mapping[str, int] = {}):
+        """Run the reference; always returns a list of tensors."""
+        args = list(tensors)
+        if self.variadic:
+            fixed = len(self.operands) - 1
+            args = args[:fixed] + [args[fixed:]]
+        out = self.ref(*args, **self.resolve_attrs(attrs, bindings))
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def infer_types(self, inputs: Sequence, attrs: Mapping, where: Optional[str] = None) -> list[TensorType]:
+        where = where or f"{self.name} node"
+        self.check_arity(inputs, where)
+        types = [v.type if v is not None else None for v in inputs]
+        if self.verify is not None:
+            self.verify(types, attrs)
+        if self.infer is not None:
+            return list(self.infer(types, attrs))
+        return meta_infer(self, types, attrs, where)
+
+
+def meta_infer(opdef: OpDef, types: Sequence[Optional[TensorType]], attrs: Mapping, where: str) -> list[TensorType]:
+    syms = sorted({s for t in types if t is not None for s in t.symbols}
+                  | {s for k, v in attrs.items() if opdef.attrs[k].kind in ("shape", "dim") and v is not None
+                     for d in (v if isinstance(v, list) else [v]) if isinstance(d, str) for s in d.split("*")})
+    if len(syms) > len(_PRIMES):
+        raise IRError(f"{where}: too many distinct symbolic dims ({len(syms)})")
+    bind = dict(zip(syms, _PRIMES))
+    metas = [None if t is None else torch.empty(t.storage_shape(bind), dtype=t.dtype.torch, device="meta")
+             for t in types]
+    try:
+        outs = opdef.run(metas, attrs, bind)
+    except IRError:
+        raise
+    except Exception as e:  # the reference rejected the operand types: report it as a typing error
+        shapes = ", ".join(str(t) if t is not None else "_" for t in types)
+        raise IRError(f"{where}: op '{opdef.name}' cannot take operands ({shapes}) "
+                      f"with attributes {dict(attrs)}: {e}") from None
+    inv = {p: s for s, p in bind.items()}
+    return [TensorType(tuple(_unprime(d, inv, where) for d in o.shape), DType.from_torch(o.dtype)) for o in outs]
+
+
+def _unprime(size: int, inv: Mapping[int, str], where: str):
+    """Map a size computed with primes back to ``int`` or ``[coef*]sym[*sym...]``."""
+    parts, rest = [], size
+    for p in sorted(inv):
+        while rest % p == 0 and rest:
+            parts.append(inv[p])
+            rest //= p
+    if not parts:
+        return size
+    return "*".join(([str(rest)] if rest != 1 else []) + sorted(parts))
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def defop(name: str, operands: Sequence[str], attrs: Optional[dict] = None, category: str = "misc",
+          infer=None, verify=None, flops=None):
+    """Declare an op; decorates its reference implementation."""
+    def wrap(ref):
+        if name in _REGISTRY:
+            raise IRError(f"op '{name}' is defined twice")
+        _REGISTRY[name] = OpDef(name, tuple(operands), dict(attrs or {}), ref, category,
+                                (ref.__doc__ or "").strip(), infer, verify, flops)
+        return ref
+    return wrap
+
+
+def get_op(name: str) -> OpDef:
+    from . import ops  # noqa: F401  (populate the registry)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise IRError(f"unknown op '{name}'; known ops: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def all_ops() -> dict[str, OpDef]:
+    from . import ops  # noqa: F401
+    return dict(_REGISTRY)

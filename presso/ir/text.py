@@ -1,0 +1,312 @@
+"""The IR's text form: a printer and a parser that round-trip exactly, ``parse(print(g)) == g``.
+
+    graph @mlp(%x: f32[batch, 16]) {
+      param %fc1.weight: f32[32, 16]
+      param %fc1.bias: f32[32]
+      %linear: f32[batch, 32] = linear(%x, %fc1.weight, %fc1.bias)
+      %relu: f32[batch, 32] = relu(%linear)
+      return %relu
+    }
+
+Attributes equal to their default are not printed; absent optional operands print as ``_``.
+Parameter tensors are not part of the text: ``parse(text, weights=...)`` attaches them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Mapping, Optional
+
+import torch
+
+from ..errors import IRError, IRParseError
+from .graph import Graph, Node
+from .registry import REQUIRED, get_op
+from .types import DType, TensorType
+
+# ---- printing ---------------------------------------------------------------------------
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEYWORDS = {"true", "false", "none", "inf", "nan"}
+
+
+def format_attr(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return v if _IDENT.match(v) and v not in _KEYWORDS else json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_attr(x) for x in v) + "]"
+    raise IRError(f"attribute value {v!r} has no text form")
+
+
+def format_node(n: Node) -> str:
+    opdef = get_op(n.op)
+    outs = ", ".join(f"%{v.name}: {v.type}" for v in n.outputs)
+    args = ", ".join("_" if v is None else f"%{v.name}" for v in n.inputs)
+    shown = {k: v for k, v in n.attrs.items()
+             if opdef.attrs[k].default is REQUIRED or v != opdef.attrs[k].default}
+    attrs = (" {" + ", ".join(f"{k}={format_attr(v)}" for k, v in shown.items()) + "}") if shown else ""
+    return f"{outs} = {n.op}({args}){attrs}"
+
+
+def print_graph(g: Graph) -> str:
+    ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    lines = [f"graph @{g.name}({ins}) {{"]
+    lines += [f"  param %{p.value.name}: {p.value.type}" for p in g.params.values()]
+    lines += [f"  {format_node(n)}" for n in g.nodes]
+    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- parsing ----------------------------------------------------------------------------
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)|(?P<comment>//[^\n]*)
+  | (?P<value>%[A-Za-z0-9_][A-Za-z0-9_.\-]*)
+  | (?P<gname>@[A-Za-z0-9_][A-Za-z0-9_.\-]*)
+  | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf\b))
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<punct>[()\[\]{},:=*])
+""", re.VERBOSE)
+
+
+class _Lexer:
+    def __init__(self, text: str):
+        self.text = text
+        self.lines = text.split("\n")
+        self.toks = []
+        pos, line, line_start = 0, 1, 0
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                self._fail(f"unexpected character {text[pos]!r}", line, pos - line_start + 1)
+            kind = m.lastgroup
+            if kind not in ("ws", "comment"):
+                self.toks.append((kind, m.group(), line, pos - line_start + 1))
+            nl = m.group().count("\n")
+            if nl:
+                line += nl
+                line_start = pos + m.group().rfind("\n") + 1
+            pos = m.end()
+        self.toks.append(("eof", "", line, 1))
+        self.i = 0
+
+    def _fail(self, msg, line, col):
+        raise IRParseError(msg, line, col, self.lines[line - 1] if 0 < line <= len(self.lines) else "")
+
+    def fail(self, msg, tok=None):
+        _, _, line, col = tok or self.peek()
+        self._fail(msg, line, col)
+
+    def peek(self):
+        return self.toks[self.i]
+
+    def next(self):
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def accept(self, text):
+        if self.peek()[1] == text and self.peek()[0] in ("punct", "ident"):
+            return self.next()
+        return None
+
+    def expect(self, text):
+        t = self.next()
+        if t[1] != text:
+            self.fail(f"expected '{text}', found '{t[1] or 'end of text'}'", t)
+        return t
+
+    def expect_kind(self, kind, what):
+        t = self.next()
+        if t[0] != kind:
+            self.fail(f"expected {what}, found '{t[1] or 'end of text'}'", t)
+        return t
+
+
+def _parse_type(lx: _Lexer) -> TensorType:
+    t = lx.expect_kind("ident", "a dtype such as f32")
+    if t[1] not in DType.__members__:
+        lx.fail(f"unknown dtype '{t[1]}'; known: {', '.join(DType.__members__)}", t)
+    lx.expect("[")
+    dims = []
+    while not lx.accept("]"):
+        if dims:
+            lx.expect(",")
+        d = lx.next()
+        if d[0] == "number" and re.fullmatch(r"\d+", d[1]) and lx.peek()[1] != "*":
+            dims.append(int(d[1]))
+        elif d[0] == "number" and re.fullmatch(r"\d+", d[1]):
+            lx.expect("*")
+            sym = d[1] + "*" + lx.expect_kind("ident", "a symbol")[1]
+            while lx.accept("*"):
+                sym += "*" + lx.expect_kind("ident", "a symbol")[1]
+            dims.append(sym)
+        elif d[0] == "ident":
+            sym = d[1]
+            while lx.accept("*"):
+                sym += "*" + lx.expect_kind("ident", "a symbol")[1]
+            dims.append(sym)
+        else:
+            lx.fail(f"expected a dim (int or symbol), found '{d[1]}'", d)
+    return TensorType(tuple(dims), DType[t[1]])
+
+
+def _parse_attr_value(lx: _Lexer):
+    t = lx.next()
+    kind, text = t[0], t[1]
+    if text == "[" and kind == "punct":
+        items = []
+        while not lx.accept("]"):
+            if items:
+                lx.expect(",")
+            items.append(_parse_attr_value(lx))
+        return items
+    if kind == "number":
+        if text in ("inf", "-inf"):
+            return float(text)
+        return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+    if kind == "string":
+        return json.loads(text)
+    if kind == "ident":
+        if text in ("true", "false"):
+            return text == "true"
+        if text == "none":
+            return None
+        if text == "nan":
+            return float("nan")
+        while lx.accept("*"):
+            text += "*" + lx.expect_kind("ident", "a symbol")[1]
+        return text
+    lx.fail(f"expected an attribute value, found '{text}'", t)
+
+
+def parse(text: str, weights: Optional[Mapping[str, torch.Tensor]] = None, verify: bool = True) -> Graph:
+    """Parse IR text; ``weights`` (name -> tensor) attaches parameter data. Verifies the result."""
+    lx = _Lexer(text)
+    lx.expect("graph")
+    g = Graph(lx.expect_kind("gname", "a graph name like @main")[1][1:])
+    env = {}
+
+    def define(tok):
+        name = tok[1][1:]
+        if name in env:
+            lx.fail(f"%{name} is defined twice", tok)
+        return name
+
+    def use(tok):
+        name = tok[1][1:]
+        if name not in env:
+            lx.fail(f"use of undefined value %{name}", tok)
+        return env[name]
+
+    lx.expect("(")
+    while not lx.accept(")"):
+        if g.inputs:
+            lx.expect(",")
+        tok = lx.expect_kind("value", "an input like %x")
+        name = define(tok)
+        lx.expect(":")
+        env[name] = g.add_input(name, _parse_type(lx))
+    lx.expect("{")
+    while True:
+        t = lx.peek()
+        if t[1] == "param" and t[0] == "ident":
+            lx.next()
+            tok = lx.expect_kind("value", "a param name")
+            name = define(tok)
+            lx.expect(":")
+            ty = _parse_type(lx)
+            data = None
+            if weights is not None:
+                if name not in weights:
+                    lx.fail(f"no weight given for param %{name}", tok)
+                data = weights[name]
+            env[name] = g.add_param(name, data, ty)
+        elif t[1] == "return" and t[0] == "ident":
+            lx.next()
+            outs = [use(lx.expect_kind("value", "a value to return"))]
+            while lx.accept(","):
+                outs.append(use(lx.expect_kind("value", "a value to return")))
+            g.outputs = outs
+            lx.expect("}")
+            lx.expect_kind("eof", "end of text")
+            break
+        elif t[0] == "value":
+            results = []
+            while True:
+                tok = lx.expect_kind("value", "a result name")
+                lx.expect(":")
+                results.append((define(tok), _parse_type(lx)))
+                if not lx.accept(","):
+                    break
+            lx.expect("=")
+            optok = lx.expect_kind("ident", "an op name")
+            lx.expect("(")
+            operands = []
+            while not lx.accept(")"):
+                if operands:
+                    lx.expect(",")
+                a = lx.next()
+                if a[0] == "ident" and a[1] == "_":
+                    operands.append(None)
+                elif a[0] == "value":
+                    operands.append(use(a))
+                else:
+                    lx.fail(f"expected an operand like %x or _, found '{a[1]}'", a)
+            attrs = {}
+            if lx.accept("{"):
+                while not lx.accept("}"):
+                    if attrs:
+                        lx.expect(",")
+                    key = lx.expect_kind("ident", "an attribute name")[1]
+                    lx.expect("=")
+                    attrs[key] = _parse_attr_value(lx)
+            try:
+                opdef = get_op(optok[1])
+                where = f"node %{results[0][0]}"
+                opdef.check_arity(operands, where)
+                node = g.add_node(optok[1], operands, attrs, names=[r[0] for r in results],
+                                  out_types=[r[1] for r in results])
+            except IRError as e:
+                lx.fail(str(e), optok)
+            node.meta["line"] = optok[2]
+            for v in node.outputs:
+                env[v.name] = v
+        else:
+            lx.fail(f"expected 'param', a node, or 'return', found '{t[1] or 'end of text'}'", t)
+    if verify:
+        from .verify import verify as _verify
+        _verify(g, check_data=weights is not None)
+    return g
+
+
+def clone_graph(g: Graph) -> Graph:
+    """A structural copy sharing parameter tensors."""
+    out = Graph(g.name)
+    out.meta = dict(g.meta)
+    env = {}
+    for v in g.inputs:
+        env[v] = out.add_input(v.name, v.type)
+    for p in g.params.values():
+        env[p.value] = out.add_param(p.value.name, p.data, p.value.type)
+    for n in g.nodes:
+        new = out.add_node(n.op, [None if v is None else env[v] for v in n.inputs], n.attrs,
+                           names=[v.name for v in n.outputs], out_types=[v.type for v in n.outputs])
+        new.meta = dict(n.meta)
+        for a, b in zip(n.outputs, new.outputs):
+            env[a] = b
+    out.outputs = [env[v] for v in g.outputs]
+    return out
