@@ -1,0 +1,486 @@
+"""Import an ONNX model (opsets 13-21) into presso IR.
+
+Constant sub-graphs (initializers, ``Constant`` nodes, shape arithmetic on static shapes) are
+evaluated at import, so reshape targets and masks arrive as attributes and params. ``Shape`` of a
+value with symbolic dims yields a *symbolic shape* (a list of dims) that Gather/Slice/Concat/
+Unsqueeze/Squeeze/Cast can rearrange and Reshape/Expand/ConstantOfShape consume.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..errors import FrontendError, IRError, UnsupportedOpError
+from ..ir.graph import Graph, Value
+from ..ir.types import DType, TensorType
+from .common import GraphBuilder, clean_name
+
+OPSETS = range(13, 22)
+ONNX_OPS: dict[str, Callable] = {}
+
+
+def handles(*names):
+    def wrap(fn):
+        for n in names:
+            ONNX_OPS[n] = fn
+        return fn
+    return wrap
+
+
+class SymShape(list):
+    """A shape known at import as dims (ints and symbols): the value of ``Shape(x)``."""
+
+
+_ONNX_DTYPE = {1: DType.f32, 10: DType.f16, 16: DType.bf16, 11: DType.f64, 7: DType.i64, 6: DType.i32,
+               5: DType.i16, 3: DType.i8, 2: DType.u8, 9: DType.bool}
+
+
+def _dtype(elem_type: int, where: str) -> DType:
+    if elem_type not in _ONNX_DTYPE:
+        raise FrontendError(f"{where}: ONNX element type {onnx.TensorProto.DataType.Name(elem_type)} is not supported")
+    return _ONNX_DTYPE[elem_type]
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.b = GraphBuilder(model.graph.name or "onnx_model")
+        self.g: Graph = self.b.g
+        self.env: dict[str, Any] = {}   # name -> Value | torch.Tensor (constant) | SymShape
+        self.node: Optional[onnx.NodeProto] = None
+
+    # -- operands ------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        n = self.node
+        return f"ONNX node '{n.name or n.output[0]}' ({n.op_type})"
+
+    def has(self, i: int) -> bool:
+        return i < len(self.node.input) and self.node.input[i] != ""
+
+    def t(self, i: int) -> Optional[Value]:
+        """Input i as a graph value (constants become params / 0-d ``full`` nodes on first use)."""
+        if not self.has(i):
+            return None
+        name = self.node.input[i]
+        v = self.env[name]
+        if isinstance(v, SymShape):
+            raise FrontendError(f"{self.where}: a shape with symbolic dims cannot be used as data")
+        if isinstance(v, torch.Tensor):
+            v = self.env[name] = self.b.const(name, v)
+        return v
+
+    def c(self, i: int, what: str):
+        """Input i as an import-time constant (tensor or symbolic shape), or a clear error."""
+        if not self.has(i):
+            return None
+        v = self.env[self.node.input[i]]
+        if isinstance(v, Value):
+            if v.node is not None and v.node.op == "full" and not v.type.shape:
+                return torch.tensor(v.node.attrs["value"], dtype=v.type.dtype.torch)
+            raise FrontendError(f"{self.where}: {what} must be a constant known at import, "
+                                f"but '{self.node.input[i]}' is computed from the model's inputs")
+        return v
+
+    def ints(self, i: int, what: str) -> Optional[list]:
+        v = self.c(i, what)
+        if v is None:
+            return None
+        return list(v) if isinstance(v, SymShape) else [int(x) for x in v.reshape(-1).tolist()]
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def op(self, name, *ins, **attrs) -> Value:
+        return self.g.op(name, *ins, **attrs)
+
+    def unsupported(self, what: str):
+        raise UnsupportedOpError(what, self.node.name or self.node.output[0], f"ONNX node '{self.node.name}'",
+                                 sorted(ONNX_OPS))
+
+    # -- driving -------------------------------------------------------------------------
+    def run(self) -> Graph:
+        gp = self.model.graph
+        inits = {i.name for i in gp.initializer}
+        for init in gp.initializer:
+            self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        for inp in gp.input:
+            if inp.name in inits:
+                continue
+            tt = inp.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else clean_name(d.dim_param or f"{inp.name}_{k}")
+                    for k, d in enumerate(tt.shape.dim)]
+            self.env[inp.name] = self.g.add_input(clean_name(inp.name),
+                                                  TensorType(tuple(dims), _dtype(tt.elem_type, f"input {inp.name}")))
+        for node in gp.node:
+            self.node = node
+            if node.domain not in ("", "ai.onnx"):
+                self.unsupported(f"{node.domain}.{node.op_type}")
+            handler = ONNX_OPS.get(node.op_type)
+            if handler is None:
+                self.unsupported(node.op_type)
+            try:
+                if self._all_const(node) and node.op_type not in ("Shape",):
+                    outs = self._fold(node)
+                else:
+                    outs = handler(self)
+            except (UnsupportedOpError, FrontendError):
+                raise
+            except (IRError, ValueError, RuntimeError, TypeError, IndexError) as e:
+                raise FrontendError(f"{self.where}: {e}") from None
+            outs = outs if isinstance(outs, (list, tuple)) and not isinstance(outs, SymShape) else [outs]
+            for name, v in zip(node.output, outs):
+                if name:
+                    self.env[name] = v
+                    if isinstance(v, Value) and v.node is not None and "source" not in v.node.meta:
+                        v.node.meta["source"] = f"ONNX node '{node.name}'"
+        outs = []
+        for o in gp.output:
+            v = self.env[o.name]
+            if isinstance(v, SymShape):
+                raise FrontendError(f"graph output '{o.name}' is a symbolic shape, not a tensor")
+            outs.append(self.b.const(o.name, v) if isinstance(v, torch.Tensor) else v)
+        self.g.outputs = outs
+        return self.g
+
+    def _all_const(self, node) -> bool:
+        return all(isinstance(self.env.get(i), torch.Tensor) for i in node.input if i)
+
+    def _fold(self, node):
+        """Evaluate a node whose inputs are all constants with ONNX's reference evaluator."""
+        from onnx.reference import ReferenceEvaluator
+        ins = [i for i in node.input if i]
+        feeds = {i: self.env[i].numpy() for i in ins}
+        g = onnx.helper.make_graph(
+            [node], "fold",
+            [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(feeds[i].dtype), feeds[i].shape)
+             for i in ins],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+        m = onnx.helper.make_model(g, opset_imports=self.model.opset_import)
+        res = ReferenceEvaluator(m).run(None, feeds)
+        return [torch.from_numpy(np.array(r)) for r in res]
+
+
+# ---- handlers ----------------------------------------------------------------------------
+for _o, _p in {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "eq",
+               "Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge", "And": "logical_and",
+               "Or": "logical_or", "MatMul": "matmul"}.items():
+    handles(_o)((lambda p: lambda im: im.op(p, im.t(0), im.t(1)))(_p))
+
+for _o, _p in {"Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
+               "Tanh": "tanh", "Erf": "erf", "Sigmoid": "sigmoid", "Relu": "relu", "Sin": "sin", "Cos": "cos",
+               "Not": "logical_not"}.items():
+    handles(_o)((lambda p: lambda im: im.op(p, im.t(0)))(_p))
+
+
+@handles("Max", "Min")
+def _maxmin(im):
+    op = "maximum" if im.node.op_type == "Max" else "minimum"
+    out = im.t(0)
+    for i in range(1, len(im.node.input)):
+        out = im.op(op, out, im.t(i))
+    return out
+
+
+@handles("Identity", "Dropout")
+def _identity(im):
+    v = im.env[im.node.input[0]]
+    return [v, None] if im.node.op_type == "Dropout" else v
+
+
+@handles("Gelu")
+def _gelu(im):
+    return im.op("gelu", im.t(0), approximate=im.attr("approximate", b"none").decode())
+
+
+@handles("Where")
+def _where(im):
+    return im.op("where", im.t(0), im.t(1), im.t(2))
+
+
+@handles("Cast")
+def _cast(im):
+    dt = _dtype(im.attr("to"), im.where)
+    v = im.env[im.node.input[0]]
+    if isinstance(v, SymShape):
+        return v
+    x = im.t(0)
+    return x if x.type.dtype == dt else im.op("cast", x, dtype=dt.value)
+
+
+@handles("Softmax")
+def _softmax(im):
+    x = im.t(0)
+    return im.op("softmax", x, axis=im.attr("axis", -1) % x.type.rank)
+
+
+@handles("Gemm")
+def _gemm(im):
+    a, b = im.t(0), im.t(1)
+    if im.attr("alpha", 1.0) != 1.0 or im.attr("beta", 1.0) != 1.0:
+        im.unsupported("Gemm with alpha/beta != 1")
+    if im.attr("transA", 0):
+        a = im.op("transpose", a, perm=[1, 0])
+    if im.attr("transB", 0):
+        out = im.op("linear", a, b, im.t(2))
+        return out
+    out = im.op("matmul", a, b)
+    return im.op("add", out, im.t(2)) if im.has(2) else out
+
+
+@handles("Conv")
+def _conv(im):
+    x, w = im.t(0), im.t(1)
+    if w.type.rank != 4:
+        im.unsupported(f"Conv with {w.type.rank - 2} spatial dims (only 2-D)")
+    if im.attr("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+        im.unsupported("Conv with auto_pad SAME_*")
+    pads = list(im.attr("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:]:
+        im.unsupported("Conv with asymmetric pads")
+    return im.op("conv2d", x, w, im.t(2), stride=list(im.attr("strides", [1, 1])), padding=pads[:2],
+                 dilation=list(im.attr("dilations", [1, 1])), groups=im.attr("group", 1))
+
+
+@handles("MaxPool", "AveragePool")
+def _pool(im):
+    pads = list(im.attr("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:] or im.attr("ceil_mode", 0):
+        im.unsupported(f"{im.node.op_type} with asymmetric pads or ceil_mode")
+    if im.node.op_type == "AveragePool" and any(pads) and not im.attr("count_include_pad", 0):
+        im.unsupported("AveragePool with padding and count_include_pad=0")
+    k = list(im.attr("kernel_shape"))
+    op = "max_pool2d" if im.node.op_type == "MaxPool" else "avg_pool2d"
+    out = im.op(op, im.t(0), kernel=k, stride=list(im.attr("strides", k)), padding=pads[:2])
+    return [out, None] if im.node.op_type == "MaxPool" else out
+
+
+@handles("GlobalAveragePool")
+def _gap(im):
+    return im.op("reduce_mean", im.t(0), axes=[2, 3], keepdim=True)
+
+
+@handles("LayerNormalization")
+def _layer_norm(im):
+    x = im.t(0)
+    axis = im.attr("axis", -1) % x.type.rank
+    return [im.op("layer_norm", x, im.t(1), im.t(2), eps=im.attr("epsilon", 1e-5), ndim=x.type.rank - axis), None, None]
+
+
+@handles("ReduceMean", "ReduceSum", "ReduceMax")
+def _reduce(im):
+    x = im.t(0)
+    axes = im.attr("axes")
+    if axes is None:
+        axes = im.ints(1, "axes")
+    if not axes:
+        if im.attr("noop_with_empty_axes", 0):
+            return x
+        axes = list(range(x.type.rank))
+    op = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}[im.node.op_type]
+    return im.op(op, x, axes=sorted(a % x.type.rank for a in axes), keepdim=bool(im.attr("keepdims", 1)))
+
+
+@handles("Reshape")
+def _reshape(im):
+    x = im.t(0)
+    shape = im.ints(1, "Reshape's shape")
+    if not im.attr("allowzero", 0):
+        shape = [x.type.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return im.op("reshape", x, shape=shape)
+
+
+@handles("Flatten")
+def _flatten(im):
+    x = im.t(0)
+    axis = im.attr("axis", 1) % max(x.type.rank, 1)
+    return im.op("reshape", x, shape=[_prod(x.type.shape[:axis]), -1] if axis else [1, -1])
+
+
+def _prod(dims):
+    ints = [d for d in dims if isinstance(d, int)]
+    syms = [d for d in dims if not isinstance(d, int)]
+    n = int(np.prod(ints)) if ints else 1
+    if not syms:
+        return n
+    return "*".join(([str(n)] if n != 1 else []) + sorted(s for d in syms for s in d.split("*")))
+
+
+@handles("Unsqueeze")
+def _unsqueeze(im):
+    v = im.env[im.node.input[0]]
+    axes = im.attr("axes") or im.ints(1, "Unsqueeze's axes")
+    if isinstance(v, SymShape):
+        if v and not (len(axes) == 1 and axes[0] == 0 and len(v) == 1):
+            raise FrontendError(f"{im.where}: unsupported rearrangement of a symbolic shape")
+        return SymShape(v)
+    x = im.t(0)
+    shape = list(x.type.shape)
+    rank = len(shape) + len(axes)
+    for a in sorted(a % rank for a in axes):
+        shape.insert(a, 1)
+    return im.op("reshape", x, shape=shape)
+
+
+@handles("Squeeze")
+def _squeeze(im):
+    x = im.t(0)
+    axes = im.attr("axes") or im.ints(1, "Squeeze's axes")
+    axes = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
+    return im.op("reshape", x, shape=[d for i, d in enumerate(x.type.shape) if i not in axes])
+
+
+@handles("Transpose")
+def _transpose(im):
+    x = im.t(0)
+    perm = im.attr("perm") or list(reversed(range(x.type.rank)))
+    return im.op("transpose", x, perm=list(perm))
+
+
+@handles("Slice")
+def _slice(im):
+    v = im.env[im.node.input[0]]
+    starts, ends = im.ints(1, "Slice's starts"), im.ints(2, "Slice's ends")
+    axes = im.ints(3, "Slice's axes") or list(range(len(starts)))
+    steps = im.ints(4, "Slice's steps") or [1] * len(starts)
+    if isinstance(v, SymShape):
+        if len(axes) != 1 or steps[0] != 1:
+            raise FrontendError(f"{im.where}: unsupported slice of a symbolic shape")
+        return SymShape(v[starts[0]:min(ends[0], len(v))])
+    x = im.t(0)
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        x = im.op("slice", x, axis=a % x.type.rank, start=s, end=min(e, 2 ** 63 - 1), step=st)
+    return x
+
+
+@handles("Concat")
+def _concat(im):
+    vals = [im.env[i] for i in im.node.input]
+    if any(isinstance(v, SymShape) for v in vals):
+        out = SymShape()
+        for v in vals:
+            if isinstance(v, Value):
+                raise FrontendError(f"{im.where}: cannot concatenate a symbolic shape with computed values")
+            out += list(v) if isinstance(v, SymShape) else [int(x) for x in v.reshape(-1).tolist()]
+        return out
+    xs = [im.t(i) for i in range(len(im.node.input))]
+    return im.g.add_node("concat", xs, {"axis": im.attr("axis") % xs[0].type.rank}).output
+
+
+@handles("Split")
+def _split(im):
+    x = im.t(0)
+    axis = im.attr("axis", 0) % x.type.rank
+    sizes = im.attr("split") or im.ints(1, "Split's sizes")
+    if not sizes:
+        n = im.attr("num_outputs") or len(im.node.output)
+        dim = x.type.shape[axis]
+        if not isinstance(dim, int):
+            raise FrontendError(f"{im.where}: cannot split symbolic dim '{dim}' evenly at import")
+        chunk = -(-dim // n)
+        sizes = [min(chunk, dim - i * chunk) for i in range(n)]
+    return list(im.g.add_node("split", [x], {"axis": axis, "sizes": list(sizes)}).outputs)
+
+
+@handles("Gather")
+def _gather(im):
+    v = im.env[im.node.input[0]]
+    if isinstance(v, SymShape):
+        idx = im.c(1, "Gather index into a shape")
+        picked = [v[int(i)] for i in idx.reshape(-1).tolist()]
+        return SymShape(picked) if idx.dim() else (picked[0] if isinstance(picked[0], int) else SymShape(picked))
+    x = im.t(0)
+    return im.op("gather", x, im.t(1), axis=im.attr("axis", 0) % x.type.rank)
+
+
+@handles("Expand")
+def _expand(im):
+    x = im.t(0)
+    shape = im.ints(1, "Expand's shape")
+    # ONNX Expand broadcasts both ways; torch expand needs the result shape.
+    rank = max(len(shape), x.type.rank)
+    xs = [1] * (rank - x.type.rank) + list(x.type.shape)
+    ss = [1] * (rank - len(shape)) + list(shape)
+    out = [a if b == 1 else b for a, b in zip(xs, ss)]
+    if xs != list(x.type.shape):
+        x = im.op("reshape", x, shape=xs)
+    return x if out == xs else im.op("expand", x, shape=out)
+
+
+@handles("Shape")
+def _shape(im):
+    x = im.env[im.node.input[0]]
+    shape = list(x.shape) if isinstance(x, torch.Tensor) else list(x.type.shape)
+    start, end = im.attr("start", 0), im.attr("end", len(shape))
+    shape = shape[start:end]
+    if all(isinstance(d, int) for d in shape):
+        return torch.tensor(shape, dtype=torch.int64)
+    return SymShape(shape)
+
+
+@handles("ConstantOfShape")
+def _const_of_shape(im):
+    shape = im.ints(0, "ConstantOfShape's shape")
+    val = im.attr("value")
+    arr = numpy_helper.to_array(val) if val is not None else np.zeros(1, np.float32)
+    return im.op("full", value=float(arr.reshape(-1)[0]), shape=shape,
+                 dtype=DType.from_torch(torch.from_numpy(np.array(arr)).dtype).value)
+
+
+@handles("Constant")
+def _constant(im):
+    a = im.node.attribute[0]
+    if a.name == "value":
+        return torch.from_numpy(np.array(numpy_helper.to_array(a.t)))
+    v = onnx.helper.get_attribute_value(a)
+    return torch.tensor(v)
+
+
+@handles("Range", "Trilu", "CumSum", "Sign")
+def _const_only(im):
+    raise FrontendError(f"{im.where}: {im.node.op_type} is supported only on constant inputs")
+
+
+# ---- entry point -------------------------------------------------------------------------
+def load_onnx(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.ModelProto:
+    """Load and check an ONNX model, turning every failure into a FrontendError."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        try:
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model))
+        except FileNotFoundError:
+            raise FrontendError(f"ONNX file not found: {model}") from None
+        except Exception as e:  # noqa: BLE001 - protobuf raises several types for corrupt data
+            raise FrontendError(f"cannot read ONNX model {model if not isinstance(model, bytes) else '<bytes>'}: "
+                                f"malformed or truncated file ({type(e).__name__}: {e})") from None
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001
+        raise FrontendError(f"invalid ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    if len(proto.graph.node) == 0:
+        raise FrontendError("invalid ONNX model: the graph has no nodes (empty or truncated file?)")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset not in OPSETS:
+        raise FrontendError(f"ONNX default-domain opset {opset} is not supported; supported: "
+                            f"{OPSETS.start}..{OPSETS.stop - 1}")
+    return proto
+
+
+def from_onnx(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> Graph:
+    """Import an ONNX model (path, bytes or ModelProto)."""
+    proto = load_onnx(model)
+    g = _Importer(proto).run()
+    g.meta["frontend"] = "onnx"
+    used = {v.name for n in g.nodes for v in n.inputs if v is not None} | {v.name for v in g.outputs}
+    for name in [n for n in g.params if n not in used]:
+        g.remove_param(name)
+    return g

@@ -1,0 +1,488 @@
+"""Import a torch ``nn.Module`` through ``torch.export`` (ATen IR), falling back to
+``torch.fx.symbolic_trace`` + ``make_fx`` when export cannot trace the module.
+
+Each ATen op maps to presso ops through a small handler in ``ATEN``; anything else raises
+``UnsupportedOpError`` naming the op, the node and its source line. Sub-graphs that depend on no
+input and no parameter (masks, position tables, ``arange``) are evaluated eagerly into constants.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import FrontendError, IRError, UnsupportedOpError
+from ..ir.graph import Graph, Value
+from ..ir.types import DType, TensorType
+from .common import GraphBuilder, check_type, clean_name
+
+aten = torch.ops.aten
+ATEN: dict[Any, Callable] = {}
+
+
+def handles(*targets):
+    def wrap(fn):
+        for t in targets:
+            ATEN[t] = fn
+        return fn
+    return wrap
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _dim(d):
+    """A torch size (int or SymInt) as an IR dim."""
+    if isinstance(d, int):
+        return d
+    expr = str(d)
+    return clean_name(expr) if expr.isidentifier() else expr.replace(" ", "")
+
+
+def _type_of_val(val) -> TensorType:
+    return TensorType(tuple(_dim(d) for d in val.shape), DType.from_torch(val.dtype))
+
+
+class _Importer:
+    def __init__(self, name: str):
+        self.b = GraphBuilder(name)
+        self.g: Graph = self.b.g
+        self.env: dict[fx.Node, Any] = {}
+        self.node: Optional[fx.Node] = None
+
+    # -- operand access ------------------------------------------------------------------
+    def t(self, a) -> Value:
+        """A tensor operand: an fx node's value, an eagerly folded constant (made a param on
+        first use), or a python scalar (made a 0-d constant)."""
+        if isinstance(a, fx.Node):
+            v = self.env[a]
+            if isinstance(v, torch.Tensor):
+                v = self.env[a] = self.b.const(a.name, v)
+            if not isinstance(v, Value):
+                raise FrontendError(f"node {self.node.name}: operand {a.name} is not a tensor")
+            return v
+        if isinstance(a, (int, float, bool)):
+            return self.b.scalar(a)
+        raise FrontendError(f"node {self.node.name}: cannot use {a!r} as a tensor operand")
+
+    def out_type(self) -> TensorType:
+        return _type_of_val(_val(self.node))
+
+    def op(self, name, *ins, **attrs) -> Value:
+        return self.g.op(name, *ins, **attrs)
+
+    # -- driving -------------------------------------------------------------------------
+    def location(self, n: fx.Node) -> str:
+        st = n.meta.get("stack_trace")
+        if st:
+            lines = [l.strip() for l in st.strip().splitlines() if l.strip().startswith("File")]
+            if lines:
+                return lines[-1]
+        return f"fx node {n.name}"
+
+    def run(self, gm: fx.GraphModule, inputs: dict, consts: dict):
+        for n in gm.graph.nodes:
+            self.node = n
+            if n.op == "placeholder":
+                if n.name in consts:
+                    self.env[n] = consts[n.name]
+                else:
+                    self.env[n] = self.g.add_input(clean_name(inputs[n.name]), _type_of_val(_val(n)))
+            elif n.op == "get_attr":
+                t = getattr(gm, n.target)
+                self.env[n] = self.g.add_param(self.g.fresh_name(clean_name(n.target)), t.detach()) \
+                    if isinstance(t, torch.Tensor) else t
+            elif n.op == "call_function":
+                self.env[n] = self.call(n)
+            elif n.op == "output":
+                outs = n.args[0]
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                vals = [self.env[o] for o in outs]
+                if not all(isinstance(v, Value) for v in vals):
+                    raise FrontendError("the model must return tensors (a tensor or a tuple/list of tensors)")
+                self.g.outputs = vals
+            else:
+                raise FrontendError(f"node {n.name}: unexpected fx op {n.op}")
+        return self.g
+
+    def call(self, n: fx.Node):
+        target = n.target
+        if target is operator.getitem:
+            return self.env[n.args[0]][n.args[1]]
+        if self._is_constant(n):
+            return self._fold(n)
+        handler = ATEN.get(target)
+        if handler is None and hasattr(target, "overloadpacket"):
+            handler = ATEN.get(target.overloadpacket)
+        if handler is None:
+            raise UnsupportedOpError(str(target), n.name, self.location(n), supported_torch_ops())
+        try:
+            out = handler(self, *n.args, **n.kwargs)
+        except (UnsupportedOpError, FrontendError):
+            raise
+        except IRError as e:
+            raise FrontendError(f"node {n.name} ({target}) at {self.location(n)}: {e}") from None
+        val = _val(n)
+        if isinstance(out, Value) and isinstance(val, torch.Tensor):
+            check_type(out, _type_of_val(val), f"node {n.name} ({target})")
+            if out.node is not None and out.node.op not in ("full",):
+                out.node.meta.setdefault("source", self.location(n))
+        return out
+
+    def _is_constant(self, n: fx.Node) -> bool:
+        """True for a pure ATen op that reads no graph input and no parameter (creation ops,
+        masks and tables built from them): it is evaluated now, at import."""
+        schema = getattr(n.target, "_schema", None)
+        return (schema is not None and not schema.is_mutable and isinstance(_val(n), torch.Tensor)
+                and all(isinstance(self.env.get(a), torch.Tensor) for a in n.all_input_nodes))
+
+    def _fold(self, n: fx.Node):
+        args = fx.node.map_arg(n.args, lambda a: self.env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
+        with torch.no_grad():
+            out = n.target(*args, **kwargs)
+        return out
+
+
+def supported_torch_ops() -> list[str]:
+    return sorted({str(getattr(t, "overloadpacket", t)).replace("aten.", "") for t in ATEN})
+
+
+# ---- handlers ----------------------------------------------------------------------------
+def _unary(presso_op):
+    return lambda im, x, *a, **k: im.op(presso_op, im.t(x))
+
+
+for _t, _p in [(aten.relu, "relu"), (aten.sigmoid, "sigmoid"), (aten.tanh, "tanh"), (aten.erf, "erf"),
+               (aten.exp, "exp"), (aten.log, "log"), (aten.sqrt, "sqrt"), (aten.rsqrt, "rsqrt"),
+               (aten.neg, "neg"), (aten.abs, "abs"), (aten.reciprocal, "reciprocal"), (aten.sin, "sin"),
+               (aten.cos, "cos"), (aten.silu, "silu"), (aten.logical_not, "logical_not")]:
+    handles(_t)(_unary(_p))
+
+
+def _binary(presso_op):
+    def h(im, a, b, *rest, alpha=1, **kw):
+        if rest or kw.get("rounding_mode"):
+            raise UnsupportedOpError(f"{im.node.target} with extra arguments", im.node.name, im.location(im.node),
+                                     supported_torch_ops())
+        bv = im.t(b)
+        if alpha != 1:
+            bv = im.op("mul", bv, im.b.scalar(alpha))
+        return im.op(presso_op, im.t(a), bv)
+    return h
+
+
+for _t, _p in [(aten.add, "add"), (aten.sub, "sub"), (aten.mul, "mul"), (aten.div, "div"),
+               (aten.pow, "pow"), (aten.maximum, "maximum"), (aten.minimum, "minimum"),
+               (aten.eq, "eq"), (aten.ne, "ne"), (aten.lt, "lt"), (aten.le, "le"), (aten.gt, "gt"),
+               (aten.ge, "ge"), (aten.logical_and, "logical_and"), (aten.logical_or, "logical_or")]:
+    handles(_t)(_binary(_p))
+
+
+@handles(aten.rsub)
+def _rsub(im, a, b, alpha=1):
+    return im.op("sub", im.t(b), im.t(a))
+
+
+@handles(aten.gelu)
+def _gelu(im, x, approximate="none"):
+    return im.op("gelu", im.t(x), approximate=approximate)
+
+
+@handles(aten.where)
+def _where(im, c, a, b):
+    return im.op("where", im.t(c), im.t(a), im.t(b))
+
+
+@handles(aten.masked_fill)
+def _masked_fill(im, x, mask, value):
+    xv = im.t(x)
+    fill = im.op("cast", im.t(value), dtype=xv.type.dtype.value)
+    return im.op("where", im.t(mask), fill, xv)
+
+
+@handles(aten.linear)
+def _linear(im, x, w, b=None):
+    return im.op("linear", im.t(x), im.t(w), None if b is None else im.t(b))
+
+
+@handles(aten.addmm)
+def _addmm(im, bias, a, b, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        raise UnsupportedOpError("addmm with alpha/beta != 1", im.node.name, im.location(im.node), supported_torch_ops())
+    return im.op("add", im.op("matmul", im.t(a), im.t(b)), im.t(bias))
+
+
+@handles(aten.mm, aten.bmm, aten.matmul)
+def _matmul(im, a, b):
+    return im.op("matmul", im.t(a), im.t(b))
+
+
+@handles(aten.t, aten.transpose, aten.permute, aten.numpy_T)
+def _transpose(im, x, *dims):
+    xv = im.t(x)
+    r = xv.type.rank
+    if im.node.target in (aten.permute.default,):
+        perm = [d % r for d in dims[0]]
+    elif len(dims) == 2:
+        perm = list(range(r))
+        i, j = dims[0] % r, dims[1] % r
+        perm[i], perm[j] = perm[j], perm[i]
+    else:
+        perm = list(reversed(range(r)))
+    return im.op("transpose", xv, perm=perm)
+
+
+@handles(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unsqueeze, aten.squeeze,
+         aten.unflatten, aten.view_as, aten.reshape_as)
+def _reshape(im, x, *a, **k):
+    return im.op("reshape", im.t(x), shape=list(im.out_type().shape))
+
+
+@handles(aten.expand, aten.expand_as)
+def _expand(im, x, *a, **k):
+    return im.op("expand", im.t(x), shape=list(im.out_type().shape))
+
+
+@handles(aten.contiguous, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
+         aten.feature_dropout, aten.alpha_dropout)
+def _identity(im, x, *a, **k):
+    return im.t(x)
+
+
+@handles(aten.to, aten._to_copy, aten.type_as)
+def _to(im, x, *a, **k):
+    xv = im.t(x)
+    dt = im.out_type().dtype
+    return xv if dt == xv.type.dtype else im.op("cast", xv, dtype=dt.value)
+
+
+@handles(aten.slice)
+def _slice(im, x, dim=0, start=None, end=None, step=1):
+    xv = im.t(x)
+    return im.op("slice", xv, axis=dim % xv.type.rank, start=_dim(start) if start is not None else 0,
+                 end=_dim(end) if end is not None else 2 ** 63 - 1, step=step)
+
+
+@handles(aten.select)
+def _select(im, x, dim, index):
+    xv = im.t(x)
+    dim = dim % xv.type.rank
+    s = im.op("slice", xv, axis=dim, start=index, end=index + 1 if index != -1 else 2 ** 63 - 1)
+    return im.op("reshape", s, shape=list(im.out_type().shape))
+
+
+@handles(aten.narrow)
+def _narrow(im, x, dim, start, length):
+    xv = im.t(x)
+    return im.op("slice", xv, axis=dim % xv.type.rank, start=start, end=start + length)
+
+
+@handles(aten.cat, aten.concat)
+def _cat(im, xs, dim=0):
+    vals = [im.t(x) for x in xs]
+    return im.g.add_node("concat", vals, {"axis": dim % vals[0].type.rank}).output
+
+
+@handles(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind)
+def _split(im, x, *a, **k):
+    xv = im.t(x)
+    vals = im.node.meta["val"]
+    dim = a[1] if len(a) > 1 else k.get("dim", 0)
+    if im.node.target in (aten.unbind.int,):
+        dim = a[0] if a else k.get("dim", 0)
+    dim %= xv.type.rank
+    sizes = [int(v.shape[dim]) if im.node.target is not aten.unbind.int else 1 for v in vals]
+    outs = im.g.add_node("split", [xv], {"axis": dim, "sizes": sizes}).outputs
+    if im.node.target is aten.unbind.int:
+        outs = [im.op("reshape", o, shape=list(_type_of_val(v).shape)) for o, v in zip(outs, vals)]
+    return list(outs)
+
+
+@handles(aten.embedding)
+def _embedding(im, w, ids, *a):
+    return im.op("gather", im.t(w), im.t(ids), axis=0)
+
+
+@handles(aten.index_select)
+def _index_select(im, x, dim, idx):
+    xv = im.t(x)
+    return im.op("gather", xv, im.t(idx), axis=dim % xv.type.rank)
+
+
+@handles(aten.layer_norm)
+def _layer_norm(im, x, shape, w=None, b=None, eps=1e-5, *a):
+    return im.op("layer_norm", im.t(x), None if w is None else im.t(w), None if b is None else im.t(b),
+                 eps=eps, ndim=len(shape))
+
+
+@handles(aten.rms_norm)
+def _rms_norm(im, x, shape, w=None, eps=None):
+    xv = im.t(x)
+    if eps is None:
+        eps = torch.finfo(xv.type.dtype.torch).eps
+    return im.op("rms_norm", xv, None if w is None else im.t(w), eps=eps, ndim=len(shape))
+
+
+@handles(aten._softmax, aten.softmax)
+def _softmax(im, x, dim, *a):
+    xv = im.t(x)
+    out = im.op("softmax", xv, axis=dim % xv.type.rank)
+    dt = im.out_type().dtype
+    return out if dt == out.type.dtype else im.op("cast", out, dtype=dt.value)
+
+
+@handles(aten.scaled_dot_product_attention)
+def _sdpa(im, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return im.op("attention", im.t(q), im.t(k), im.t(v), None if attn_mask is None else im.t(attn_mask),
+                 causal=bool(is_causal), scale=scale)
+
+
+@handles(aten._scaled_dot_product_flash_attention_for_cpu)
+def _sdpa_cpu(im, q, k, v, dropout_p=0.0, is_causal=False, attn_mask=None, scale=None):
+    out = _sdpa(im, q, k, v, attn_mask, dropout_p, is_causal, scale)
+    return [out, None]
+
+
+def _reduce(presso_op):
+    def h(im, x, dims=None, keepdim=False, *a, **k):
+        xv = im.t(x)
+        axes = [d % xv.type.rank for d in (dims if dims is not None else range(xv.type.rank))] \
+            if not isinstance(dims, int) else [dims % xv.type.rank]
+        return im.op(presso_op, xv, axes=axes, keepdim=bool(keepdim))
+    return h
+
+
+handles(aten.mean)(_reduce("reduce_mean"))
+handles(aten.sum)(_reduce("reduce_sum"))
+handles(aten.amax)(_reduce("reduce_max"))
+
+
+@handles(aten.conv2d)
+def _conv2d(im, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    if isinstance(padding, str):
+        raise UnsupportedOpError("conv2d with string padding", im.node.name, im.location(im.node), supported_torch_ops())
+    return im.op("conv2d", im.t(x), im.t(w), None if b is None else im.t(b), stride=two(stride),
+                 padding=two(padding), dilation=two(dilation), groups=groups)
+
+
+@handles(aten.max_pool2d)
+def _max_pool(im, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    return im.op("max_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
+
+
+@handles(aten.avg_pool2d)
+def _avg_pool(im, x, kernel, stride=(), padding=(0, 0), *a):
+    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    return im.op("avg_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
+
+
+@handles(aten.adaptive_avg_pool2d)
+def _adaptive_avg(im, x, size):
+    if list(size) != [1, 1]:
+        raise UnsupportedOpError("adaptive_avg_pool2d to a size other than 1x1", im.node.name, im.location(im.node),
+                                 supported_torch_ops())
+    return im.op("reduce_mean", im.t(x), axes=[2, 3], keepdim=True)
+
+
+# ---- entry point -------------------------------------------------------------------------
+def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], method: str = "auto",
+               dynamic_shapes=None, name: Optional[str] = None) -> Graph:
+    """Import ``module`` called on ``example_inputs``. ``method``: "auto" (export, then fx),
+    "export" or "fx". The graph's ``meta["frontend"]`` says which tracer was used."""
+    if method not in ("auto", "export", "fx"):
+        raise ValueError(f"method must be one of 'auto', 'export', 'fx', got {method!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise FrontendError(f"from_torch needs an nn.Module, got {type(module).__name__}")
+    example_inputs = tuple(example_inputs)
+    name = name or type(module).__name__
+    was_training = module.training
+    module.eval()
+    errors = []
+    try:
+        if method in ("auto", "export"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
+                errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+            else:
+                g = _import_exported(ep, name)
+                g.meta["frontend"] = "torch.export"
+                return g
+        if method in ("auto", "fx"):
+            try:
+                g = _import_fx(module, example_inputs, name)
+            except (UnsupportedOpError,):
+                raise
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"torch.fx: {type(e).__name__}: {_first_line(e)}")
+            else:
+                g.meta["frontend"] = "torch.fx"
+                return g
+    finally:
+        module.train(was_training)
+    raise FrontendError(f"cannot trace {name}: " + "; ".join(errors) +
+                        ". Data-dependent Python control flow (if/while on tensor values) cannot be "
+                        "compiled: rewrite it with torch.where or torch.cond.")
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else ""
+
+
+def _import_exported(ep, name: str) -> Graph:
+    sig = ep.graph_signature
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    consts, inputs = {}, {}
+    imp = _Importer(name)
+    for spec in sig.input_specs:
+        pname = spec.arg.name
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            t = state[spec.target]
+            consts[pname] = imp.g.add_param(clean_name(spec.target), t.detach().contiguous())
+        elif spec.kind.name == "USER_INPUT":
+            if isinstance(spec.arg, torch.export.graph_signature.TensorArgument):
+                inputs[pname] = pname
+        else:
+            raise FrontendError(f"unsupported exported input kind {spec.kind.name}")
+    g = imp.run(ep.graph_module, inputs, consts)
+    _drop_unused_params(g)
+    return g
+
+
+def _import_fx(module, example_inputs, name: str) -> Graph:
+    from torch.fx.experimental.proxy_tensor import make_fx
+    traced = fx.symbolic_trace(module)   # fails on data-dependent control flow
+    names = [n for n, _ in traced.named_parameters()] + [n for n, _ in traced.named_buffers()]
+    tensors = [t for _, t in traced.named_parameters()] + [t for _, t in traced.named_buffers()]
+
+    def fn(flat, *args):
+        return torch.func.functional_call(traced, dict(zip(names, flat)), args)
+
+    gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(tensors, *example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    imp = _Importer(name)
+    consts = {p.name: imp.g.add_param(clean_name(nm), t.detach().contiguous())
+              for p, nm, t in zip(placeholders, names, tensors)}
+    arg_names = [p for p in placeholders[len(names):]]
+    fwd_args = [a for a in traced.graph.nodes if a.op == "placeholder"]
+    inputs = {p.name: (fwd_args[i].name if i < len(fwd_args) else p.name) for i, p in enumerate(arg_names)}
+    g = imp.run(gm, inputs, consts)
+    _drop_unused_params(g)
+    return g
+
+
+def _drop_unused_params(g: Graph) -> None:
+    used = {v.name for n in g.nodes for v in n.inputs if v is not None} | {v.name for v in g.outputs}
+    for name in [n for n in g.params if n not in used]:
+        g.remove_param(name)
