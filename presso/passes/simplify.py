@@ -1,0 +1,126 @@
+"""Algebraic and layout simplifications that make different spellings of one computation look
+the same (so recognition patterns and frontends agree): no-op casts/reshapes/transposes/slices,
+composed layout chains, ``reciprocal(sqrt)`` -> ``rsqrt``, ``x*sigmoid(x)`` -> ``silu``, and
+one-element constants made 0-d."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ..ir.graph import Node
+from .rewrite import Rewriter, pattern_table
+
+ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+                      "where", "logical_and", "logical_or")
+MAX_LAYOUT_PROBE = 1 << 24
+
+
+def noop_cast(rw: Rewriter, n: Node) -> bool:
+    return n.inputs[0].type.dtype == n.output.type.dtype and rw.replace(n, n.inputs[0])
+
+
+def noop_layout(rw: Rewriter, n: Node) -> bool:
+    """reshape/expand to the same shape, identity transpose, full-range slice, 1-way concat."""
+    x = n.inputs[0]
+    if n.op == "transpose" and n.attrs["perm"] != list(range(x.type.rank)):
+        return False
+    if n.op == "slice" and not (n.attrs["start"] == 0 and n.attrs["step"] == 1
+                                and _covers(n.attrs["end"], x.type.shape[n.attrs["axis"]])):
+        return False
+    if n.op == "concat" and len(n.inputs) != 1:
+        return False
+    return x.type == n.output.type and rw.replace(n, x)
+
+
+def _covers(end, dim) -> bool:
+    """True when slicing up to ``end`` keeps all of a dim of size ``dim``."""
+    if end == dim:
+        return True
+    return isinstance(end, int) and (end >= 2 ** 62 or (isinstance(dim, int) and end >= dim))
+
+
+def canonical_reshape(rw: Rewriter, n: Node) -> bool:
+    """reshape(reshape(x)) -> reshape(x); the shape attribute spelled as the result type."""
+    want = list(n.output.type.shape)
+    if n.attrs["shape"] != want:
+        n.attrs["shape"] = want
+    inner = rw.producer(n.inputs[0], "reshape")
+    if inner is not None:
+        return rw.replace(n, rw.op("reshape", inner.inputs[0], shape=want, before=n))
+    return False
+
+
+def compose_transpose(rw: Rewriter, n: Node) -> bool:
+    inner = rw.producer(n.inputs[0], "transpose")
+    if inner is None:
+        return False
+    perm = [inner.attrs["perm"][p] for p in n.attrs["perm"]]
+    return rw.replace(n, rw.op("transpose", inner.inputs[0], perm=perm, before=n))
+
+
+def fold_layout_chain(rw: Rewriter, n: Node) -> bool:
+    """A chain of >= 2 reshapes/transposes that is equivalent to one transpose (or one reshape)
+    becomes that op, e.g. ONNX's reshape->transpose->reshape spelling of ``k.transpose(-1, -2)``.
+    Equivalence is checked exactly by pushing an index tensor through the chain."""
+    chain = [n]
+    while True:
+        p = rw.producer(chain[-1].inputs[0], "reshape", "transpose")
+        if p is None or not rw.single_use(p.output):
+            break
+        chain.append(p)
+    if len(chain) < 2:
+        return False
+    x = chain[-1].inputs[0]
+    if not x.type.is_static or not n.output.type.is_static or x.type.numel() > MAX_LAYOUT_PROBE:
+        return False
+    idx = torch.arange(x.type.numel()).reshape(x.type.shape)
+    r = idx
+    for c in reversed(chain):
+        r = r.reshape(c.attrs["shape"]) if c.op == "reshape" else r.permute(c.attrs["perm"])
+    if torch.equal(r.reshape(-1), idx.reshape(-1)):
+        return rw.replace(n, rw.op("reshape", x, shape=list(n.output.type.shape), before=n))
+    if r.dim() == idx.dim() and r.dim() <= 6:
+        for perm in itertools.permutations(range(r.dim())):
+            if tuple(idx.shape[p] for p in perm) == tuple(r.shape) and torch.equal(idx.permute(perm), r):
+                return rw.replace(n, rw.op("transpose", x, perm=list(perm), before=n))
+    return False
+
+
+def rsqrt(rw: Rewriter, n: Node) -> bool:
+    s = rw.producer(n.inputs[0], "sqrt")
+    return s is not None and rw.replace(n, rw.op("rsqrt", s.inputs[0], before=n))
+
+
+def silu(rw: Rewriter, n: Node) -> bool:
+    for a, b in rw.commuted(n):
+        s = rw.producer(b, "sigmoid")
+        if s is not None and s.inputs[0] is a:
+            return rw.replace(n, rw.op("silu", a, before=n))
+    return False
+
+
+def scalar_operands(rw: Rewriter, n: Node) -> bool:
+    """A ``full`` of shape [1]/[1,1] feeding an elementwise op whose result keeps its shape becomes 0-d."""
+    changed = False
+    for i, v in enumerate(n.inputs):
+        f = rw.producer(v, "full")
+        if f is None or not v.type.shape or any(d != 1 for d in v.type.shape):
+            continue
+        others = [u for j, u in enumerate(n.inputs) if j != i and u is not None]
+        if not any(u.type.rank >= v.type.rank for u in others):
+            continue
+        n.inputs[i] = rw.op("full", value=f.attrs["value"], dtype=f.attrs["dtype"], before=n)
+        changed = True
+    return changed
+
+
+PATTERNS = pattern_table(
+    ("cast", noop_cast),
+    *[(op, noop_layout) for op in ("reshape", "expand", "transpose", "slice", "concat")],
+    ("reshape", canonical_reshape), ("reshape", fold_layout_chain),
+    ("transpose", compose_transpose), ("transpose", fold_layout_chain),
+    ("reciprocal", rsqrt), ("mul", silu),
+    *[(op, scalar_operands) for op in ELEMENTWISE_BINARY],
+)
