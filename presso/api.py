@@ -1,0 +1,78 @@
+"""``presso.compile``: import a model, run a pass pipeline, hand it to a target's runtime."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .errors import PressoError
+from .ir.analysis import cost_report
+from .ir.graph import Graph
+from .passes.manager import PassContext, resolve, run_pipeline
+from .runtime.reference import ReferenceRuntime, bind_inputs
+
+TARGETS = ("reference",)
+
+
+class CompiledModel:
+    """A compiled graph bound to a target. Callable with the model's inputs; ``.graph`` is the IR."""
+
+    def __init__(self, graph: Graph, target: str, records=(), example_inputs=None, device="cpu"):
+        self.graph = graph
+        self.target = target
+        self.pass_records = list(records)
+        self._bindings = bind_inputs(graph, example_inputs) if example_inputs is not None else {}
+        self._runtime = ReferenceRuntime(graph, device)
+
+    def __call__(self, *inputs: torch.Tensor):
+        outs = self._runtime.run(*inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def report(self) -> dict:
+        """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings."""
+        rep = cost_report(self.graph, self._bindings)
+        rep["target"] = self.target
+        rep["frontend"] = self.graph.meta.get("frontend")
+        rep["passes"] = [{"pass": r.spec, "seconds": round(r.seconds, 6), "nodes_before": r.ops_before,
+                          "nodes_after": r.ops_after, "max_rel_err": r.max_rel_err} for r in self.pass_records]
+        return rep
+
+    def __repr__(self):
+        t = self.report()["totals"]
+        return (f"CompiledModel(graph=@{self.graph.name}, target={self.target!r}, nodes={t['nodes']}, "
+                f"params={t['params']}, bytes={t['bytes']})")
+
+
+def import_model(model, example_inputs=None) -> Graph:
+    """An nn.Module (needs example inputs), an onnx.ModelProto, a path to a .onnx file, or a Graph."""
+    if isinstance(model, Graph):
+        return model.copy()
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError("compiling an nn.Module needs example_inputs=(tensor, ...)")
+        from .frontend.torch_frontend import from_torch
+        return from_torch(model, example_inputs)
+    if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
+        from .frontend.onnx_frontend import from_onnx
+        return from_onnx(model)
+    raise ValueError(f"model must be an nn.Module, an onnx.ModelProto, a path to a .onnx file or a presso Graph; "
+                     f"got {type(model).__name__}")
+
+
+def compile(model, target: str = "reference", example_inputs: Optional[Sequence[torch.Tensor]] = None,
+            recipe: Union[str, Sequence, None] = None, calibration=None, check: Optional[str] = None,
+            print_ir_after=None, device: str = "cpu") -> CompiledModel:
+    """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
+    ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    specs = resolve(recipe or [])   # validate the recipe before any expensive import
+    if not specs or specs[0].name != "canonicalize":
+        specs = resolve(["canonicalize"]) + specs
+    graph = import_model(model, example_inputs)
+    ctx = PassContext(example_inputs=example_inputs, calibration=calibration)
+    graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
+    return CompiledModel(graph, target, records, example_inputs, device)

@@ -1,0 +1,246 @@
+"""The pass manager: passes registered by name with typed options, pipelines as text or lists,
+the verifier after every pass, optional numeric checking against the reference runtime, timing,
+and IR printing after chosen passes.
+
+Pipeline text: ``"canonicalize,lowrank{ratio=0.5},quantize{weights=int4,group_size=128}"``.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import PassCheckError, PipelineError
+from ..ir.graph import Graph
+from ..ir.verify import verify
+
+
+@dataclass
+class Option:
+    """A typed pass option: type (int/float/bool/str), default, allowed choices, range check."""
+    type: type
+    default: Any = None
+    choices: Optional[Sequence] = None
+    check: Optional[Callable[[Any], bool]] = None
+    allowed: str = ""  # how to describe allowed values when ``check`` fails
+    help: str = ""
+
+    def convert(self, pass_name: str, name: str, value):
+        def bad(msg):
+            raise PipelineError(f"pass '{pass_name}': option '{name}' {msg}")
+        if isinstance(value, str) and self.type is not str:
+            text = value.strip()
+            try:
+                if self.type is bool:
+                    if text.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError
+                    value = text.lower() in ("true", "1")
+                else:
+                    value = self.type(text)
+            except ValueError:
+                bad(f"must be {self.type.__name__}, got {value!r}")
+        elif self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            bad(f"must be {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            bad(f"must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None and not self.check(value):
+            bad(f"must be {self.allowed}, got {value!r}")
+        return value
+
+
+@dataclass
+class PassInfo:
+    name: str
+    fn: Callable
+    options: dict[str, Option]
+    lossy: bool = False   # compression passes change outputs on purpose
+    doc: str = ""
+
+
+_PASSES: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, options: Optional[dict] = None, lossy: bool = False):
+    """Register ``fn(graph, ctx, **options) -> graph``."""
+    def wrap(fn):
+        _PASSES[name] = PassInfo(name, fn, dict(options or {}), lossy, (fn.__doc__ or "").strip())
+        return fn
+    return wrap
+
+
+def registered_passes() -> dict[str, PassInfo]:
+    from . import builtin  # noqa: F401  (registers the built-in passes)
+    return dict(_PASSES)
+
+
+@dataclass
+class PassSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+
+    def __str__(self):
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={_fmt(v)}" for k, v in self.options.items()) + "}"
+
+
+def _fmt(v):
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+_ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*(\{([^{}]*)\})?\s*(,|$)")
+
+
+def parse_pipeline(text: str) -> list[PassSpec]:
+    """Parse ``"a,b{k=v,k2=v2}"`` (syntax only; options are checked by ``resolve``)."""
+    if not isinstance(text, str):
+        raise PipelineError(f"pipeline text must be a string, got {type(text).__name__}")
+    specs, pos = [], 0
+    text = text.strip()
+    if not text:
+        return []
+    while pos < len(text):
+        m = _ITEM.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineError(f"malformed pipeline at column {pos + 1}: {text[pos:pos + 30]!r}; "
+                                "expected name or name{key=value,...}, separated by commas")
+        opts = {}
+        if m.group(3) is not None and m.group(3).strip():
+            for kv in m.group(3).split(","):
+                if "=" not in kv:
+                    raise PipelineError(f"malformed option {kv.strip()!r} in pass '{m.group(1)}': expected key=value")
+                k, v = kv.split("=", 1)
+                opts[k.strip()] = v.strip()
+        specs.append(PassSpec(m.group(1), opts))
+        pos = m.end()
+        if m.group(4) == "," and pos >= len(text):
+            raise PipelineError("malformed pipeline: trailing comma")
+    return specs
+
+
+def resolve(pipeline: Union[str, Sequence]) -> list[PassSpec]:
+    """Turn text or a list (names, (name, options) pairs, PassSpecs) into checked PassSpecs."""
+    if isinstance(pipeline, str):
+        raw = parse_pipeline(pipeline)
+    else:
+        raw = []
+        for item in pipeline:
+            if isinstance(item, PassSpec):
+                raw.append(item)
+            elif isinstance(item, str):
+                raw.extend(parse_pipeline(item))
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict):
+                raw.append(PassSpec(item[0], dict(item[1])))
+            else:
+                raise PipelineError(f"pipeline entries must be names, (name, options) pairs or PassSpecs, got {item!r}")
+    passes = registered_passes()
+    out = []
+    for spec in raw:
+        info = passes.get(spec.name)
+        if info is None:
+            raise PipelineError(f"unknown pass '{spec.name}'; registered passes: {', '.join(sorted(passes))}")
+        unknown = set(spec.options) - set(info.options)
+        if unknown:
+            raise PipelineError(f"pass '{spec.name}' has no option(s) {sorted(unknown)}; "
+                                f"options: {', '.join(sorted(info.options)) or 'none'}")
+        opts = {k: o.default for k, o in info.options.items()}
+        for k, v in spec.options.items():
+            opts[k] = info.options[k].convert(spec.name, k, v)
+        out.append(PassSpec(spec.name, opts))
+    return out
+
+
+@dataclass
+class PassContext:
+    """What passes may read: example inputs, calibration samples, and a place to report."""
+    example_inputs: Optional[Sequence[torch.Tensor]] = None
+    calibration: Optional[Sequence] = None
+    log: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    spec: str
+    seconds: float
+    ops_before: int
+    ops_after: int
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+
+
+def _compare(before: list, after: list) -> tuple[float, float]:
+    abs_err, rel_err = 0.0, 0.0
+    for a, b in zip(before, after):
+        if a.shape != b.shape:
+            return float("inf"), float("inf")
+        if not a.is_floating_point():
+            e = float((a != b).any())
+            abs_err, rel_err = max(abs_err, e), max(rel_err, e)
+            continue
+        d = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        scale = a.double().abs().max().item() if a.numel() else 0.0
+        abs_err = max(abs_err, d)
+        rel_err = max(rel_err, d / scale if scale > 0 else d)
+    return abs_err, rel_err
+
+
+def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: Optional[str] = None,
+                 rtol: float = 1e-4, print_ir_after=None, stream=None) -> tuple[Graph, list[PassRecord]]:
+    """Run passes in order on a copy of ``g``. Verifies after each pass. With ``check="numeric"``
+    runs the reference before/after each pass on ``ctx.example_inputs`` and raises
+    PassCheckError at the first non-lossy pass whose outputs move by more than ``rtol``
+    (relative to the largest output magnitude)."""
+    from ..runtime.reference import run_graph
+    if check not in (None, "numeric"):
+        raise PipelineError(f"check must be None or 'numeric', got {check!r}")
+    specs = resolve(pipeline)
+    ctx = ctx or PassContext()
+    if check and ctx.example_inputs is None:
+        raise PipelineError("check='numeric' needs example inputs")
+    names_to_print = _print_set(print_ir_after, specs)
+    stream = stream or sys.stdout
+    passes = registered_passes()
+    g = g.copy()
+    records = []
+    reference = run_graph(g, *ctx.example_inputs) if check else None
+    for spec in specs:
+        info = passes[spec.name]
+        n_before = len(g.nodes)
+        t0 = time.perf_counter()
+        out = info.fn(g, ctx, **spec.options)
+        g = out if out is not None else g
+        dt = time.perf_counter() - t0
+        verify(g)
+        rec = PassRecord(spec.name, str(spec), dt, n_before, len(g.nodes))
+        if check:
+            now = run_graph(g, *ctx.example_inputs)
+            rec.max_abs_err, rec.max_rel_err = _compare(reference, now)
+            if rec.max_rel_err > rtol and not info.lossy:
+                raise PassCheckError(f"pass '{spec}' changed the outputs: max abs err {rec.max_abs_err:.3g}, "
+                                     f"max rel err {rec.max_rel_err:.3g} > rtol {rtol:g}")
+            reference = now if info.lossy else reference
+        records.append(rec)
+        if spec.name in names_to_print or "*" in names_to_print:
+            print(f"// ----- IR after {spec} -----", file=stream)
+            print(g, file=stream)
+    return g, records
+
+
+def _print_set(print_ir_after, specs) -> set:
+    if print_ir_after is None:
+        return set()
+    if print_ir_after in ("all", "*", True):
+        return {"*"}
+    names = {print_ir_after} if isinstance(print_ir_after, str) else set(print_ir_after)
+    unknown = names - {s.name for s in specs}
+    if unknown:
+        raise PipelineError(f"print_ir_after names pass(es) not in the pipeline: {sorted(unknown)}; "
+                            f"pipeline: {', '.join(s.name for s in specs)}")
+    return names
