@@ -190,6 +190,19 @@ def _maxmin(im):
     return out
 
 
+@handles("Clip")
+def _clip(im):
+    out = im.t(0)
+    lo, hi = (im.attr("min"), im.attr("max")) if im.attr("min") is not None or im.attr("max") is not None \
+        else (im.t(1), im.t(2))
+    for bound, op in ((lo, "maximum"), (hi, "minimum")):
+        if bound is None:
+            continue
+        b = bound if isinstance(bound, Value) else im.b.scalar(float(bound))
+        out = im.op(op, out, b if b.type.dtype == out.type.dtype else im.op("cast", b, dtype=out.type.dtype.value))
+    return out
+
+
 @handles("Identity", "Dropout")
 def _identity(im):
     v = im.env[im.node.input[0]]

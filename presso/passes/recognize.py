@@ -48,16 +48,21 @@ def linear_bias(rw: Rewriter, n: Node) -> bool:
 
 
 def unwrap_linear(rw: Rewriter, n: Node) -> bool:
-    """reshape([..., C] -> [M, C]) -> linear -> reshape(-> [..., N]) is just linear on [..., C]."""
+    """reshape(x -> [M, C]) -> linear -> reshape(-> [*lead, N]) with prod(lead) == M is
+    linear(reshape(x -> [*lead, C])): linear maps the last dim, so keep the leading dims."""
     users = rw.users.get(n.output, [])
     r1 = rw.producer(n.inputs[0], "reshape")
-    if r1 is None or len(users) != 1 or users[0].op != "reshape" or not rw.single_use(n.output):
+    if r1 is None or len(users) != 1 or users[0].op != "reshape" or not rw.single_use(n.output) \
+            or r1.output.type.rank != 2:
         return False
     x, r2 = r1.inputs[0], users[0]
-    if x.type.rank < 2 or r1.output.type.rank != 2 or x.type.shape[-1] != r1.output.type.shape[-1]:
+    lead = list(r2.output.type.shape[:-1])
+    if not lead or r2.output.type.shape[-1] != n.output.type.shape[-1] or not r2.output.type.is_static \
+            or not r1.output.type.is_static or math.prod(lead) != r1.output.type.shape[0]:
         return False
-    if list(r2.output.type.shape) != list(x.type.shape[:-1]) + [n.output.type.shape[-1]]:
-        return False
+    c = r1.output.type.shape[1]
+    if list(x.type.shape) != lead + [c]:
+        x = rw.op("reshape", x, shape=lead + [c], before=r2)
     rw.g.replace_uses(r2.output, rw.op("linear", x, n.inputs[1], n.inputs[2], before=r2))
     rw.changed()
     return True
@@ -184,6 +189,14 @@ def attention(rw: Rewriter, n: Node) -> bool:
             if rw.producer(a, "mul", "div", "matmul") is not None and b.type.rank <= a.type.rank:
                 scores, mask = a, b
                 break
+    where = rw.producer(scores, "where")
+    if mask is None and where is not None and rw.single_use(scores):
+        # where(keep, s, very_negative) with a constant keep mask == s + (0 | -inf)
+        keep, fill = rw.const(where.inputs[0]), rw.scalar(where.inputs[2])
+        if keep is not None and keep.dtype == torch.bool and fill is not None and fill <= -1e4:
+            scores = where.inputs[1]
+            mask = rw.new_param(where.inputs[0].name + ".additive",
+                                torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))
     scores, s0 = _strip_scale(rw, scores)
     mm = rw.producer(scores, "matmul")
     if mm is None or not rw.single_use(scores):
@@ -192,9 +205,12 @@ def attention(rw: Rewriter, n: Node) -> bool:
     kt, s2 = _strip_scale(rw, mm.inputs[1])
     tr = rw.producer(kt, "transpose")
     r = kt.type.rank
-    if tr is None or tr.attrs["perm"] != list(range(r - 2)) + [r - 1, r - 2]:
+    if tr is None or not rw.single_use(kt):
         return False
-    k = tr.inputs[0]
+    perm = tr.attrs["perm"][:-2] + [tr.attrs["perm"][-1], tr.attrs["perm"][-2]]
+    k = tr.inputs[0]  # kt = transpose(k') and k = k' permuted by perm (kt with its last two dims swapped)
+    if perm != list(range(r)):
+        k = rw.op("transpose", k, perm=perm, before=n)
     if not (q.type.rank == k.type.rank == v.type.rank) or k.type.shape[-2] != v.type.shape[-2]:
         return False
     if q.type.shape[:-3] != k.type.shape[:-3]:

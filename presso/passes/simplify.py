@@ -61,9 +61,10 @@ def compose_transpose(rw: Rewriter, n: Node) -> bool:
 
 
 def fold_layout_chain(rw: Rewriter, n: Node) -> bool:
-    """A chain of >= 2 reshapes/transposes that is equivalent to one transpose (or one reshape)
-    becomes that op, e.g. ONNX's reshape->transpose->reshape spelling of ``k.transpose(-1, -2)``.
-    Equivalence is checked exactly by pushing an index tensor through the chain."""
+    """A chain of reshapes/transposes that is equivalent to one reshape, one transpose, or (for
+    chains of three or more) one reshape followed by one transpose, becomes that, e.g. ONNX's
+    reshape->transpose->reshape spelling of ``k.transpose(-1, -2)``. Equivalence is checked
+    exactly by pushing an index tensor through the chain."""
     chain = [n]
     while True:
         p = rw.producer(chain[-1].inputs[0], "reshape", "transpose")
@@ -79,12 +80,24 @@ def fold_layout_chain(rw: Rewriter, n: Node) -> bool:
     r = idx
     for c in reversed(chain):
         r = r.reshape(c.attrs["shape"]) if c.op == "reshape" else r.permute(c.attrs["perm"])
+    out_shape = list(n.output.type.shape)
     if torch.equal(r.reshape(-1), idx.reshape(-1)):
-        return rw.replace(n, rw.op("reshape", x, shape=list(n.output.type.shape), before=n))
-    if r.dim() == idx.dim() and r.dim() <= 6:
-        for perm in itertools.permutations(range(r.dim())):
+        return rw.replace(n, rw.op("reshape", x, shape=out_shape, before=n))
+    if r.dim() > 6:
+        return False
+    perms = list(itertools.permutations(range(r.dim())))
+    if r.dim() == idx.dim():
+        for perm in perms:
             if tuple(idx.shape[p] for p in perm) == tuple(r.shape) and torch.equal(idx.permute(perm), r):
                 return rw.replace(n, rw.op("transpose", x, perm=list(perm), before=n))
+    if len(chain) >= 3:
+        for perm in perms:
+            src = [0] * r.dim()
+            for j, p in enumerate(perm):
+                src[p] = r.shape[j]
+            if torch.equal(idx.reshape(src).permute(perm), r):
+                mid = rw.op("reshape", x, shape=src, before=n)
+                return rw.replace(n, rw.op("transpose", mid, perm=list(perm), before=n))
     return False
 
 
@@ -116,7 +129,34 @@ def scalar_operands(rw: Rewriter, n: Node) -> bool:
     return changed
 
 
+def split_to_slices(rw: Rewriter, n: Node) -> bool:
+    """split -> one slice per piece (frontends spell unbind/chunk either way; slices are one form)."""
+    start, axis = 0, n.attrs["axis"]
+    for out, size in zip(n.outputs, n.attrs["sizes"]):
+        rw.g.replace_uses(out, rw.op("slice", n.inputs[0], axis=axis, start=start, end=start + size, before=n))
+        start += size
+    rw.changed()
+    return True
+
+
+def gather_scalar_index(rw: Rewriter, n: Node) -> bool:
+    """gather(x, i) with a constant 0-d index i -> reshape(slice(x, i, i+1)) (torch's select)."""
+    x, index = n.inputs
+    i = rw.scalar(index)
+    if index.type.rank != 0 or i is None:
+        return False
+    i, axis = int(i), n.attrs["axis"]
+    dim = x.type.shape[axis]
+    if i < 0:
+        if not isinstance(dim, int):
+            return False
+        i += dim
+    sl = rw.op("slice", x, axis=axis, start=i, end=i + 1, before=n)
+    return rw.replace(n, rw.op("reshape", sl, shape=list(n.output.type.shape), before=n))
+
+
 PATTERNS = pattern_table(
+    ("split", split_to_slices), ("gather", gather_scalar_index),
     ("cast", noop_cast),
     *[(op, noop_layout) for op in ("reshape", "expand", "transpose", "slice", "concat")],
     ("reshape", canonical_reshape), ("reshape", fold_layout_chain),
