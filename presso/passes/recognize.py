@@ -229,30 +229,36 @@ def attention(rw: Rewriter, n: Node) -> bool:
     return rw.replace(n, out)
 
 
-def _repeat_kv_source(rw: Rewriter, v: Value) -> Optional[tuple[Value, int]]:
-    """v = reshape(expand(reshape(x))) repeating each head of x n times (HF repeat_kv) -> (x, n)."""
+def _repeat_kv_source(rw: Rewriter, v: Value, before: Node) -> Optional[tuple[Value, int]]:
+    """v = reshape(expand(x5)) repeating each head n times (HF ``repeat_kv``), where x5 is the
+    [.., Hkv, 1, S, D] view of k -> (k as [.., Hkv, S, D], n). Checked exactly with an index probe."""
     r2 = rw.producer(v, "reshape")
     e = rw.producer(r2.inputs[0], "expand") if r2 else None
-    r1 = rw.producer(e.inputs[0], "reshape") if e else None
-    src = r1.inputs[0] if r1 else (e.inputs[0] if e else None)
-    if src is None or not src.type.is_static or src.type.rank != v.type.rank or not v.type.is_static:
+    if e is None or not v.type.is_static or not e.output.type.is_static:
         return None
-    hk, hq = src.type.shape[-3], v.type.shape[-3]
+    x5 = e.inputs[0]
+    shape5 = list(x5.type.shape)
+    if len(shape5) != v.type.rank + 1 or shape5[-3] != 1:
+        return None
+    src_shape = shape5[:-3] + shape5[-2:]
+    hk, hq = src_shape[-3], v.type.shape[-3]
     if hq % hk or hq == hk:
         return None
-    idx = torch.arange(src.type.numel()).reshape(src.type.shape)
-    chain = idx
-    for node in [x for x in (r1, e, r2) if x is not None]:
-        chain = chain.reshape(node.attrs["shape"]) if node.op == "reshape" else chain.expand(node.attrs["shape"])
-    if tuple(chain.shape) == tuple(v.type.shape) and torch.equal(chain, idx.repeat_interleave(hq // hk, dim=-3)):
-        return src, hq // hk
-    return None
+    idx = torch.arange(math.prod(src_shape)).reshape(src_shape)
+    probe = idx.reshape(shape5).expand(e.attrs["shape"]).reshape(r2.attrs["shape"])
+    if tuple(probe.shape) != tuple(v.type.shape) or not torch.equal(probe, idx.repeat_interleave(hq // hk, dim=-3)):
+        return None
+    r1 = rw.producer(x5, "reshape")
+    if r1 is not None and list(r1.inputs[0].type.shape) == src_shape:
+        return r1.inputs[0], hq // hk
+    return rw.op("reshape", x5, shape=src_shape, before=before), hq // hk
 
 
 def fold_repeat_kv(rw: Rewriter, n: Node) -> bool:
     """attention(q, repeat_kv(k), repeat_kv(v)) -> attention(q, k, v): GQA made explicit."""
     q, k, v, mask = n.inputs
-    ks, vs = _repeat_kv_source(rw, k), _repeat_kv_source(rw, v)
+    ks = _repeat_kv_source(rw, k, n)
+    vs = _repeat_kv_source(rw, v, n) if ks else None
     if ks is None or vs is None or ks[1] != vs[1]:
         return False
     return rw.replace(n, rw.op("attention", q, ks[0], vs[0], mask, before=n, **n.attrs))
