@@ -8,6 +8,7 @@ input and no parameter (masks, position tables, ``arange``) are evaluated eagerl
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -16,7 +17,7 @@ import torch.fx as fx
 
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
-from ..ir.types import DType, TensorType
+from ..ir.types import SYMBOL_RE, DType, TensorType
 from .common import GraphBuilder, check_type, clean_name
 
 aten = torch.ops.aten
@@ -35,12 +36,24 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
+_SYMBOL_NAMES: dict[str, str] = {}  # torch's symbol (s77) -> the user's Dim name (batch), per import
+
+
 def _dim(d):
-    """A torch size (int or SymInt) as an IR dim."""
+    """A torch size (int, SymInt, or an fx node computing one) as an IR dim."""
+    if isinstance(d, fx.Node):
+        d = d.meta.get("val")
     if isinstance(d, int):
         return d
-    expr = str(d)
-    return clean_name(expr) if expr.isidentifier() else expr.replace(" ", "")
+    if isinstance(d, torch.SymInt) and d.node.expr.is_number:
+        return int(d)
+    expr = str(d).replace(" ", "")
+    for sym, name in sorted(_SYMBOL_NAMES.items(), key=lambda kv: -len(kv[0])):
+        expr = re.sub(rf"\b{sym}\b", name, expr)
+    if not SYMBOL_RE.match(expr):
+        raise FrontendError(f"symbolic size '{expr}' cannot be expressed in presso's IR "
+                            "(only symbols, products and integer multiples are)")
+    return expr
 
 
 def _type_of_val(val) -> TensorType:
@@ -113,8 +126,9 @@ class _Importer:
         target = n.target
         if target is operator.getitem:
             return self.env[n.args[0]][n.args[1]]
-        if str(target).startswith(("aten._assert", "aten.sym_constrain")):
-            return None  # export's runtime assertions: shapes are checked by the verifier instead
+        if str(target).startswith(("aten._assert", "aten.sym_constrain", "aten.sym_size", "aten.sym_numel")) \
+                or getattr(target, "__module__", None) in ("_operator", "operator"):
+            return None  # runtime asserts and integer size arithmetic: sizes live in the IR types
         if self._is_constant(n):
             return self._fold(n)
         handler = ATEN.get(target)
@@ -278,8 +292,9 @@ def _to(im, x, *a, **k):
 @handles(aten.slice)
 def _slice(im, x, dim=0, start=None, end=None, step=1):
     xv = im.t(x)
-    return im.op("slice", xv, axis=dim % xv.type.rank, start=_dim(start) if start is not None else 0,
-                 end=_dim(end) if end is not None else 2 ** 63 - 1, step=step)
+    end = 2 ** 63 - 1 if end is None else _dim(end)
+    return im.op("slice", xv, axis=dim % xv.type.rank, start=0 if start is None else _dim(start),
+                 end=min(end, 2 ** 63 - 1) if isinstance(end, int) else end, step=step)
 
 
 @handles(aten.select)
@@ -418,6 +433,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     name = name or type(module).__name__
     was_training = module.training
     module.eval()
+    _SYMBOL_NAMES.clear()
     errors = []
     try:
         if method in ("auto", "export"):
@@ -428,6 +444,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
                 errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
             else:
+                _name_symbols(ep, dynamic_shapes, example_inputs)
                 g = _import_exported(ep, name)
                 g.meta["frontend"] = "torch.export"
                 return g
@@ -443,9 +460,28 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
                 return g
     finally:
         module.train(was_training)
-    raise FrontendError(f"cannot trace {name}: " + "; ".join(errors) +
-                        ". Data-dependent Python control flow (if/while on tensor values) cannot be "
-                        "compiled: rewrite it with torch.where or torch.cond.")
+    text = "; ".join(errors)
+    hint = ""
+    if any(k in text for k in ("control flow", "data-dependent", "DataDependent", "GuardOnDataDependent")):
+        hint = (". Data-dependent Python control flow (if/while on tensor values) cannot be compiled: "
+                "rewrite it with torch.where or torch.cond")
+    raise FrontendError(f"cannot trace {name}: {text}{hint}")
+
+
+def _name_symbols(ep, dynamic_shapes, example_inputs) -> None:
+    """Call torch's symbols (s0, s77) by the names of the user's ``torch.export.Dim``s."""
+    if not dynamic_shapes:
+        return
+    specs = dynamic_shapes if isinstance(dynamic_shapes, (list, tuple)) else list(dynamic_shapes.values())
+    users = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(example_inputs):]
+    for node, spec in zip(users, specs):
+        if not isinstance(spec, dict):
+            continue
+        for axis, dim in spec.items():
+            size = node.meta["val"].shape[axis]
+            name = getattr(dim, "__name__", None)
+            if isinstance(size, torch.SymInt) and name and str(size).isidentifier():
+                _SYMBOL_NAMES[str(size)] = clean_name(name)
 
 
 def _first_line(e: Exception) -> str:

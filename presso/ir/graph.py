@@ -119,6 +119,9 @@ class Graph:
         from .registry import get_op
         opdef = get_op(op)
         attrs = opdef.complete_attrs(attrs or {}, where=f"new {op} node")
+        inputs = list(inputs)
+        if not opdef.variadic and len(inputs) < len(opdef.operands):  # absent optionals are explicit
+            inputs += [None] * (len(opdef.operands) - len(inputs))
         if out_types is None:
             out_types = opdef.infer_types(list(inputs), attrs)
         if names is not None and len(names) != len(out_types):

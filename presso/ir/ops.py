@@ -206,8 +206,27 @@ def expand(x, shape):
     return x.expand(shape)
 
 
+def _slice_infer(types, attrs):
+    x = types[0]
+    axis, start, end, step = attrs["axis"], attrs["start"], attrs["end"], attrs["step"]
+    if not -x.rank <= axis < x.rank:
+        raise IRError(f"slice: axis {axis} out of range for {x}")
+    dim = x.shape[axis]
+    if isinstance(dim, int) and isinstance(start, int) and isinstance(end, int):
+        size = len(range(*slice(start, end, step).indices(dim)))
+    elif start == 0 and step == 1 and (end == dim or (isinstance(end, int) and end >= INT64_MAX)):
+        size = dim
+    elif start == 0 and step == 1 and isinstance(end, str):
+        size = end  # slicing a table to a symbolic length: the model guarantees end <= dim
+    else:
+        raise IRError(f"slice: cannot type slice [{start}:{end}:{step}] of dim '{dim}'")
+    shape = list(x.shape)
+    shape[axis] = size
+    return [TensorType(tuple(shape), x.dtype)]
+
+
 @defop("slice", ["x"], {"axis": Attr("int"), "start": Attr("dim", 0), "end": Attr("dim", INT64_MAX),
-                        "step": Attr("int", 1)}, "layout")
+                        "step": Attr("int", 1)}, "layout", infer=_slice_infer)
 def slice_(x, axis, start, end, step):
     idx = [slice(None)] * x.dim()
     idx[axis] = slice(start, end, step)

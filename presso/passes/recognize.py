@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..ir.graph import Node, Value
+from ..ir.types import eval_dim
 from .rewrite import Rewriter, pattern_table
 
 
@@ -231,10 +232,11 @@ def attention(rw: Rewriter, n: Node) -> bool:
 
 def _repeat_kv_source(rw: Rewriter, v: Value, before: Node) -> Optional[tuple[Value, int]]:
     """v = reshape(expand(x5)) repeating each head n times (HF ``repeat_kv``), where x5 is the
-    [.., Hkv, 1, S, D] view of k -> (k as [.., Hkv, S, D], n). Checked exactly with an index probe."""
+    [.., Hkv, 1, S, D] view of k -> (k as [.., Hkv, S, D], n). Checked exactly with an index probe
+    (for symbolic dims, at two different sizes of each symbol)."""
     r2 = rw.producer(v, "reshape")
     e = rw.producer(r2.inputs[0], "expand") if r2 else None
-    if e is None or not v.type.is_static or not e.output.type.is_static:
+    if e is None:
         return None
     x5 = e.inputs[0]
     shape5 = list(x5.type.shape)
@@ -242,12 +244,20 @@ def _repeat_kv_source(rw: Rewriter, v: Value, before: Node) -> Optional[tuple[Va
         return None
     src_shape = shape5[:-3] + shape5[-2:]
     hk, hq = src_shape[-3], v.type.shape[-3]
-    if hq % hk or hq == hk:
+    if not isinstance(hk, int) or not isinstance(hq, int) or hq % hk or hq == hk:
         return None
-    idx = torch.arange(math.prod(src_shape)).reshape(src_shape)
-    probe = idx.reshape(shape5).expand(e.attrs["shape"]).reshape(r2.attrs["shape"])
-    if tuple(probe.shape) != tuple(v.type.shape) or not torch.equal(probe, idx.repeat_interleave(hq // hk, dim=-3)):
-        return None
+    syms = sorted(x5.type.symbols | v.type.symbols)
+    for sizes in ((2,) * len(syms), tuple(range(3, 3 + len(syms)))) if syms else ((),):
+        b = dict(zip(syms, sizes))
+        src = [eval_dim(d, b) for d in src_shape]
+        idx = torch.arange(math.prod(src)).reshape(src)
+        try:
+            probe = idx.reshape([eval_dim(d, b) for d in shape5]).expand([eval_dim(d, b) for d in e.attrs["shape"]]) \
+                .reshape([eval_dim(d, b) for d in r2.attrs["shape"]])
+        except RuntimeError:
+            return None
+        if not torch.equal(probe, idx.repeat_interleave(hq // hk, dim=-3)):
+            return None
     r1 = rw.producer(x5, "reshape")
     if r1 is not None and list(r1.inputs[0].type.shape) == src_shape:
         return r1.inputs[0], hq // hk

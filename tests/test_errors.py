@@ -1,0 +1,111 @@
+"""Bad input gets a typed presso error that names what is at fault."""
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import presso
+from presso import FrontendError, InputError, PipelineError, UnsupportedOpError, from_onnx, from_torch
+from presso.models import make_mlp
+from zoo_util import export_onnx
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory):
+    model, inputs = make_mlp()
+    path = tmp_path_factory.mktemp("onnx") / "mlp.onnx"
+    onnx.save(export_onnx(model, inputs), str(path))
+    return path, model, inputs
+
+
+def test_truncated_onnx_file(mlp_onnx, tmp_path):
+    data = mlp_onnx[0].read_bytes()
+    for cut in (len(data) // 2, len(data) - 7, 40):
+        bad = tmp_path / f"cut{cut}.onnx"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(FrontendError, match="malformed or truncated|invalid ONNX model"):
+            from_onnx(bad)
+
+
+def test_garbage_and_missing_onnx_files(tmp_path):
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"\x08\x07\xff\xfe not an onnx model at all \x00\x01")
+    with pytest.raises(FrontendError, match="malformed or truncated|invalid ONNX model"):
+        from_onnx(bad)
+    with pytest.raises(FrontendError, match="not found"):
+        from_onnx(tmp_path / "missing.onnx")
+
+
+def _model(op_type, opset=17, **attrs):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    node = helper.make_node(op_type, ["x"], ["y"], name="my_node", **attrs)
+    relu = helper.make_node("Relu", ["x"], ["r"], name="relu0")
+    graph = helper.make_graph([relu, node], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_onnx_unsupported_op_names_op_node_and_supported_list():
+    with pytest.raises(UnsupportedOpError) as e:
+        from_onnx(_model("Hardmax"))
+    msg = str(e.value)
+    assert "'Hardmax'" in msg and "my_node" in msg and "supported ops:" in msg and "MatMul" in msg
+    assert e.value.op == "Hardmax" and e.value.node == "my_node"
+
+
+def test_onnx_opset_outside_13_to_21():
+    with pytest.raises(FrontendError, match=r"opset 11 is not supported; supported: 13..21"):
+        from_onnx(_model("Relu", opset=11))
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_data_dependent_control_flow_is_a_frontend_error():
+    with pytest.raises(FrontendError) as e:
+        from_torch(DataDependent(), (torch.randn(3),))
+    msg = str(e.value)
+    assert "torch.export" in msg and "torch.fx" in msg and "control flow" in msg
+
+
+class UsesCumsum(torch.nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=0) + 1
+
+
+def test_unsupported_torch_op_names_op_and_source_line():
+    with pytest.raises(UnsupportedOpError) as e:
+        from_torch(UsesCumsum(), (torch.randn(3),))
+    msg = str(e.value)
+    assert "aten.cumsum" in msg and "test_errors.py" in msg and "supported ops:" in msg and "linear" in msg
+
+
+def test_wrong_inputs_at_call_time():
+    model, inputs = make_mlp()
+    cm = presso.compile(model, example_inputs=inputs)
+    with pytest.raises(InputError, match=r"takes 1 input\(s\).*got 2"):
+        cm(*inputs, *inputs)
+    with pytest.raises(InputError, match=r"must have shape \[4, 32\], got \[4, 31\]"):
+        cm(torch.randn(4, 31))
+    with pytest.raises(InputError, match="must have dtype f32"):
+        cm(torch.randn(4, 32, dtype=torch.float64))
+    with pytest.raises(InputError, match="must be a torch.Tensor"):
+        cm([[1.0] * 32] * 4)
+
+
+def test_unknown_target_and_recipe_are_value_errors():
+    model, inputs = make_mlp()
+    with pytest.raises(ValueError, match="unknown target 'tpu'; valid targets: reference"):
+        presso.compile(model, target="tpu", example_inputs=inputs)
+    with pytest.raises(PipelineError, match="unknown pass 'lowrnak'; registered passes: .*canonicalize"):
+        presso.compile(model, example_inputs=inputs, recipe="canonicalize,lowrnak{ratio=0.5}")
+    with pytest.raises(ValueError, match="has no option"):
+        presso.compile(model, example_inputs=inputs, recipe="dce{aggressive=true}")
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        presso.compile(model)
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        presso.compile(42)
