@@ -98,3 +98,15 @@ def test_symbolic_batch_and_seq_through_torch_export():
         x = torch.randint(0, 256, shape)
         assert max_rel_err(run_graph(g, x)[0], model(x)) <= TOL
     assert parse(str(g), {k: p.data for k, p in g.params.items()}) == g
+
+
+def test_symbolic_dims_through_onnx_match_the_torch_import():
+    from torch.export import Dim
+    model, inputs = ZOO["minilm"]()
+    ds = ({0: Dim("batch"), 1: Dim("seq", max=128)},) * 2
+    go = canonicalize(from_onnx(export_onnx(model, inputs, dynamic_shapes=ds)))
+    gt = canonicalize(from_torch(model, inputs, dynamic_shapes=ds))
+    assert [str(v.type) for v in go.inputs] == ["i64[batch, seq]", "i64[batch, seq]"]
+    assert go.op_histogram() == gt.op_histogram() and go.op_histogram()["attention"] == 6
+    short = [t[:3, :7].clone() for t in inputs]
+    assert max_rel_err(run_graph(go, *short)[0], model(*short)) <= TOL

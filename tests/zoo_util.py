@@ -9,13 +9,13 @@ import warnings
 import torch
 
 
-def export_onnx(module, inputs):
+def export_onnx(module, inputs, dynamic_shapes=None):
     """The model's own torch.onnx.export (dynamo exporter), quietly."""
     buf = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, tuple(inputs), dynamo=True, verbose=False)
+        prog = torch.onnx.export(module, tuple(inputs), dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes)
     return prog.model_proto
 
 

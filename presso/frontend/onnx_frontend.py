@@ -370,7 +370,8 @@ def _slice(im):
         return SymShape(v[starts[0]:min(ends[0], len(v))])
     x = im.t(0)
     for a, s, e, st in zip(axes, starts, ends, steps):
-        x = im.op("slice", x, axis=a % x.type.rank, start=s, end=min(e, 2 ** 63 - 1), step=st)
+        x = im.op("slice", x, axis=a % x.type.rank, start=s, end=min(e, 2 ** 63 - 1) if isinstance(e, int) else e,
+                  step=st)
     return x
 
 

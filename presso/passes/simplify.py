@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..ir.graph import Node
+from ..ir.types import eval_dim
 from .rewrite import Rewriter, pattern_table
 
 ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
@@ -60,11 +61,27 @@ def compose_transpose(rw: Rewriter, n: Node) -> bool:
     return rw.replace(n, rw.op("transpose", inner.inputs[0], perm=perm, before=n))
 
 
+def probe_bindings(*types) -> list[dict]:
+    """Sizes to try symbolic dims at: two different small values per symbol (one probe when static)."""
+    syms = sorted(set().union(*(t.symbols for t in types)))
+    if not syms:
+        return [{}]
+    return [dict.fromkeys(syms, 2), {s: 3 + i for i, s in enumerate(syms)}]
+
+
+def _chain_probe(chain, x, b):
+    idx = torch.arange(x.type.numel(b)).reshape(x.type.concrete_shape(b))
+    r = idx
+    for c in reversed(chain):
+        r = r.reshape([eval_dim(d, b) for d in c.attrs["shape"]]) if c.op == "reshape" else r.permute(c.attrs["perm"])
+    return idx, r
+
+
 def fold_layout_chain(rw: Rewriter, n: Node) -> bool:
     """A chain of reshapes/transposes that is equivalent to one reshape, one transpose, or (for
     chains of three or more) one reshape followed by one transpose, becomes that, e.g. ONNX's
     reshape->transpose->reshape spelling of ``k.transpose(-1, -2)``. Equivalence is checked
-    exactly by pushing an index tensor through the chain."""
+    exactly by pushing an index tensor through the chain (at two sizes of each symbolic dim)."""
     chain = [n]
     while True:
         p = rw.producer(chain[-1].inputs[0], "reshape", "transpose")
@@ -74,28 +91,28 @@ def fold_layout_chain(rw: Rewriter, n: Node) -> bool:
     if len(chain) < 2:
         return False
     x = chain[-1].inputs[0]
-    if not x.type.is_static or not n.output.type.is_static or x.type.numel() > MAX_LAYOUT_PROBE:
-        return False
-    idx = torch.arange(x.type.numel()).reshape(x.type.shape)
-    r = idx
-    for c in reversed(chain):
-        r = r.reshape(c.attrs["shape"]) if c.op == "reshape" else r.permute(c.attrs["perm"])
     out_shape = list(n.output.type.shape)
-    if torch.equal(r.reshape(-1), idx.reshape(-1)):
-        return rw.replace(n, rw.op("reshape", x, shape=out_shape, before=n))
-    if r.dim() > 6:
+    probes = [_chain_probe(chain, x, b) for b in probe_bindings(x.type, n.output.type)]
+    if any(idx.numel() > MAX_LAYOUT_PROBE for idx, _ in probes):
         return False
-    perms = list(itertools.permutations(range(r.dim())))
-    if r.dim() == idx.dim():
+    if all(torch.equal(r.reshape(-1), idx.reshape(-1)) for idx, r in probes):
+        return rw.replace(n, rw.op("reshape", x, shape=out_shape, before=n))
+    rank = len(out_shape)
+    if rank > 6:
+        return False
+    perms = list(itertools.permutations(range(rank)))
+    if rank == x.type.rank:
         for perm in perms:
-            if tuple(idx.shape[p] for p in perm) == tuple(r.shape) and torch.equal(idx.permute(perm), r):
+            if all(idx.dim() == r.dim() and tuple(idx.shape[p] for p in perm) == tuple(r.shape)
+                   and torch.equal(idx.permute(perm), r) for idx, r in probes):
                 return rw.replace(n, rw.op("transpose", x, perm=list(perm), before=n))
     if len(chain) >= 3:
         for perm in perms:
-            src = [0] * r.dim()
+            src = [0] * rank
             for j, p in enumerate(perm):
-                src[p] = r.shape[j]
-            if torch.equal(idx.reshape(src).permute(perm), r):
+                src[p] = out_shape[j]
+            if all(torch.equal(idx.reshape([r.shape[perm.index(i)] for i in range(rank)]).permute(perm), r)
+                   for idx, r in probes):
                 mid = rw.op("reshape", x, shape=src, before=n)
                 return rw.replace(n, rw.op("transpose", mid, perm=list(perm), before=n))
     return False
