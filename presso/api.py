@@ -44,7 +44,7 @@ class CompiledModel:
                 f"params={t['params']}, bytes={t['bytes']})")
 
 
-def import_model(model, example_inputs=None) -> Graph:
+def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
     """An nn.Module (needs example inputs), an onnx.ModelProto, a path to a .onnx file, or a Graph."""
     if isinstance(model, Graph):
         return model.copy()
@@ -52,7 +52,7 @@ def import_model(model, example_inputs=None) -> Graph:
         if example_inputs is None:
             raise ValueError("compiling an nn.Module needs example_inputs=(tensor, ...)")
         from .frontend.torch_frontend import from_torch
-        return from_torch(model, example_inputs)
+        return from_torch(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
         from .frontend.onnx_frontend import from_onnx
         return from_onnx(model)
@@ -62,9 +62,11 @@ def import_model(model, example_inputs=None) -> Graph:
 
 def compile(model, target: str = "reference", example_inputs: Optional[Sequence[torch.Tensor]] = None,
             recipe: Union[str, Sequence, None] = None, calibration=None, check: Optional[str] = None,
-            print_ir_after=None, device: str = "cpu") -> CompiledModel:
+            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, progress: bool = False) -> CompiledModel:
     """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
-    ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime."""
+    ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime.
+    ``calibration`` is an iterable of input tuples (what compression passes measure on);
+    ``dynamic_shapes`` (torch.export's) makes dims symbolic, e.g. ``({0: Dim("batch")},)``."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(example_inputs, torch.Tensor):
@@ -72,7 +74,8 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
-    graph = import_model(model, example_inputs)
-    ctx = PassContext(example_inputs=example_inputs, calibration=calibration)
+    graph = import_model(model, example_inputs, dynamic_shapes)
+    from .passes.calibrate import normalize_samples
+    ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)

@@ -112,7 +112,7 @@ def test_packed_int4_is_a_first_class_param_type():
     wq = g.add_param("w.q", packed, TensorType((6, 64), DType.i4))
     sc = torch.rand(6, 2, dtype=torch.float16)
     scales = g.add_param("w.scales", sc)
-    w = g.op("dequantize", wq, scales, None, group_size=32)
+    w = g.op("dequantize", wq, scales, None, bits=4, group_size=32)
     g.outputs = [g.op("linear", x, w)]
     verify(g)
     assert wq.type.nbytes() == packed.numel() == 192

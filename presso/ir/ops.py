@@ -251,26 +251,38 @@ def gather(x, index, axis):
     return flat.reshape(x.shape[:axis] + index.shape + x.shape[axis + 1:])
 
 
-# ---- compressed storage (filled in by the compression passes) ----------------------------
+# ---- compressed storage -----------------------------------------------------------------
+# Compressed weights are typed params read by a "weight producer" op (dequantize, densify_nm)
+# whose result feeds an ordinary ``linear``: the reference runtime densifies on the fly, kernels
+# fuse producer and consumer.
 def _dequant_infer(types, attrs):
-    q, scales = types[0], types[1]
-    if q.dtype not in (DType.i4, DType.u4, DType.i8, DType.u8):
-        raise IRError(f"dequantize: packed weights must be i4/u4/i8/u8, got {q.dtype}")
+    q, scales, zeros = types
+    bits, gs = attrs["bits"], attrs["group_size"]
+    want = {4: (DType.i4, DType.u4), 8: (DType.i8, DType.u8)}[bits]
+    if q.dtype not in want:
+        raise IRError(f"dequantize: bits={bits} needs packed weights of type {want[0]} or {want[1]}, got {q.dtype}")
+    if (zeros is None) != (q.dtype in (DType.i4, DType.i8)):
+        raise IRError(f"dequantize: signed ({want[0]}) weights take no zeros, unsigned ({want[1]}) weights need them")
+    if q.rank != 2 or not isinstance(q.shape[1], int) or q.shape[1] % gs:
+        raise IRError(f"dequantize: group_size {gs} must divide the input dim of {q}")
+    if list(scales.shape) != [q.shape[0], q.shape[1] // gs]:
+        raise IRError(f"dequantize: scales must be [{q.shape[0]}, {q.shape[1] // gs}], got {scales}")
     return [TensorType(q.shape, DType[attrs["dtype"]])]
 
 
-@defop("dequantize", ["q", "scales", "zeros?"], {"group_size": Attr("int"), "dtype": Attr("dtype", "f32")},
-       "compressed", infer=_dequant_infer)
-def dequantize(q, scales, zeros, group_size, dtype):
-    """Group-wise dequantization of a (rows, cols) integer matrix; groups run along cols.
-    Sub-byte storage is unpacked here (low nibble first). w = (q - zeros) * scales."""
-    if q.dtype == torch.uint8 and scales.shape[-1] * group_size == q.shape[-1] * 2:
+@defop("dequantize", ["q", "scales", "zeros?"], {"bits": Attr("int", choices=(4, 8)), "group_size": Attr("int"),
+                                                "dtype": Attr("dtype", "f32")}, "compressed", infer=_dequant_infer)
+def dequantize(q, scales, zeros, bits, group_size, dtype):
+    """Group-wise dequantization of a (rows, cols) integer matrix, groups along cols:
+    w = (q - zeros) * scales. 4-bit storage is unpacked here (low nibble first)."""
+    if bits == 4:
         q = unpack_int4(q, signed=zeros is None)
-    w = q.to(torch.float32).reshape(q.shape[0], -1, group_size)
+    rows, cols = q.shape
+    w = q.to(torch.float32).reshape(rows, cols // group_size, group_size)
     if zeros is not None:
         w = w - zeros.to(torch.float32).unsqueeze(-1)
     w = w * scales.to(torch.float32).unsqueeze(-1)
-    return w.reshape(q.shape).to(DType[dtype].torch)
+    return w.reshape(rows, cols).to(DType[dtype].torch)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -283,3 +295,81 @@ def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
     lo, hi = p & 0xF, p >> 4
     out = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2).to(torch.int16)
     return torch.where(out > 7, out - 16, out).to(torch.int8) if signed else out.to(torch.uint8)
+
+
+def _densify_infer(types, attrs):
+    values, index = types
+    n, m = attrs["n"], attrs["m"]
+    if not 0 < n <= m:
+        raise IRError(f"densify_nm: need 0 < n <= m, got {n}:{m}")
+    if index.dtype not in (DType.u4, DType.u8) or list(index.shape) != list(values.shape):
+        raise IRError(f"densify_nm: index must be u4/u8 with the shape of values {values}, got {index}")
+    if values.rank != 2 or not isinstance(values.shape[1], int) or values.shape[1] % n:
+        raise IRError(f"densify_nm: values {values} must hold n={n} entries per group")
+    return [TensorType((values.shape[0], values.shape[1] // n * m), values.dtype)]
+
+
+@defop("densify_nm", ["values", "index"], {"n": Attr("int"), "m": Attr("int")}, "compressed", infer=_densify_infer)
+def densify_nm(values, index, n, m):
+    """N:M structured sparsity: each group of m inputs keeps n values; ``index`` holds each kept
+    value's position inside its group (4-bit when packed). Rebuilds the dense (rows, cols) matrix."""
+    rows = values.shape[0]
+    if index.dtype == torch.uint8 and index.shape[-1] * 2 == values.shape[-1]:
+        index = unpack_int4(index, signed=False)
+    groups = values.shape[1] // n
+    dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(2, index.to(torch.int64).reshape(rows, groups, n), values.reshape(rows, groups, n))
+    return dense.reshape(rows, groups * m)
+
+
+def hadamard_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
+    """The normalized (orthogonal, symmetric) Sylvester Hadamard matrix of size n = 2^k."""
+    if n < 1 or n & (n - 1):
+        raise IRError(f"hadamard: block size must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / h.shape[0] ** 0.5).to(dtype)
+
+
+def _hadamard_verify(types, attrs):
+    b = attrs["block"]
+    d = types[0].shape[-1] if types[0].rank else None
+    if b < 1 or b & (b - 1) or not isinstance(d, int) or d % b:
+        raise IRError(f"hadamard: block {b} must be a power of two dividing the last dim of {types[0]}")
+
+
+@defop("hadamard", ["x"], {"block": Attr("int")}, "elementwise", verify=_hadamard_verify,
+       flops=lambda i, o, a, b: o[0].numel(b) * max(a["block"].bit_length() - 1, 1))
+def hadamard(x, block):
+    """Blockwise orthogonal Hadamard rotation of the last dim (QuaRot/Quamba outlier suppression)."""
+    h = hadamard_matrix(block, x.dtype).to(x.device)
+    return (x.reshape(*x.shape[:-1], x.shape[-1] // block, block) @ h).reshape(x.shape)
+
+
+def _qtoken_infer(types, attrs):
+    x = types[0]
+    return [TensorType(x.shape, DType.i8), TensorType(tuple(x.shape[:-1]) + (1,), DType.f32)]
+
+
+@defop("quantize_per_token", ["x"], {}, "compressed", infer=_qtoken_infer)
+def quantize_per_token(x):
+    """Dynamic symmetric int8 quantization of activations, one scale per token (row)."""
+    s = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127.0
+    return torch.clamp(torch.round(x.float() / s), -127, 127).to(torch.int8), s
+
+
+def _lin8_infer(types, attrs):
+    xq, xs, wq, ws, bias = types
+    if xq.dtype != DType.i8 or wq.dtype != DType.i8:
+        raise IRError(f"linear_int8: activations and weights must be i8, got {xq.dtype} and {wq.dtype}")
+    return [TensorType(tuple(xq.shape[:-1]) + (wq.shape[0],), DType.f32)]
+
+
+@defop("linear_int8", ["xq", "x_scale", "wq", "w_scale", "bias?"], {}, "linear", infer=_lin8_infer,
+       flops=lambda i, o, a, b: 2 * o[0].numel(b) * i[0].concrete_shape(b)[-1])
+def linear_int8(xq, x_scale, wq, w_scale, bias):
+    """W8A8: int8 x int8 with exact integer accumulation, then per-token x per-channel scaling."""
+    acc = xq.to(torch.float64) @ wq.to(torch.float64).T
+    y = (acc * x_scale.to(torch.float64) * w_scale.to(torch.float64).reshape(-1)).to(torch.float32)
+    return y + bias if bias is not None else y

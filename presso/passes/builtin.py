@@ -7,3 +7,4 @@ from .manager import register_pass
 register_pass("canonicalize")(lambda g, ctx: canonicalize(g))
 register_pass("dce")(lambda g, ctx: dce(g))
 register_pass("fold_constants")(lambda g, ctx: fold_constants(g))
+from . import lowrank  # noqa: F401,E402  (registers itself)

@@ -161,6 +161,7 @@ class PassContext:
     """What passes may read: example inputs, calibration samples, and a place to report."""
     example_inputs: Optional[Sequence[torch.Tensor]] = None
     calibration: Optional[Sequence] = None
+    progress: bool = False
     log: dict = field(default_factory=dict)
 
 

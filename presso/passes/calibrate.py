@@ -1,0 +1,79 @@
+"""Calibration: run the reference runtime over sample inputs and stream, per linear layer, the
+statistics compression passes need — the input Gram matrix X^T X (whitening, GPTQ Hessians, and
+exact output-error estimates) and the per-channel squared norms (Wanda) — without holding any
+activation after its layer has been seen."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from ..errors import PressoError
+from ..ir.graph import Graph, Node
+
+
+class CalibrationError(PressoError, ValueError):
+    """Calibration data is missing where a method needs it, or is malformed."""
+
+
+@dataclass
+class LinearStats:
+    """Statistics of one linear's input over the calibration set (rows = tokens)."""
+    gram: torch.Tensor      # (in, in) float64: sum over rows of x x^T
+    rows: int
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """Per input channel: sum of x_j^2 (Wanda's ||x_j||^2)."""
+        return self.gram.diagonal()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The mean second moment E[x x^T] (GPTQ's Hessian up to a factor 2)."""
+        return self.gram / max(self.rows, 1)
+
+
+def normalize_samples(calibration) -> list[tuple]:
+    if calibration is None:
+        return []
+    samples = []
+    for i, s in enumerate(calibration):
+        s = (s,) if isinstance(s, torch.Tensor) else tuple(s)
+        if not s or not all(isinstance(t, torch.Tensor) for t in s):
+            raise CalibrationError(f"calibration sample {i} must be a tensor or a tuple of tensors")
+        samples.append(s)
+    return samples
+
+
+def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Iterable[Node]] = None,
+                         progress: bool = False, desc: str = "calibrating") -> dict[str, LinearStats]:
+    """Gram matrices of the inputs of ``nodes`` (default: every ``linear``), keyed by node name."""
+    from ..runtime.reference import ReferenceRuntime
+    wanted = {id(n) for n in (nodes if nodes is not None else [n for n in g.nodes if n.op == "linear"])}
+    stats: dict[str, LinearStats] = {}
+
+    def observe(node, ins, outs):
+        if id(node) not in wanted:
+            return
+        x = ins[0].detach().reshape(-1, ins[0].shape[-1]).to(torch.float64)
+        st = stats.get(node.name)
+        if st is None:
+            stats[node.name] = LinearStats(x.T @ x, x.shape[0])
+        else:
+            st.gram += x.T @ x
+            st.rows += x.shape[0]
+
+    rt = ReferenceRuntime(g)
+    it = samples
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(samples, desc=desc, unit="batch", leave=False)
+    from ..errors import InputError
+    for i, s in enumerate(it):
+        try:
+            rt.run(*s, observer=observe)
+        except InputError as e:
+            raise CalibrationError(f"calibration sample {i} does not fit the model: {e} (compile with "
+                                   "dynamic_shapes=... to calibrate on other shapes)") from None
+    return stats

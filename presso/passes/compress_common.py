@@ -1,0 +1,123 @@
+"""What the compression passes share: finding compressible linears, exact output-error estimates
+from calibration Gram matrices, greedy budget allocation, and the per-layer compression record
+that ``CompiledModel.report()`` reads."""
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import PipelineError
+from ..ir.graph import Graph, Node, Value
+from .calibrate import CalibrationError, LinearStats, collect_linear_stats, normalize_samples
+
+
+@dataclass
+class Linear:
+    """A ``linear`` node whose weight is a dense float parameter."""
+    g: Graph
+    node: Node
+    weight: Value
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.g.params[self.weight.name].data
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.type.shape)
+
+
+def dense_linears(g: Graph) -> list[Linear]:
+    out = []
+    for n in g.nodes:
+        w = n.inputs[1] if n.op == "linear" else None
+        if w is not None and w.kind == "param" and w.type.rank == 2 and w.type.dtype.is_float and w.type.is_static:
+            out.append(Linear(g, n, w))
+    return out
+
+
+def calibration_stats(g: Graph, ctx, nodes: Sequence[Node], need: bool, what: str) -> Optional[dict[str, LinearStats]]:
+    """Stats for ``nodes`` from ``ctx.calibration``; raises when ``need`` and there is none."""
+    samples = normalize_samples(getattr(ctx, "calibration", None))
+    if not samples:
+        if need:
+            raise CalibrationError(f"{what} needs calibration data: pass calibration=[(input, ...), ...] "
+                                   "to presso.compile")
+        return None
+    return collect_linear_stats(g, samples, nodes, progress=getattr(ctx, "progress", False), desc=what)
+
+
+def output_error(w: torch.Tensor, w2: torch.Tensor, gram: Optional[torch.Tensor]) -> float:
+    """Relative output error ||(W - W') X||^2 / ||W X||^2 over the calibration rows, computed
+    exactly from the Gram matrix; without calibration, the relative weight error."""
+    d = (w.double() - w2.double())
+    if gram is None:
+        return float((d * d).sum() / (w.double() ** 2).sum().clamp_min(1e-300))
+    num = ((d @ gram) * d).sum()
+    den = ((w.double() @ gram) * w.double()).sum()
+    return float(num / den.clamp_min(1e-300))
+
+
+def origin(g: Graph, param_name: str) -> str:
+    """The original layer weight a (possibly derived) parameter comes from."""
+    return g.meta.setdefault("param_origin", {}).get(param_name, param_name)
+
+
+def derive(g: Graph, new_param: str, from_param: str) -> None:
+    g.meta.setdefault("param_origin", {})[new_param] = origin(g, from_param)
+
+
+def record(g: Graph, weight_name: str, **info) -> None:
+    """Merge what a pass did to a layer into ``graph.meta['compression'][original weight]``."""
+    key = origin(g, weight_name)
+    rec = g.meta.setdefault("compression", {}).setdefault(key, {})
+    for k, v in info.items():
+        if k == "rel_error" and "rel_error" in rec:  # errors of successive passes compound
+            rec[k] = float(rec[k]) + float(v)
+        else:
+            rec[k] = v
+
+
+def match_patterns(spec: str, option: str, pass_name: str) -> list[tuple[re.Pattern, str]]:
+    """Parse ``"regex:value;regex:value"`` options (``;`` since ``,`` separates passes)."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        if ":" not in item:
+            raise PipelineError(f"pass '{pass_name}': option '{option}' entries must be 'regex:value', got {item!r}")
+        pat, val = item.rsplit(":", 1)
+        try:
+            out.append((re.compile(pat), val.strip()))
+        except re.error as e:
+            raise PipelineError(f"pass '{pass_name}': option '{option}' has a bad regex {pat!r}: {e}") from None
+    return out
+
+
+def greedy_allocate(options: list[list[tuple[int, float]]], budget: float) -> list[int]:
+    """Choose one option per layer, options sorted by decreasing cost (option 0 = uncompressed,
+    error 0), so that total cost <= budget while the summed error grows as little as possible:
+    repeatedly take the step with the smallest error increase per unit of cost saved."""
+    choice = [0] * len(options)
+    total = sum(o[0][0] for o in options)
+    heap = []
+
+    def push(i):
+        j = choice[i]
+        if j + 1 < len(options[i]):
+            (c0, e0), (c1, e1) = options[i][j], options[i][j + 1]
+            saved = max(c0 - c1, 1e-12)
+            heapq.heappush(heap, ((e1 - e0) / saved, i, j))
+
+    for i in range(len(options)):
+        push(i)
+    while total > budget and heap:
+        _, i, j = heapq.heappop(heap)
+        if choice[i] != j:
+            continue
+        total -= options[i][j][0] - options[i][j + 1][0]
+        choice[i] = j + 1
+        push(i)
+    return choice
