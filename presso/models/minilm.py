@@ -104,15 +104,18 @@ class Tokenizer:
     def __init__(self, max_length: int = 128):
         from tokenizers import Tokenizer as HFTokenizer
         self.tok = HFTokenizer.from_file(str(model_dir() / "tokenizer.json"))
+        self.max_length = max_length
         self.tok.enable_truncation(max_length)
         self.tok.enable_padding(pad_id=0, pad_token="[PAD]")
 
     def __call__(self, sentences: Sequence[str], pad_to: int | None = None):
         if pad_to is not None:
             self.tok.enable_padding(pad_id=0, pad_token="[PAD]", length=pad_to)
+            self.tok.enable_truncation(pad_to)
         enc = self.tok.encode_batch(list(sentences))
         if pad_to is not None:
             self.tok.enable_padding(pad_id=0, pad_token="[PAD]")
+            self.tok.enable_truncation(self.max_length)
         ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
         return ids, mask

@@ -1,0 +1,268 @@
+"""quantize: weight-only int8/int4 (per-channel or group-wise, symmetric or asymmetric, RTN or
+GPTQ), W8A8 with dynamic per-token activations, and an optional Hadamard rotation.
+
+Storage is real: int4 codes are packed two per byte (type ``i4``/``u4``), scales are fp16, zero
+points u8; a ``dequantize`` node feeds the layer's ``linear`` (kernels fuse the two). Codes are
+computed against the fp16-rounded scales, so what is stored is exactly what was optimized.
+
+* ``method="gptq"``: GPTQ with the calibration Hessian (H = E[x x^T], damped), block-wise
+  error feedback, optional ``act_order`` (columns by decreasing Hessian diagonal, static groups).
+* ``rotate="hadamard"``: y = x W^T = (x H)(W H)^T with H a blockwise orthogonal Hadamard matrix:
+  the weight is rotated before quantization and a ``hadamard`` node rotates the activations
+  online (one per distinct input), spreading outliers (QuaRot / Quamba).
+* ``activations="int8"``: W8A8 — ``quantize_per_token`` + ``linear_int8`` (int8 x int8 with
+  integer accumulation), weights per-channel symmetric int8.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import PipelineError
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import hadamard_matrix, pack_int4
+from ..ir.types import DType, TensorType
+from .compress_common import calibration_stats, dense_linears, derive, output_error, record
+from .dce import dce
+from .manager import Option, register_pass
+
+
+def qparams(w: torch.Tensor, bits: int, symmetric: bool):
+    """Per-row scale (fp16-rounded, as stored) and zero point for the columns of ``w``."""
+    if symmetric:  # codes in [-2^(b-1), 2^(b-1) - 1]; the scale spreads absmax over 2^b - 1 steps
+        scale = (2 * w.abs().amax(1) / (2 ** bits - 1)).clamp_min(1e-8)
+        return scale.half().double(), None
+    qmax = 2 ** bits - 1
+    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8).half().double()
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero
+
+
+def encode(w: torch.Tensor, scale, zero, bits: int):
+    """Integer codes and their dequantized values for a column block ``w`` (rows, k)."""
+    if zero is None:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        q = torch.clamp(torch.round(w / scale[:, None]), lo, hi)
+        return q, q * scale[:, None]
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+    return q, (q - zero[:, None]) * scale[:, None]
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool):
+    rows, cols = w.shape
+    wg = w.double().reshape(rows * (cols // group), group)
+    scale, zero = qparams(wg, bits, symmetric)
+    q, _ = encode(wg, scale, zero, bits)
+    shape = (rows, cols // group)
+    return q.reshape(rows, cols), scale.reshape(shape), None if zero is None else zero.reshape(shape)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool,
+         damp: float = 0.01, block: int = 128):
+    """GPTQ (Frantar et al.): quantize columns in order, feeding each column's error back into the
+    columns not yet quantized through the inverse Hessian's Cholesky factor."""
+    W = w.double().clone()
+    rows, cols = W.shape
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    ngroups = cols // group
+    scales = torch.zeros(rows, ngroups, dtype=torch.float64)
+    zeros = None if symmetric else torch.zeros(rows, ngroups, dtype=torch.float64)
+    if act_order:  # static groups: scales from the original weights, columns in importance order
+        for gi in range(ngroups):
+            s, z = qparams(W[:, gi * group:(gi + 1) * group], bits, symmetric)
+            scales[:, gi] = s
+            if zeros is not None:
+                zeros[:, gi] = z
+        perm = torch.argsort(H.diagonal(), descending=True)
+    else:
+        perm = torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            gi = col // group
+            if not act_order and col % group == 0:
+                s, z = qparams(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group], bits, symmetric)
+                scales[:, gi] = s
+                if zeros is not None:
+                    zeros[:, gi] = z
+            q, dq = encode(W1[:, i:i + 1], scales[:, gi], None if zeros is None else zeros[:, gi], bits)
+            codes[:, i1 + i] = q[:, 0]
+            err = (W1[:, i] - dq[:, 0]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out, scales, zeros
+
+
+def dequant(codes, scales, zeros, group: int) -> torch.Tensor:
+    rows, cols = codes.shape
+    c = codes.reshape(rows, cols // group, group)
+    if zeros is not None:
+        c = c - zeros[..., None]
+    return (c * scales[..., None]).reshape(rows, cols)
+
+
+def hadamard_block(cols: int, cap: int = 512) -> int:
+    """Largest power of two dividing ``cols`` (at most ``cap``)."""
+    return min(cols & -cols, cap)
+
+
+def rotate_cols(w: torch.Tensor, block: int) -> torch.Tensor:
+    h = hadamard_matrix(block, torch.float64)
+    rows, cols = w.shape
+    return (w.double().reshape(rows, cols // block, block) @ h).reshape(rows, cols)
+
+
+def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
+    """H^T G H for the blockwise-diagonal Hadamard H (H symmetric)."""
+    n = gram.shape[0]
+    hb = torch.block_diag(*[hadamard_matrix(block, torch.float64)] * (n // block))
+    return hb @ gram @ hb
+
+
+@register_pass("quantize", lossy=True, options={
+    "weights": Option(str, "int8", choices=("int8", "int4"), help="weight bits"),
+    "group_size": Option(int, 0, check=lambda g: g >= 0, allowed=">= 0 (0 = one group per output channel)"),
+    "symmetric": Option(bool, True, help="signed codes, no zero point"),
+    "method": Option(str, "rtn", choices=("rtn", "gptq")),
+    "act_order": Option(bool, False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    "damp": Option(float, 0.01, check=lambda d: 0 < d < 1, allowed="in (0, 1)", help="GPTQ Hessian damping"),
+    "activations": Option(str, "none", choices=("none", "int8"), help="int8: W8A8 with per-token activations"),
+    "rotate": Option(str, "none", choices=("none", "hadamard")),
+    "skip": Option(str, "", help="regex of weight names to leave unquantized"),
+})
+def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, damp, activations, rotate, skip):
+    """Quantize linear weights; see the module docstring."""
+    import re
+    bits = 8 if weights == "int8" else 4
+    if activations == "int8" and (bits != 8 or group_size != 0 or not symmetric):
+        raise PipelineError("pass 'quantize': activations=int8 (W8A8) needs weights=int8, group_size=0 and "
+                            "symmetric=true")
+    skip_re = re.compile(skip) if skip else None
+    layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
+    sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
+              and not (skip_re and skip_re.search(_nm_values(g, n).name))]
+    for l in layers:  # validate everything before changing anything
+        _check_group(l.node, l.shape[1], group_size, bits)
+    for n in sparse:
+        _check_group(n, _nm_values(g, n).type.shape[1], group_size, bits)
+    stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "gptq",
+                              what=f"quantize{{method={method}}}")
+    rotated: dict = {}
+    for l in layers:
+        w = l.tensor
+        rows, cols = l.shape
+        group = group_size or cols
+        gram = stats[l.node.name].gram if stats else None
+        x = l.node.inputs[0]
+        if rotate == "hadamard":
+            block = hadamard_block(cols)
+            w = rotate_cols(w, block)
+            gram = rotate_gram(gram, block) if gram is not None else None
+            key = (x, block)
+            if key not in rotated:
+                rotated[key] = g.op("hadamard", x, block=block, before=l.node)
+            x = rotated[key]
+        if method == "gptq":
+            codes, scales, zeros = gptq(w, gram / stats[l.node.name].rows, bits, group, symmetric, act_order, damp)
+        else:
+            codes, scales, zeros = rtn(w, bits, group, symmetric)
+        w_hat = dequant(codes, scales, zeros, group)
+        err = output_error(w, w_hat, gram)
+        if activations == "int8":
+            out = _emit_w8a8(g, l.node, x, l.weight.name, codes, scales)
+        else:
+            wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, bits, group, l.weight.type.dtype)
+            out = g.op("linear", x, wd, l.node.inputs[2], before=l.node)
+        g.replace_uses(l.node.output, out)
+        record(g, l.weight.name, bytes_before=_bytes_before(g, l.weight), bits=bits, group_size=group,
+               symmetric=symmetric, method=method, rotate=rotate, activations=activations, rel_error=err,
+               error_basis="calibration" if gram is not None else "weights")
+    for n in sparse:
+        _quantize_nm_values(g, n, bits, group_size, symmetric)
+    return dce(g)
+
+
+def _check_group(node: Node, cols: int, group_size: int, bits: int) -> None:
+    if group_size and cols % group_size:
+        raise PipelineError(f"pass 'quantize': group_size={group_size} does not divide the input dim {cols} of "
+                            f"layer %{node.name} (weight %{node.inputs[1].name}); use a divisor of {cols} or 0")
+    if bits == 4 and cols % 2:
+        raise PipelineError(f"pass 'quantize': int4 packs two values per byte, but layer %{node.name} has an odd "
+                            f"input dim {cols}")
+
+
+def _bytes_before(g: Graph, weight: Value) -> int:
+    return g.meta.get("compression", {}).get(weight.name, {}).get("bytes_before", weight.type.nbytes())
+
+
+def _store_codes(g: Graph, name: str, codes: torch.Tensor, bits: int, signed: bool) -> Value:
+    rows, cols = codes.shape
+    if bits == 4:
+        dt = DType.i4 if signed else DType.u4
+        data = pack_int4(codes.to(torch.int16))
+    else:
+        dt = DType.i8 if signed else DType.u8
+        data = codes.to(torch.int8 if signed else torch.uint8)
+    return g.add_param(name, data.contiguous(), TensorType((rows, cols), dt))
+
+
+def _emit_weight(g, node, wname, codes, scales, zeros, bits, group, dtype) -> Value:
+    qn, sn = g.fresh_name(wname + ".q"), g.fresh_name(wname + ".scales")
+    q = _store_codes(g, qn, codes, bits, signed=zeros is None)
+    s = g.add_param(sn, scales.to(torch.float16).contiguous())
+    names = [qn, sn]
+    z = None
+    if zeros is not None:
+        zn = g.fresh_name(wname + ".zeros")
+        z = g.add_param(zn, zeros.to(torch.uint8).contiguous())
+        names.append(zn)
+    for n in names:
+        derive(g, n, wname)
+    return g.op("dequantize", q, s, z, bits=bits, group_size=group, dtype=dtype.value, before=node)
+
+
+def _emit_w8a8(g, node, x, wname, codes, scales) -> Value:
+    qn, sn = g.fresh_name(wname + ".q"), g.fresh_name(wname + ".scales")
+    q = _store_codes(g, qn, codes, 8, signed=True)
+    s = g.add_param(sn, scales.reshape(-1).to(torch.float32).contiguous())
+    derive(g, qn, wname)
+    derive(g, sn, wname)
+    xq = g.add_node("quantize_per_token", [x], {}, before=node).outputs
+    y = g.op("linear_int8", xq[0], xq[1], q, s, node.inputs[2], before=node)
+    return y if node.output.type.dtype == DType.f32 else g.op("cast", y, dtype=node.output.type.dtype.value, before=node)
+
+
+def _nm_values(g: Graph, n: Node) -> Optional[Value]:
+    """The float ``values`` param of an N:M weight feeding ``n``, if any."""
+    d = n.inputs[1].node if n.inputs[1] is not None else None
+    if d is None or d.op != "densify_nm":
+        return None
+    v = d.inputs[0]
+    return v if v.kind == "param" and v.type.dtype.is_float else None
+
+
+def _quantize_nm_values(g: Graph, n: Node, bits: int, group_size: int, symmetric: bool) -> None:
+    """Quantize the kept values of an N:M weight (RTN: their columns are not the layer's inputs)."""
+    dn = n.inputs[1].node
+    v = dn.inputs[0]
+    cols = v.type.shape[1]
+    group = group_size or cols
+    codes, scales, zeros = rtn(g.params[v.name].data, bits, group, symmetric)
+    dv = _emit_weight(g, dn, v.name, codes, scales, zeros, bits, group, v.type.dtype)
+    g.replace_uses(dn.output, g.op("densify_nm", dv, dn.inputs[1], before=dn, **dn.attrs))
+    record(g, v.name, bits=bits, group_size=group, symmetric=symmetric, method="rtn")
