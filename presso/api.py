@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import PressoError
-from .ir.analysis import cost_report
+from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .passes.manager import PassContext, resolve, run_pipeline
 from .runtime.reference import ReferenceRuntime, bind_inputs
@@ -34,6 +34,7 @@ class CompiledModel:
         rep = cost_report(self.graph, self._bindings)
         rep["target"] = self.target
         rep["frontend"] = self.graph.meta.get("frontend")
+        rep["compression"] = compression_report(self.graph, self.graph.meta.get("uncompressed_bytes"))
         rep["passes"] = [{"pass": r.spec, "seconds": round(r.seconds, 6), "nodes_before": r.ops_before,
                           "nodes_after": r.ops_after, "max_rel_err": r.max_rel_err} for r in self.pass_records]
         return rep

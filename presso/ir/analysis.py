@@ -83,3 +83,34 @@ def cost_report(g: Graph, bindings: Mapping[str, int] = {}) -> dict:
             "flops": total_flops,
         },
     }
+
+
+def compression_report(g: Graph, original_bytes: int | None = None) -> dict:
+    """Per compressed layer (keyed by its original weight): what was done (rank / bits / N:M),
+    bytes of real storage before and after (summed over the params now derived from it), and the
+    relative output error measured on calibration data; plus totals."""
+    origin = g.meta.get("param_origin", {})
+
+    def root(name):
+        while name in origin and origin[name] != name:
+            name = origin[name]
+        return name
+
+    current: dict[str, list[str]] = {}
+    for name in g.params:
+        current.setdefault(root(name), []).append(name)
+    layers = []
+    for key, rec in g.meta.get("compression", {}).items():
+        names = current.get(key, [])
+        after = sum(g.params[n].value.type.nbytes() for n in names)
+        entry = {"layer": key, **{k: v for k, v in rec.items() if not k.startswith("_")},
+                 "bytes_after": after, "params": {n: str(g.params[n].value.type) for n in names}}
+        if entry.get("bytes_before"):
+            entry["ratio"] = round(entry["bytes_before"] / max(after, 1), 3)
+        layers.append(entry)
+    total = g.param_bytes()
+    out = {"layers": layers, "model_bytes": total}
+    if original_bytes:
+        out["model_bytes_uncompressed"] = original_bytes
+        out["compression_ratio"] = round(original_bytes / max(total, 1), 4)
+    return out

@@ -13,6 +13,7 @@ Parameter tensors are not part of the text: ``parse(text, weights=...)`` attache
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -296,7 +297,7 @@ def parse(text: str, weights: Optional[Mapping[str, torch.Tensor]] = None, verif
 def clone_graph(g: Graph) -> Graph:
     """A structural copy sharing parameter tensors."""
     out = Graph(g.name)
-    out.meta = dict(g.meta)
+    out.meta = copy.deepcopy(g.meta)
     env = {}
     for v in g.inputs:
         env[v] = out.add_input(v.name, v.type)

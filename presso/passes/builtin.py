@@ -9,3 +9,4 @@ register_pass("dce")(lambda g, ctx: dce(g))
 register_pass("fold_constants")(lambda g, ctx: fold_constants(g))
 from . import lowrank  # noqa: F401,E402  (registers itself)
 from . import quantize  # noqa: F401,E402
+from . import sparsify  # noqa: F401,E402

@@ -214,6 +214,8 @@ def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: O
     for spec in specs:
         info = passes[spec.name]
         n_before = len(g.nodes)
+        if info.lossy:  # the size the compression ratio is measured against
+            g.meta.setdefault("uncompressed_bytes", g.param_bytes())
         t0 = time.perf_counter()
         out = info.fn(g, ctx, **spec.options)
         g = out if out is not None else g

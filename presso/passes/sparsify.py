@@ -1,0 +1,132 @@
+"""sparsify: N:M structured sparsity (2:4, 4:8, 1:4, ...) of linear weights.
+
+Each group of M consecutive inputs of an output row keeps its N best weights, scored by
+``method="magnitude"`` (|W|) or ``method="wanda"`` (|W| * ||x_j||, Wanda, from calibration).
+Storage is compressed: the kept values (rows x cols*N/M) and each value's position in its group
+(4-bit, packed, when M <= 16), read by a ``densify_nm`` node feeding the layer's ``linear``.
+
+``pattern="auto"`` chooses per layer among ``levels`` (or dense) under a global ``density``
+budget by measured output error on the calibration data (ELSA's layer-wise N:M selection).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import PipelineError
+from ..ir.graph import Graph
+from ..ir.ops import pack_int4
+from ..ir.types import DType, TensorType
+from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, output_error,
+                              record)
+from .dce import dce
+from .manager import Option, register_pass
+
+
+def parse_nm(text: str, option: str = "pattern") -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise PipelineError(f"pass 'sparsify': option '{option}' must look like 'N:M' (e.g. 2:4), got {text!r}")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n <= mm:
+        raise PipelineError(f"pass 'sparsify': option '{option}' {text!r}: need 0 < N <= M (N={n}, M={mm})")
+    if mm > 256:
+        raise PipelineError(f"pass 'sparsify': option '{option}' {text!r}: M must be <= 256")
+    return n, mm
+
+
+def nm_prune(w: torch.Tensor, score: torch.Tensor, n: int, m: int):
+    """Keep the n highest-scoring entries of every group of m along each row.
+    Returns (values [rows, cols*n/m], index [rows, cols*n/m] in 0..m-1, pruned dense weight)."""
+    rows, cols = w.shape
+    s = score.reshape(rows, cols // m, m)
+    idx = s.topk(n, dim=-1).indices.sort(dim=-1).values
+    vals = w.reshape(rows, cols // m, m).gather(-1, idx)
+    dense = torch.zeros_like(w).reshape(rows, cols // m, m).scatter_(-1, idx, vals).reshape(rows, cols)
+    return vals.reshape(rows, -1), idx.reshape(rows, -1), dense
+
+
+def scores(lin: Linear, method: str, stats) -> torch.Tensor:
+    w = lin.tensor.abs().double()
+    if method == "wanda":
+        return w * stats[lin.node.name].sq_norm.clamp_min(0).sqrt()[None, :]
+    return w
+
+
+@register_pass("sparsify", lossy=True, options={
+    "pattern": Option(str, "2:4", help="'N:M' or 'auto'"),
+    "method": Option(str, "magnitude", choices=("magnitude", "wanda")),
+    "levels": Option(str, "1:4;2:4;4:8", help="auto: the N:M levels a layer may take, ';'-separated"),
+    "density": Option(float, 0.5, check=lambda d: 0 < d <= 1, allowed="in (0, 1]",
+                      help="auto: fraction of the eligible weights kept overall"),
+    "skip": Option(str, "", help="regex of weight names to leave dense"),
+})
+def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: float, skip: str):
+    """Prune linear weights to N:M; see the module docstring."""
+    auto = pattern == "auto"
+    level_list = [parse_nm(x, "levels") for x in levels.split(";") if x.strip()] if auto else [parse_nm(pattern)]
+    skip_re = re.compile(skip) if skip else None
+    layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
+    if not auto:
+        n, m = level_list[0]
+        for l in layers:  # validate everything before changing anything
+            if l.shape[1] % m:
+                raise PipelineError(f"pass 'sparsify': pattern {n}:{m} needs the input dim of layer %{l.node.name} "
+                                    f"({l.shape[1]}) to be a multiple of {m}; skip it with skip=<regex>")
+    stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "wanda" or auto and method == "wanda",
+                              what=f"sparsify{{method={method}}}")
+    if auto and stats is None:
+        stats = calibration_stats(g, ctx, [l.node for l in layers], need=False, what="sparsify{pattern=auto}")
+    plans = []
+    for l in layers:
+        sc = scores(l, method, stats)
+        gram = stats[l.node.name].gram if stats else None
+        cands = []
+        for n, m in level_list:
+            if l.shape[1] % m:
+                continue
+            vals, idx, dense = nm_prune(l.tensor, sc, n, m)
+            cands.append(((n, m), vals, idx, output_error(l.tensor, dense, gram)))
+        plans.append((l, cands, gram))
+    if auto:
+        chosen = _allocate(plans, density)
+    else:
+        chosen = [c[0] if c else None for _, c, _ in plans]
+    for (l, _, gram), c in zip(plans, chosen):
+        if c is not None:
+            _rewrite(g, l, *c, method=method, basis="calibration" if gram is not None else "weights")
+    return dce(g)
+
+
+def _allocate(plans, density: float):
+    options = []
+    for l, cands, _ in plans:
+        rows, cols = l.shape
+        best: dict = {}
+        for c in cands:  # per density keep the level with the smallest error
+            d = c[0][0] / c[0][1]
+            if d < 1 and (d not in best or c[3] < best[d][3]):
+                best[d] = c
+        opts = [(rows * cols, 0.0, None)] + [(rows * cols * d, best[d][3], best[d]) for d in sorted(best, reverse=True)]
+        options.append(opts)
+    budget = density * sum(o[0][0] for o in options)
+    choice = greedy_allocate([[(c, e) for c, e, _ in o] for o in options], budget)
+    return [o[j][2] for o, j in zip(options, choice)]
+
+
+def _rewrite(g: Graph, l: Linear, nm, vals, idx, err, method: str, basis: str) -> None:
+    n, m = nm
+    rows, kept = vals.shape
+    vname, iname = g.fresh_name(l.weight.name + ".nm_values"), g.fresh_name(l.weight.name + ".nm_index")
+    v = g.add_param(vname, vals.to(l.tensor.dtype).contiguous())
+    if m <= 16 and kept % 2 == 0:
+        i = g.add_param(iname, pack_int4(idx).contiguous(), TensorType((rows, kept), DType.u4))
+    else:
+        i = g.add_param(iname, idx.to(torch.uint8).contiguous(), TensorType((rows, kept), DType.u8))
+    derive(g, vname, l.weight.name)
+    derive(g, iname, l.weight.name)
+    w = g.op("densify_nm", v, i, n=n, m=m, before=l.node)
+    g.replace_uses(l.node.output, g.op("linear", l.node.inputs[0], w, l.node.inputs[2], before=l.node))
+    record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), nm=f"{n}:{m}", sparsity_method=method,
+           rel_error=err, error_basis=basis)
