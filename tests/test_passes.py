@@ -256,7 +256,7 @@ def test_pipeline_text_parses_and_types_options():
     ("test_options{group_size=100}", r"must be one of \[32, 64, 128\], got 100"),
     ("test_options{exact=maybe}", "must be bool"),
     ("test_options{bits=3}", r"has no option\(s\) \['bits'\]; options: exact, group_size, method, ratio"),
-    ("quantize{weights=int4}", "unknown pass 'quantize'; registered passes:"),
+    ("frobnicate{weights=int4}", "unknown pass .frobnicate.; registered passes:"),
 ])
 def test_bad_pipelines_raise_pipeline_errors(text, msg):
     with pytest.raises(PipelineError, match=msg):

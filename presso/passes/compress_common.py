@@ -121,3 +121,23 @@ def greedy_allocate(options: list[list[tuple[int, float]]], budget: float) -> li
         choice[i] = j + 1
         push(i)
     return choice
+
+
+def model_sensitivity(g: Graph, ctx, trials: Sequence[tuple[str, torch.Tensor]], max_samples: int = 4) -> list[float]:
+    """End-to-end sensitivity: for each (weight name, replacement) trial, the relative squared
+    change of the model's outputs on a few calibration samples when only that weight is replaced."""
+    from ..runtime.reference import ReferenceRuntime
+    samples = normalize_samples(getattr(ctx, "calibration", None))[:max_samples]
+    rt = ReferenceRuntime(g)
+    base = [rt.run(*s) for s in samples]
+    out = []
+    for name, w in trials:
+        num = den = 0.0
+        for s, ref in zip(samples, base):
+            got = rt.run(*s, overrides={name: w})
+            for a, b in zip(got, ref):
+                if b.is_floating_point():
+                    num += float(((a.double() - b.double()) ** 2).sum())
+                    den += float((b.double() ** 2).sum())
+        out.append(num / max(den, 1e-300))
+    return out

@@ -6,7 +6,9 @@ Storage is compressed: the kept values (rows x cols*N/M) and each value's positi
 (4-bit, packed, when M <= 16), read by a ``densify_nm`` node feeding the layer's ``linear``.
 
 ``pattern="auto"`` chooses per layer among ``levels`` (or dense) under a global ``density``
-budget by measured output error on the calibration data (ELSA's layer-wise N:M selection).
+budget by measured sensitivity (ELSA's layer-wise N:M selection): with calibration data, the
+change of the *model's* outputs when only that layer takes that level; without, the relative
+weight error.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from ..errors import PipelineError
 from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, output_error,
-                              record)
+from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
+                              output_error, record)
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -87,15 +89,21 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
             if l.shape[1] % m:
                 continue
             vals, idx, dense = nm_prune(l.tensor, sc, n, m)
-            cands.append(((n, m), vals, idx, output_error(l.tensor, dense, gram)))
+            err = output_error(l.tensor, dense, gram)
+            cands.append(((n, m), vals, idx, err, err))  # (level, values, index, layer error, allocation error)
         plans.append((l, cands, gram))
+    if auto and stats is not None:  # ELSA: rank levels by their measured effect on the model's outputs
+        trials = [(l.weight.name, nm_prune(l.tensor, scores(l, method, stats), *c[0], )[2].to(l.tensor.dtype))
+                  for l, cands, _ in plans for c in cands]
+        sens = iter(model_sensitivity(g, ctx, trials))
+        plans = [(l, [c[:4] + (next(sens),) for c in cands], gram) for l, cands, gram in plans]
     if auto:
         chosen = _allocate(plans, density)
     else:
         chosen = [c[0] if c else None for _, c, _ in plans]
     for (l, _, gram), c in zip(plans, chosen):
         if c is not None:
-            _rewrite(g, l, *c, method=method, basis="calibration" if gram is not None else "weights")
+            _rewrite(g, l, *c[:4], method=method, basis="calibration" if gram is not None else "weights")
     return dce(g)
 
 
@@ -106,9 +114,9 @@ def _allocate(plans, density: float):
         best: dict = {}
         for c in cands:  # per density keep the level with the smallest error
             d = c[0][0] / c[0][1]
-            if d < 1 and (d not in best or c[3] < best[d][3]):
+            if d < 1 and (d not in best or c[4] < best[d][4]):
                 best[d] = c
-        opts = [(rows * cols, 0.0, None)] + [(rows * cols * d, best[d][3], best[d]) for d in sorted(best, reverse=True)]
+        opts = [(rows * cols, 0.0, None)] + [(rows * cols * d, best[d][4], best[d]) for d in sorted(best, reverse=True)]
         options.append(opts)
     budget = density * sum(o[0][0] for o in options)
     choice = greedy_allocate([[(c, e) for c, e, _ in o] for o in options], budget)

@@ -60,13 +60,16 @@ class ReferenceRuntime:
                 self._free_after[i].append(v)
         self._opdefs = [get_op(n.op) for n in graph.nodes]
 
-    def run(self, *args: torch.Tensor, observer=None) -> list[torch.Tensor]:
-        """Execute; ``observer(node, inputs, outputs)`` sees every node (calibration hooks in)."""
+    def run(self, *args: torch.Tensor, observer=None, overrides=None) -> list[torch.Tensor]:
+        """Execute; ``observer(node, inputs, outputs)`` sees every node (calibration hooks in);
+        ``overrides`` (param name -> tensor) substitutes parameters for this run only."""
         g = self.graph
         bindings = bind_inputs(g, args)
         env: dict[Value, torch.Tensor] = {v: a.to(self.device) for v, a in zip(g.inputs, args)}
         for name, t in self._params.items():
             env[g.params[name].value] = t
+        for name, t in (overrides or {}).items():
+            env[g.params[name].value] = t.to(self.device)
         with torch.no_grad():
             for i, (n, opdef) in enumerate(zip(g.nodes, self._opdefs)):
                 ins = [None if v is None else env[v] for v in n.inputs]
