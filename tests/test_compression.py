@@ -144,3 +144,32 @@ def test_bad_options_are_typed_errors_and_nothing_is_half_applied(recipe, msg):
     with pytest.raises(PipelineError, match=msg):
         presso.compile(graph, example_inputs=example, recipe=recipe, calibration=calib[:1])
     assert str(graph) == before
+
+
+def test_passes_compose_in_any_order():
+    a = compiled("quantize{weights=int8},sparsify{pattern=2:4,method=wanda}")
+    b = compiled("sparsify{pattern=2:4,method=wanda},quantize{weights=int8}")
+    for cm in (a, b):
+        hist = cm.graph.op_histogram()
+        assert hist["dequantize"] == hist["densify_nm"] == 36
+    assert abs(cosine("quantize{weights=int8},sparsify{pattern=2:4,method=wanda}")
+               - cosine("sparsify{pattern=2:4,method=wanda},quantize{weights=int8}")) < 0.01
+    c = compiled("quantize{weights=int8},lowrank{method=whitened,ratio=0.9}")
+    assert all(n.inputs[1].node is not None and n.inputs[1].node.op == "dequantize"
+               for n in c.graph.nodes if n.op == "linear")  # the factors were re-quantized
+    assert cosine("quantize{weights=int8},lowrank{method=whitened,ratio=0.9}") > 0.9
+
+
+def test_a_pass_that_skips_every_layer_leaves_quantized_codes_untouched():
+    q = compiled("quantize{weights=int4,group_size=128,method=gptq}")
+    qs = compiled("quantize{weights=int4,group_size=128,method=gptq},sparsify{pattern=2:4,skip=.*}")
+    assert q.graph.op_histogram() == qs.graph.op_histogram() and set(q.graph.params) == set(qs.graph.params)
+    assert all(torch.equal(q.graph.params[n].data, qs.graph.params[n].data) for n in q.graph.params)
+
+
+def test_the_issue_pipeline_text_runs_end_to_end():
+    recipe = ("lowrank{method=whitened,ratio=0.9,rank_multiple=128},quantize{weights=int4,group_size=128,method=gptq},"
+              "sparsify{pattern=2:4,method=wanda}")
+    cm = compiled(recipe)
+    assert cm.report()["compression"]["compression_ratio"] > 1.5
+    assert [p["pass"].split("{")[0] for p in cm.report()["passes"]] == ["canonicalize", "lowrank", "quantize", "sparsify"]

@@ -61,10 +61,12 @@ def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> 
 })
 def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int):
     """Factor linears into two smaller linears; see the module docstring."""
+    from .quantize import dequantize_layers, requantize_layers
     explicit = match_patterns(ranks, "ranks", "lowrank")
     for _, val in explicit:
         if val != "full" and not (val.isdigit() and int(val) > 0):
             raise PipelineError(f"pass 'lowrank': option 'ranks' values must be positive ints or 'full', got {val!r}")
+    requant = dequantize_layers(g)  # running after quantize: factor the float weights, then re-quantize
     linears = dense_linears(g)
     if explicit:
         linears = [l for l in linears if any(p.search(l.weight.name) for p, _ in explicit)]
@@ -85,6 +87,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     for grp, f, r in zip(groups, facts, rank_of):
         if r is not None:
             _rewrite(g, grp, f, r, stats[grp[0].node.name].gram if stats else None)
+    requantize_layers(g, requant)
     return dce(g)
 
 

@@ -24,7 +24,7 @@ from ..errors import PipelineError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import hadamard_matrix, pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import calibration_stats, dense_linears, derive, output_error, record
+from .compress_common import calibration_stats, dense_linears, derive, origin, output_error, record
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -197,10 +197,63 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     return dce(g)
 
 
+def dequantize_layers(g: Graph) -> dict[str, dict]:
+    """For passes that transform float weights (lowrank, sparsify) running after quantize: replace
+    each weight-only-quantized layer's ``dequantize`` by a float param of its dequantized values
+    and return the settings (by original layer) to re-quantize the transformed weights with."""
+    from ..runtime.reference import run_graph  # noqa: F401  (the op's reference computes the values)
+    from ..ir.registry import get_op
+    settings = {}
+    for n in list(g.nodes):
+        d = n.inputs[1].node if n.op == "linear" and n.inputs[1] is not None else None
+        if d is None or d.op != "dequantize" or not all(v is None or v.kind == "param" for v in d.inputs):
+            continue
+        w = get_op("dequantize").run([None if v is None else g.params[v.name].data for v in d.inputs], d.attrs)[0]
+        name = g.fresh_name(origin(g, d.inputs[0].name) + ".dq")
+        p = g.add_param(name, w)
+        derive(g, name, d.inputs[0].name)
+        g.replace_uses(d.output, p)
+        st = settings.setdefault(origin(g, name), {"bits": d.attrs["bits"], "group_size": d.attrs["group_size"],
+                                                   "symmetric": d.inputs[2] is None, "restore": {}})
+        st["restore"][name] = (list(d.inputs), dict(d.attrs))  # untouched layers get their codes back
+    return settings
+
+
+def requantize_layers(g: Graph, settings: dict[str, dict]) -> None:
+    """Quantize (RTN) the float weights derived from layers in ``settings`` with their settings;
+    a group size that no longer divides a derived weight's input dim falls back to per-channel."""
+    if not settings:
+        return
+    for l in dense_linears(g):
+        st = settings.get(origin(g, l.weight.name))
+        if st is None:
+            continue
+        if l.weight.name in st["restore"]:  # the pass left this layer alone: keep its original codes
+            ins, attrs = st["restore"][l.weight.name]
+            g.replace_uses(l.weight, g.op("dequantize", *ins, before=l.node, **attrs))
+            continue
+        cols = l.shape[1]
+        group = st["group_size"] if cols % st["group_size"] == 0 else cols
+        if st["bits"] == 4 and cols % 2:
+            continue
+        codes, scales, zeros = rtn(l.tensor, st["bits"], group, st["symmetric"])
+        wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, st["bits"], group, l.weight.type.dtype)
+        g.replace_uses(l.node.output, g.op("linear", l.node.inputs[0], wd, l.node.inputs[2], before=l.node))
+    for n in [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None]:
+        st = settings.get(origin(g, _nm_values(g, n).name))
+        if st is not None:
+            cols = _nm_values(g, n).type.shape[1]
+            _quantize_nm_values(g, n, st["bits"], st["group_size"] if cols % st["group_size"] == 0 else 0,
+                                st["symmetric"])
+
+
 def _check_group(node: Node, cols: int, group_size: int, bits: int) -> None:
     if group_size and cols % group_size:
+        hint = " (a low-rank factor: give lowrank{rank_multiple=...} a multiple of the group size)" \
+            if ".lr_b" in node.inputs[1].name else ""
         raise PipelineError(f"pass 'quantize': group_size={group_size} does not divide the input dim {cols} of "
-                            f"layer %{node.name} (weight %{node.inputs[1].name}); use a divisor of {cols} or 0")
+                            f"layer %{node.name} (weight %{node.inputs[1].name}){hint}; use a divisor of {cols} "
+                            "or 0 (per-channel)")
     if bits == 4 and cols % 2:
         raise PipelineError(f"pass 'quantize': int4 packs two values per byte, but layer %{node.name} has an odd "
                             f"input dim {cols}")

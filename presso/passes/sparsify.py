@@ -66,6 +66,8 @@ def scores(lin: Linear, method: str, stats) -> torch.Tensor:
 })
 def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: float, skip: str):
     """Prune linear weights to N:M; see the module docstring."""
+    from .quantize import dequantize_layers, requantize_layers
+    requant = dequantize_layers(g)  # running after quantize: transform the float values, then re-quantize
     auto = pattern == "auto"
     level_list = [parse_nm(x, "levels") for x in levels.split(";") if x.strip()] if auto else [parse_nm(pattern)]
     skip_re = re.compile(skip) if skip else None
@@ -104,6 +106,7 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
     for (l, _, gram), c in zip(plans, chosen):
         if c is not None:
             _rewrite(g, l, *c[:4], method=method, basis="calibration" if gram is not None else "weights")
+    requantize_layers(g, requant)
     return dce(g)
 
 
