@@ -39,6 +39,11 @@ class CompiledModel:
                           "nodes_after": r.ops_after, "max_rel_err": r.max_rel_err} for r in self.pass_records]
         return rep
 
+    def save(self, path, overwrite: bool = False):
+        """Write an ahead-of-time artifact (see ``presso.runtime.artifact``); returns its path."""
+        from .runtime.artifact import save_artifact
+        return save_artifact(self, path, overwrite=overwrite)
+
     def __repr__(self):
         t = self.report()["totals"]
         return (f"CompiledModel(graph=@{self.graph.name}, target={self.target!r}, nodes={t['nodes']}, "
@@ -80,3 +85,9 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)
+
+
+def load(path, device: str = "cpu") -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save``; checks hashes and version first."""
+    from .runtime.artifact import load_artifact
+    return load_artifact(path, device=device)
