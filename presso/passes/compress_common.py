@@ -32,10 +32,14 @@ class Linear:
 
 
 def dense_linears(g: Graph) -> list[Linear]:
+    """Linears whose weight is a dense float param read by linears only (a weight tied to an
+    embedding lookup is left alone: compressing one use would store it twice)."""
+    users = g.users()
     out = []
     for n in g.nodes:
         w = n.inputs[1] if n.op == "linear" else None
-        if w is not None and w.kind == "param" and w.type.rank == 2 and w.type.dtype.is_float and w.type.is_static:
+        if w is not None and w.kind == "param" and w.type.rank == 2 and w.type.dtype.is_float and w.type.is_static \
+                and all(u.op == "linear" and u.inputs[1] is w and u.inputs[0] is not w for u in users[w]):
             out.append(Linear(g, n, w))
     return out
 

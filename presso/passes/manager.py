@@ -85,9 +85,13 @@ class PassSpec:
     options: dict = field(default_factory=dict)
 
     def __str__(self):
-        if not self.options:
+        """Pipeline text; options at their default value are left out."""
+        info = _PASSES.get(self.name)
+        shown = {k: v for k, v in self.options.items() if info is None or k not in info.options
+                 or info.options[k].default != v}
+        if not shown:
             return self.name
-        return self.name + "{" + ",".join(f"{k}={_fmt(v)}" for k, v in self.options.items()) + "}"
+        return self.name + "{" + ",".join(f"{k}={_fmt(v)}" for k, v in shown.items()) + "}"
 
 
 def _fmt(v):

@@ -1,0 +1,261 @@
+"""The ``presso`` command: inspect, compile, show, diff and bench models and artifacts.
+
+MODEL is a ``.onnx`` file, a saved presso artifact (a directory), or ``package.module:factory``
+where ``factory()`` returns ``(module, example_inputs)``. Errors print one line and exit 2
+(``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def load_any(spec: str, with_torch: bool = False):
+    """-> (CompiledModel or None, graph, example_inputs or None, torch module or None)."""
+    import presso
+    from presso.runtime.artifact import read_manifest
+    p = Path(spec)
+    if p.is_dir():
+        cm = presso.load(p)
+        return cm, cm.graph, None, None
+    if spec.endswith(".onnx"):
+        if not p.exists():
+            raise CLIError(f"no such file: {spec}")
+        g = presso.import_model(str(p))
+        inputs = tuple(_example(v.type) for v in g.inputs) if all(v.type.is_static for v in g.inputs) else None
+        cm = presso.compile(g, example_inputs=inputs)
+        return cm, cm.graph, inputs, None
+    if ":" in spec and not p.exists():
+        mod_name, _, fn_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise CLIError(f"cannot import factory {spec!r}: {e}") from None
+        made = factory()
+        if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+            raise CLIError(f"factory {spec!r} must return (nn.Module, example_inputs)")
+        module, inputs = made
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        cm = presso.compile(module, example_inputs=inputs)
+        return cm, cm.graph, inputs, module
+    if p.exists():
+        read_manifest(p)  # raises a clear error for a file that is not an artifact
+    raise CLIError(f"{spec!r} is not a .onnx file, a presso artifact directory, or package.module:factory")
+
+
+def _table(rows, headers) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows])
+
+
+def print_report(rep: dict, out=sys.stdout) -> None:
+    t = rep["totals"]
+    print(f"graph @{rep['graph']}: {t['nodes']} ops, {t['params']:,} params, {t['bytes']:,} bytes, "
+          f"{t['flops'] / 1e9:.3f} GFLOPs", file=out)
+    print("ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(rep["ops"].items(), key=lambda kv: -kv[1])), file=out)
+    comp = rep.get("compression", {})
+    if comp.get("layers"):
+        rows = []
+        for l in comp["layers"]:
+            what = " ".join(x for x in (f"rank={l['rank']}" if "rank" in l else "", f"int{l['bits']}" if "bits" in l else "",
+                                        l.get("nm", "")) if x)
+            rows.append((l["layer"], what, f"{l.get('bytes_before', 0):,}", f"{l['bytes_after']:,}",
+                         f"{l.get('ratio', '')}", f"{l['rel_error']:.4f}" if "rel_error" in l else ""))
+        print(_table(rows, ["layer", "compression", "bytes before", "bytes after", "ratio", "rel err"]), file=out)
+        if comp.get("compression_ratio"):
+            print(f"model: {comp['model_bytes_uncompressed']:,} -> {comp['model_bytes']:,} bytes "
+                  f"(×{comp['compression_ratio']})", file=out)
+    if rep.get("passes"):
+        print("passes: " + ", ".join(f"{p['pass']} {p['seconds'] * 1e3:.1f} ms" for p in rep["passes"]), file=out)
+
+
+def cmd_inspect(a) -> int:
+    cm, g, inputs, _ = load_any(a.model)
+    rep = cm.report()
+    if a.json:
+        print(json.dumps(rep, indent=1, default=str))
+    elif a.ir:
+        print(g)
+    else:
+        print_report(rep)
+    return 0
+
+
+def _load_calibration(path: str):
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise CLIError(f"no such calibration file: {path}")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"cannot read calibration file {path} (a .safetensors file with keys '<sample>.<input>'): {e}") from None
+    samples: dict[int, dict[int, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        try:
+            i, j = (int(x) for x in key.split("."))
+        except ValueError:
+            raise CLIError(f"calibration key {key!r} must be '<sample>.<input>', e.g. '0.0'") from None
+        samples.setdefault(i, {})[j] = t
+    return [tuple(s[j] for j in sorted(s)) for _, s in sorted(samples.items())]
+
+
+def cmd_compile(a) -> int:
+    import presso
+    from presso.passes.manager import resolve
+    resolve(a.recipe or [])  # a malformed pipeline fails before anything is imported
+    _, g, inputs, module = load_any(a.model)
+    calib = _load_calibration(a.calibration) if a.calibration else None
+    source = module if module is not None else g
+    cm = presso.compile(source, target=a.target, example_inputs=inputs, recipe=a.recipe, calibration=calib,
+                        check=a.check, print_ir_after=a.print_ir_after, progress=not a.quiet)
+    print_report(cm.report())
+    if a.output:
+        path = cm.save(a.output, overwrite=a.force)
+        print(f"saved {path}")
+    return 0
+
+
+def _example(t):
+    shape = t.concrete_shape({s: 1 for s in t.symbols})
+    return torch.randn(shape).to(t.dtype.torch) if t.dtype.is_float else torch.ones(shape, dtype=t.dtype.torch)
+
+
+def cmd_show(a) -> int:
+    from presso import viz
+    cm, g, inputs, _ = load_any(a.model)
+    rep = cm.report() if cm else None
+    suffix = Path(a.output).suffix.lower()
+    if suffix == ".html":
+        text = viz.to_html(g, title=Path(a.model).name, report=rep)
+    elif suffix == ".svg":
+        text = viz.to_svg(g)
+    elif suffix == ".dot":
+        text = viz.to_dot(g)
+    else:
+        raise CLIError(f"output must end in .html, .svg or .dot, got {a.output!r}")
+    tmp = a.output + ".tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, a.output)
+    print(f"wrote {a.output} ({len(g.nodes)} ops)")
+    return 0
+
+
+def cmd_diff(a) -> int:
+    ca, ga, _, _ = load_any(a.a)
+    cb, gb, _, _ = load_any(a.b)
+    ra, rb = ca.report(), cb.report()
+    la = {l["layer"]: l for l in ra.get("compression", {}).get("layers", [])}
+    lb = {l["layer"]: l for l in rb.get("compression", {}).get("layers", [])}
+    rows = []
+    for key in sorted(set(la) | set(lb)):
+        x, y = la.get(key, {}), lb.get(key, {})
+        desc = lambda l: " ".join(s for s in (f"r{l['rank']}" if "rank" in l else "", f"int{l['bits']}" if "bits" in l else "", l.get("nm", "")) if s) or "dense"  # noqa: E731
+        size = lambda l, g: l.get("bytes_after", g.params[key].value.type.nbytes() if key in g.params else 0)  # noqa: E731
+        if desc(x) != desc(y) or size(x, ga) != size(y, gb):
+            rows.append((key, desc(x), desc(y), f"{size(x, ga):,}", f"{size(y, gb):,}",
+                         f"{y.get('rel_error', 0) - x.get('rel_error', 0):+.4f}"))
+    ops = sorted(set(ra["ops"]) | set(rb["ops"]))
+    delta = {k: rb["ops"].get(k, 0) - ra["ops"].get(k, 0) for k in ops if rb["ops"].get(k, 0) != ra["ops"].get(k, 0)}
+    print(f"A: {a.a}: {ra['totals']['nodes']} ops, {ra['totals']['bytes']:,} bytes")
+    print(f"B: {a.b}: {rb['totals']['nodes']} ops, {rb['totals']['bytes']:,} bytes "
+          f"({rb['totals']['bytes'] - ra['totals']['bytes']:+,} bytes)")
+    print("op count changes: " + (", ".join(f"{k} {v:+d}" for k, v in delta.items()) or "none"))
+    if rows:
+        print(_table(rows, ["layer", "A", "B", "bytes A", "bytes B", "Δ rel err"]))
+    else:
+        print("no layer differs")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    cm, g, inputs, _ = load_any(a.artifact)
+    if cm is None:
+        raise CLIError("bench takes a saved artifact (presso compile ... -o DIR)")
+    xs = [_example(v.type) for v in g.inputs]
+    for _ in range(a.warmup):
+        cm(*xs)
+    times = []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        cm(*xs)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    spread = (statistics.quantiles(times, n=10)[0], statistics.quantiles(times, n=10)[-1]) if len(times) >= 2 else (med, med)
+    rows = xs[0].shape[0] if xs and xs[0].dim() else 1
+    print(f"{a.artifact}: target={cm.target} median {med * 1e3:.3f} ms (p10 {spread[0] * 1e3:.3f}, p90 {spread[1] * 1e3:.3f}) "
+          f"over {a.iters} runs after {a.warmup} warm-up; {rows / med:.1f} samples/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="presso", description="presso: a compiler for compressed neural networks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inspect", help="summary of a model or artifact")
+    s.add_argument("model")
+    s.add_argument("--ir", action="store_true", help="print the IR text")
+    s.add_argument("--json", action="store_true", help="machine-readable report")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("compile", help="run a pipeline and save an artifact")
+    s.add_argument("model")
+    s.add_argument("--target", default="reference")
+    s.add_argument("--recipe", default=None, help='pipeline text, e.g. "quantize{weights=int4,group_size=128}"')
+    s.add_argument("--calibration", help="safetensors file with keys '<sample>.<input>'")
+    s.add_argument("-o", "--output", help="artifact directory to write")
+    s.add_argument("--force", action="store_true", help="overwrite the output")
+    s.add_argument("--print-ir-after", dest="print_ir_after", default=None)
+    s.add_argument("--check", choices=["numeric"], default=None)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_compile)
+    s = sub.add_parser("show", help="draw the graph (.html, .svg or .dot)")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(fn=cmd_show)
+    s = sub.add_parser("diff", help="compare two graphs or artifacts")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.set_defaults(fn=cmd_diff)
+    s = sub.add_parser("bench", help="latency of a saved artifact")
+    s.add_argument("artifact")
+    s.add_argument("--iters", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if args.debug:
+            raise
+        from presso.errors import PressoError
+        kind = type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
+        if not isinstance(e, (PressoError, CLIError, ValueError, FileNotFoundError)):
+            msg = f"internal error ({kind}): {msg} (rerun with --debug for the traceback)"
+        print(f"presso: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

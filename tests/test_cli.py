@@ -1,0 +1,107 @@
+"""The presso command, through real subprocesses: exit codes and output."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+
+import torch
+
+
+def presso(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "presso", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    calib = d / "calib.safetensors"
+    save_file({f"{i}.0": torch.randint(0, 256, (2, 16)) for i in range(3)}, str(calib))
+    out = d / "gpt2.presso"
+    r = presso("compile", "presso.models:make_gpt2", "--recipe", "quantize{weights=int4,group_size=32,method=gptq}",
+               "--calibration", calib, "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "compression" in r.stdout and "h.0.c_attn.weight" in r.stdout and f"saved {out}" in r.stdout
+    return out
+
+
+def test_inspect_factory_table_ir_and_json():
+    r = presso("inspect", "presso.models:make_llama")
+    assert r.returncode == 0 and "graph @Llama" in r.stdout and "attention×2" in r.stdout
+    r = presso("inspect", "presso.models:make_llama", "--ir")
+    assert r.returncode == 0 and "= rotary(" in r.stdout and r.stdout.startswith("graph @Llama(")
+    r = presso("inspect", "presso.models:make_mlp", "--json")
+    rep = json.loads(r.stdout)
+    assert rep["ops"] == {"gelu": 1, "linear": 3, "relu": 1} and rep["totals"]["params"] > 0
+
+
+def test_inspect_artifact_and_onnx(artifact, tmp_path):
+    r = presso("inspect", artifact)
+    assert r.returncode == 0 and "int4" in r.stdout and "model:" in r.stdout
+    from presso.models import make_mlp
+    from zoo_util import export_onnx
+    import onnx
+    m, ins = make_mlp()
+    onnx.save(export_onnx(m, ins), str(tmp_path / "mlp.onnx"))
+    r = presso("inspect", tmp_path / "mlp.onnx")
+    assert r.returncode == 0 and "linear×3" in r.stdout
+
+
+def test_show_writes_html_svg_dot(artifact, tmp_path):
+    for ext in ("html", "svg", "dot"):
+        out = tmp_path / f"g.{ext}"
+        r = presso("show", artifact, "-o", out)
+        assert r.returncode == 0, r.stderr
+        text = out.read_text()
+        assert "dequantize" not in text or ext != "html" or "int4 g32" in text
+    html = (tmp_path / "g.html").read_text()
+    assert "<script src" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    assert "identical blocks" in html and "int4 g32" in html
+    assert (tmp_path / "g.dot").read_text().startswith('digraph "GPT2"')
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_html_renders_in_headless_chromium(artifact, tmp_path):
+    html = tmp_path / "g.html"
+    assert presso("show", artifact, "-o", html).returncode == 0
+    png = tmp_path / "g.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800", f"--screenshot={png}",
+                    html.as_uri()], capture_output=True, timeout=120)
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_diff_and_bench(artifact):
+    r = presso("diff", "presso.models:make_gpt2", artifact)
+    assert r.returncode == 0 and "dequantize +" in r.stdout and "h.1.c_fc.weight" in r.stdout
+    r = presso("bench", artifact, "--iters", "3", "--warmup", "1")
+    assert r.returncode == 0 and "median" in r.stdout and "samples/s" in r.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["inspect", "missing.onnx"], "no such file"),
+    (["inspect", "nothing"], "is not a .onnx file"),
+    (["compile", "presso.models:make_mlp", "--target", "tpu"], "unknown target 'tpu'"),
+    (["compile", "presso.models:make_mlp", "--recipe", "quantize{weights=int4"], "malformed pipeline"),
+    (["compile", "presso.models:make_mlp", "--recipe", "lowrank{ratio=2}"], "must be in (0, 1]"),
+    (["inspect", "presso.models:nope"], "cannot import factory"),
+    (["show", "presso.models:make_mlp", "-o", "g.png"], "must end in .html, .svg or .dot"),
+])
+def test_bad_arguments_print_one_line_and_exit_nonzero(args, msg, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "presso", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_unreadable_artifact_and_debug_traceback(tmp_path):
+    bad = tmp_path / "bad.presso"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{}")
+    r = presso("inspect", bad)
+    assert r.returncode == 2 and "does not describe a presso artifact" in r.stderr and "Traceback" not in r.stderr
+    r = presso("--debug", "inspect", bad)
+    assert r.returncode != 0 and "Traceback" in r.stderr
