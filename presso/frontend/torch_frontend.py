@@ -122,10 +122,36 @@ class _Importer:
                 raise FrontendError(f"node {n.name}: unexpected fx op {n.op}")
         return self.g
 
+    def inline(self, sub: fx.GraphModule, operands: list):
+        """Import a higher-order op's body (``torch.no_grad``/autocast regions) in place."""
+        outer = self.node
+        it = iter(operands)
+        result = None
+        for sn in sub.graph.nodes:
+            self.node = sn
+            if sn.op == "placeholder":
+                a = next(it)
+                self.env[sn] = self.env[a] if isinstance(a, fx.Node) else a
+            elif sn.op == "get_attr":
+                t = getattr(sub, sn.target)
+                self.env[sn] = self.b.const(sn.name, t) if isinstance(t, torch.Tensor) else t
+            elif sn.op == "call_function":
+                self.env[sn] = self.call(sn)
+            elif sn.op == "output":
+                outs = sn.args[0]
+                result = [self.env[o] if isinstance(o, fx.Node) else o for o in outs] \
+                    if isinstance(outs, (list, tuple)) else self.env[outs]
+        self.node = outer
+        return result
+
     def call(self, n: fx.Node):
         target = n.target
         if target is operator.getitem:
             return self.env[n.args[0]][n.args[1]]
+        name = getattr(target, "__name__", "")
+        if name in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
+            nctx = 1 if name == "wrap_with_set_grad_enabled" else 4
+            return self.inline(self.env[n.args[nctx]], list(n.args[nctx + 1:]))
         if str(target).startswith(("aten._assert", "aten.sym_constrain", "aten.sym_size", "aten.sym_numel")) \
                 or getattr(target, "__module__", None) in ("_operator", "operator"):
             return None  # runtime asserts and integer size arithmetic: sizes live in the IR types
