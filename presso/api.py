@@ -39,6 +39,24 @@ class CompiledModel:
                           "nodes_after": r.ops_after, "max_rel_err": r.max_rel_err} for r in self.pass_records]
         return rep
 
+    def decode_program(self, max_len: Optional[int] = None):
+        """The prefill graph (symbolic ``seq``) and the single-token step graph, with their KV caches."""
+        from .passes.decode import build_decode_graph, specialize
+        from .runtime.generate import Generator
+        max_len = max_len or self.graph.meta.get("max_len", 256)
+        if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
+            graph, specs = build_decode_graph(self.graph, max_len)
+            self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len)
+        return self._generator
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, max_len: Optional[int] = None, **sampling):
+        """Greedy (default) or sampled (``do_sample=True, temperature=, top_k=, seed=``) generation
+        with an explicit KV cache; returns prompt + new tokens."""
+        gen = self.decode_program(max_len)
+        out = gen.generate(input_ids, max_new_tokens, **sampling)
+        self.kv_cache_bytes_per_token = gen.last_cache_bytes_per_token
+        return out
+
     def save(self, path, overwrite: bool = False):
         """Write an ahead-of-time artifact (see ``presso.runtime.artifact``); returns its path."""
         from .runtime.artifact import save_artifact
@@ -68,11 +86,14 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
 
 def compile(model, target: str = "reference", example_inputs: Optional[Sequence[torch.Tensor]] = None,
             recipe: Union[str, Sequence, None] = None, calibration=None, check: Optional[str] = None,
-            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, progress: bool = False) -> CompiledModel:
+            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, progress: bool = False,
+            generation: bool = False, max_len: int = 256) -> CompiledModel:
     """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
     ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime.
     ``calibration`` is an iterable of input tuples (what compression passes measure on);
-    ``dynamic_shapes`` (torch.export's) makes dims symbolic, e.g. ``({0: Dim("batch")},)``."""
+    ``dynamic_shapes`` (torch.export's) makes dims symbolic, e.g. ``({0: Dim("batch")},)``.
+    ``generation=True`` (causal LMs taking ``input_ids``) makes batch and sequence symbolic so
+    that ``CompiledModel.generate`` can run prefill and decode steps over a ``max_len`` KV cache."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(example_inputs, torch.Tensor):
@@ -80,7 +101,12 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
+    if generation and dynamic_shapes is None and isinstance(model, torch.nn.Module):
+        from torch.export import Dim
+        dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)
     graph = import_model(model, example_inputs, dynamic_shapes)
+    if generation:
+        graph.meta["max_len"] = max_len
     from .passes.calibrate import normalize_samples
     ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)

@@ -50,6 +50,12 @@ def _dim(d):
     expr = str(d).replace(" ", "")
     for sym, name in sorted(_SYMBOL_NAMES.items(), key=lambda kv: -len(kv[0])):
         expr = re.sub(rf"\b{sym}\b", name, expr)
+    parts = expr.split("*")
+    if all(re.fullmatch(r"[A-Za-z_]\w*|\d+", p) for p in parts):  # canonical order: coefficient, then sorted symbols
+        coef = 1
+        for p in parts:
+            coef *= int(p) if p.isdigit() else 1
+        expr = "*".join(([str(coef)] if coef != 1 else []) + sorted(p for p in parts if not p.isdigit()))
     if not SYMBOL_RE.match(expr):
         raise FrontendError(f"symbolic size '{expr}' cannot be expressed in presso's IR "
                             "(only symbols, products and integer multiples are)")
@@ -356,6 +362,28 @@ def _split(im, x, *a, **k):
     if im.node.target is aten.unbind.int:
         outs = [im.op("reshape", o, shape=list(_type_of_val(v).shape)) for o, v in zip(outs, vals)]
     return list(outs)
+
+
+@handles(aten.arange)
+def _arange(im, *args, **kw):
+    ints = [a for a in args if isinstance(a, (int, fx.Node, torch.SymInt))]
+    start, end, step = (0, ints[0], 1) if len(ints) == 1 else (ints + [1])[:3]
+    dt = im.out_type().dtype.value
+    if not isinstance(_dim(start), int) or not isinstance(step, int):
+        raise UnsupportedOpError("arange with a symbolic start or step", im.node.name, im.location(im.node),
+                                 supported_torch_ops())
+    return im.op("arange", start=_dim(start), end=_dim(end), step=step, dtype=dt)
+
+
+@handles(aten.full, aten.ones, aten.zeros, aten.new_ones, aten.new_zeros, aten.full_like, aten.ones_like,
+         aten.zeros_like)
+def _full(im, *args, **kw):
+    name = im.node.target.overloadpacket.__name__
+    value = {"ones": 1.0, "new_ones": 1.0, "ones_like": 1.0, "zeros": 0.0, "new_zeros": 0.0, "zeros_like": 0.0}.get(name)
+    if value is None:
+        value = args[1] if len(args) > 1 else kw.get("fill_value")
+    t = im.out_type()
+    return im.op("full", value=float(value), shape=list(t.shape), dtype=t.dtype.value)
 
 
 @handles(aten.embedding)

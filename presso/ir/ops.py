@@ -179,6 +179,41 @@ def attention(q, k, v, mask, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+def _cache_update_infer(types, attrs):
+    cache, new, pos = types
+    axis = attrs["axis"]
+    if cache.rank != new.rank or pos.dtype != DType.i64 or pos.rank != 1:
+        raise IRError(f"cache_update: need cache and new entries of one rank and i64[n] positions, got {cache}, {new}, {pos}")
+    if [d for i, d in enumerate(cache.shape) if i != axis] != [d for i, d in enumerate(new.shape) if i != axis]:
+        raise IRError(f"cache_update: {new} does not fit cache {cache} outside axis {axis}")
+    return [cache]
+
+
+@defop("cache_update", ["cache", "new", "positions"], {"axis": Attr("int")}, "state", infer=_cache_update_infer)
+def cache_update(cache, new, positions, axis):
+    """Write ``new`` into the preallocated ``cache`` at ``positions`` along ``axis`` (the KV cache
+    is explicit state: the updated cache is a result the runtime feeds back next step)."""
+    return cache.index_copy(axis, positions, new.to(cache.dtype))
+
+
+def _attn_cached_infer(types, attrs):
+    q, k, v, pos = types
+    _attn_verify([q, k, v], attrs)
+    return [TensorType(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)]
+
+
+@defop("attention_cached", ["q", "k", "v", "positions"], {"scale": Attr("float", None, optional=True)}, "attention",
+       infer=_attn_cached_infer, flops=_attn_flops)
+def attention_cached(q, k, v, positions, scale):
+    """Causal attention of new queries (at absolute ``positions``) over a KV cache: query i sees
+    cached keys 0..positions[i]; cache slots past the newest position are never read."""
+    n = int(positions.max()) + 1
+    k, v = k[..., :n, :], v[..., :n, :]
+    mask = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
+    gqa = q.shape[-3] != k.shape[-3]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 def rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)

@@ -49,7 +49,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    def __init__(self, vocab=256, dim=64, layers=2, heads=4, max_pos=64):
+    def __init__(self, vocab=256, dim=64, layers=2, heads=4, max_pos=128):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(max_pos, dim)
         self.h = nn.ModuleList(GPT2Block(dim, heads, max_pos) for _ in range(layers))

@@ -191,6 +191,7 @@ def attention(rw: Rewriter, n: Node) -> bool:
                 scores, mask = a, b
                 break
     where = rw.producer(scores, "where")
+    causal_table = False
     if mask is None and where is not None and rw.single_use(scores):
         # where(keep, s, very_negative) with a constant keep mask == s + (0 | -inf)
         keep, fill = rw.const(where.inputs[0]), rw.scalar(where.inputs[2])
@@ -198,6 +199,8 @@ def attention(rw: Rewriter, n: Node) -> bool:
             scores = where.inputs[1]
             mask = rw.new_param(where.inputs[0].name + ".additive",
                                 torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))
+        elif fill is not None and fill <= -1e4 and _top_left_of_tril(rw, where.inputs[0]):
+            scores, causal_table = where.inputs[1], True  # a symbolic-length slice of a causal table
     scores, s0 = _strip_scale(rw, scores)
     mm = rw.producer(scores, "matmul")
     if mm is None or not rw.single_use(scores):
@@ -220,7 +223,7 @@ def attention(rw: Rewriter, n: Node) -> bool:
     d = q.type.shape[-1]
     if isinstance(d, int) and math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6):
         scale = None
-    causal = False
+    causal = causal_table
     if mask is not None:
         data = rw.const(mask)
         L, S = q.type.shape[-2], k.type.shape[-2]
@@ -228,6 +231,24 @@ def attention(rw: Rewriter, n: Node) -> bool:
             mask, causal = None, True
     out = rw.op("attention", q, k, v, mask, causal=causal, scale=scale, before=n)
     return rw.replace(n, out)
+
+
+def _top_left_of_tril(rw: Rewriter, v: Value) -> bool:
+    """v = slices [0:a] of the last two dims of a constant lower-triangular bool table (GPT-2's
+    ``bias[:, :, :T, :T]``): a causal mask for any length."""
+    while True:
+        s = rw.producer(v, "slice")
+        if s is None:
+            break
+        if s.attrs["start"] != 0 or s.attrs["step"] != 1:
+            return False
+        v = s.inputs[0]
+    table = rw.const(v)
+    if table is None or table.dtype != torch.bool or table.dim() < 2 or table.shape[-1] != table.shape[-2]:
+        return False
+    n = table.shape[-1]
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    return bool((table.reshape(-1, n, n) == tril).all())
 
 
 def _repeat_kv_source(rw: Rewriter, v: Value, before: Node) -> Optional[tuple[Value, int]]:

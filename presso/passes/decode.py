@@ -1,0 +1,187 @@
+"""The decode program: turn a causal decoder graph (sequence dim symbolic, ``seq``) into one
+graph that runs both prefill and single-token decode steps over an explicit KV cache.
+
+    inputs:  the model's inputs (ids: i64[batch, seq]), positions: i64[seq],
+             one preallocated cache per attention operand (cache.{layer}.{k|v})
+    outputs: the model's outputs, then every updated cache
+
+For each ``attention(q, k, v){causal}``, the cache stores the tensor the ``kv_cache`` pass marked
+as k's / v's *cache point* (by default k and v themselves, post-RoPE): new entries are written
+with ``cache_update`` at ``positions``; whatever lies between the cache point and the attention
+(Palu's up-projection, RoPE) is recomputed over the whole cache; the attention becomes
+``attention_cached`` (query i sees cache slots 0..positions[i]). Position tables
+(``slice(table, 0, seq)``, ``arange(seq)``) become lookups of ``positions``.
+``specialize(graph, {"seq": 1})`` then gives the static single-token step graph.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import PressoError
+from ..ir.graph import Graph, Node, Value
+from ..ir.registry import get_op
+from ..ir.types import DType, TensorType, eval_dim
+from ..ir.verify import verify
+from .dce import dce
+from .fold_constants import fold_constants
+
+SEQ = "seq"
+
+
+class DecodeError(PressoError):
+    """The graph cannot be turned into a decode program (no causal attention, static sequence...)."""
+
+
+@dataclass
+class CacheSpec:
+    name: str        # graph input (and, updated, output) name
+    type: TensorType
+    layer: int
+    which: str       # "k" or "v"
+    axis: int        # the sequence axis
+
+
+def subst_dims(dims, bindings: dict):
+    """Dims with symbols in ``bindings`` replaced (products too): ``batch*seq`` with seq=1 -> batch."""
+    out = []
+    for d in dims:
+        if isinstance(d, str) and any(s in bindings for s in d.split("*")):
+            parts = d.split("*")
+            coef, syms = 1, []
+            for s in parts:
+                if s.isdigit():
+                    coef *= int(s)
+                elif s in bindings:
+                    coef *= bindings[s]
+                else:
+                    syms.append(s)
+            d = coef if not syms else "*".join(([str(coef)] if coef != 1 else []) + sorted(syms))
+        out.append(d)
+    return out
+
+
+def _subst_attrs(node_op: str, attrs: dict, bindings: dict) -> dict:
+    opdef = get_op(node_op)
+    out = dict(attrs)
+    for k, v in attrs.items():
+        kind = opdef.attrs[k].kind
+        if kind == "shape" and v is not None:
+            out[k] = subst_dims(v, bindings)
+        elif kind == "dim" and isinstance(v, str):
+            out[k] = subst_dims([v], bindings)[0]
+    return out
+
+
+def specialize(g: Graph, bindings: dict) -> Graph:
+    """A copy of ``g`` with symbolic dims bound to sizes (types re-inferred, attributes rewritten)."""
+    out = Graph(g.name)
+    out.meta = dict(g.meta)
+    env = {}
+    for v in g.inputs:
+        env[v] = out.add_input(v.name, v.type.with_shape(subst_dims(v.type.shape, bindings)))
+    for p in g.params.values():
+        env[p.value] = out.add_param(p.value.name, p.data, p.value.type)
+    for n in g.nodes:
+        new = out.add_node(n.op, [None if v is None else env[v] for v in n.inputs], _subst_attrs(n.op, n.attrs, bindings),
+                           names=[v.name for v in n.outputs])
+        new.meta = dict(n.meta)
+        for a, b in zip(n.outputs, new.outputs):
+            env[a] = b
+    out.outputs = [env[v] for v in g.outputs]
+    verify(out)
+    return out
+
+
+def build_decode_graph(g: Graph, max_len: int) -> tuple[Graph, list[CacheSpec]]:
+    """See the module docstring. ``g`` must have ``seq`` symbolic (compile with generation in mind)."""
+    g = g.copy()
+    attns = [n for n in g.nodes if n.op == "attention"]
+    if not attns:
+        raise DecodeError(f"graph @{g.name} has no attention: there is no KV cache to build")
+    if not any(SEQ in v.type.symbols for v in g.inputs):
+        raise DecodeError(f"graph @{g.name} has no symbolic '{SEQ}' dim in its inputs; compile the model with "
+                          "dynamic_shapes marking the sequence dim Dim('seq') (presso.compile(..., generation=True))")
+    for a in attns:
+        if not a.attrs["causal"] or a.inputs[3] is not None:
+            raise DecodeError(f"attention %{a.name} is not plain causal attention (causal={a.attrs['causal']}, "
+                              f"mask={'yes' if a.inputs[3] is not None else 'no'}); only causal decoders get a KV cache")
+    positions = g.add_input("positions", TensorType((SEQ,), DType.i64))
+    _positions_from_input(g, positions)
+    specs = []
+    for layer, a in enumerate(attns):
+        q, k, v, _ = a.inputs
+        full = []
+        for which, val in (("k", k), ("v", v)):
+            point = _cache_point(val)
+            axis = list(point.type.shape).index(SEQ) if SEQ in point.type.shape else None
+            if axis is None:
+                raise DecodeError(f"attention %{a.name}: the {which} cache point %{point.name} {point.type} has no "
+                                  f"'{SEQ}' axis")
+            ctype = point.type.with_shape(subst_dims(point.type.shape, {SEQ: max_len}))
+            name = f"cache.{layer}.{which}"
+            cache = g.add_input(name, ctype)
+            updated = g.op("cache_update", cache, point, positions, axis=axis, before=a, name=name + ".new")
+            g.outputs.append(updated)
+            specs.append(CacheSpec(name, ctype, layer, which, axis))
+            full.append(updated if point is val else _recompute(g, point, val, updated, positions, max_len, a))
+        out = g.op("attention_cached", q, full[0], full[1], positions, scale=a.attrs["scale"], before=a)
+        g.replace_uses(a.output, out)
+    dce(g)
+    fold_constants(g)
+    verify(g)
+    g.meta["decode"] = {"max_len": max_len, "caches": [s.__dict__ | {"type": str(s.type)} for s in specs]}
+    return g, specs
+
+
+def _positions_from_input(g: Graph, positions: Value) -> None:
+    """slice(table, 0, seq) -> gather(table, positions); arange(0, seq) -> positions."""
+    for n in list(g.nodes):
+        if n.op == "slice" and n.attrs["end"] == SEQ and n.attrs["start"] == 0 and n.attrs["step"] == 1 \
+                and n.inputs[0].kind == "param" and n.attrs["axis"] == 0:
+            g.replace_uses(n.output, g.op("gather", n.inputs[0], positions, axis=0, before=n))
+        elif n.op == "arange" and n.attrs["end"] == SEQ and n.attrs["start"] == 0 and n.attrs["step"] == 1:
+            rep = positions if n.attrs["dtype"] == "i64" else g.op("cast", positions, dtype=n.attrs["dtype"], before=n)
+            g.replace_uses(n.output, rep)
+    dce(g)
+
+
+def _cache_point(v: Value) -> Value:
+    """The value the kv_cache pass marked upstream of ``v`` (through per-token ops), else ``v``."""
+    cur = v
+    for _ in range(8):
+        if cur.node is None:
+            break
+        if cur.node.meta.get("kv_cache_point"):
+            return cur
+        data = [u for u in cur.node.inputs if u is not None and u.kind != "param"]
+        if cur.node.op not in ("rotary", "reshape", "transpose", "linear", "cast") or not data:
+            break
+        cur = data[0]
+    return v
+
+
+def _recompute(g: Graph, point: Value, target: Value, cache: Value, positions: Value, max_len: int,
+               before: Node) -> Value:
+    """Re-run the ops between ``point`` and ``target`` over the whole cache (every slot's position)."""
+    all_pos = g.op("arange", end=max_len, before=before, name=g.fresh_name("cache_positions"))
+    memo: dict = {point: cache, positions: all_pos}
+
+    def clone(v: Optional[Value]):
+        if v is None or v.kind == "param":
+            return v
+        if v in memo:
+            return memo[v]
+        if v.kind == "input":
+            raise DecodeError(f"cannot recompute %{target.name} over the cache: it depends on input %{v.name}")
+        n = v.node
+        new = g.add_node(n.op, [clone(u) for u in n.inputs], _subst_attrs(n.op, n.attrs, {SEQ: max_len}),
+                         before=before)
+        for a, b in zip(n.outputs, new.outputs):
+            memo[a] = b
+        return memo[v]
+
+    return clone(target)

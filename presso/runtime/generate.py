@@ -1,0 +1,67 @@
+"""Autoregressive generation over the decode program: preallocated KV-cache buffers, one prefill
+run over the prompt, then single-token decode steps; greedy or sampling (temperature, top-k)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+from ..ir.graph import Graph
+from .reference import ReferenceRuntime
+
+
+class Generator:
+    def __init__(self, decode_graph: Graph, step_graph: Graph, specs, max_len: int, device="cpu"):
+        self.graph, self.step, self.specs, self.max_len = decode_graph, step_graph, specs, max_len
+        self.prefill_rt = ReferenceRuntime(decode_graph, device)
+        self.step_rt = ReferenceRuntime(step_graph, device)
+        self.device = device
+
+    def new_caches(self, batch_bindings: dict) -> list[torch.Tensor]:
+        """Zeroed cache buffers, allocated once for the whole generation."""
+        return [torch.zeros(s.type.concrete_shape(batch_bindings), dtype=s.type.dtype.torch, device=self.device)
+                for s in self.specs]
+
+    def cache_bytes_per_token(self, caches: list[torch.Tensor], batch: int) -> int:
+        """Bytes the real cache buffers hold per token (per sequence of the batch)."""
+        return sum(c.numel() * c.element_size() for c in caches) // (batch * self.max_len)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = None) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise InputError(f"input_ids must be i64[batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
+        batch, prompt = input_ids.shape
+        if prompt + max_new_tokens > self.max_len:
+            raise InputError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the cache length "
+                             f"{self.max_len}; compile with a larger max_len")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        caches = self.new_caches({"batch": batch})
+        self.last_cache_bytes_per_token = self.cache_bytes_per_token(caches, batch)
+        outs = self.prefill_rt.run(input_ids, torch.arange(prompt), *caches)
+        logits, caches = outs[0], outs[1:]
+        tokens = [input_ids]
+        done = torch.zeros(batch, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits[:, -1, :], do_sample, temperature, top_k, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            tokens.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            outs = self.step_rt.run(nxt[:, None], torch.tensor([prompt + step]), *caches)
+            logits, caches = outs[0], outs[1:]
+        return torch.cat(tokens, dim=1)
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_k, gen):
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits.float() / max(temperature, 1e-6)
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
