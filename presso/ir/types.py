@@ -150,3 +150,20 @@ class TensorType:
     @staticmethod
     def of(t: torch.Tensor) -> "TensorType":
         return TensorType(tuple(t.shape), DType.from_torch(t.dtype))
+
+
+def dims_product(dims) -> Dim:
+    """The product of dims as one canonical dim: ``[batch, seq, 4]`` -> ``4*batch*seq``."""
+    coef, syms = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            coef *= d
+        else:
+            for part in d.split("*"):
+                if part.isdigit():
+                    coef *= int(part)
+                else:
+                    syms.append(part)
+    if not syms:
+        return coef
+    return "*".join(([str(coef)] if coef != 1 else []) + sorted(syms))

@@ -10,3 +10,4 @@ register_pass("fold_constants")(lambda g, ctx: fold_constants(g))
 from . import lowrank  # noqa: F401,E402  (registers itself)
 from . import quantize  # noqa: F401,E402
 from . import sparsify  # noqa: F401,E402
+from . import kv_cache  # noqa: F401,E402

@@ -158,7 +158,7 @@ def _cache_point(v: Value) -> Value:
         if cur.node.meta.get("kv_cache_point"):
             return cur
         data = [u for u in cur.node.inputs if u is not None and u.kind != "param"]
-        if cur.node.op not in ("rotary", "reshape", "transpose", "linear", "cast") or not data:
+        if cur.node.op not in ("rotary", "reshape", "transpose", "expand", "linear", "cast") or not data:
             break
         cur = data[0]
     return v

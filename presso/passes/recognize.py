@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..ir.graph import Node, Value
-from ..ir.types import eval_dim
+from ..ir.types import dims_product, eval_dim
 from .rewrite import Rewriter, pattern_table
 
 
@@ -58,8 +58,8 @@ def unwrap_linear(rw: Rewriter, n: Node) -> bool:
         return False
     x, r2 = r1.inputs[0], users[0]
     lead = list(r2.output.type.shape[:-1])
-    if not lead or r2.output.type.shape[-1] != n.output.type.shape[-1] or not r2.output.type.is_static \
-            or not r1.output.type.is_static or math.prod(lead) != r1.output.type.shape[0]:
+    if not lead or r2.output.type.shape[-1] != n.output.type.shape[-1] \
+            or dims_product(lead) != dims_product([r1.output.type.shape[0]]):
         return False
     c = r1.output.type.shape[1]
     if list(x.type.shape) != lead + [c]:

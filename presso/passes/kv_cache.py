@@ -1,0 +1,226 @@
+"""kv_cache (Palu): low-rank K/V projections whose small latent is what the KV cache stores.
+
+For each attention, its K and V projections ``linear(x, W) -> reshape [B, T, H, D] -> transpose
+[B, H, T, D] (-> rotary for K)`` are found by meaning (through the canonical ``attention`` and
+``rotary`` ops, never by names) and factored per group of heads with activation-whitened SVD:
+``W_g ~= B_g A_g``; the latent ``h = x A^T`` ([B, T, groups*r]) is computed once per token.
+
+* V, and K without RoPE: the up-projection is *absorbed*: scores use q' = q B_k (per head), values
+  are the latent itself and the output is o' B_v^T, so full K/V are never built; the attention
+  runs with the latent groups as its key/value heads (like GQA). K's bias cancels in the softmax;
+  V's bias is added after.
+* K with RoPE: K is rebuilt from the latent (B h -> reshape -> rotary) before attention; the decode
+  program caches the latent and rebuilds keys over the cache (marked ``kv_cache_point``).
+
+``grouping``: ``per-head`` (one factorization per KV head), ``group-head`` (``group_size`` heads
+share one, Palu's G-LRD) or ``joint``. Ranks: ``rank_ratio`` of each group's full rank, uniform
+or ``allocation="sensitivity"`` (greedy over layers on the measured whitened output error).
+Attention the pass cannot prove standard is left unchanged with a warning naming the node.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import PipelineError
+from ..ir.graph import Graph, Node, Value
+from .compress_common import calibration_stats, derive, greedy_allocate, record
+from .dce import dce
+from .lowrank import factorize
+from .manager import Option, register_pass
+
+
+@dataclass
+class Projection:
+    x: Value
+    weight: Value
+    bias: Optional[Value]
+    heads: int
+    dim: int
+    linear: Node
+    rotary: Optional[Node]
+
+
+def match_projection(v: Value) -> Optional[Projection]:
+    """v = [rotary](transpose(reshape(linear(x, W, b)) -> [B, T, H, D]) -> [B, H, T, D])."""
+    rot = None
+    n = v.node
+    if n is not None and n.op == "rotary":
+        rot, n = n, n.inputs[0].node
+    if n is None or n.op != "transpose" or n.attrs["perm"] != [0, 2, 1, 3]:
+        return None
+    r = n.inputs[0].node
+    if r is None or r.op != "reshape" or r.output.type.rank != 4:
+        return None
+    lin = r.inputs[0].node
+    if lin is None or lin.op != "linear" or lin.inputs[1].kind != "param" or lin.inputs[1].type.rank != 2:
+        return None
+    h, d = r.output.type.shape[2], r.output.type.shape[3]
+    if list(r.output.type.shape[:2]) != list(lin.output.type.shape[:2]) or h * d != lin.output.type.shape[-1]:
+        return None
+    return Projection(lin.inputs[0], lin.inputs[1], lin.inputs[2], h, d, lin, rot)
+
+
+def unfuse_qkv(g: Graph) -> None:
+    """slice(linear(x, W, b), last axis) -> linear(x, W[rows], b[rows]) when every reader of the
+    fused projection slices it (GPT-2's c_attn), so that K and V have projections of their own."""
+    users = g.users()
+    for n in list(g.nodes):
+        if n.op != "linear" or n.inputs[1].kind != "param":
+            continue
+        readers = users.get(n.output, [])
+        last = n.output.type.rank - 1
+        if not readers or not all(u.op == "slice" and u.attrs["axis"] == last and u.attrs["step"] == 1
+                                  and isinstance(u.attrs["end"], int) for u in readers):
+            continue
+        w, b = g.params[n.inputs[1].name].data, (g.params[n.inputs[2].name].data if n.inputs[2] is not None else None)
+        for u in readers:
+            s, e = u.attrs["start"], min(u.attrs["end"], w.shape[0])
+            wn = g.add_param(g.fresh_name(f"{n.inputs[1].name}.rows{s}"), w[s:e].contiguous())
+            derive(g, wn.name, n.inputs[1].name)
+            bn = g.add_param(g.fresh_name(f"{n.inputs[2].name}.rows{s}"), b[s:e].contiguous()) if b is not None else None
+            g.replace_uses(u.output, g.op("linear", n.inputs[0], wn, bn, before=u))
+    dce(g)
+
+
+@register_pass("kv_cache", lossy=True, options={
+    "rank_ratio": Option(float, 0.5, check=lambda r: 0 < r <= 1, allowed="in (0, 1]",
+                         help="latent size as a fraction of the K/V width"),
+    "grouping": Option(str, "group-head", choices=("per-head", "group-head", "joint")),
+    "group_size": Option(int, 4, check=lambda g: g >= 1, allowed=">= 1", help="heads per group (group-head)"),
+    "allocation": Option(str, "uniform", choices=("uniform", "sensitivity")),
+})
+def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, allocation: str):
+    """Palu's low-rank KV projection; see the module docstring."""
+    unfuse_qkv(g)
+    plans = []
+    for a in [n for n in g.nodes if n.op == "attention"]:
+        pk, pv = match_projection(a.inputs[1]), match_projection(a.inputs[2])
+        pq = a.inputs[0]
+        if pk is None or pv is None or pv.rotary is not None or pq.type.rank != 4:
+            warnings.warn(f"kv_cache: attention %{a.name} does not read K/V projections the pass can prove "
+                          "standard (linear -> reshape -> transpose [-> rotary]); left unchanged", stacklevel=2)
+            continue
+        if pk.heads != pv.heads or pk.dim != pv.dim:
+            warnings.warn(f"kv_cache: attention %{a.name} has K and V of different shapes; left unchanged", stacklevel=2)
+            continue
+        gs = {"per-head": 1, "group-head": min(group_size, pk.heads), "joint": pk.heads}[grouping]
+        if pk.heads % gs:
+            raise PipelineError(f"pass 'kv_cache': group_size={gs} does not divide the {pk.heads} KV heads of "
+                                f"attention %{a.name}")
+        plans.append((a, pk, pv, gs))
+    if not plans:
+        warnings.warn("kv_cache: no attention with standard K/V projections; graph unchanged", stacklevel=2)
+        return g
+    stats = calibration_stats(g, ctx, [p.linear for _, pk, pv, _ in plans for p in (pk, pv)], need=True,
+                              what="kv_cache (whitened SVD)")
+    facts = []
+    for a, pk, pv, gs in plans:
+        per = []
+        for p in (pk, pv):
+            w = g.params[p.weight.name].data
+            gram = stats[p.linear.name].gram
+            per.append([factorize(w[i * gs * p.dim:(i + 1) * gs * p.dim], gram, whitened=True)
+                        for i in range(p.heads // gs)])
+        facts.append(per)
+    ranks = _allocate(plans, facts, rank_ratio, allocation)
+    for (a, pk, pv, gs), per, (rk, rv) in zip(plans, facts, ranks):
+        _rewrite(g, a, pk, pv, gs, per, rk, rv)
+    return dce(g)
+
+
+def _allocate(plans, facts, ratio: float, allocation: str) -> list[tuple[int, int]]:
+    """A rank per layer and operand (the same for every group of that layer)."""
+    def full(p, gs):
+        return gs * p.dim
+    if allocation == "uniform":
+        return [tuple(max(1, round(ratio * full(p, gs))) for p in (pk, pv)) for _, pk, pv, gs in plans]
+    options, keys = [], []
+    for (a, pk, pv, gs), per in zip(plans, facts):
+        for p, fs in zip((pk, pv), per):
+            n = full(p, gs)
+            step = max(1, n // 16)
+            opts = [(n * len(fs), 0.0, n)]
+            for r in range(n - step, 0, -step):
+                opts.append((r * len(fs), float(sum(f.err[r] for f in fs) / len(fs)), r))
+            options.append(opts)
+    budget = ratio * sum(o[0][0] for o in options)
+    choice = greedy_allocate([[(c, e) for c, e, _ in o] for o in options], budget)
+    flat = [o[j][2] for o, j in zip(options, choice)]
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(plans))]
+
+
+def _latent(g: Graph, a: Node, p: Projection, fs, r: int, which: str) -> Value:
+    """h = x A^T for every group, [B, T, groups * r]; marked as what the decode program caches."""
+    dtype = g.params[p.weight.name].data.dtype
+    A = torch.cat([f.A[:r] for f in fs], 0).to(dtype)
+    name = g.fresh_name(p.weight.name + ".palu_a")
+    an = g.add_param(name, A.contiguous())
+    derive(g, name, p.weight.name)
+    h = g.op("linear", p.x, an, None, before=a)
+    h.node.meta["kv_cache_point"] = which
+    return h
+
+
+def _rewrite(g, a: Node, pk: Projection, pv: Projection, gs: int, per, rk: int, rv: int) -> None:
+    q = a.inputs[0]
+    B, H, T, D = q.type.shape
+    hkv, groups = pk.heads, pk.heads // gs
+    n_rep = H // hkv
+    scale = a.attrs["scale"] if a.attrs["scale"] is not None else 1.0 / math.sqrt(D)
+    bk_list, bv_list = per
+    hk = _latent(g, a, pk, bk_list, rk, "k")
+    hv = _latent(g, a, pv, bv_list, rv, "v")
+    dtype = q.type.dtype.torch
+
+    def heads(h, r):  # [B, T, groups*r] -> [B, groups, T, r]
+        return g.op("transpose", g.op("reshape", h, shape=[B, T, groups, r], before=a), perm=[0, 2, 1, 3], before=a)
+
+    if pk.rotary is None:  # absorb B_k into the query: q'_i = q_i B_k[head(i)]
+        wq = torch.stack([bk_list[(i // n_rep) // gs].B[((i // n_rep) % gs) * D:((i // n_rep) % gs + 1) * D, :rk]
+                          for i in range(H)]).to(dtype)                           # [H, D, rk]
+        wq_p = g.add_param(g.fresh_name(pk.weight.name + ".palu_qk"), wq.contiguous())
+        derive(g, wq_p.name, pk.weight.name)
+        q_lat = g.op("matmul", q, wq_p, before=a)
+        k_in = heads(hk, rk)
+    else:  # RoPE: rebuild keys from the latent, then rotate
+        Bk = torch.block_diag(*[f.B[:, :rk] for f in bk_list]).to(dtype)          # [hkv*D, groups*rk]
+        bk = g.add_param(g.fresh_name(pk.weight.name + ".palu_b"), Bk.contiguous())
+        derive(g, bk.name, pk.weight.name)
+        kflat = g.op("linear", hk, bk, pk.bias, before=a)
+        k = g.op("transpose", g.op("reshape", kflat, shape=[B, T, hkv, D], before=a), perm=[0, 2, 1, 3], before=a)
+        rot = pk.rotary
+        k_in = g.op("rotary", k, rot.inputs[1], rot.inputs[2], before=a)
+        q_lat = q
+    v_in = heads(hv, rv)
+    if pk.rotary is None:
+        o_lat = g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
+    else:
+        # keys are full width; values stay latent: attention over (q, K) with latent values
+        o_lat = g.op("attention", q_lat, k_in, _expand_groups(g, a, v_in, hkv, groups), a.inputs[3],
+                     causal=a.attrs["causal"], scale=scale, before=a) if groups != hkv else \
+            g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
+    wv = torch.stack([bv_list[(i // n_rep) // gs].B[((i // n_rep) % gs) * D:((i // n_rep) % gs + 1) * D, :rv].T
+                      for i in range(H)]).to(dtype)                               # [H, rv, D]
+    wv_p = g.add_param(g.fresh_name(pv.weight.name + ".palu_vo"), wv.contiguous())
+    derive(g, wv_p.name, pv.weight.name)
+    out = g.op("matmul", o_lat, wv_p, before=a)
+    if pv.bias is not None:
+        bias = g.params[pv.bias.name].data.reshape(hkv, 1, D).repeat_interleave(n_rep, 0)   # [H, 1, D]
+        bp = g.add_param(g.fresh_name(pv.bias.name + ".palu"), bias.contiguous())
+        out = g.op("add", out, bp, before=a)
+    g.replace_uses(a.output, out)
+    record(g, pk.weight.name, kv_rank=rk, kv_grouping=gs, kv_groups=groups)
+    record(g, pv.weight.name, kv_rank=rv, kv_grouping=gs, kv_groups=groups)
+
+
+def _expand_groups(g, a, v, hkv, groups):
+    """Latent values shared by a group serve each of the group's KV heads (keys are per head)."""
+    B, G, T, r = v.type.shape
+    rep = hkv // groups
+    v5 = g.op("reshape", v, shape=[B, G, 1, T, r], before=a)
+    return g.op("reshape", g.op("expand", v5, shape=[B, G, rep, T, r], before=a), shape=[B, hkv, T, r], before=a)
