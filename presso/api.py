@@ -35,9 +35,28 @@ class CompiledModel:
         rep["target"] = self.target
         rep["frontend"] = self.graph.meta.get("frontend")
         rep["compression"] = compression_report(self.graph, self.graph.meta.get("uncompressed_bytes"))
+        kv = self._kv_cache_report()
+        if kv:
+            rep["kv_cache"] = kv
         rep["passes"] = [{"pass": r.spec, "seconds": round(r.seconds, 6), "nodes_before": r.ops_before,
                           "nodes_after": r.ops_after, "max_rel_err": r.max_rel_err} for r in self.pass_records]
         return rep
+
+    def _kv_cache_report(self) -> Optional[dict]:
+        """KV-cache bytes per token, measured on the decode program's real (batch 1) buffers."""
+        if "max_len" not in self.graph.meta:
+            return None
+        try:
+            gen = self.decode_program()
+        except PressoError:
+            return None
+        caches = gen.new_caches({"batch": 1})
+        measured = gen.cache_bytes_per_token(caches, 1)
+        return {"kv_cache_bytes_per_token": measured,
+                "kv_cache_bytes_per_token_uncompressed": self.graph.meta.get("kv_cache_bytes_per_token_uncompressed",
+                                                                             measured),
+                "max_len": gen.max_len,
+                "caches": {s.name: str(s.type) for s in gen.specs}}
 
     def decode_program(self, max_len: Optional[int] = None):
         """The prefill graph (symbolic ``seq``) and the single-token step graph, with their KV caches."""

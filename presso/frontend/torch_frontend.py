@@ -104,7 +104,10 @@ class _Importer:
         return f"fx node {n.name}"
 
     def run(self, gm: fx.GraphModule, inputs: dict, consts: dict):
+        live = _live_nodes(gm.graph)
         for n in gm.graph.nodes:
+            if n.op == "call_function" and n not in live:
+                continue  # dead code (e.g. mask bookkeeping nobody reads) need not be importable
             self.node = n
             if n.op == "placeholder":
                 if n.name in consts:
@@ -194,6 +197,19 @@ class _Importer:
         with torch.no_grad():
             out = n.target(*args, **kwargs)
         return out
+
+
+def _live_nodes(graph: fx.Graph) -> set:
+    """Nodes the outputs depend on (through higher-order op bodies' operands too)."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = set(), [out]
+    while stack:
+        n = stack.pop()
+        if n in live:
+            continue
+        live.add(n)
+        stack.extend(n.all_input_nodes)
+    return live
 
 
 def supported_torch_ops() -> list[str]:

@@ -253,6 +253,10 @@ def _slice_infer(types, attrs):
         size = dim
     elif start == 0 and step == 1 and isinstance(end, str):
         size = end  # slicing a table to a symbolic length: the model guarantees end <= dim
+    elif isinstance(start, int) and isinstance(end, int) and step == 1 and 0 <= start < end < INT64_MAX:
+        size = end - start  # a fixed window of a symbolic dim (the frontend checked dim >= end)
+    elif isinstance(start, int) and start < 0 and step == 1 and isinstance(end, int) and end >= INT64_MAX:
+        size = -start  # the last -start entries
     else:
         raise IRError(f"slice: cannot type slice [{start}:{end}:{step}] of dim '{dim}'")
     shape = list(x.shape)

@@ -116,6 +116,9 @@ def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, a
     if not plans:
         warnings.warn("kv_cache: no attention with standard K/V projections; graph unchanged", stacklevel=2)
         return g
+    g.meta.setdefault("kv_cache_bytes_per_token_uncompressed", sum(
+        (a.inputs[1].type.shape[-3] * a.inputs[1].type.shape[-1] + a.inputs[2].type.shape[-3] * a.inputs[2].type.shape[-1])
+        * a.inputs[1].type.dtype.bits // 8 for a in g.nodes if a.op == "attention"))
     stats = calibration_stats(g, ctx, [p.linear for _, pk, pv, _ in plans for p in (pk, pv)], need=True,
                               what="kv_cache (whitened SVD)")
     facts = []
@@ -214,8 +217,10 @@ def _rewrite(g, a: Node, pk: Projection, pv: Projection, gs: int, per, rk: int, 
         bp = g.add_param(g.fresh_name(pv.bias.name + ".palu"), bias.contiguous())
         out = g.op("add", out, bp, before=a)
     g.replace_uses(a.output, out)
-    record(g, pk.weight.name, kv_rank=rk, kv_grouping=gs, kv_groups=groups)
-    record(g, pv.weight.name, kv_rank=rv, kv_grouping=gs, kv_groups=groups)
+    for p, fs, r in ((pk, bk_list, rk), (pv, bv_list, rv)):
+        record(g, p.weight.name, bytes_before=p.weight.type.nbytes(), kv_rank=r, kv_rank_full=gs * D,
+               kv_heads_per_group=gs, kv_groups=groups, rel_error=float(sum(f.err[r] for f in fs) / len(fs)),
+               error_basis="calibration", rope=p.rotary is not None)
 
 
 def _expand_groups(g, a, v, hkv, groups):

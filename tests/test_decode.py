@@ -1,0 +1,155 @@
+"""Decode programs with an explicit KV cache, generate(), and the kv_cache (Palu) pass."""
+import functools
+import warnings
+
+import pytest
+import torch
+
+import presso
+from presso import InputError
+from presso.models import make_gpt2, make_llama, make_minilm, make_mlp
+from presso.passes.decode import DecodeError
+
+MAX_LEN = 96
+
+
+def torch_greedy(model, ids, n):
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1)[:, None]], 1)
+    return ids
+
+
+@functools.lru_cache(maxsize=None)
+def llama(recipe=None):
+    m, ins = make_llama(batch=2)
+    calib = [(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(8)]
+    return m, ins, presso.compile(m, example_inputs=ins, generation=True, max_len=MAX_LEN, recipe=recipe,
+                                  calibration=calib if recipe else None)
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_greedy_generation_equals_torch(make):
+    m, ins = make(batch=2)
+    cm = presso.compile(m, example_inputs=ins, generation=True, max_len=MAX_LEN)
+    prompt = ins[0][:, :16]
+    assert torch.equal(cm.generate(prompt, 64), torch_greedy(m, prompt, 64))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hugging_face_causal_lms(kind):
+    pytest.importorskip("transformers")
+    from presso.models.hf import make_hf_causal_lm
+    full, ins = make_hf_causal_lm(kind)                      # HF's own forward, mask construction included
+    static = presso.compile(full, example_inputs=ins)
+    assert torch.allclose(static(*ins), full(*ins), rtol=1e-4, atol=1e-5)
+    m, _ = make_hf_causal_lm(kind, decoder_only=True)        # the same modules, driven without a mask
+    assert torch.allclose(m(*ins), full(*ins), rtol=1e-5, atol=1e-6)
+    cm = presso.compile(m, example_inputs=ins, generation=True, max_len=MAX_LEN)
+    assert {"attention", "rotary", "rms_norm"} <= set(cm.graph.op_histogram())
+    for op in ("attention", "rotary", "rms_norm", "linear"):  # (RoPE tables stay computed: positions vary)
+        assert static.graph.op_histogram()[op] == cm.graph.op_histogram()[op]
+    prompt = ins[0][:, :12]
+    expected = torch_greedy(full, prompt, 32)
+    assert torch.equal(cm.generate(prompt, 32), expected)
+    palu = presso.compile(m, example_inputs=ins, generation=True, max_len=MAX_LEN, recipe="kv_cache{rank_ratio=1.0}",
+                          calibration=[(torch.randint(0, 256, (2, 16)),) for _ in range(4)])
+    assert torch.equal(palu.generate(prompt, 32), expected)
+
+
+def test_decode_program_has_the_cache_as_explicit_state():
+    _, _, cm = llama()
+    gen = cm.decode_program()
+    names = [v.name for v in gen.step.inputs]
+    assert names[:2] == ["input_ids", "positions"] and names[2:] == ["cache.0.k", "cache.0.v", "cache.1.k", "cache.1.v"]
+    assert str(gen.step.inputs[0].type) == "i64[batch, 1]" and str(gen.step.inputs[2].type) == "f32[batch, 2, 96, 16]"
+    assert [v.name for v in gen.step.outputs[1:]] == [n + ".new" for n in names[2:]]
+    text = str(gen.step)
+    assert "cache_update(%cache.0.k," in text and "attention_cached(" in text and "seq" not in text
+
+
+def test_sampling_is_seeded_and_bounded():
+    m, ins, cm = llama()
+    prompt = ins[0][:, :8]
+    a = cm.generate(prompt, 10, do_sample=True, temperature=0.7, top_k=5, seed=3)
+    b = cm.generate(prompt, 10, do_sample=True, temperature=0.7, top_k=5, seed=3)
+    assert torch.equal(a, b) and a.shape == (2, 18) and int(a.max()) < 256
+    with pytest.raises(InputError, match="exceeds the cache length 96"):
+        cm.generate(prompt, 200)
+
+
+def test_kv_cache_full_rank_is_exact():
+    m, ins, base = llama()
+    _, _, cm = llama("kv_cache{rank_ratio=1.0}")
+    prompt = ins[0][:, :16]
+    assert torch.equal(cm.generate(prompt, 64), torch_greedy(m, prompt, 64))
+    x = ins[0]
+    assert torch.allclose(cm(x), base(x), rtol=1e-4, atol=1e-5)
+    assert "palu_a" in str(cm.graph)
+
+
+def test_kv_cache_half_rank_halves_the_cache():
+    m, ins, base = llama()
+    _, _, cm = llama("kv_cache{rank_ratio=0.5}")
+    rep, rep0 = cm.report(), base.report()
+    assert rep["kv_cache"]["kv_cache_bytes_per_token"] <= 0.5 * rep0["kv_cache"]["kv_cache_bytes_per_token"]
+    assert rep["kv_cache"]["kv_cache_bytes_per_token_uncompressed"] == rep0["kv_cache"]["kv_cache_bytes_per_token"]
+    ranks = {l["layer"]: l["kv_rank"] for l in rep["compression"]["layers"]}
+    assert set(ranks.values()) == {16} and all(l["rel_error"] > 0 for l in rep["compression"]["layers"])
+    out = cm.generate(ins[0][:, :16], 32)
+    assert out.shape == (2, 48)
+    assert cm.kv_cache_bytes_per_token == rep["kv_cache"]["kv_cache_bytes_per_token"]
+
+
+def test_kv_cache_on_the_real_minilm():
+    from presso.models.minilm import Tokenizer
+    from presso.models.sentences import CALIBRATION, EVALUATION
+    tok = Tokenizer()
+    m, ex = make_minilm(EVALUATION[:4], pad_to=24)
+    calib = [tok(CALIBRATION[i:i + 4], pad_to=24) for i in range(0, 156, 4)]
+    evals = [tok(EVALUATION[i:i + 4], pad_to=24) for i in range(0, 32, 4)]
+    cos = {}
+    for r in (1.0, 0.5):
+        cm = presso.compile(m, example_inputs=ex, recipe=f"kv_cache{{rank_ratio={r}}}", calibration=calib)
+        cos[r] = torch.cat([torch.nn.functional.cosine_similarity(cm(*e), m(*e)) for e in evals]).mean().item()
+    assert cos[1.0] > 0.99999 and cos[0.5] >= 0.95
+
+
+class OddAttention(torch.nn.Module):
+    """K goes through a ReLU: not a projection the pass can prove standard."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = lambda t: t.view(B, T, 2, 16).transpose(1, 2)  # noqa: E731
+        o = torch.nn.functional.scaled_dot_product_attention(h(self.q(x)), h(torch.relu(self.k(x))), h(self.v(x)),
+                                                             is_causal=True)
+        return o.transpose(1, 2).reshape(B, T, 32)
+
+
+def test_nonstandard_or_absent_attention_is_left_unchanged_with_a_warning():
+    x = torch.randn(1, 8, 32)
+    odd = OddAttention().eval()
+    base = presso.compile(odd, example_inputs=(x,))
+    with pytest.warns(UserWarning, match=r"attention %attention does not read K/V projections"):
+        cm = presso.compile(odd, example_inputs=(x,), recipe="kv_cache", calibration=[(x,)])
+    assert str(cm.graph) == str(base.graph)
+    m, ins = make_mlp()
+    with pytest.warns(UserWarning, match="no attention"):
+        cm = presso.compile(m, example_inputs=ins, recipe="kv_cache", calibration=[ins])
+    with pytest.raises(DecodeError, match="has no attention"):
+        cm.generate(torch.zeros(1, 4, dtype=torch.int64), 2)
+
+
+def test_generation_needs_a_symbolic_sequence_and_causal_attention():
+    m, ins = make_llama()
+    with pytest.raises(DecodeError, match="no symbolic 'seq' dim"):
+        presso.compile(m, example_inputs=ins).decode_program(64)
+    from torch.export import Dim
+    mm, ex = make_minilm()
+    seq = ({0: Dim("batch"), 1: Dim("seq", min=2, max=64)},) * 2
+    with pytest.raises(DecodeError, match="is not plain causal attention"):
+        presso.compile(mm, example_inputs=ex, dynamic_shapes=seq).decode_program(64)
