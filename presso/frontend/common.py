@@ -44,3 +44,14 @@ def check_type(v: Value, expected: TensorType, where: str) -> None:
     if v.type != expected:
         raise FrontendError(f"{where}: presso inferred {v.type} but the source model says {expected} "
                             "(importer bug: please report)")
+
+
+def registrar(table: dict):
+    """``handles = registrar(TABLE)``; ``@handles(key, ...)`` files a handler under each key."""
+    def handles(*keys):
+        def wrap(fn):
+            for k in keys:
+                table[k] = fn
+            return fn
+        return wrap
+    return handles

@@ -18,18 +18,13 @@ from onnx import numpy_helper
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import DType, TensorType
-from .common import GraphBuilder, clean_name
+from .common import GraphBuilder, registrar, clean_name
 
 OPSETS = range(13, 22)
 ONNX_OPS: dict[str, Callable] = {}
 
 
-def handles(*names):
-    def wrap(fn):
-        for n in names:
-            ONNX_OPS[n] = fn
-        return fn
-    return wrap
+handles = registrar(ONNX_OPS)
 
 
 class SymShape(list):

@@ -18,18 +18,13 @@ import torch.fx as fx
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import SYMBOL_RE, DType, TensorType
-from .common import GraphBuilder, check_type, clean_name
+from .common import GraphBuilder, registrar, check_type, clean_name
 
 aten = torch.ops.aten
 ATEN: dict[Any, Callable] = {}
 
 
-def handles(*targets):
-    def wrap(fn):
-        for t in targets:
-            ATEN[t] = fn
-        return fn
-    return wrap
+handles = registrar(ATEN)
 
 
 def _val(n):

@@ -137,15 +137,23 @@ class _Lexer:
         return t
 
 
+def _items(lx: _Lexer, close: str):
+    """Iterate over the items of a comma-separated list up to ``close`` (the opener is consumed)."""
+    first = True
+    while not lx.accept(close):
+        if not first:
+            lx.expect(",")
+        first = False
+        yield
+
+
 def _parse_type(lx: _Lexer) -> TensorType:
     t = lx.expect_kind("ident", "a dtype such as f32")
     if t[1] not in DType.__members__:
         lx.fail(f"unknown dtype '{t[1]}'; known: {', '.join(DType.__members__)}", t)
     lx.expect("[")
     dims = []
-    while not lx.accept("]"):
-        if dims:
-            lx.expect(",")
+    for _ in _items(lx, "]"):
         d = lx.next()
         if d[0] == "number" and re.fullmatch(r"\d+", d[1]) and lx.peek()[1] != "*":
             dims.append(int(d[1]))
@@ -257,9 +265,7 @@ def parse(text: str, weights: Optional[Mapping[str, torch.Tensor]] = None, verif
             optok = lx.expect_kind("ident", "an op name")
             lx.expect("(")
             operands = []
-            while not lx.accept(")"):
-                if operands:
-                    lx.expect(",")
+            for _ in _items(lx, ")"):
                 a = lx.next()
                 if a[0] == "ident" and a[1] == "_":
                     operands.append(None)

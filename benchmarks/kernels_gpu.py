@@ -1,0 +1,109 @@
+"""presso's compressed-linear Triton kernels vs torch on the GPU, side by side in one run.
+
+    python benchmarks/kernels_gpu.py        (needs a CUDA GPU)
+
+Checks each kernel against a float reference at the benchmark size first, then times (median of
+triton.testing.do_bench) a block-size sweep and reports the best, the torch baselines, speedups,
+and achieved bandwidth against the copy bandwidth measured in the same run.
+"""
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from presso.codegen.triton import int4_linear, nm_linear
+from presso.ir.ops import pack_int4
+from presso.passes.quantize import dequant, rtn
+from presso.passes.sparsify import nm_prune
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # microseconds
+
+
+def main():
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    dev = "cuda"
+    torch.manual_seed(0)
+    rows = []
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_tbps = 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"copy bandwidth {copy_tbps:.3f} TB/s")
+    N, K, G = 14336, 4096, 128
+    W = torch.randn(N, K, device=dev) * 0.02
+    codes, s, z = rtn(W, 4, G, True)
+    q, s16 = pack_int4(codes.to(torch.int16)), s.half()
+    Wq16 = dequant(codes, s16.double(), None, G).half()
+    int4_bytes = q.numel() + s16.numel() * 2
+    for M in (1, 16):
+        x = torch.randn(M, K, device=dev, dtype=torch.float16)
+        want = F.linear(x.float(), Wq16.float())
+        got = int4_linear(x, q, s16, None, None, G)
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-2, f"int4 kernel wrong at M={M}: rel err {err}"
+        best = None
+        for bn, bkh, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+            try:
+                t = bench(lambda: int4_linear(x, q, s16, None, None, G, block_n=bn, block_kh=bkh, num_warps=nw))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                continue
+            if best is None or t < best[0]:
+                best = (t, bn, bkh, nw)
+        t_fp16 = bench(lambda: F.linear(x, Wq16))
+        t = best[0]
+        rows.append({"workload": f"int4 g{G} linear {M}x{K}->{N}", "presso_us": round(t, 1), "torch_fp16_us": round(t_fp16, 1),
+                     "speedup": round(t_fp16 / t, 2), "presso_TBps": round(int4_bytes / t / 1e6, 3),
+                     "fp16_TBps": round(N * K * 2 / t_fp16 / 1e6, 3), "config": best[1:], "rel_err": err})
+    Wd = W.half()
+    vals, idx, dense = nm_prune(Wd.float(), Wd.float().abs(), 2, 4)
+    vals, index, dense = vals.half(), pack_int4(idx), dense.half()
+    nm_bytes = vals.numel() * 2 + index.numel()
+    for M in (1, 16):
+        x = torch.randn(M, K, device=dev, dtype=torch.float16)
+        want = F.linear(x.float(), dense.float())
+        got = nm_linear(x, vals, index, 2, 4)
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-2, f"2:4 kernel wrong at M={M}: rel err {err}"
+        best = None
+        for bn, bj, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+            try:
+                t = bench(lambda: nm_linear(x, vals, index, 2, 4, block_n=bn, block_j=bj, num_warps=nw))
+            except Exception:  # noqa: BLE001
+                continue
+            if best is None or t < best[0]:
+                best = (t, bn, bj, nw)
+        t_dense = bench(lambda: F.linear(x, dense))
+        semi = "n/a"
+        try:
+            from torch.sparse import to_sparse_semi_structured
+            ws = to_sparse_semi_structured(dense)
+            xp = torch.zeros(max(M, 32), K, device=dev, dtype=torch.float16)
+            xp[:M] = x
+            semi = round(bench(lambda: F.linear(xp, ws)), 1)
+        except Exception as e:  # noqa: BLE001
+            semi = f"ERR {type(e).__name__}: {str(e)[:80]}"
+        t = best[0]
+        rows.append({"workload": f"2:4 sparse linear {M}x{K}->{N} fp16", "presso_us": round(t, 1),
+                     "torch_fp16_us": round(t_dense, 1), "torch_semi_structured_us": semi,
+                     "speedup": round(t_dense / t, 2), "presso_TBps": round(nm_bytes / t / 1e6, 3),
+                     "fp16_TBps": round(N * K * 2 / t_dense / 1e6, 3), "config": best[1:], "rel_err": err})
+    print("| workload | presso µs | torch fp16 µs | speedup | presso TB/s (of copy) | torch TB/s | other peer | config |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['presso_us']} | {r['torch_fp16_us']} | {r['speedup']}x | {r['presso_TBps']} "
+              f"({r['presso_TBps'] / copy_tbps:.0%}) | {r['fp16_TBps']} | {r.get('torch_semi_structured_us', '')} | "
+              f"{r['config']} |")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernels_gpu.json"), "w") as f:
+            json.dump({"copy_TBps": copy_tbps, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
