@@ -215,7 +215,13 @@ def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: O
     g = g.copy()
     records = []
     reference = run_graph(g, *ctx.example_inputs) if check else None
+    bar = None
+    if ctx.progress and len(specs) > 1:
+        from tqdm import tqdm
+        bar = tqdm(total=len(specs), desc="passes", unit="pass", leave=False)
     for spec in specs:
+        if bar is not None:
+            bar.set_postfix_str(spec.name)
         info = passes[spec.name]
         n_before = len(g.nodes)
         if info.lossy:  # the size the compression ratio is measured against
@@ -234,9 +240,13 @@ def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: O
                                      f"max rel err {rec.max_rel_err:.3g} > rtol {rtol:g}")
             reference = now if info.lossy else reference
         records.append(rec)
+        if bar is not None:
+            bar.update(1)
         if spec.name in names_to_print or "*" in names_to_print:
             print(f"// ----- IR after {spec} -----", file=stream)
             print(g, file=stream)
+    if bar is not None:
+        bar.close()
     return g, records
 
 
