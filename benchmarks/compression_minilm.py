@@ -44,7 +44,7 @@ def main():
         ref = [model(*e) for e in evals]
     base = presso.compile(model, example_inputs=example).graph.param_bytes()
     print(f"all-MiniLM-L6-v2, {n} calibration / {len(EVALUATION)} evaluation sentences; uncompressed {base:,} bytes")
-    print(f"| recipe | mean cos | min cos | model bytes | ratio on compressed layers | compile s |")
+    print("| recipe | mean cos | min cos | model bytes | ratio on compressed layers | compile s |")
     print("|---|---|---|---|---|---|")
     for r in RECIPES:
         t = time.perf_counter()

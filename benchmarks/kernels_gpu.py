@@ -51,7 +51,7 @@ def main():
         for bn, bkh, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
             try:
                 t = bench(lambda: int4_linear(x, q, s16, None, None, G, block_n=bn, block_kh=bkh, num_warps=nw))
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+            except Exception:  # noqa: BLE001 - a config that does not compile is skipped
                 continue
             if best is None or t < best[0]:
                 best = (t, bn, bkh, nw)

@@ -1,7 +1,6 @@
 """Ahead-of-time export: save -> load in a fresh process gives identical outputs; tampered,
 truncated or wrong-version artifacts are refused with a typed error before anything runs."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -1,6 +1,5 @@
 """Decode programs with an explicit KV cache, generate(), and the kv_cache (Palu) pass."""
 import functools
-import warnings
 
 import pytest
 import torch

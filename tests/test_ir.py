@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from presso.errors import IRError, IRParseError, VerificationError
-from presso.ir import DType, Graph, TensorType, all_ops, get_op, parse, print_graph, verify
+from presso.ir import DType, Graph, TensorType, all_ops, parse, print_graph, verify
 from presso.ir.analysis import cost_report, dominators, to_networkx
 from presso.ir.ops import pack_int4, unpack_int4
 from presso.runtime import run_graph

@@ -1,7 +1,6 @@
 """Passes: golden IR text before -> after, each also checked numerically on the reference runtime;
 and the pass manager (pipeline text, typed options, verification, numeric check, IR printing)."""
 import io
-import math
 
 import pytest
 import torch

@@ -5,8 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 SCRIPT = textwrap.dedent("""
     import os, torch
     os.environ["TRITON_INTERPRET"] = "1"

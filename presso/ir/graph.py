@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ..errors import IRError
-from .types import DType, TensorType
+from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 

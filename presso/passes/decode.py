@@ -15,16 +15,13 @@ with ``cache_update`` at ``positions``; whatever lies between the cache point an
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
-
-import torch
 
 from ..errors import PressoError
 from ..ir.graph import Graph, Node, Value
 from ..ir.registry import get_op
-from ..ir.types import DType, TensorType, eval_dim
+from ..ir.types import DType, TensorType
 from ..ir.verify import verify
 from .dce import dce
 from .fold_constants import fold_constants

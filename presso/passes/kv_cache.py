@@ -142,7 +142,7 @@ def _allocate(plans, facts, ratio: float, allocation: str) -> list[tuple[int, in
         return gs * p.dim
     if allocation == "uniform":
         return [tuple(max(1, round(ratio * full(p, gs))) for p in (pk, pv)) for _, pk, pv, gs in plans]
-    options, keys = [], []
+    options = []
     for (a, pk, pv, gs), per in zip(plans, facts):
         for p, fs in zip((pk, pv), per):
             n = full(p, gs)
@@ -200,13 +200,9 @@ def _rewrite(g, a: Node, pk: Projection, pv: Projection, gs: int, per, rk: int, 
         k_in = g.op("rotary", k, rot.inputs[1], rot.inputs[2], before=a)
         q_lat = q
     v_in = heads(hv, rv)
-    if pk.rotary is None:
-        o_lat = g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
-    else:
-        # keys are full width; values stay latent: attention over (q, K) with latent values
-        o_lat = g.op("attention", q_lat, k_in, _expand_groups(g, a, v_in, hkv, groups), a.inputs[3],
-                     causal=a.attrs["causal"], scale=scale, before=a) if groups != hkv else \
-            g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
+    if pk.rotary is not None and groups != hkv:  # full-width keys per KV head: latent values serve each head
+        v_in = _expand_groups(g, a, v_in, hkv, groups)
+    o_lat = g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
     wv = torch.stack([bv_list[(i // n_rep) // gs].B[((i // n_rep) % gs) * D:((i // n_rep) % gs + 1) * D, :rv].T
                       for i in range(H)]).to(dtype)                               # [H, rv, D]
     wv_p = g.add_param(g.fresh_name(pv.weight.name + ".palu_vo"), wv.contiguous())

@@ -15,7 +15,6 @@ computed against the fp16-rounded scales, so what is stored is exactly what was 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -201,7 +200,6 @@ def dequantize_layers(g: Graph) -> dict[str, dict]:
     """For passes that transform float weights (lowrank, sparsify) running after quantize: replace
     each weight-only-quantized layer's ``dequantize`` by a float param of its dequantized values
     and return the settings (by original layer) to re-quantize the transformed weights with."""
-    from ..runtime.reference import run_graph  # noqa: F401  (the op's reference computes the values)
     from ..ir.registry import get_op
     settings = {}
     for n in list(g.nodes):

@@ -5,7 +5,6 @@ one-element constants made 0-d."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 

@@ -2,14 +2,14 @@
 It is the oracle every pass and kernel is checked against."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import InputError
 from ..ir.graph import Graph, Value
 from ..ir.registry import get_op
-from ..ir.types import DType, TensorType, symbols_of
+from ..ir.types import symbols_of
 
 
 def bind_inputs(g: Graph, args: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -47,7 +47,6 @@ class ReferenceRuntime:
         self.graph = graph
         self.device = torch.device(device)
         self._params = {name: p.data.to(self.device) for name, p in graph.params.items()}
-        uses = graph.users()
         last = {}
         for i, n in enumerate(graph.nodes):
             for v in n.inputs:
