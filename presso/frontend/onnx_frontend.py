@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
-from ..ir.types import DType, TensorType
+from ..ir.types import DType, TensorType, dims_product
 from .common import GraphBuilder, registrar, clean_name
 
 OPSETS = range(13, 22)
@@ -310,16 +310,7 @@ def _reshape(im):
 def _flatten(im):
     x = im.t(0)
     axis = im.attr("axis", 1) % max(x.type.rank, 1)
-    return im.op("reshape", x, shape=[_prod(x.type.shape[:axis]), -1] if axis else [1, -1])
-
-
-def _prod(dims):
-    ints = [d for d in dims if isinstance(d, int)]
-    syms = [d for d in dims if not isinstance(d, int)]
-    n = int(np.prod(ints)) if ints else 1
-    if not syms:
-        return n
-    return "*".join(([str(n)] if n != 1 else []) + sorted(s for d in syms for s in d.split("*")))
+    return im.op("reshape", x, shape=[dims_product(x.type.shape[:axis]), -1] if axis else [1, -1])
 
 
 @handles("Unsqueeze")

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
-from ..ir.types import SYMBOL_RE, DType, TensorType
+from ..ir.types import SYMBOL_RE, DType, TensorType, dims_product
 from .common import GraphBuilder, registrar, check_type, clean_name
 
 aten = torch.ops.aten
@@ -47,10 +47,9 @@ def _dim(d):
         expr = re.sub(rf"\b{sym}\b", name, expr)
     parts = expr.split("*")
     if all(re.fullmatch(r"[A-Za-z_]\w*|\d+", p) for p in parts):  # canonical order: coefficient, then sorted symbols
-        coef = 1
-        for p in parts:
-            coef *= int(p) if p.isdigit() else 1
-        expr = "*".join(([str(coef)] if coef != 1 else []) + sorted(p for p in parts if not p.isdigit()))
+        expr = dims_product(parts)
+        if isinstance(expr, int):
+            return expr
     if not SYMBOL_RE.match(expr):
         raise FrontendError(f"symbolic size '{expr}' cannot be expressed in presso's IR "
                             "(only symbols, products and integer multiples are)")
@@ -456,9 +455,13 @@ handles(aten.sum)(_reduce("reduce_sum"))
 handles(aten.amax)(_reduce("reduce_max"))
 
 
+def two(v) -> list:
+    """A 2-D size argument: torch accepts (a,) for (a, a)."""
+    return list(v) * 2 if len(v) == 1 else list(v)
+
+
 @handles(aten.conv2d)
 def _conv2d(im, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
-    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
     if isinstance(padding, str):
         raise UnsupportedOpError("conv2d with string padding", im.node.name, im.location(im.node), supported_torch_ops())
     return im.op("conv2d", im.t(x), im.t(w), None if b is None else im.t(b), stride=two(stride),
@@ -467,13 +470,11 @@ def _conv2d(im, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gr
 
 @handles(aten.max_pool2d)
 def _max_pool(im, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
-    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
     return im.op("max_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
 
 
 @handles(aten.avg_pool2d)
 def _avg_pool(im, x, kernel, stride=(), padding=(0, 0), *a):
-    two = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
     return im.op("avg_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
 
 

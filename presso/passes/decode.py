@@ -21,7 +21,7 @@ from typing import Optional
 from ..errors import PressoError
 from ..ir.graph import Graph, Node, Value
 from ..ir.registry import get_op
-from ..ir.types import DType, TensorType
+from ..ir.types import DType, TensorType, dims_product
 from ..ir.verify import verify
 from .dce import dce
 from .fold_constants import fold_constants
@@ -44,21 +44,7 @@ class CacheSpec:
 
 def subst_dims(dims, bindings: dict):
     """Dims with symbols in ``bindings`` replaced (products too): ``batch*seq`` with seq=1 -> batch."""
-    out = []
-    for d in dims:
-        if isinstance(d, str) and any(s in bindings for s in d.split("*")):
-            parts = d.split("*")
-            coef, syms = 1, []
-            for s in parts:
-                if s.isdigit():
-                    coef *= int(s)
-                elif s in bindings:
-                    coef *= bindings[s]
-                else:
-                    syms.append(s)
-            d = coef if not syms else "*".join(([str(coef)] if coef != 1 else []) + sorted(syms))
-        out.append(d)
-    return out
+    return [dims_product([bindings.get(s, s) for s in d.split("*")]) if isinstance(d, str) else d for d in dims]
 
 
 def _subst_attrs(node_op: str, attrs: dict, bindings: dict) -> dict:
