@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import IRError
-from .types import DType, TensorType, eval_dim
+from .types import DType, TensorType, dims_product, eval_dim
 
 REQUIRED = object()
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "shape", "dim", "dtype")
@@ -164,7 +164,7 @@ def _unprime(size: int, inv: Mapping[int, str], where: str):
             rest //= p
     if not parts:
         return size
-    return "*".join(([str(rest)] if rest != 1 else []) + sorted(parts))
+    return dims_product([rest, *parts])
 
 
 _REGISTRY: dict[str, OpDef] = {}
