@@ -6,28 +6,48 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import PressoError
+from .errors import PressoError, TargetUnavailableError
 from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .passes.manager import PassContext, resolve, run_pipeline
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
-TARGETS = ("reference",)
+TARGETS = ("reference", "llvm", "aarch64")
 
 
 class CompiledModel:
     """A compiled graph bound to a target. Callable with the model's inputs; ``.graph`` is the IR."""
 
-    def __init__(self, graph: Graph, target: str, records=(), example_inputs=None, device="cpu"):
+    def __init__(self, graph: Graph, target: str, records=(), example_inputs=None, device="cpu", code=None):
         self.graph = graph
         self.target = target
         self.pass_records = list(records)
         self._bindings = bind_inputs(graph, example_inputs) if example_inputs is not None else {}
-        self._runtime = ReferenceRuntime(graph, device)
+        self._build = code
+        if target == "reference":
+            self._runtime = ReferenceRuntime(graph, device)
+        elif target in ("llvm", "aarch64"):
+            from .codegen.tvm import build
+            self._build = code or build(graph, target)
+            self._runtime = None
+            if target == "llvm":
+                from .runtime.tvm_vm import TVMRuntime
+                self._runtime = TVMRuntime(graph, self._build.executable, self._build.params)
 
     def __call__(self, *inputs: torch.Tensor):
+        if self._runtime is None:
+            raise TargetUnavailableError(f"a model compiled for target {self.target!r} cannot run on this machine; "
+                                         "save() it and load it on a 64-bit Arm Linux machine")
         outs = self._runtime.run(*inputs)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _export_code(self, code_dir) -> list[str]:
+        """Compiled code for the artifact: the TVM shared library (``code/model.so``)."""
+        if self._build is None:
+            return []
+        code_dir.mkdir(parents=True, exist_ok=True)
+        self._build.export(code_dir / "model.so")
+        return ["code/model.so"]
 
     def report(self) -> dict:
         """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings."""

@@ -49,3 +49,12 @@ class PassCheckError(PressoError):
 
 class InputError(PressoError, ValueError):
     """Wrong number, shape or dtype of inputs given to a compiled model."""
+
+
+class CodegenError(PressoError):
+    """A target cannot compile the graph (an op without a lowering, a failing backend compiler);
+    names the node and op at fault."""
+
+
+class TargetUnavailableError(PressoError):
+    """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""

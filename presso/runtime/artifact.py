@@ -131,4 +131,13 @@ def load_artifact(path, device: str = "cpu"):
         raise ArtifactError(f"{path}: weights.safetensors cannot be read ({e})") from None
     g = parse(text, weights)
     g.meta.update(manifest.get("graph_meta") or {})
-    return CompiledModel(g, target, device=device)
+    code = None
+    if target in ("llvm", "aarch64"):
+        from ..codegen.tvm import can_run_here, load_library
+        if not can_run_here(target):
+            import platform
+            raise ArtifactError(f"{path}: compiled for {target}; this {platform.machine()} machine cannot run it")
+        if "code/model.so" not in manifest["files"]:
+            raise ArtifactError(f"{path}: a {target} artifact must hold code/model.so")
+        code = load_library(g, target, path / "code" / "model.so")
+    return CompiledModel(g, target, device=device, code=code)

@@ -1,0 +1,558 @@
+"""presso IR -> one TVM Relax function.
+
+Each presso op lowers through one entry of ``LOWER`` (a Relax op, or a tensor expression via
+``emit_te`` where Relax has no equivalent). Linear layers whose weight is a parameter -- dense,
+``dequantize``-d or ``densify_nm``-ed -- become one ``packed_linear`` kernel that reads the
+compressed storage (see ``linear.py``); their weight producers are not lowered at all.
+
+Symbolic dims (``batch``, ``batch*seq``) become TIR variables, so one module serves every size.
+Parameters are function arguments (not constants baked into the library): the compiled code stays
+small and the artifact keeps weights in safetensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...errors import CodegenError
+from ...ir.graph import Graph, Node, Value
+from ...ir.ops import INT64_MAX, hadamard_matrix
+from ...ir.types import DType, TensorType
+from . import linear as lin
+
+TVM_DTYPE = {DType.f64: "float64", DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16",
+             DType.i64: "int64", DType.i32: "int32", DType.i16: "int16", DType.i8: "int8", DType.u8: "uint8",
+             DType.i4: "uint8", DType.u4: "uint8", DType.bool: "bool"}
+
+
+@dataclass
+class FusedLinear:
+    """A linear node whose weight the kernel reads from packed params."""
+    spec: lin.WeightSpec
+    param_names: list          # runtime param names, one per spec.arrays entry
+
+
+@dataclass
+class Lowered:
+    """The Relax module and what its ``main`` takes after the graph inputs: (name, numpy array)."""
+    mod: object
+    params: list
+
+
+def _promote(*types: TensorType) -> str:
+    dt = types[0].dtype.torch
+    for t in types[1:]:
+        dt = torch.promote_types(dt, t.dtype.torch)
+    return TVM_DTYPE[DType.from_torch(dt)]
+
+
+class Lowering:
+    def __init__(self, graph: Graph):
+        from tvm import relax, te, tirx
+        self.rx, self.te, self.tirx = relax, te, tirx
+        self.g = graph
+        self.syms: dict[str, object] = {}
+        self.env: dict[Value, object] = {}
+        self.bb = relax.BlockBuilder()
+        self.fused: dict[Node, FusedLinear] = {}
+        self.skipped: set[Node] = set()
+
+    # ---- types -------------------------------------------------------------------------------
+    def dim(self, d):
+        if isinstance(d, int):
+            return d
+        out = 1
+        for part in d.split("*"):
+            if part.isdigit():
+                out = out * int(part)
+            else:
+                if part not in self.syms:
+                    self.syms[part] = self.tirx.Var(part, "int64")
+                out = out * self.syms[part] if not (isinstance(out, int) and out == 1) else self.syms[part]
+        return out
+
+    def shape(self, t: TensorType):
+        return [self.dim(d) for d in _storage_dims(t)]
+
+    def sinfo(self, t: TensorType):
+        return self.rx.TensorType(self.shape(t), TVM_DTYPE[t.dtype])
+
+    # ---- planning: which linears read packed weights ------------------------------------------
+    def plan(self) -> list:
+        """Decide the fused linears; return the runtime params (name, array) in argument order."""
+        g, users = self.g, self.g.users()
+        arrays: list = []
+        used_raw: set[str] = set()
+        for n in g.nodes:
+            fl = self._fusable_linear(n, users) if n.op in WEIGHT_INPUT else None
+            if fl is not None:
+                self.fused[n] = fl
+                for (suffix, arr), name in zip(fl.spec.arrays.items(), fl.param_names):
+                    arrays.append((name, arr))
+        for n in g.nodes:
+            if n in self.skipped:
+                continue
+            for i, v in enumerate(n.inputs):
+                if v is not None and v.kind == "param" and not (n in self.fused and i == WEIGHT_INPUT[n.op]):
+                    used_raw.add(v.name)
+        for name in sorted(used_raw):
+            p = g.params[name]
+            arrays.append((name, p.data.contiguous().numpy()))
+        return arrays
+
+    def _fusable_linear(self, n: Node, users):
+        w = n.inputs[WEIGHT_INPUT[n.op]]
+        g = self.g
+        if w.kind == "param":
+            if w.type.dtype not in ((DType.i8,) if n.op == "linear_int8" else (DType.f32, DType.f16, DType.f64)):
+                return None
+            spec = lin.prepack_dense(g.params[w.name].data)
+        elif n.op == "linear" and w.kind == "node" and len(users.get(w, [])) == 1 and w.node.op in ("dequantize", "densify_nm"):
+            p = w.node
+            if any(v is not None and v.kind != "param" for v in p.inputs):
+                return None
+            data = [None if v is None else g.params[v.name].data for v in p.inputs]
+            if p.op == "dequantize":
+                spec = lin.prepack_quant(data[0], data[1], data[2], p.attrs["bits"], p.attrs["group_size"],
+                                         signed=p.inputs[2] is None, out_dtype=TVM_DTYPE[DType[p.attrs["dtype"]]])
+            else:
+                spec = lin.prepack_nm(data[0], data[1], p.attrs["n"], p.attrs["m"])
+            self.skipped.add(p)
+        else:
+            return None
+        names = [f"{w.name}.{k}.tiled{spec.nj}" for k in spec.arrays]
+        return FusedLinear(spec, names)
+
+    # ---- building --------------------------------------------------------------------------
+    def build(self) -> Lowered:
+        rx, g = self.rx, self.g
+        arrays = self.plan()
+        args = [rx.Var(v.name, self.sinfo(v.type)) for v in g.inputs]
+        pvars = {name: rx.Var(_safe(name), rx.TensorType(list(arr.shape), str(arr.dtype))) for name, arr in arrays}
+        for v, a in zip(g.inputs, args):
+            self.env[v] = a
+        for name, p in g.params.items():
+            if name in pvars:
+                self.env[p.value] = pvars[name]
+        self.pvars = pvars
+        with self.bb.function("main", args + list(pvars.values())):
+            with self.bb.dataflow():
+                for n in g.nodes:
+                    if n in self.skipped:
+                        continue
+                    self._lower_node(n)
+                outs = [self.env[v] for v in g.outputs]
+                out = self.bb.emit_output(outs[0] if len(outs) == 1 else rx.Tuple(outs))
+            self.bb.emit_func_output(out)
+        return Lowered(self.bb.get(), arrays)
+
+    def _lower_node(self, n: Node):
+        fn = LOWER.get(n.op)
+        if fn is None:
+            raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering; lowered ops: "
+                               f"{', '.join(sorted(LOWER))}")
+        skip = WEIGHT_INPUT[n.op] if n in self.fused else -1   # read from packed params instead
+        ins = [None if v is None or i == skip else self.env[v] for i, v in enumerate(n.inputs)]
+        try:
+            res = fn(self, n, ins)
+        except CodegenError:
+            raise
+        except Exception as e:  # noqa: BLE001 - TVM raises many error types; name the node at fault
+            raise CodegenError(f"node '{n.name}' (op '{n.op}'): TVM lowering failed: {e}") from e
+        res = res if isinstance(res, (list, tuple)) else [res]
+        for v, r in zip(n.outputs, res):
+            self.env[v] = r
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def emit_te(self, f, *args, name=None):
+        return self.bb.emit_te(f, *args, primfunc_name_hint=name or f.__name__)
+
+    def cast(self, e, v: Value, dtype: str):
+        return e if TVM_DTYPE[v.type.dtype] == dtype else self.emit(self.rx.op.astype(e, dtype))
+
+
+WEIGHT_INPUT = {"linear": 1, "linear_int8": 2}
+
+
+def _storage_dims(t: TensorType):
+    if t.dtype.is_packed:
+        *lead, last = t.shape
+        return list(lead) + [last // 2 if isinstance(last, int) else last]
+    return list(t.shape)
+
+
+def _safe(name: str) -> str:
+    return "p_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+# ---- op lowerings ------------------------------------------------------------------------------
+LOWER: dict = {}
+
+
+def lowers(*ops):
+    def deco(fn):
+        for op in ops:
+            LOWER[op] = fn
+        return fn
+    return deco
+
+
+_BINARY = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide", "pow": "power",
+           "maximum": "maximum", "minimum": "minimum", "eq": "equal", "ne": "not_equal", "lt": "less",
+           "le": "less_equal", "gt": "greater", "ge": "greater_equal", "logical_and": "logical_and",
+           "logical_or": "logical_or"}
+_UNARY = {"neg": "negative", "abs": "abs", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt",
+          "tanh": "tanh", "erf": "erf", "sigmoid": "sigmoid", "sin": "sin", "cos": "cos", "logical_not": "logical_not"}
+
+
+@lowers(*_BINARY)
+def _binary(L, n, ins):
+    a, b = n.inputs
+    dt = _promote(a.type, b.type)
+    if n.op == "div" and not dt.startswith("float"):
+        dt = TVM_DTYPE[n.output.type.dtype]
+    return L.emit(getattr(L.rx.op, _BINARY[n.op])(L.cast(ins[0], a, dt), L.cast(ins[1], b, dt)))
+
+
+@lowers(*_UNARY)
+def _unary(L, n, ins):
+    return L.emit(getattr(L.rx.op, _UNARY[n.op])(ins[0]))
+
+
+@lowers("relu", "silu")
+def _act(L, n, ins):
+    return L.emit(getattr(L.rx.op.nn, n.op)(ins[0]))
+
+
+@lowers("gelu")
+def _gelu(L, n, ins):
+    return L.emit((L.rx.op.nn.gelu_tanh if n.attrs["approximate"] == "tanh" else L.rx.op.nn.gelu)(ins[0]))
+
+
+@lowers("where")
+def _where(L, n, ins):
+    c, a, b = n.inputs
+    dt = _promote(a.type, b.type)
+    cond = L.cast(ins[0], c, "bool")
+    return L.emit(L.rx.op.where(cond, L.cast(ins[1], a, dt), L.cast(ins[2], b, dt)))
+
+
+@lowers("cast")
+def _cast(L, n, ins):
+    return L.emit(L.rx.op.astype(ins[0], TVM_DTYPE[DType[n.attrs["dtype"]]]))
+
+
+@lowers("full")
+def _full(L, n, ins):
+    t = n.output.type
+    dt = TVM_DTYPE[t.dtype]
+    if t.is_static:
+        return L.rx.const(np.full(t.shape, n.attrs["value"], dtype=dt), dt)
+    return L.emit(L.rx.op.full(L.shape(t), L.rx.const(n.attrs["value"], dt), dt))
+
+
+@lowers("arange")
+def _arange(L, n, ins):
+    a = n.attrs
+    return L.emit(L.rx.op.arange(a["start"], L.dim(a["end"]), a["step"], TVM_DTYPE[DType[a["dtype"]]]))
+
+
+@lowers("reduce_sum", "reduce_mean", "reduce_max")
+def _reduce(L, n, ins):
+    f = {"reduce_sum": L.rx.op.sum, "reduce_mean": L.rx.op.mean, "reduce_max": L.rx.op.max}[n.op]
+    axes = n.attrs["axes"] or None
+    return L.emit(f(ins[0], axis=axes, keepdims=n.attrs["keepdim"]))
+
+
+@lowers("softmax")
+def _softmax(L, n, ins):
+    return L.emit(L.rx.op.nn.softmax(ins[0], axis=n.attrs["axis"]))
+
+
+@lowers("linear")
+def _linear(L, n, ins):
+    x, w, b = n.inputs
+    out_t = n.output.type
+    fl = L.fused.get(n)
+    if fl is None:
+        y = L.emit(L.rx.op.matmul(ins[0], L.emit(L.rx.op.permute_dims(ins[1]))))
+        return L.emit(L.rx.op.add(y, ins[2])) if b is not None else y
+    spec = fl.spec
+    lead = [L.dim(d) for d in x.type.shape[:-1]]
+    x2 = L.emit(L.rx.op.reshape(ins[0], [_prod(lead), spec.cols])) if len(lead) != 1 else ins[0]
+    params = [L.pvars[name] for name in fl.param_names]
+    keys = list(spec.arrays)
+    out_dtype = TVM_DTYPE[out_t.dtype]
+
+    def kernel(xt, *rest):
+        pmap = dict(zip(keys, rest[:len(keys)]))
+        bias = rest[len(keys)] if b is not None else None
+        epi = (lambda v, i, j: v + bias[j].astype("float32")) if bias is not None else None
+        return lin.packed_linear(L.te, xt, spec, pmap, epilogue=epi, out_dtype=out_dtype)
+
+    args = [x2] + params + ([ins[2]] if b is not None else [])
+    y = L.emit_te(kernel, *args, name=f"linear_{spec.kind}{spec.bits or ''}")
+    if len(lead) != 1:
+        y = L.emit(L.rx.op.reshape(y, lead + [spec.rows]))
+    return y
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+@lowers("matmul")
+def _matmul(L, n, ins):
+    return L.emit(L.rx.op.matmul(ins[0], ins[1]))
+
+
+@lowers("conv2d")
+def _conv2d(L, n, ins):
+    a = n.attrs
+    y = L.emit(L.rx.op.nn.conv2d(ins[0], ins[1], strides=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                                 groups=a["groups"]))
+    if ins[2] is not None:
+        y = L.emit(L.rx.op.add(y, L.emit(L.rx.op.reshape(ins[2], [1, -1, 1, 1]))))
+    return y
+
+
+@lowers("max_pool2d", "avg_pool2d")
+def _pool(L, n, ins):
+    a = n.attrs
+    f = L.rx.op.nn.max_pool2d if n.op == "max_pool2d" else L.rx.op.nn.avg_pool2d
+    return L.emit(f(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"],
+                    **({} if n.op == "max_pool2d" else {"count_include_pad": True})))
+
+
+@lowers("layer_norm")
+def _layer_norm(L, n, ins):
+    x = n.inputs[0]
+    nd = n.attrs["ndim"]
+    axes = list(range(x.type.rank - nd, x.type.rank))
+    norm_shape = [L.dim(d) for d in x.type.shape[-nd:]]
+    dt = TVM_DTYPE[x.type.dtype]
+    gamma = ins[1] if ins[1] is not None else L.emit(L.rx.op.ones(norm_shape, dt))
+    beta = ins[2] if ins[2] is not None else L.emit(L.rx.op.zeros(norm_shape, dt))
+    return L.emit(L.rx.op.nn.layer_norm(ins[0], gamma, beta, axes, epsilon=n.attrs["eps"]))
+
+
+@lowers("rms_norm")
+def _rms_norm(L, n, ins):
+    x = n.inputs[0]
+    nd = n.attrs["ndim"]
+    axes = list(range(x.type.rank - nd, x.type.rank))
+    dt = TVM_DTYPE[x.type.dtype]
+    weight = ins[1] if ins[1] is not None else L.emit(L.rx.op.ones([L.dim(d) for d in x.type.shape[-nd:]], dt))
+    return L.emit(L.rx.op.nn.rms_norm(ins[0], weight, axes, epsilon=n.attrs["eps"]))
+
+
+@lowers("attention")
+def _attention(L, n, ins):
+    rx = L.rx
+    q, k, v, mask = n.inputs
+    rank = q.type.rank
+    hq, hk = q.type.shape[-3], k.type.shape[-3]
+    kk, vv = ins[1], ins[2]
+    if hq != hk:
+        kk = L.emit(rx.op.repeat(kk, hq // hk, axis=rank - 3))
+        vv = L.emit(rx.op.repeat(vv, hq // hk, axis=rank - 3))
+    scale = n.attrs["scale"]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.type.shape[-1])
+    dt = TVM_DTYPE[q.type.dtype]
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    s = L.emit(rx.op.matmul(ins[0], L.emit(rx.op.permute_dims(kk, perm))))
+    s = L.emit(rx.op.multiply(s, rx.const(scale, dt)))
+    if n.attrs["causal"]:
+        s = L.emit_te(_causal_mask, s, name="causal_mask")
+    if mask is not None:
+        if mask.type.dtype == DType.bool:
+            s = L.emit(rx.op.where(ins[3], s, rx.const(-math.inf, dt)))
+        else:
+            s = L.emit(rx.op.add(s, L.cast(ins[3], mask, dt)))
+    p = L.emit(rx.op.nn.softmax(s, axis=-1))
+    return L.emit(rx.op.matmul(p, vv))
+
+
+def _causal_mask(s):
+    from tvm import te, tirx
+    ninf = tirx.const(-math.inf, s.dtype)
+    return te.compute(s.shape, lambda *i: tirx.Select(i[-1] <= i[-2], s[i], ninf), name="causal_mask")
+
+
+@lowers("rotary")
+def _rotary(L, n, ins):
+    rx = L.rx
+    x = n.inputs[0]
+    d = x.type.shape[-1]
+    lo, hi = L.emit(rx.op.split(ins[0], [d // 2], axis=-1)), None
+    a, hi = L.emit(rx.TupleGetItem(lo, 0)), L.emit(rx.TupleGetItem(lo, 1))
+    rot = L.emit(rx.op.concat([L.emit(rx.op.negative(hi)), a], axis=-1))
+    return L.emit(rx.op.add(L.emit(rx.op.multiply(ins[0], ins[1])), L.emit(rx.op.multiply(rot, ins[2]))))
+
+
+@lowers("reshape")
+def _reshape(L, n, ins):
+    return L.emit(L.rx.op.reshape(ins[0], L.shape(n.output.type)))
+
+
+@lowers("transpose")
+def _transpose(L, n, ins):
+    return L.emit(L.rx.op.permute_dims(ins[0], n.attrs["perm"]))
+
+
+@lowers("expand")
+def _expand(L, n, ins):
+    return L.emit(L.rx.op.broadcast_to(ins[0], L.shape(n.output.type)))
+
+
+@lowers("slice")
+def _slice(L, n, ins):
+    a = n.attrs
+    x = n.inputs[0]
+    axis = a["axis"] % x.type.rank
+    dim = L.dim(x.type.shape[axis])
+    start, end = L.dim(a["start"]), a["end"]
+    end = dim if isinstance(end, int) and end >= INT64_MAX else L.dim(end)
+    if isinstance(start, int) and start < 0:
+        start = dim + start
+    return L.emit(L.rx.op.strided_slice(ins[0], [axis], [start], [end], [a["step"]]))
+
+
+@lowers("concat")
+def _concat(L, n, ins):
+    return L.emit(L.rx.op.concat(list(ins), axis=n.attrs["axis"]))
+
+
+@lowers("split")
+def _split(L, n, ins):
+    sizes = n.attrs["sizes"]
+    cuts = list(np.cumsum(sizes[:-1]).tolist())
+    t = L.emit(L.rx.op.split(ins[0], cuts, axis=n.attrs["axis"]))
+    return [L.emit(L.rx.TupleGetItem(t, i)) for i in range(len(sizes))]
+
+
+@lowers("gather")
+def _gather(L, n, ins):
+    return L.emit(L.rx.op.take(ins[0], ins[1], axis=n.attrs["axis"] % n.inputs[0].type.rank))
+
+
+@lowers("hadamard")
+def _hadamard(L, n, ins):
+    rx = L.rx
+    x = n.inputs[0]
+    b = n.attrs["block"]
+    dt = TVM_DTYPE[x.type.dtype]
+    shape = [L.dim(d) for d in x.type.shape]
+    blocks = L.emit(rx.op.reshape(ins[0], shape[:-1] + [shape[-1] // b, b]))
+    h = rx.const(hadamard_matrix(b).numpy().astype(dt), dt)
+    return L.emit(rx.op.reshape(L.emit(rx.op.matmul(blocks, h)), shape))
+
+
+@lowers("quantize_per_token")
+def _quantize_per_token(L, n, ins):
+    def q(x):
+        from tvm import te, tirx, topi
+        xf = topi.cast(x, "float32") if x.dtype != "float32" else x
+        amax = topi.max(topi.abs(xf), axis=-1, keepdims=True)
+        s = te.compute(amax.shape, lambda *i: tirx.max(amax[i], tirx.const(1e-8, "float32")) / 127.0,
+                       name="token_scale")
+        last = len(x.shape) - 1
+
+        def code(*i):
+            r = tirx.nearbyint(xf[i] / s[i[:last] + (0,)])  # half to even, as torch.round
+            return tirx.max(tirx.min(r, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32")).astype("int8")
+        return [te.compute(x.shape, code, name="token_codes"), s]
+
+    t = L.emit_te(q, ins[0], name="quantize_per_token")
+    return [L.emit(L.rx.TupleGetItem(t, 0)), L.emit(L.rx.TupleGetItem(t, 1))]
+
+
+@lowers("linear_int8")
+def _linear_int8(L, n, ins):
+    rx = L.rx
+    xq, xs, wq, ws, b = n.inputs
+    fl = L.fused.get(n)
+    if fl is None:
+        raise CodegenError(f"node '{n.name}': linear_int8 lowers for parameter weights only")
+    spec = fl.spec
+    wvar = L.pvars[fl.param_names[0]]
+    lead = [L.dim(d) for d in xq.type.shape[:-1]]
+    m = _prod(lead)
+    x2 = L.emit(rx.op.reshape(ins[0], [m, spec.cols]))
+    s2 = L.emit(rx.op.reshape(ins[1], [m, 1]))
+
+    def kernel(xt, st, w, wscale, *bias):
+        def epi(acc, i, j):
+            y = acc.astype("float32") * st[i, 0] * wscale[j]
+            return y + bias[0][j] if bias else y
+        return lin.packed_linear(L.te, xt, spec, {"w": w}, epilogue=epi, out_dtype="float32", acc="int32")
+
+    args = [x2, s2, wvar, ins[3]] + ([ins[4]] if b is not None else [])
+    y = L.emit_te(kernel, *args, name="linear_int8")
+    return L.emit(rx.op.reshape(y, lead + [spec.rows]))
+
+
+@lowers("dequantize")
+def _dequantize(L, n, ins):
+    """A dequantize whose result is not a linear's weight: dense weights at run time."""
+    a = n.attrs
+    q = n.inputs[0]
+    rows, cols = q.type.shape
+    gs, bits = a["group_size"], a["bits"]
+    signed = n.inputs[2] is None
+
+    def f(qt, s, *z):
+        from tvm import te, tirx
+
+        def deq(r, c):
+            if bits == 8:
+                code = qt[r, c].astype("float32")
+            else:
+                nib = (qt[r, c // 2] >> ((c % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+                code = (nib ^ tirx.const(8, "uint8")).astype("float32") - 8.0 if signed else nib.astype("float32")
+            if z:
+                code = code - z[0][r, c // gs].astype("float32")
+            return (code * s[r, c // gs].astype("float32")).astype(TVM_DTYPE[DType[a["dtype"]]])
+        return te.compute((rows, cols), deq, name="dequantize")
+
+    return L.emit_te(f, *[i for i in ins if i is not None], name="dequantize")
+
+
+@lowers("densify_nm")
+def _densify_nm(L, n, ins):
+    vals, idx = n.inputs
+    nn, m = n.attrs["n"], n.attrs["m"]
+    rows, kept = vals.type.shape
+    packed = idx.type.dtype == DType.u4
+
+    def f(v, ix):
+        from tvm import te, tirx
+
+        def slot(r, t):
+            if not packed:
+                return ix[r, t]
+            return (ix[r, t // 2] >> ((t % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+        def dense(r, c):
+            g, s = c // m, (c % m).astype("uint8")
+            out = tirx.const(0, v.dtype)
+            for t in range(nn):
+                out = tirx.Select(slot(r, g * nn + t) == s, v[r, g * nn + t], out)
+            return out
+        return te.compute((rows, kept // nn * m), dense, name="densify_nm")
+
+    return L.emit_te(f, ins[0], ins[1], name="densify_nm")
+
+
+def lower(graph: Graph) -> Lowered:
+    """Lower a whole graph to a Relax module whose ``main`` takes (inputs..., params...)."""
+    return Lowering(graph).build()

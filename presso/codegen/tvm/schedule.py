@@ -1,0 +1,196 @@
+"""CPU schedules for the kernels presso's lowering produces.
+
+TVM's default CPU pipeline leaves every loop nest serial and scalar. After Relax fuses operators
+into TIR functions, each one gets a schedule here:
+
+* ``presso_matmul`` kernels (every linear, dense or compressed): a parallel loop over column
+  tiles, the tile's weights decoded once into a local buffer, rows in blocks of ``ROWS`` with a
+  register accumulator, the tile's columns as one vector;
+* other reductions and GEMV-like functions: TVM's dlight CPU rules;
+* everything else (elementwise, layout, fused epilogues): outer loops fused and parallel, the
+  innermost loop vectorized.
+"""
+from __future__ import annotations
+
+ROWS = 4
+
+
+def cpu_pipeline(target, tune: bool = True):
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            if tune:
+                passes.append(schedule_pass())
+            passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            mod = tvm.transform.Sequential(passes)(mod)
+        return mod
+
+    return _pipeline
+
+
+def schedule_pass():
+    from tvm.s_tir import dlight as dl
+    rules = [schedule_linear, schedule_matmul, dl.cpu.GEMV(), dl.cpu.Reduction(), schedule_injective]
+    return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])
+
+
+def _guarded(rule):
+    """A rule that meets a function it cannot schedule declines (None) instead of failing the build:
+    the next rule, or TVM's plain loops, take it."""
+    from tvm.s_tir import dlight as dl
+    apply = rule.apply if hasattr(rule, "apply") else rule
+
+    def run(func, target, tunable):
+        try:
+            return apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - a schedule primitive refused this function
+            return None
+    return dl.ScheduleRule.from_callable(getattr(rule, "__name__", type(rule).__name__))(run)
+
+
+def _block(sch, name):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - no such block in this function
+        return None
+
+
+def _static(extent) -> int | None:
+    v = getattr(extent, "value", None)
+    return int(v) if v is not None else None
+
+
+def _inline_epilogues(sch, producer):
+    """Inline every elementwise consumer chain of ``producer`` (a complete block) into it."""
+    changed = True
+    while changed:
+        changed = False
+        for c in sch.get_consumers(producer):
+            try:
+                sch.reverse_compute_inline(c)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - not inlinable: stays a separate loop nest
+                continue
+
+
+def _inline_prologues(sch, keep):
+    """Inline injective blocks that feed the kernel (reshapes of the input), except ``keep``."""
+    for b in sch.get_child_blocks(sch.get_sblock("root")) if False else []:
+        pass
+    for blk in list(_all_blocks(sch)):
+        if sch.get(blk).name_hint in keep:
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _all_blocks(sch):
+    from tvm.s_tir.dlight.analysis import get_root_block
+    root = get_root_block(sch)
+    return sch.get_child_blocks(root)
+
+
+def schedule_linear(func, target, tunable):
+    """presso's packed linear kernels (``linear.py``): see the module docstring."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    mm = _block(sch, "presso_matmul")
+    if mm is None:
+        return None
+    wtile = _block(sch, "presso_wtile")
+    _inline_prologues(sch, {"presso_matmul", "presso_wtile"} | _consumers_names(sch, mm))
+    nj = _static(sch.get(sch.get_loops(mm)[-2]).extent)
+    i, j, k = sch.get_loops(mm)
+    jo, ji = sch.split(j, [None, _tile(sch, wtile) or nj])
+    io, ii = sch.split(i, [None, ROWS])
+    sch.reorder(jo, io, k, ii, ji)
+    acc = sch.cache_write(mm, 0, "local")
+    _inline_epilogues(sch, acc)
+    sch.reverse_compute_at(acc, io)
+    if wtile is not None:
+        sch.compute_at(wtile, jo)
+        sch.vectorize(sch.get_loops(wtile)[-1])
+    sch.decompose_reduction(mm, k)
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(jo)
+    return sch
+
+
+def _consumers_names(sch, blk):
+    out, todo = set(), [blk]
+    while todo:
+        for c in sch.get_consumers(todo.pop()):
+            name = sch.get(c).name_hint
+            if name not in out:
+                out.add(name)
+                todo.append(c)
+    return out
+
+
+def _tile(sch, wtile):
+    if wtile is None:
+        return None
+    return _static(sch.get(sch.get_loops(wtile)[-1]).extent)
+
+
+def schedule_matmul(func, target, tunable):
+    """Batched matmuls (attention scores and values): parallel over batch x row blocks, a register
+    accumulator of ROWS x 16, the 16 columns vectorized."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    mm = _block(sch, "matmul")
+    if mm is None:
+        return None
+    loops = sch.get_loops(mm)
+    *batch, i, j, k = loops
+    nj = 16 if (_static(sch.get(j).extent) or 0) % 16 == 0 else 8 if (_static(sch.get(j).extent) or 0) % 8 == 0 else None
+    if nj is None:
+        return None
+    jo, ji = sch.split(j, [None, nj])
+    io, ii = sch.split(i, [None, ROWS])
+    sch.reorder(*batch, io, jo, k, ii, ji)
+    acc = sch.cache_write(mm, 0, "local")
+    _inline_epilogues(sch, acc)
+    sch.reverse_compute_at(acc, jo)
+    sch.decompose_reduction(mm, k)
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    outer = sch.fuse(*batch, io) if batch else io
+    sch.parallel(outer)
+    return sch
+
+
+def schedule_injective(func, target, tunable):
+    """Elementwise/layout functions: inline intermediates, parallel outer loops."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    blocks = list(_all_blocks(sch))
+    for blk in blocks[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001
+            pass
+    blocks = list(_all_blocks(sch))
+    for blk in blocks:
+        loops = sch.get_loops(blk)
+        if not loops:
+            continue
+        if any(sch.get(lp).kind != 0 for lp in loops) or _has_reduction(sch, blk):
+            return None
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 1 else loops[0]
+        sch.parallel(outer)
+    return sch
+
+
+def _has_reduction(sch, blk):
+    return any(iv.iter_type != 0 for iv in sch.get(blk).iter_vars)
