@@ -144,15 +144,21 @@ def weight_tile(te, spec: WeightSpec, params: dict):
 
 
 def packed_linear(te, x, spec: WeightSpec, params: dict, epilogue=None, out_dtype="float32", acc="float32"):
-    """y[i, j] = epilogue(sum_k x[i, k] * W[j, k], i, j) for a 2-D ``x`` [M, K], reading the packed
-    weight; ``acc`` is the accumulator dtype (int32 for int8 x int8)."""
-    M = x.shape[0]
+    """y[..., j] = epilogue(sum_k x[..., k] * W[j, k], (...), j), reading the packed weight;
+    ``acc`` is the accumulator dtype (int32 for int8 x int8). ``x`` keeps its leading dims so
+    elementwise consumers of the result fuse into the kernel's epilogue."""
+    lead = list(x.shape[:-1])
     k = te.reduce_axis((0, spec.cols), name="k")
     nj = spec.nj
     W = params["w"] if spec.kind == "dense" else weight_tile(te, spec, params)
-    y = te.compute((M, spec.rows), lambda i, j: te.sum(x[i, k].astype(acc) * W[j // nj, k, j % nj].astype(acc),
-                                                      axis=k), name="presso_matmul")
+
+    def dot(*idx):
+        *i, j = idx
+        return te.sum(x[(*i, k)].astype(acc) * W[j // nj, k, j % nj].astype(acc), axis=k)
+
+    y = te.compute(lead + [spec.rows], dot, name="presso_matmul")
     if epilogue is None and out_dtype == acc:
         return y
     epi = epilogue or (lambda v, i, j: v)
-    return te.compute((M, spec.rows), lambda i, j: epi(y[i, j], i, j).astype(out_dtype), name="presso_epilogue")
+    return te.compute(lead + [spec.rows], lambda *idx: epi(y[idx], idx[:-1], idx[-1]).astype(out_dtype),
+                      name="presso_epilogue")

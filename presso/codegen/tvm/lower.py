@@ -224,14 +224,52 @@ def _unary(L, n, ins):
     return L.emit(getattr(L.rx.op, _UNARY[n.op])(ins[0]))
 
 
-@lowers("relu", "silu")
-def _act(L, n, ins):
-    return L.emit(getattr(L.rx.op.nn, n.op)(ins[0]))
+@lowers("relu")
+def _relu(L, n, ins):
+    return L.emit(L.rx.op.nn.relu(ins[0]))
+
+
+# exp, erf and tanh through TVM's fast polynomial forms: they vectorize (libm calls do not), and
+# stay within float32 rounding of the exact functions over the range activations take.
+def _fast_float(x, f):
+    """Apply ``f`` in float32 (TVM's fast math covers float32) and cast back."""
+    from tvm import topi
+    xf = topi.cast(x, "float32") if x.dtype != "float32" else x
+    y = f(xf)
+    return topi.cast(y, x.dtype) if x.dtype != "float32" else y
+
+
+@lowers("silu", "sigmoid")
+def _sigmoid_like(L, n, ins):
+    def f(x):
+        from tvm import te, topi
+
+        def g(xf):
+            e = topi.fast_exp(te.compute(xf.shape, lambda *i: -xf[i], name="neg"))
+            if n.op == "sigmoid":
+                return te.compute(xf.shape, lambda *i: 1.0 / (1.0 + e[i]), name="sigmoid")
+            return te.compute(xf.shape, lambda *i: xf[i] / (1.0 + e[i]), name="silu")
+        return _fast_float(x, g)
+    return L.emit_te(f, ins[0], name=n.op)
 
 
 @lowers("gelu")
 def _gelu(L, n, ins):
-    return L.emit((L.rx.op.nn.gelu_tanh if n.attrs["approximate"] == "tanh" else L.rx.op.nn.gelu)(ins[0]))
+    tanh = n.attrs["approximate"] == "tanh"
+
+    def f(x):
+        from tvm import te, topi
+
+        def g(xf):
+            if tanh:
+                inner = te.compute(xf.shape, lambda *i: 0.7978845608028654 * (xf[i] + 0.044715 * xf[i] * xf[i] * xf[i]),
+                                   name="gelu_inner")
+                t = topi.fast_tanh(inner)
+            else:
+                t = topi.fast_erf(te.compute(xf.shape, lambda *i: xf[i] * 0.7071067811865476, name="gelu_inner"))
+            return te.compute(xf.shape, lambda *i: 0.5 * xf[i] * (1.0 + t[i]), name="gelu")
+        return _fast_float(x, g)
+    return L.emit_te(f, ins[0], name="gelu")
 
 
 @lowers("where")
@@ -271,7 +309,22 @@ def _reduce(L, n, ins):
 
 @lowers("softmax")
 def _softmax(L, n, ins):
-    return L.emit(L.rx.op.nn.softmax(ins[0], axis=n.attrs["axis"]))
+    return _emit_softmax(L, ins[0], n.attrs["axis"] % n.inputs[0].type.rank)
+
+
+def _emit_softmax(L, x, axis):
+    def f(x):
+        from tvm import te, topi
+        last = len(x.shape) - 1
+        if axis != last:
+            return topi.nn.softmax(x, axis)
+        k1 = te.reduce_axis((0, x.shape[last]), "k1")
+        k2 = te.reduce_axis((0, x.shape[last]), "k2")
+        mx = te.compute(x.shape[:last], lambda *i: te.max(x[(*i, k1)], axis=k1), name="softmax_max")
+        e = topi.fast_exp(te.compute(x.shape, lambda *i: x[i] - mx[i[:last]], name="softmax_shift"))
+        sm = te.compute(x.shape[:last], lambda *i: te.sum(e[(*i, k2)], axis=k2), name="softmax_sum")
+        return te.compute(x.shape, lambda *i: e[i] / sm[i[:last]], name="softmax_norm")
+    return L.emit_te(f, x, name="softmax")
 
 
 @lowers("linear")
@@ -283,8 +336,6 @@ def _linear(L, n, ins):
         y = L.emit(L.rx.op.matmul(ins[0], L.emit(L.rx.op.permute_dims(ins[1]))))
         return L.emit(L.rx.op.add(y, ins[2])) if b is not None else y
     spec = fl.spec
-    lead = [L.dim(d) for d in x.type.shape[:-1]]
-    x2 = L.emit(L.rx.op.reshape(ins[0], [_prod(lead), spec.cols])) if len(lead) != 1 else ins[0]
     params = [L.pvars[name] for name in fl.param_names]
     keys = list(spec.arrays)
     out_dtype = TVM_DTYPE[out_t.dtype]
@@ -295,11 +346,8 @@ def _linear(L, n, ins):
         epi = (lambda v, i, j: v + bias[j].astype("float32")) if bias is not None else None
         return lin.packed_linear(L.te, xt, spec, pmap, epilogue=epi, out_dtype=out_dtype)
 
-    args = [x2] + params + ([ins[2]] if b is not None else [])
-    y = L.emit_te(kernel, *args, name=f"linear_{spec.kind}{spec.bits or ''}")
-    if len(lead) != 1:
-        y = L.emit(L.rx.op.reshape(y, lead + [spec.rows]))
-    return y
+    args = [ins[0]] + params + ([ins[2]] if b is not None else [])
+    return L.emit_te(kernel, *args, name=f"linear_{spec.kind}{spec.bits or ''}")
 
 
 def _prod(dims):
@@ -378,7 +426,7 @@ def _attention(L, n, ins):
             s = L.emit(rx.op.where(ins[3], s, rx.const(-math.inf, dt)))
         else:
             s = L.emit(rx.op.add(s, L.cast(ins[3], mask, dt)))
-    p = L.emit(rx.op.nn.softmax(s, axis=-1))
+    p = _emit_softmax(L, s, rank - 1)
     return L.emit(rx.op.matmul(p, vv))
 
 
@@ -485,20 +533,15 @@ def _linear_int8(L, n, ins):
         raise CodegenError(f"node '{n.name}': linear_int8 lowers for parameter weights only")
     spec = fl.spec
     wvar = L.pvars[fl.param_names[0]]
-    lead = [L.dim(d) for d in xq.type.shape[:-1]]
-    m = _prod(lead)
-    x2 = L.emit(rx.op.reshape(ins[0], [m, spec.cols]))
-    s2 = L.emit(rx.op.reshape(ins[1], [m, 1]))
 
     def kernel(xt, st, w, wscale, *bias):
         def epi(acc, i, j):
-            y = acc.astype("float32") * st[i, 0] * wscale[j]
+            y = acc.astype("float32") * st[(*i, 0)] * wscale[j]
             return y + bias[0][j] if bias else y
         return lin.packed_linear(L.te, xt, spec, {"w": w}, epilogue=epi, out_dtype="float32", acc="int32")
 
-    args = [x2, s2, wvar, ins[3]] + ([ins[4]] if b is not None else [])
-    y = L.emit_te(kernel, *args, name="linear_int8")
-    return L.emit(rx.op.reshape(y, lead + [spec.rows]))
+    args = [ins[0], ins[1], wvar, ins[3]] + ([ins[4]] if b is not None else [])
+    return L.emit_te(kernel, *args, name="linear_int8")
 
 
 @lowers("dequantize")

@@ -12,7 +12,8 @@ into TIR functions, each one gets a schedule here:
 """
 from __future__ import annotations
 
-ROWS = 4
+ROWS = 6     # rows x VECTOR columns of accumulators: 6 x 2 AVX2 registers, room left for operands
+VECTOR = 16
 
 
 def cpu_pipeline(target, tune: bool = True):
@@ -79,16 +80,18 @@ def _inline_epilogues(sch, producer):
                 continue
 
 
-def _inline_prologues(sch, keep):
-    """Inline injective blocks that feed the kernel (reshapes of the input), except ``keep``."""
-    for b in sch.get_child_blocks(sch.get_sblock("root")) if False else []:
-        pass
+def _inline_intermediates(sch, keep):
+    """Inline every injective block except ``keep`` and the function's outputs into its consumers,
+    so what remains is kernel -> one output block (which then inlines into the write-back)."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(get_root_block(sch))}
     for blk in list(_all_blocks(sch)):
-        if sch.get(blk).name_hint in keep:
+        name = sch.get(blk).name_hint
+        if name in keep or name in outputs:
             continue
         try:
             sch.compute_inline(blk)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - not inlinable: stays a separate loop nest
             pass
 
 
@@ -106,41 +109,34 @@ def schedule_linear(func, target, tunable):
     if mm is None:
         return None
     wtile = _block(sch, "presso_wtile")
-    _inline_prologues(sch, {"presso_matmul", "presso_wtile"} | _consumers_names(sch, mm))
-    nj = _static(sch.get(sch.get_loops(mm)[-2]).extent)
-    i, j, k = sch.get_loops(mm)
-    jo, ji = sch.split(j, [None, _tile(sch, wtile) or nj])
+    _inline_intermediates(sch, {"presso_matmul", "presso_wtile"})
+    nj = _tile_width(sch, mm)
+    *outer, i, j, k = sch.get_loops(mm)   # (fusing the leading dims would blur the write-back region)
+    vec = min(nj, VECTOR)
+    jo, jm, ji = sch.split(j, [None, nj // vec, vec])
     io, ii = sch.split(i, [None, ROWS])
-    sch.reorder(jo, io, k, ii, ji)
+    sch.reorder(jo, *outer, io, jm, k, ii, ji)
     acc = sch.cache_write(mm, 0, "local")
     _inline_epilogues(sch, acc)
-    sch.reverse_compute_at(acc, io)
+    sch.reverse_compute_at(acc, jm)
     if wtile is not None:
         sch.compute_at(wtile, jo)
         sch.vectorize(sch.get_loops(wtile)[-1])
-    sch.decompose_reduction(mm, k)
     sch.vectorize(ji)
     sch.unroll(ii)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(jo)
+    sch.decompose_reduction(mm, k)
     return sch
 
 
-def _consumers_names(sch, blk):
-    out, todo = set(), [blk]
-    while todo:
-        for c in sch.get_consumers(todo.pop()):
-            name = sch.get(c).name_hint
-            if name not in out:
-                out.add(name)
-                todo.append(c)
-    return out
-
-
-def _tile(sch, wtile):
-    if wtile is None:
-        return None
-    return _static(sch.get(sch.get_loops(wtile)[-1]).extent)
+def _tile_width(sch, mm) -> int:
+    """The column tile NJ: the innermost dim of the [rows/NJ, cols, NJ] weight the kernel reads."""
+    for region in sch.get(mm).reads:
+        buf = getattr(region, "buffer", None) or getattr(region, "source", None)
+        if buf is not None and len(buf.shape) == 3 and ("tiled" in buf.name or "presso_wtile" in buf.name):
+            return _static(buf.shape[-1])
+    raise ValueError("presso_matmul reads no tiled weight")
 
 
 def schedule_matmul(func, target, tunable):
@@ -159,14 +155,15 @@ def schedule_matmul(func, target, tunable):
     jo, ji = sch.split(j, [None, nj])
     io, ii = sch.split(i, [None, ROWS])
     sch.reorder(*batch, io, jo, k, ii, ji)
+    _inline_intermediates(sch, {"matmul"})
     acc = sch.cache_write(mm, 0, "local")
     _inline_epilogues(sch, acc)
     sch.reverse_compute_at(acc, jo)
-    sch.decompose_reduction(mm, k)
     sch.vectorize(ji)
     sch.unroll(ii)
     outer = sch.fuse(*batch, io) if batch else io
     sch.parallel(outer)
+    sch.decompose_reduction(mm, k)
     return sch
 
 
