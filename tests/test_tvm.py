@@ -1,0 +1,123 @@
+"""The TVM targets: every zoo model compiled for ``llvm`` matches the reference runtime, compressed
+layers run from their packed storage, aarch64 builds are Arm shared libraries, and artifacts
+load in a fresh process without recompiling."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import presso
+from presso.errors import CodegenError, TargetUnavailableError
+from presso.models import ZOO, make_llama, make_mlp
+from presso.runtime.artifact import ArtifactError
+from zoo_util import max_rel_err
+
+pytest.importorskip("tvm")
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_matches_the_reference_on_llvm(name):
+    model, inputs = ZOO[name]()
+    ref = presso.compile(model, example_inputs=inputs)
+    cm = presso.compile(model, example_inputs=inputs, target="llvm")
+    assert max_rel_err(cm(*inputs), ref(*inputs)) < 1e-5
+
+
+RECIPES = ["quantize{weights=int8}", "quantize{weights=int4,group_size=16}",
+           "quantize{weights=int4,group_size=16,symmetric=false}", "sparsify{pattern=2:4}", "sparsify{pattern=4:8}",
+           "lowrank{ratio=0.5}", "quantize{weights=int8,activations=int8,rotate=hadamard}",
+           "sparsify{pattern=2:4},quantize{weights=int4,group_size=16}"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compressed_llama_matches_the_reference_on_llvm(recipe):
+    model, inputs = make_llama(batch=2, seq=12)   # 12 rows: not a multiple of the row block
+    ref = presso.compile(model, example_inputs=inputs, recipe=recipe)
+    cm = presso.compile(model, example_inputs=inputs, recipe=recipe, target="llvm")
+    assert max_rel_err(cm(*inputs), ref(*inputs)) < 1e-5
+
+
+def test_compressed_weights_are_read_packed_not_densified():
+    """The TVM kernels take the int4 codes two per byte and the 2:4 indices four bits each."""
+    from presso.codegen.tvm.lower import Lowering
+    model, inputs = make_llama()
+    cm = presso.compile(model, example_inputs=inputs, recipe="sparsify{pattern=2:4},quantize{weights=int4,group_size=16}")
+    packed = dict(Lowering(cm.graph).plan())
+    graph_bytes = sum(p.data.numel() * p.data.element_size() for p in cm.graph.params.values())
+    assert sum(a.nbytes for a in packed.values()) == graph_bytes
+    assert not any(a.dtype == "float32" and a.ndim == 3 and "q" in n for n, a in packed.items())
+
+
+def test_symbolic_batch_runs_at_other_sizes():
+    from torch.export import Dim
+    model, inputs = make_mlp()
+    cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe="quantize{weights=int4,group_size=16}",
+                        dynamic_shapes=({0: Dim("batch")},))
+    ref = presso.compile(model, example_inputs=inputs, recipe="quantize{weights=int4,group_size=16}",
+                         dynamic_shapes=({0: Dim("batch")},))
+    for b in (1, 7, 33):
+        x = torch.randn(b, inputs[0].shape[1])
+        assert max_rel_err(cm(x), ref(x)) < 1e-5
+
+
+def test_aarch64_build_is_an_arm_shared_library(tmp_path):
+    import shutil
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 cross compiler (apt install gcc-aarch64-linux-gnu)")
+    model, inputs = make_mlp()
+    cm = presso.compile(model, example_inputs=inputs, target="aarch64", recipe="quantize{weights=int8}")
+    path = cm.save(tmp_path / "arm.presso")
+    head = (path / "code" / "model.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and head[4] == 2                    # 64-bit ELF
+    assert int.from_bytes(head[18:20], "little") == 183               # e_machine EM_AARCH64
+    with pytest.raises(TargetUnavailableError, match="cannot run on this machine"):
+        cm(*inputs)
+    with pytest.raises(ArtifactError, match="compiled for aarch64"):
+        presso.load(path)
+
+
+def test_llvm_artifact_loads_in_a_fresh_process_without_recompiling(tmp_path):
+    model, inputs = make_llama()
+    cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe="quantize{weights=int4,group_size=16}")
+    path = cm.save(tmp_path / "llama.presso")
+    save_file({"x": inputs[0]}, str(tmp_path / "in.safetensors"))
+    script = textwrap.dedent(f"""
+        import sys, presso
+        import presso.codegen.tvm.build as b
+        b.build = None   # loading must not compile
+        from safetensors.torch import load_file, save_file
+        m = presso.load({str(path)!r})
+        save_file({{"y": m(load_file({str(tmp_path / 'in.safetensors')!r})["x"])}}, {str(tmp_path / 'out.safetensors')!r})
+        assert "presso.models" not in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["y"], cm(*inputs))
+
+
+def test_tampered_library_is_refused(tmp_path):
+    model, inputs = make_mlp()
+    path = presso.compile(model, example_inputs=inputs, target="llvm").save(tmp_path / "m.presso")
+    lib = path / "code" / "model.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="code/model.so does not match its SHA-256"):
+        presso.load(path)
+
+
+def test_an_op_without_lowering_names_the_node():
+    from presso.codegen.tvm.lower import lower
+    from presso.ir.graph import Graph
+    from presso.ir.types import TensorType, DType
+    g = Graph("g")
+    x = g.add_input("x", TensorType((4, 8), DType.f32))
+    pos = g.add_input("pos", TensorType((4,), DType.i64))
+    c = g.add_param("cache", torch.zeros(16, 8))
+    y = g.op("cache_update", c, x, pos, axis=0, name="upd")
+    g.outputs = [y]
+    with pytest.raises(CodegenError, match="node 'upd': op 'cache_update' has no TVM lowering"):
+        lower(g)
