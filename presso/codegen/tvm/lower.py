@@ -490,7 +490,8 @@ def _split(L, n, ins):
 
 @lowers("gather")
 def _gather(L, n, ins):
-    return L.emit(L.rx.op.take(ins[0], ins[1], axis=n.attrs["axis"] % n.inputs[0].type.rank))
+    # "wrap": negative indices count from the end (ONNX Gather); "fast" would read out of bounds
+    return L.emit(L.rx.op.take(ins[0], ins[1], axis=n.attrs["axis"] % n.inputs[0].type.rank, mode="wrap"))
 
 
 @lowers("hadamard")
