@@ -12,7 +12,7 @@ from .ir.graph import Graph
 from .passes.manager import PassContext, resolve, run_pipeline
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
-TARGETS = ("reference", "llvm", "aarch64")
+TARGETS = ("reference", "cuda", "llvm", "aarch64")
 
 
 class CompiledModel:
@@ -26,6 +26,9 @@ class CompiledModel:
         self._build = code
         if target == "reference":
             self._runtime = ReferenceRuntime(graph, device)
+        elif target == "cuda":
+            from .runtime.cuda import CudaRuntime
+            self._runtime = CudaRuntime(graph)
         elif target in ("llvm", "aarch64"):
             from .codegen.tvm import build
             self._build = code or build(graph, target)
@@ -42,7 +45,14 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _export_code(self, code_dir) -> list[str]:
-        """Compiled code for the artifact: the TVM shared library (``code/model.so``)."""
+        """Compiled code for the artifact: the TVM shared library (``code/model.so``), or for
+        ``cuda`` the kernel each node runs (``code/program.json``; sources are regenerated from
+        the graph and cached by their hash)."""
+        if self.target == "cuda":
+            import json
+            code_dir.mkdir(parents=True, exist_ok=True)
+            (code_dir / "program.json").write_text(json.dumps(self._runtime.program.kernels, indent=1))
+            return ["code/program.json"]
         if self._build is None:
             return []
         code_dir.mkdir(parents=True, exist_ok=True)
@@ -85,8 +95,17 @@ class CompiledModel:
         max_len = max_len or self.graph.meta.get("max_len", 256)
         if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
             graph, specs = build_decode_graph(self.graph, max_len)
-            self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len)
+            self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len,
+                                        make_runtime=self._runtime_factory())
         return self._generator
+
+    def _runtime_factory(self):
+        if self.target == "cuda":
+            from .runtime.cuda import CudaRuntime
+            return CudaRuntime
+        if self.target == "reference":
+            return ReferenceRuntime
+        raise TargetUnavailableError(f"generation runs on the 'reference' and 'cuda' targets, not {self.target!r}")
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, max_len: Optional[int] = None, **sampling):
         """Greedy (default) or sampled (``do_sample=True, temperature=, top_k=, seed=``) generation
@@ -140,6 +159,11 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
+    if target == "cuda":
+        from .runtime.cuda import cuda_device
+        cuda_device()                 # no GPU (and no interpreter): say so before any work
+        if not any(s.name == "fuse" for s in specs):
+            specs = specs + resolve(["fuse"])
     if generation and dynamic_shapes is None and isinstance(model, torch.nn.Module):
         from torch.export import Dim
         dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)

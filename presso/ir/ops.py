@@ -412,3 +412,20 @@ def linear_int8(xq, x_scale, wq, w_scale, bias):
     acc = xq.to(torch.float64) @ wq.to(torch.float64).T
     y = (acc * x_scale.to(torch.float64) * w_scale.to(torch.float64).reshape(-1)).to(torch.float32)
     return y + bias if bias is not None else y
+
+
+# ---- fused regions ------------------------------------------------------------------------
+def _fused_verify(types, attrs):
+    from .expr import operands, parse
+    used = operands(parse(attrs["expr"]))
+    if used and max(used) >= len(types):
+        raise IRError(f"fused_elementwise: expr {attrs['expr']!r} reads %{max(used)} but has {len(types)} operand(s)")
+
+
+@defop("fused_elementwise", ["xs*"], {"expr": Attr("str")}, "elementwise", verify=_fused_verify,
+       flops=_numel_flops)
+def fused_elementwise(xs, expr):
+    """A region of elementwise ops made one kernel by the ``fuse`` pass; ``expr`` is the region as
+    an expression over its operands (see ``presso.ir.expr``). The reference evaluates op by op."""
+    from .expr import evaluate, parse
+    return evaluate(parse(expr), xs)

@@ -11,3 +11,4 @@ from . import lowrank  # noqa: F401,E402  (registers itself)
 from . import quantize  # noqa: F401,E402
 from . import sparsify  # noqa: F401,E402
 from . import kv_cache  # noqa: F401,E402
+from . import fuse  # noqa: F401,E402

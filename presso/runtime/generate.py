@@ -12,11 +12,12 @@ from .reference import ReferenceRuntime
 
 
 class Generator:
-    def __init__(self, decode_graph: Graph, step_graph: Graph, specs, max_len: int, device="cpu"):
+    def __init__(self, decode_graph: Graph, step_graph: Graph, specs, max_len: int, device=None,
+                 make_runtime=ReferenceRuntime):
         self.graph, self.step, self.specs, self.max_len = decode_graph, step_graph, specs, max_len
-        self.prefill_rt = ReferenceRuntime(decode_graph, device)
-        self.step_rt = ReferenceRuntime(step_graph, device)
-        self.device = device
+        self.prefill_rt = make_runtime(decode_graph)
+        self.step_rt = make_runtime(step_graph)
+        self.device = device or getattr(self.step_rt, "device", "cpu")
 
     def new_caches(self, batch_bindings: dict) -> list[torch.Tensor]:
         """Zeroed cache buffers, allocated once for the whole generation."""
@@ -41,7 +42,7 @@ class Generator:
         caches = self.new_caches({"batch": batch})
         self.last_cache_bytes_per_token = self.cache_bytes_per_token(caches, batch)
         outs = self.prefill_rt.run(input_ids, torch.arange(prompt), *caches)
-        logits, caches = outs[0], outs[1:]
+        logits, caches = outs[0].cpu(), outs[1:]
         tokens = [input_ids]
         done = torch.zeros(batch, dtype=torch.bool)
         for step in range(max_new_tokens):
@@ -53,7 +54,7 @@ class Generator:
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
             outs = self.step_rt.run(nxt[:, None], torch.tensor([prompt + step]), *caches)
-            logits, caches = outs[0], outs[1:]
+            logits, caches = outs[0].cpu(), outs[1:]
         return torch.cat(tokens, dim=1)
 
     @staticmethod

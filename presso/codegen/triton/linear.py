@@ -126,3 +126,55 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
                                                GROUP=m, PACKED=packed, HAS_BIAS=bias is not None, BLOCK_N=bn,
                                                BLOCK_J=bj, num_warps=num_warps)
     return y.reshape(*x.shape[:-1], N)
+
+
+@triton.jit
+def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn,
+                        stride_ym, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & mk[None, :],
+                    other=0.0).to(tl.float32)
+        wm = mk[:, None] & (rn < N)[None, :]
+        q = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None], mask=wm, other=0).to(tl.float32)   # [K, N]
+        g = rk // G
+        s = tl.load(s_ptr + rn[None, :] * stride_sn + g[:, None], mask=wm, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            q = q - tl.load(z_ptr + rn[None, :] * stride_sn + g[:, None], mask=wm, other=0).to(tl.float32)
+        w = q * s
+        if USE_DOT:
+            acc += tl.dot(x, w)
+        else:
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, group_size: int, num_warps: int = 4):
+    """x [..., K] @ dequant(q [N, K] int8 or uint8 with zeros, scales [N, K/G])^T + bias -> [..., N]."""
+    N, K = q.shape
+    if x.shape[-1] != K or K % group_size or scales.shape != (N, K // group_size):
+        raise ValueError(f"int8_linear: x [..., {x.shape[-1]}], q {tuple(q.shape)}, scales {tuple(scales.shape)} "
+                         f"and group_size {group_size} do not fit together")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    use_dot = M > 16 and not INTERPRET
+    bm = 16 if use_dot else (1 if M == 1 else min(triton.next_power_of_2(M), 4))
+    bn = 64 if INTERPRET else 128
+    bk = 32 if INTERPRET else 64
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _int8_linear_kernel[grid](x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
+                              y, M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0),
+                              HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_K=bk, USE_DOT=use_dot, num_warps=num_warps)
+    return y.reshape(*x.shape[:-1], N)

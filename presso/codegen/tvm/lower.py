@@ -272,6 +272,32 @@ def _gelu(L, n, ins):
     return L.emit_te(f, ins[0], name="gelu")
 
 
+@lowers("fused_elementwise")
+def _fused(L, n, ins):
+    """A fused region (``fuse`` pass) lowers op by op; Relax fuses it again into one function."""
+    from ...ir.expr import Arg, Const, parse
+    rx = L.rx
+
+    def emit(e):
+        if isinstance(e, Arg):
+            return ins[e.index]
+        if isinstance(e, Const):
+            return rx.const(e.value, TVM_DTYPE[DType[e.dtype]])
+        args = [emit(a) for a in e.args]
+        if e.op in _BINARY:
+            return L.emit(getattr(rx.op, _BINARY[e.op])(*args))
+        if e.op in _UNARY:
+            return L.emit(getattr(rx.op, _UNARY[e.op])(*args))
+        if e.op == "cast":
+            return L.emit(rx.op.astype(args[0], TVM_DTYPE[DType[e.attr]]))
+        if e.op == "where":
+            return L.emit(rx.op.where(*args))
+        if e.op == "reciprocal":
+            return L.emit(rx.op.divide(rx.const(1.0, "float32"), args[0]))
+        return L.emit(getattr(rx.op.nn, {"gelu": "gelu_tanh" if e.attr == "tanh" else "gelu"}.get(e.op, e.op))(args[0]))
+    return emit(parse(n.attrs["expr"]))
+
+
 @lowers("where")
 def _where(L, n, ins):
     c, a, b = n.inputs

@@ -1,0 +1,143 @@
+"""A graph -> the ``cuda`` target's program: one launch per node, Triton kernels where presso has
+one (compressed linears reading packed weights, fused elementwise regions, norms), the op's
+torch implementation on the device for the rest (matmuls with dense weights, attention, layout).
+
+Weight producers (``dequantize``, ``densify_nm``) feeding exactly one linear are never run: the
+linear's kernel reads their packed params. ``Program.kernels`` says which node runs what.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ...ir.graph import Graph, Node
+from ...ir.registry import get_op
+
+
+@dataclass
+class Step:
+    node: Node
+    kernel: str                      # "triton:<name>" or "torch"
+    run: Callable                    # (env lookups resolved by the runtime) -> list of tensors
+    inputs: list                     # Values read
+
+
+def _weight_producer(g: Graph, n: Node, users) -> Node | None:
+    w = n.inputs[1]
+    p = w.node
+    if p is None or p.op not in ("dequantize", "densify_nm") or len(users.get(w, [])) != 1:
+        return None
+    if any(v is not None and v.kind != "param" for v in p.inputs):
+        return None
+    if p.op == "densify_nm" and not p.inputs[0].type.dtype.is_float:
+        return None
+    return p
+
+
+def _linear_step(n: Node, p: Node) -> Step:
+    from .linear import int4_linear, int8_linear, nm_linear
+    x, b = n.inputs[0], n.inputs[2]
+    a = p.attrs
+    if p.op == "dequantize":
+        q, s, z = p.inputs
+        kern = int4_linear if a["bits"] == 4 else int8_linear
+        gs = a["group_size"]
+
+        def run(xt, qt, st, zt, bt):
+            return [kern(xt, qt, st, zt, bt, gs)]
+        return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
+    vals, idx = p.inputs
+    nn, m = a["n"], a["m"]
+
+    def run_nm(xt, vt, it, bt):
+        return [nm_linear(xt, vt, it, nn, m, bt)]
+    return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b])
+
+
+def _fused_step(n: Node) -> Step:
+    from .elementwise import fused_elementwise
+    out = n.outputs[0].type
+    expr = n.attrs["expr"]
+    dtype = out.dtype.torch
+
+    def run(*xs, bindings=None):
+        return [fused_elementwise(expr, list(xs), out.concrete_shape(bindings or {}), dtype)]
+    return Step(n, "triton:fused_elementwise", run, list(n.inputs))
+
+
+def _norm_step(n: Node) -> Step | None:
+    from .norm import layer_norm, rms_norm
+    if n.attrs["ndim"] != 1 or not n.inputs[0].type.dtype.is_float:
+        return None
+    eps = n.attrs["eps"]
+    if n.op == "rms_norm":
+        return Step(n, "triton:rms_norm", lambda x, w: [rms_norm(x, w, eps)], list(n.inputs))
+    return Step(n, "triton:layer_norm", lambda x, w, b: [layer_norm(x, w, b, eps)], list(n.inputs))
+
+
+def _torch_step(n: Node) -> Step:
+    opdef = get_op(n.op)
+    attrs = n.attrs
+
+    def run(*ins, bindings=None):
+        return opdef.run(list(ins), attrs, bindings or {})
+    return Step(n, "torch", run, list(n.inputs))
+
+
+def _attention_cached_step(n: Node) -> Step:
+    """Decode attention over the whole preallocated cache with a position mask: the same result as
+    the reference (slots past the newest position get zero weight) without reading the positions
+    back to the host, so a decode step can be captured as a CUDA graph."""
+    import torch.nn.functional as F
+    scale = n.attrs["scale"]
+
+    def run(q, k, v, pos):
+        mask = torch.arange(k.shape[-2], device=k.device)[None, :] <= pos[:, None]
+        gqa = q.shape[-3] != k.shape[-3]
+        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                               enable_gqa=gqa)]
+    return Step(n, "torch:sdpa_masked", run, list(n.inputs))
+
+
+@dataclass
+class Program:
+    graph: Graph
+    steps: list
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        return {s.node.name: s.kernel for s in self.steps}
+
+
+def build_program(g: Graph) -> Program:
+    users = g.users()
+    skipped, steps = set(), []
+    for n in g.nodes:
+        if n.op == "linear":
+            p = _weight_producer(g, n, users)
+            if p is not None:
+                skipped.add(p)
+                steps.append(_linear_step(n, p))
+                continue
+        step = None
+        if n.op == "fused_elementwise":
+            step = _fused_step(n)
+        elif n.op in ("rms_norm", "layer_norm"):
+            step = _norm_step(n)
+        elif n.op == "attention_cached":
+            step = _attention_cached_step(n)
+        steps.append(step or _torch_step(n))
+    steps = [s for s in steps if s.node not in skipped]
+    return Program(g, steps)
+
+
+def needs_bindings(step: Step) -> bool:
+    return step.kernel in ("torch", "triton:fused_elementwise")
+
+
+def run_step(step: Step, ins: list, bindings: dict) -> list[torch.Tensor]:
+    if needs_bindings(step):
+        return step.run(*ins, bindings=bindings)
+    return step.run(*ins)

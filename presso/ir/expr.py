@@ -1,0 +1,119 @@
+"""The expression language of fused elementwise regions (``fused_elementwise``'s ``expr``).
+
+    expr := '%' INT                      the region's i-th operand
+          | NUMBER ':' DTYPE             a scalar constant, e.g. ``0.5:f32``
+          | OP ['[' WORD ']'] '(' expr {',' expr} ')'   an elementwise op; ``gelu[tanh]``, ``cast[f16]``
+
+Each OP is a registry op, so the reference evaluation is the ops' own torch implementations and
+codegen backends translate the same tree. Example: ``mul(silu(%0),%1)`` is SwiGLU's gate.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from ..errors import IRError
+
+# ops a region may hold, and the attribute a bracketed word sets
+ATTR_OF = {"gelu": "approximate", "cast": "dtype"}
+UNARY = ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "erf", "sigmoid", "relu", "silu",
+         "sin", "cos", "logical_not", "gelu", "cast")
+BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+          "logical_and", "logical_or")
+TERNARY = ("where",)
+FUSABLE = frozenset(UNARY + BINARY + TERNARY)
+
+
+@dataclass(frozen=True)
+class Arg:
+    index: int
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Call:
+    op: str
+    attr: str | None
+    args: tuple
+
+
+Expr = Union[Arg, Const, Call]
+_TOKEN = re.compile(r"\s*(?:(%\d+)|(-?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)):(\w+)|(\w+)(?:\[(\w+)\])?\(|(,)|(\)))")
+
+
+def parse(text: str) -> Expr:
+    pos = 0
+
+    def node():
+        nonlocal pos
+        m = _TOKEN.match(text, pos)
+        if not m or m.group(6) or m.group(7):
+            raise IRError(f"fused expr {text!r}: expected an operand at position {pos}")
+        pos = m.end()
+        if m.group(1):
+            return Arg(int(m.group(1)[1:]))
+        if m.group(2):
+            return Const(float(m.group(2)), m.group(3))
+        op, attr = m.group(4), m.group(5)
+        if op not in FUSABLE:
+            raise IRError(f"fused expr {text!r}: op '{op}' cannot be fused; fusable: {', '.join(sorted(FUSABLE))}")
+        args = [node()]
+        while True:
+            m = _TOKEN.match(text, pos)
+            if m and m.group(6):
+                pos = m.end()
+                args.append(node())
+            elif m and m.group(7):
+                pos = m.end()
+                break
+            else:
+                raise IRError(f"fused expr {text!r}: expected ',' or ')' at position {pos}")
+        want = 1 if op in UNARY else 2 if op in BINARY else 3
+        if len(args) != want:
+            raise IRError(f"fused expr {text!r}: '{op}' takes {want} operand(s), got {len(args)}")
+        return Call(op, attr, tuple(args))
+
+    tree = node()
+    if text[pos:].strip():
+        raise IRError(f"fused expr {text!r}: trailing text at position {pos}")
+    return tree
+
+
+def to_text(e: Expr) -> str:
+    if isinstance(e, Arg):
+        return f"%{e.index}"
+    if isinstance(e, Const):
+        return f"{e.value!r}:{e.dtype}"
+    attr = f"[{e.attr}]" if e.attr else ""
+    return f"{e.op}{attr}(" + ",".join(to_text(a) for a in e.args) + ")"
+
+
+def operands(e: Expr) -> set[int]:
+    if isinstance(e, Arg):
+        return {e.index}
+    if isinstance(e, Const):
+        return set()
+    return set().union(*(operands(a) for a in e.args))
+
+
+def evaluate(e: Expr, xs, device=None) -> torch.Tensor:
+    """The reference: each op's registry implementation, in tree order."""
+    from .registry import get_op
+    from .types import DType
+    if isinstance(e, Arg):
+        return xs[e.index]
+    if isinstance(e, Const):
+        dev = device if device is not None else (xs[0].device if xs else None)
+        return torch.tensor(e.value, dtype=DType[e.dtype].torch, device=dev)
+    args = [evaluate(a, xs, device) for a in e.args]
+    attrs = {ATTR_OF[e.op]: e.attr} if e.op in ATTR_OF else {}
+    opdef = get_op(e.op)
+    return opdef.ref(*args, **attrs)

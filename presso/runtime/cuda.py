@@ -1,0 +1,98 @@
+"""The ``cuda`` target's runtime: runs a ``Program`` (``codegen/triton/program.py``) with the
+params resident on the GPU, freeing each intermediate after its last use; ``capture`` records a
+static-shape call (the decode step) as a CUDA graph and replays it with new inputs.
+
+With ``TRITON_INTERPRET=1`` the same program runs on CPU tensors through Triton's interpreter:
+slow, exact, and how CI runs whole models through the generated kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import TargetUnavailableError
+from ..ir.graph import Graph, Value
+from .reference import bind_inputs
+
+
+def cuda_device() -> torch.device:
+    """The device the ``cuda`` target runs on: the GPU, or the CPU under Triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TargetUnavailableError(
+            "target='cuda' needs an NVIDIA GPU, and torch sees none (torch.cuda.is_available() is False); "
+            "to run the Triton kernels on this CPU, set TRITON_INTERPRET=1 before importing presso")
+    return torch.device("cuda")
+
+
+class CudaRuntime:
+    def __init__(self, graph: Graph, program=None):
+        from ..codegen.triton.program import build_program
+        self.graph = graph
+        self.device = cuda_device()
+        self.program = program or build_program(graph)
+        self._params = {p.value: p.data.to(self.device) for p in graph.params.values()}
+        last = {}
+        for i, s in enumerate(self.program.steps):
+            for v in s.inputs:
+                if v is not None:
+                    last[v] = i
+        keep = set(graph.outputs)
+        self._free_after = [[] for _ in self.program.steps]
+        for v, i in last.items():
+            if v.kind == "node" and v not in keep:
+                self._free_after[i].append(v)
+        self._graph_exec = None
+
+    def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        from ..codegen.triton.program import run_step
+        bindings = bind_inputs(self.graph, args)
+        if self._graph_exec is not None and self._graph_exec.matches(args):
+            return self._graph_exec.replay(args)
+        env: dict[Value, torch.Tensor] = dict(self._params)
+        for v, a in zip(self.graph.inputs, args):
+            env[v] = a.to(self.device)
+        with torch.no_grad():
+            for i, s in enumerate(self.program.steps):
+                ins = [None if v is None else env[v] for v in s.inputs]
+                for v, t in zip(s.node.outputs, run_step(s, ins, bindings)):
+                    env[v] = t
+                for v in self._free_after[i]:
+                    env.pop(v, None)
+        return [env[v] for v in self.graph.outputs]
+
+    __call__ = run
+
+    def capture(self, *example: torch.Tensor) -> None:
+        """Record one call at these input shapes as a CUDA graph; later calls with the same shapes
+        and dtypes replay it (inputs are copied into the graph's static buffers)."""
+        if self.device.type != "cuda":
+            return
+        self._graph_exec = None
+        self._graph_exec = _CudaGraph(self, example)
+
+
+class _CudaGraph:
+    def __init__(self, rt: CudaRuntime, example):
+        self.static_in = [a.to(rt.device).clone() for a in example]
+        self.sig = [(a.shape, a.dtype) for a in example]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):        # warm up: compile kernels, settle the allocator
+                rt.run(*self.static_in)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = rt.run(*self.static_in)
+
+    def matches(self, args) -> bool:
+        return [(a.shape, a.dtype) for a in args] == self.sig
+
+    def replay(self, args):
+        for buf, a in zip(self.static_in, args):
+            buf.copy_(a, non_blocking=True)
+        self.graph.replay()
+        return list(self.static_out)
