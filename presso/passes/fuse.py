@@ -75,8 +75,10 @@ def _replace(g: Graph, region: list[Node], root: Node):
     expr = to_text(build(root.outputs[0]))
     out = g.op("fused_elementwise", *operands, before=root, expr=expr)
     g.replace_uses(root.outputs[0], out)
+    name = root.outputs[0].name
     for n in sorted(region, key=g.nodes.index, reverse=True):
         g.remove_node(n)
+    g.rename(out, name)      # the region's result keeps the name of the value it computes
 
 
 register_pass("fuse")(lambda g, ctx: fuse(g))
