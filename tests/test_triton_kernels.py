@@ -9,6 +9,7 @@ SCRIPT = textwrap.dedent("""
     import os, torch
     os.environ["TRITON_INTERPRET"] = "1"
     from presso.codegen.triton import int4_linear, nm_linear
+    from presso.codegen.triton.linear import pack_nm_index
     from presso.ir.registry import get_op
     from presso.passes.quantize import rtn
     from presso.passes.sparsify import nm_prune
@@ -43,6 +44,11 @@ SCRIPT = textwrap.dedent("""
         got = nm_linear(x, vals, index, n, m, b)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (M, N, K, n, m, (got - want).abs().max())
         cases += 1
+        packed, bits = pack_nm_index(index, vals.shape[1], m)
+        if bits == 2:   # the 2-bit metadata form the cuda target repacks 2:4 / 1:4 indices into
+            got = nm_linear(x, vals, packed, n, m, b, index_bits=2)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("2-bit", M, N, K, n, m)
+            cases += 1
     print("kernel cases", cases)
 """)
 
@@ -51,4 +57,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 9" in r.stdout
+    assert "kernel cases 12" in r.stdout

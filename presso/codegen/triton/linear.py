@@ -24,43 +24,53 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn,
                         stride_ym, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, USE_DOT: tl.constexpr):
+    """Weights are read as [BLOCK_N, BLOCK_KH] byte tiles, contiguous along K (coalesced, wide
+    loads); a chunk of BLOCK_KH bytes = 2*BLOCK_KH columns lies inside one quantization group,
+    so each row's scale (and zero) is loaded once per chunk and applied to the chunk's partial dot."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     KH = K // 2
     for j0 in range(0, KH, BLOCK_KH):
         rj = j0 + tl.arange(0, BLOCK_KH)                       # packed byte index: k = 2j, 2j + 1
         mj = rj < KH
-        xm = (rm < M)[:, None] & mj[None, :]
-        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :], mask=xm, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
-        wm = mj[:, None] & (rn < N)[None, :]
-        qb = tl.load(q_ptr + rn[None, :] * stride_qn + rj[:, None], mask=wm, other=0).to(tl.int32)  # [KH, N]
-        lo = qb & 0xF
-        hi = (qb >> 4) & 0xF
-        g = (2 * rj) // G
-        s = tl.load(s_ptr + rn[None, :] * stride_sn + g[:, None], mask=wm, other=0.0).to(tl.float32)
+        qb = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=mn[:, None] & mj[None, :], other=0)
+        qb = qb.to(tl.int32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rn[None, :] * stride_sn + g[:, None], mask=wm, other=0).to(tl.float32)
-            w_lo = (lo.to(tl.float32) - z) * s
-            w_hi = (hi.to(tl.float32) - z) * s
+            lo = (qb & 0xF).to(tl.float32)
+            hi = ((qb >> 4) & 0xF).to(tl.float32)
         else:
-            w_lo = tl.where(lo > 7, lo - 16, lo).to(tl.float32) * s
-            w_hi = tl.where(hi > 7, hi - 16, hi).to(tl.float32) * s
+            lo = (((qb & 0xF) ^ 8) - 8).to(tl.float32)
+            hi = ((((qb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+        g = (2 * j0) // G
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=mn, other=0.0).to(tl.float32)          # [BLOCK_N]
+        xm = mm[:, None] & mj[None, :]
+        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :], mask=xm, other=0.0)
+        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :] + 1, mask=xm, other=0.0)
         if USE_DOT:
-            acc += tl.dot(x_even, w_lo) + tl.dot(x_odd, w_hi)
+            part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype))) + tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * stride_sn + g, mask=mn, other=0).to(tl.float32)
+                xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+                part = part - xs[:, None] * z[None, :]
         else:
-            acc += tl.sum(x_even[:, :, None] * w_lo[None, :, :] + x_odd[:, :, None] * w_hi[None, :, :], axis=1)
+            xe, xo = x_even.to(tl.float32), x_odd.to(tl.float32)
+            part = tl.sum(lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :], axis=2)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * stride_sn + g, mask=mn, other=0).to(tl.float32)
+                part = part - tl.sum(xe + xo, axis=1)[:, None] * z[None, :]
+        acc += part * s[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    ym = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int, block_n: int | None = None, block_kh: int | None = None,
-                num_warps: int = 4):
+                num_warps: int | None = None, num_stages: int | None = None):
     """x [..., K] @ dequant(q [N, K/2] packed int4, scales [N, K/G], zeros)^T + bias -> [..., N]."""
     K = x.shape[-1]
     N = q.shape[0]
@@ -70,60 +80,94 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    use_dot = M > 16 and not INTERPRET
-    bm = 16 if use_dot else (1 if M == 1 else min(triton.next_power_of_2(M), 4))
-    bn = block_n or (64 if INTERPRET else 128)
-    bkh = block_kh or (32 if INTERPRET else 64)
+    use_dot = M > 4 and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
+    bm = (16 if M <= 16 else 64) if use_dot else min(triton.next_power_of_2(M), 4)
+    # a chunk never straddles a group: BLOCK_KH divides G / 2
+    half = group_size // 2
+    bkh = block_kh or (16 if INTERPRET else 64)
+    while half % bkh:
+        bkh //= 2
+    bn = block_n or (64 if INTERPRET else (32 if use_dot else 16))
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _int4_linear_kernel[grid](x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
                               y, M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0),
                               HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_KH=bkh, USE_DOT=use_dot, num_warps=num_warps)
+                              BLOCK_KH=bkh, USE_DOT=use_dot, num_warps=num_warps or 4, **extra)
     return y.reshape(*x.shape[:-1], N)
 
 
 @triton.jit
 def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, M, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
-                      KEEP: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      KEEP: tl.constexpr, GROUP: tl.constexpr, IDX_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Kept values are read as [BLOCK_N, BLOCK_J] tiles contiguous along the kept axis. For M <= 4
+    the x entry of each kept value is *selected* from the group's M candidates (loaded once per
+    program row-independently), not gathered; wider groups gather x (cache resident at decode)."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    PER_BYTE: tl.constexpr = 8 // IDX_BITS
+    MASK: tl.constexpr = (1 << IDX_BITS) - 1
     for j0 in range(0, KV, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
-        msk = (rj < KV)[:, None] & (rn < N)[None, :]
-        v = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
-        if PACKED:
-            ib = tl.load(i_ptr + rn[None, :] * stride_in + (rj // 2)[:, None], mask=msk, other=0).to(tl.int32)
-            idx = (ib >> ((rj % 2) * 4)[:, None]) & 0xF
+        mj = rj < KV
+        msk = mn[:, None] & mj[None, :]
+        v = tl.load(v_ptr + rn[:, None] * stride_vn + rj[None, :], mask=msk, other=0.0).to(tl.float32)
+        if IDX_BITS == 8:
+            idx = tl.load(i_ptr + rn[:, None] * stride_in + rj[None, :], mask=msk, other=0).to(tl.int32)
         else:
-            idx = tl.load(i_ptr + rn[None, :] * stride_in + rj[:, None], mask=msk, other=0).to(tl.int32)
-        k = (rj // KEEP)[:, None] * GROUP + idx
-        xv = tl.load(x_ptr + m * stride_xm + k, mask=msk, other=0.0).to(tl.float32)
-        acc += tl.sum(v * xv, axis=0)
+            ib = tl.load(i_ptr + rn[:, None] * stride_in + (rj // PER_BYTE)[None, :], mask=msk, other=0).to(tl.int32)
+            idx = (ib >> ((rj % PER_BYTE) * IDX_BITS)[None, :]) & MASK
+        base = (rj // KEEP) * GROUP
+        if GROUP <= 4:
+            xv = tl.load(x_ptr + m * stride_xm + base, mask=mj, other=0.0).to(tl.float32)[None, :] + 0.0 * v
+            for c in tl.static_range(1, GROUP):
+                xc = tl.load(x_ptr + m * stride_xm + base + c, mask=mj, other=0.0).to(tl.float32)
+                xv = tl.where(idx == c, xc[None, :], xv)
+        else:
+            xv = tl.load(x_ptr + m * stride_xm + base[None, :] + idx, mask=msk, other=0.0).to(tl.float32)
+        acc += tl.sum(v * xv, axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor, int]:
+    """The densest index form a kernel reads: 2 bits per kept value when m <= 4 (4 per byte),
+    else the graph's 4-bit (or 8-bit) form. Returns (packed index, bits per entry)."""
+    packed4 = index.shape[1] * 2 == kept
+    if m > 4 or kept % 4:
+        return index, 4 if packed4 else 8
+    if packed4:
+        idx = torch.stack((index & 0xF, index >> 4), dim=-1).reshape(index.shape[0], kept)
+    else:
+        idx = index
+    idx = idx.to(torch.uint8).reshape(index.shape[0], kept // 4, 4)
+    out = idx[..., 0] | (idx[..., 1] << 2) | (idx[..., 2] << 4) | (idx[..., 3] << 6)
+    return out.contiguous(), 2
 
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
               bias: torch.Tensor | None = None, block_n: int | None = None, block_j: int | None = None,
-              num_warps: int = 4):
-    """x [..., K] @ densify_nm(values [N, K*n/m], index)^T + bias, reading the compressed form."""
+              num_warps: int = 4, index_bits: int | None = None):
+    """x [..., K] @ densify_nm(values [N, K*n/m], index)^T + bias, reading the compressed form.
+    ``index`` is the graph's (4-bit packed or u8) or, with ``index_bits=2``, ``pack_nm_index``'s."""
     N, KV = values.shape
     K = x.shape[-1]
-    packed = index.shape[1] * 2 == KV
-    if KV * m != K * n or (not packed and index.shape != values.shape):
+    bits = index_bits or (4 if index.shape[1] * 2 == KV else 8)
+    if KV * m != K * n or index.shape[1] * (8 // bits) < KV or (bits == 8 and index.shape != values.shape):
         raise ValueError(f"nm_linear: values {tuple(values.shape)} / index {tuple(index.shape)} do not hold "
                          f"{n}:{m} of K={K}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn = block_n or (64 if INTERPRET else 128)
-    bj = block_j or (32 if INTERPRET else 64)
+    bn = block_n or (64 if INTERPRET else 16)
+    bj = block_j or (64 if INTERPRET else 128)
     _nm_linear_kernel[(triton.cdiv(N, bn), M)](x2, values, index, bias if bias is not None else values, y, M, N, KV,
                                                x2.stride(0), values.stride(0), index.stride(0), y.stride(0), KEEP=n,
-                                               GROUP=m, PACKED=packed, HAS_BIAS=bias is not None, BLOCK_N=bn,
+                                               GROUP=m, IDX_BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn,
                                                BLOCK_J=bj, num_warps=num_warps)
     return y.reshape(*x.shape[:-1], N)
 
