@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 
 from presso.codegen.triton import int4_linear, nm_linear
+from presso.codegen.triton.linear import pack_nm_index
 from presso.ir.ops import pack_int4
 from presso.passes.quantize import dequant, rtn
 from presso.passes.sparsify import nm_prune
@@ -48,13 +49,16 @@ def main():
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, f"int4 kernel wrong at M={M}: rel err {err}"
         best = None
-        for bn, bkh, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+        sweep = (itertools.product((4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2, 3)) if M == 1 else
+                 itertools.product((16, 32, 64), (32, 64), (4, 8), (2, 3, 4)))
+        for bn, bkh, nw, ns in sweep:
             try:
-                t = bench(lambda: int4_linear(x, q, s16, None, None, G, block_n=bn, block_kh=bkh, num_warps=nw))
+                t = bench(lambda: int4_linear(x, q, s16, None, None, G, block_n=bn, block_kh=bkh, num_warps=nw,
+                                              num_stages=ns))
             except Exception:  # noqa: BLE001 - a config that does not compile is skipped
                 continue
             if best is None or t < best[0]:
-                best = (t, bn, bkh, nw)
+                best = (t, bn, bkh, nw, ns)
         t_fp16 = bench(lambda: F.linear(x, Wq16))
         t = best[0]
         rows.append({"workload": f"int4 g{G} linear {M}x{K}->{N}", "presso_us": round(t, 1), "torch_fp16_us": round(t_fp16, 1),
@@ -63,17 +67,19 @@ def main():
     Wd = W.half()
     vals, idx, dense = nm_prune(Wd.float(), Wd.float().abs(), 2, 4)
     vals, index, dense = vals.half(), pack_int4(idx), dense.half()
+    index, bits = pack_nm_index(index, vals.shape[1], 4)          # 2-bit metadata, as the cuda target runs it
     nm_bytes = vals.numel() * 2 + index.numel()
     for M in (1, 16):
         x = torch.randn(M, K, device=dev, dtype=torch.float16)
         want = F.linear(x.float(), dense.float())
-        got = nm_linear(x, vals, index, 2, 4)
+        got = nm_linear(x, vals, index, 2, 4, index_bits=bits)
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, f"2:4 kernel wrong at M={M}: rel err {err}"
         best = None
-        for bn, bj, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+        sweep = itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8)) if M == 1 else [(16, 128, 4)]
+        for bn, bj, nw in sweep:
             try:
-                t = bench(lambda: nm_linear(x, vals, index, 2, 4, block_n=bn, block_j=bj, num_warps=nw))
+                t = bench(lambda: nm_linear(x, vals, index, 2, 4, block_n=bn, block_j=bj, num_warps=nw, index_bits=bits))
             except Exception:  # noqa: BLE001
                 continue
             if best is None or t < best[0]:

@@ -68,6 +68,46 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, st
              mask=mm[:, None] & mn[None, :])
 
 
+@triton.jit
+def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+                      HG: tl.constexpr, GPB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Decode (one row of x per program column): weights as [BLOCK_N, GPB, HG] byte tiles, GPB
+    whole quantization groups per step so each step keeps many bytes in flight; a group's dot is
+    reduced first, then scaled by the group's scale (one scale load per row and group)."""
+    pid_n, m = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    rg = tl.arange(0, GPB)
+    rh = tl.arange(0, HG)
+    NG = K // (2 * HG)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g0 in range(0, NG, GPB):
+        gi = g0 + rg
+        mg = gi < NG
+        byte = gi[:, None] * HG + rh[None, :]                                   # [GPB, HG]
+        qb = tl.load(q_ptr + rn[:, None, None] * stride_qn + byte[None, :, :],
+                     mask=mn[:, None, None] & mg[None, :, None], other=0).to(tl.int32)
+        xe = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=mg[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=mg[:, None], other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            lo = (qb & 0xF).to(tl.float32)
+            hi = ((qb >> 4) & 0xF).to(tl.float32)
+        else:
+            lo = (((qb & 0xF) ^ 8) - 8).to(tl.float32)
+            hi = ((((qb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)       # [BLOCK_N, GPB]
+        smask = mn[:, None] & mg[None, :]
+        sc = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0).to(tl.float32)
+            part = part - tl.sum(xe + xo, axis=1)[None, :] * z
+        acc += tl.sum(part * sc, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
 def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int, block_n: int | None = None, block_kh: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None):
@@ -80,6 +120,17 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    hg = group_size // 2
+    if M <= 2 and hg & (hg - 1) == 0 and hg >= 8:
+        # GEMV: whole groups per step; block_kh here means bytes per row per step
+        gpb = max(1, (block_kh or (16 if INTERPRET else 256)) // hg)
+        bn = block_n or (16 if INTERPRET else 8)
+        _int4_gemv_kernel[(triton.cdiv(N, bn), M)](
+            x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, N, K,
+            x2.stride(0), q.stride(0), scales.stride(0), y.stride(0), HG=hg, GPB=triton.next_power_of_2(gpb),
+            HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, num_warps=num_warps or 4, **extra)
+        return y.reshape(*x.shape[:-1], N)
     use_dot = M > 4 and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
     bm = (16 if M <= 16 else 64) if use_dot else min(triton.next_power_of_2(M), 4)
     # a chunk never straddles a group: BLOCK_KH divides G / 2
@@ -89,7 +140,6 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
         bkh //= 2
     bn = block_n or (64 if INTERPRET else (32 if use_dot else 16))
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-    extra = {} if num_stages is None else {"num_stages": num_stages}
     _int4_linear_kernel[grid](x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
                               y, M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0),
                               HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,

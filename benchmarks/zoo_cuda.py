@@ -1,0 +1,32 @@
+"""target="cuda" on the GPU: every zoo model (and compressed Llama) against the reference runtime.
+
+    python benchmarks/zoo_cuda.py
+"""
+import torch
+
+import presso
+from presso.models import ZOO, make_llama, minilm_available
+
+
+def rel(a, b):
+    return ((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max()).item()
+
+
+def main():
+    print("| model | recipe | kernels | max rel err vs reference |")
+    print("|---|---|---|---|")
+    cases = [(name, None) for name in sorted(ZOO) if name != "minilm" or minilm_available()]
+    cases += [("llama", r) for r in ("quantize{weights=int4,group_size=16}", "quantize{weights=int8}",
+                                     "sparsify{pattern=2:4}", "sparsify{pattern=4:8}")]
+    for name, recipe in cases:
+        m, ex = ZOO[name]() if recipe is None else make_llama()
+        ref = presso.compile(m, example_inputs=ex, recipe=recipe)(*ex)
+        cm = presso.compile(m, example_inputs=ex, recipe=recipe, target="cuda")
+        err = rel(cm(*ex), ref)
+        ks = sorted({k for k in cm._runtime.program.kernels.values() if k != "torch"})
+        print(f"| {name} | {recipe or '-'} | {', '.join(ks)} | {err:.2e} |", flush=True)
+        assert err < 1e-4, (name, recipe, err)
+
+
+if __name__ == "__main__":
+    main()
