@@ -152,3 +152,15 @@ def test_generation_needs_a_symbolic_sequence_and_causal_attention():
     seq = ({0: Dim("batch"), 1: Dim("seq", min=2, max=64)},) * 2
     with pytest.raises(DecodeError, match="is not plain causal attention"):
         presso.compile(mm, example_inputs=ex, dynamic_shapes=seq).decode_program(64)
+
+
+def test_decode_program_keeps_weights_compressed():
+    """Constant folding in the decode program must not densify dequantize/densify_nm weights."""
+    m, ins = make_llama(batch=2, seq=6)
+    cm = presso.compile(m, example_inputs=ins, generation=True, max_len=16,
+                        recipe="quantize{weights=int4,group_size=16}")
+    gen = cm.decode_program()
+    for g in (gen.graph, gen.step):
+        ops = g.op_histogram()
+        assert ops["dequantize"] == ops["linear"] > 0
+        assert g.param_bytes() < cm.graph.meta["uncompressed_bytes"] / 2

@@ -98,6 +98,7 @@ class _CudaGraph:
 
     def replay(self, args):
         for buf, a in zip(self.static_in, args):
-            buf.copy_(a, non_blocking=True)
+            if a.data_ptr() != buf.data_ptr():       # a cache updated in place is already there
+                buf.copy_(a, non_blocking=True)
         self.graph.replay()
         return list(self.static_out)

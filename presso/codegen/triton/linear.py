@@ -87,21 +87,22 @@ def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm,
         mg = gi < NG
         byte = gi[:, None] * HG + rh[None, :]                                   # [GPB, HG]
         qb = tl.load(q_ptr + rn[:, None, None] * stride_qn + byte[None, :, :],
-                     mask=mn[:, None, None] & mg[None, :, None], other=0).to(tl.int32)
+                     mask=mn[:, None, None] & mg[None, :, None], other=0)
         xe = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=mg[:, None], other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=mg[:, None], other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            lo = (qb & 0xF).to(tl.float32)
-            hi = ((qb >> 4) & 0xF).to(tl.float32)
-        else:
-            lo = (((qb & 0xF) ^ 8) - 8).to(tl.float32)
-            hi = ((((qb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+        if not HAS_ZERO:
+            qb = qb ^ 0x88        # two's-complement nibble c becomes c + 8 in [0, 16), both nibbles in one op
+        lo = (qb & 15).to(tl.float32)
+        hi = (qb >> 4).to(tl.float32)
         part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)       # [BLOCK_N, GPB]
+        xsum = tl.sum(xe + xo, axis=1)                                          # [GPB], shared by all rows
         smask = mn[:, None] & mg[None, :]
         sc = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
+        if HAS_ZERO:     # sum (c - z) x = sum c x - z sum x
             z = tl.load(z_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0).to(tl.float32)
-            part = part - tl.sum(xe + xo, axis=1)[None, :] * z
+            part = part - xsum[None, :] * z
+        else:            # the + 8 of every signed code comes back as one term per group
+            part = part - 8.0 * xsum[None, :]
         acc += tl.sum(part * sc, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
@@ -184,6 +185,39 @@ def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, M, N, KV, stride_xm, st
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
 
 
+@triton.jit
+def _nm_gemv_2bit_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
+                         KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_B: tl.constexpr):
+    """Decode with 2-bit metadata (m <= 4): kept values as [BLOCK_N, BLOCK_B, 4] tiles (4 per
+    index byte), index bytes as [BLOCK_N, BLOCK_B] (contiguous, vector loads) unpacked in
+    registers; each kept value's x is selected among its group's m candidates, loaded per step as
+    [BLOCK_B, 4] vectors shared by all rows -- no per-element gathers."""
+    pid_n, m = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    rc = tl.arange(0, 4)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    NB = KV // 4
+    for b0 in range(0, NB, BLOCK_B):
+        rb = b0 + tl.arange(0, BLOCK_B)
+        mb = rb < NB
+        j = rb[:, None] * 4 + rc[None, :]                                     # [BLOCK_B, 4] kept index
+        v = tl.load(v_ptr + rn[:, None, None] * stride_vn + j[None, :, :],
+                    mask=mn[:, None, None] & mb[None, :, None], other=0.0).to(tl.float32)
+        ib = tl.load(i_ptr + rn[:, None] * stride_in + rb[None, :], mask=mn[:, None] & mb[None, :], other=0)
+        idx = (ib.to(tl.int32)[:, :, None] >> (2 * rc)[None, None, :]) & 3    # [BLOCK_N, BLOCK_B, 4]
+        base = (j // KEEP) * GROUP
+        xv = tl.load(x_ptr + m * stride_xm + base, mask=mb[:, None], other=0.0).to(tl.float32)[None, :, :] + 0.0 * v
+        for c in tl.static_range(1, GROUP):
+            xc = tl.load(x_ptr + m * stride_xm + base + c, mask=mb[:, None], other=0.0).to(tl.float32)
+            xv = tl.where(idx == c, xc[None, :, :], xv)
+        acc += tl.sum(tl.sum(v * xv, axis=2), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
 def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor, int]:
     """The densest index form a kernel reads: 2 bits per kept value when m <= 4 (4 per byte),
     else the graph's 4-bit (or 8-bit) form. Returns (packed index, bits per entry)."""
@@ -213,6 +247,14 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if bits == 2:
+        bn = block_n or (16 if INTERPRET else 16)
+        bb = max((block_j or (64 if INTERPRET else 256)) // 4, 1)
+        _nm_gemv_2bit_kernel[(triton.cdiv(N, bn), M)](
+            x2, values, index, bias if bias is not None else values, y, N, KV, x2.stride(0), values.stride(0),
+            index.stride(0), y.stride(0), KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_N=bn,
+            BLOCK_B=triton.next_power_of_2(bb), num_warps=num_warps)
+        return y.reshape(*x.shape[:-1], N)
     bn = block_n or (64 if INTERPRET else 16)
     bj = block_j or (64 if INTERPRET else 128)
     _nm_linear_kernel[(triton.cdiv(N, bn), M)](x2, values, index, bias if bias is not None else values, y, M, N, KV,
@@ -262,7 +304,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    use_dot = M > 16 and not INTERPRET
+    use_dot = M > 16 and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)   # (fp32 would be TF32)
     bm = 16 if use_dot else (1 if M == 1 else min(triton.next_power_of_2(M), 4))
     bn = 64 if INTERPRET else 128
     bk = 32 if INTERPRET else 64

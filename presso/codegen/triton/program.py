@@ -113,6 +113,16 @@ def _attention_cached_step(n: Node) -> Step:
     return Step(n, "torch:sdpa_masked", run, list(n.inputs))
 
 
+def _cache_update_step(n: Node) -> Step:
+    """Write the new entries into the cache buffer itself (the reference copies the whole cache):
+    valid because the old cache is not read after its update (checked by the caller)."""
+    axis = n.attrs["axis"]
+
+    def run(cache, new, pos):
+        return [cache.index_copy_(axis, pos, new.to(cache.dtype))]
+    return Step(n, "torch:index_copy_", run, list(n.inputs))
+
+
 @dataclass
 class Program:
     graph: Graph
@@ -140,6 +150,8 @@ def build_program(g: Graph) -> Program:
             step = _norm_step(n)
         elif n.op == "attention_cached":
             step = _attention_cached_step(n)
+        elif n.op == "cache_update" and n.inputs[0].kind == "input" and len(users.get(n.inputs[0], [])) == 1:
+            step = _cache_update_step(n)
         steps.append(step or _torch_step(n))
     steps = [s for s in steps if s.node not in skipped]
     return Program(g, steps)

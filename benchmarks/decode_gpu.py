@@ -1,0 +1,148 @@
+"""Llama-style decode step, 1B config (Llama-3.2-1B shapes, random weights), batch 1, fp16:
+presso ``target="cuda"`` (int4 g128 weights; generated kernels; CUDA graph) vs the same model in
+torch eager fp16 and under ``torch.compile`` (default, and ``reduce-overhead`` = CUDA graphs).
+
+The torch baselines run the *dequantized* int4 weights in fp16 (what a user without presso runs:
+dense fp16), with the same static KV cache (index_copy at the position, masked SDPA over the
+cache), so the logits of every side are compared before timing.
+
+    python benchmarks/decode_gpu.py [--layers 16] [--max-len 1024] [--pos 512] [--recipe ...]
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import presso
+from presso.models import LlamaConfig, make_llama
+from presso.passes.quantize import dequant, rtn
+
+
+def eager_step_fn(model, cfg):
+    """A cached single-token forward over the module's own weights (gpt-fast style)."""
+    hd, nq, nkv = cfg.head_dim, cfg.heads, cfg.kv_heads
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    def step(ids, pos, kcs, vcs):
+        B = ids.shape[0]
+        x = model.embed_tokens(ids)
+        cos = model.cos_cached.index_select(0, pos).to(x.dtype)
+        sin = model.sin_cached.index_select(0, pos).to(x.dtype)
+        mask = torch.arange(kcs[0].shape[2], device=ids.device)[None, :] <= pos[:, None]
+        for layer, kc, vc in zip(model.layers, kcs, vcs):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(B, 1, nq, hd).transpose(1, 2)
+            k = a.k_proj(h).view(B, 1, nkv, hd).transpose(1, 2)
+            v = a.v_proj(h).view(B, 1, nkv, hd).transpose(1, 2)
+            q = q * cos + rot(q) * sin
+            k = k * cos + rot(k) * sin
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, 1, nq * hd))
+            m = layer.mlp
+            hh = layer.post_attention_layernorm(x)
+            x = x + m.down_proj(F.silu(m.gate_proj(hh)) * m.up_proj(hh))
+        return model.lm_head(model.norm(x))
+    return step
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters=50):
+    for _ in range(5):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--pos", type=int, default=512)
+    ap.add_argument("--recipe", default="quantize{weights=int4,group_size=128}")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (TRITON_INTERPRET=1)")
+    a = ap.parse_args()
+    dev = "cpu" if a.smoke else "cuda"
+    base = LlamaConfig(vocab=256, dim=64, layers=2, heads=4, kv_heads=2, hidden=160) if a.smoke else LlamaConfig.llama_1b()
+    cfg = LlamaConfig(**{**base.__dict__, "layers": a.layers, "max_seq": a.max_len})
+    t0 = time.time()
+    model, _ = make_llama(batch=2, seq=8, config=cfg)
+    model = model.float() if a.smoke else model.half()
+    ex = (torch.randint(0, cfg.vocab, (2, 8)),)
+    cm = presso.compile(model, example_inputs=ex, recipe=a.recipe, generation=True, max_len=a.max_len,
+                        target="cuda")
+    gen = cm.decode_program()
+    step_rt = gen.step_rt
+    print(f"compiled in {time.time() - t0:.0f}s; step graph {len(gen.step.nodes)} nodes; kernels: "
+          f"{sorted(set(step_rt.program.kernels.values()))}", flush=True)
+    # the torch side runs the same (dequantized) weights in dense fp16
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and "int4" in a.recipe:
+                g = int(a.recipe.split("group_size=")[1].split("}")[0].split(",")[0])
+                codes, s, z = rtn(mod.weight.float(), 4, g, True)
+                mod.weight.copy_(dequant(codes, s.half().double(), None, g).to(mod.weight.dtype))
+    model = model.to(dev)
+    B = 1
+    ids = torch.randint(0, cfg.vocab, (B, 1), device=dev)
+    pos = torch.tensor([a.pos], device=dev)
+    caches = gen.new_caches({"batch": B})
+    torch.manual_seed(1)
+    for c in caches:
+        c.normal_()
+    kcs = [c.clone() for s, c in zip(gen.specs, caches) if s.which == "k"]
+    vcs = [c.clone() for s, c in zip(gen.specs, caches) if s.which == "v"]
+    step = eager_step_fn(model, cfg)
+    with torch.no_grad():
+        want = step(ids, pos, [k.clone() for k in kcs], [v.clone() for v in vcs]).float()
+        got = step_rt.run(ids, pos, *[c.clone() for c in caches])[0].float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"presso vs eager logits: max rel err {err:.2e}", flush=True)
+        assert err < 2e-2
+        rows = []
+        t_eager = timed(lambda: step(ids, pos, kcs, vcs))
+        rows.append(("torch eager fp16", t_eager))
+        if not a.no_compile:
+            for mode in ("default", "reduce-overhead"):
+                try:
+                    cstep = torch.compile(step, mode=mode, fullgraph=False)
+                    tc = time.time()
+                    cstep(ids, pos, kcs, vcs)
+                    rows.append((f"torch.compile fp16 ({mode}; compiled in {time.time() - tc:.0f}s)",
+                                 timed(lambda: cstep(ids, pos, kcs, vcs))))
+                except Exception as e:  # noqa: BLE001 - report, keep going
+                    rows.append((f"torch.compile ({mode}) failed: {type(e).__name__}: {str(e)[:80]}", float("nan")))
+        t_nograph = timed(lambda: step_rt.run(ids, pos, *caches))
+        rows.append((f"presso cuda, {a.recipe}, no CUDA graph", t_nograph))
+        if dev == "cuda":
+            step_rt.capture(ids, pos, *caches)
+            static = step_rt._graph_exec.static_in
+            rows.append((f"presso cuda, {a.recipe}, CUDA graph", timed(lambda: step_rt.run(ids, pos, *static[2:]))))
+    print(f"\ndecode step, {cfg.layers} layers x dim {cfg.dim} (vocab {cfg.vocab}), batch {B}, position {a.pos} of "
+          f"{a.max_len}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke)'}")
+    print("| runtime | ms / token | tokens/s | vs eager |")
+    print("|---|---|---|---|")
+    for label, ms in rows:
+        print(f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | {t_eager / ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
