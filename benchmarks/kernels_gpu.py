@@ -49,7 +49,7 @@ def main():
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, f"int4 kernel wrong at M={M}: rel err {err}"
         best = None
-        sweep = (itertools.product((4, 8, 16), (128, 256, 512, 1024), (2, 4, 8), (2, 3)) if M == 1 else
+        sweep = (itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3)) if M == 1 else
                  itertools.product((16, 32, 64), (32, 64), (4, 8), (2, 3, 4)))
         for bn, bkh, nw, ns in sweep:
             try:
@@ -76,7 +76,7 @@ def main():
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, f"2:4 kernel wrong at M={M}: rel err {err}"
         best = None
-        sweep = itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8)) if M == 1 else [(16, 128, 4)]
+        sweep = itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8)) if M == 1 else [(16, 128, 4)]
         for bn, bj, nw in sweep:
             try:
                 t = bench(lambda: nm_linear(x, vals, index, 2, 4, block_n=bn, block_j=bj, num_warps=nw, index_bits=bits))

@@ -55,19 +55,31 @@ def main():
 
         if L <= 16384 and B == 1:   # correctness at benchmark size
             qa = torch.bmm(q.transpose(0, 1), ub.transpose(1, 2)).transpose(0, 1).contiguous()
-            for got, want in ((latent_decode_attention(qa, hk, hv, pos, HPG, scale),
-                               reference_latent_attention(qa, hk, hv, pos, HPG, scale)),
-                              (latent_decode_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin),
-                               reference_latent_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin))):
+            for mode in ("absorbed", "rope"):
+                try:
+                    if mode == "absorbed":
+                        got = latent_decode_attention(qa, hk, hv, pos, HPG, scale)
+                        want = reference_latent_attention(qa, hk, hv, pos, HPG, scale)
+                    else:
+                        got = latent_decode_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin)
+                        want = reference_latent_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{mode} kernel failed: {type(e).__name__}: {str(e)[:120]}")
+                    continue
                 err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                assert err < 2e-2, f"latent attention wrong: {err}"
+                print(f"check {mode} B={B} L={L}: rel err {err:.1e}")
+                assert err < 2e-2, f"latent attention ({mode}) wrong: {err}"
         k = torch.randn(B, H, L, D, device=dev, dtype=torch.float16)
         v = torch.randn(B, H, L, D, device=dev, dtype=torch.float16)
         qq = q[:, :, None, :]
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(qq, k, v))
         del k, v
         best_a = min((bench(lambda: absorbed(s)), s) for s in (256, 512, 1024, 2048))
-        best_r = min((bench(lambda: rebuilt(s)), s) for s in (256, 512, 1024, 2048))
+        try:
+            best_r = min((bench(lambda: rebuilt(s)), s) for s in (256, 512, 1024, 2048))
+        except Exception as e:  # noqa: BLE001 - report and keep the absorbed numbers
+            print(f"rope kernel failed: {type(e).__name__}: {str(e)[:120]}")
+            best_r = (float("nan"), None)
         ratio = (hk.numel() + hv.numel()) / (2 * B * H * L * D)
         print(f"| {B} | {L} | {t_sdpa:.1f} | {best_a[0]:.1f} | {t_sdpa / best_a[0]:.2f}x | {best_r[0]:.1f} | "
               f"{t_sdpa / best_r[0]:.2f}x | {ratio:.2f} | {best_a[1]}/{best_r[1]} |", flush=True)

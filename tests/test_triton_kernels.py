@@ -50,6 +50,22 @@ SCRIPT = textwrap.dedent("""
             got = nm_linear(x, vals, packed, n, m, b, index_bits=2)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("2-bit", M, N, K, n, m)
             cases += 1
+    from presso.codegen.triton.latent_attention import latent_decode_attention, reference_latent_attention
+    for rope in (False, True):
+        for B, H, HPG, D, R, RV, L, pos, Gv, split in [(1, 8, 4, 16, 16, 16, 40, 33, None, None),
+                                                       (2, 8, 4, 16, 32, 16, 50, 49, 1, 16),
+                                                       (1, 4, 2, 16, 16, 32, 64, 20, None, 16)]:
+            G = H // HPG
+            q = torch.randn(B, H, D if rope else R)
+            hk, hv = torch.randn(B, L, G * R), torch.randn(B, L, (Gv or G) * RV)
+            upk = torch.randn(G, R, HPG * D) * 0.2 if rope else None
+            ang = torch.randn(L, D // 2)
+            cos, sin = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)) if rope else (None, None)
+            p = torch.tensor([pos])
+            got = latent_decode_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv, split_len=split)
+            want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (rope, B, L, (got - want).abs().max())
+            cases += 1
     print("kernel cases", cases)
 """)
 
@@ -58,4 +74,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 14" in r.stdout
+    assert "kernel cases 20" in r.stdout

@@ -133,13 +133,13 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     hp = max(16, triton.next_power_of_2(heads_per_group))
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
-    bt = block_t or (16 if INTERPRET else (32 if rope else 64))
+    bt = block_t or (16 if INTERPRET else (16 if rope else 64))
     _latent_attn_kernel[(B, G, splits)](
         q, up, up_rot, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, SPLIT_LEN=split,
-        num_warps=num_warps)
+        num_warps=num_warps, **({"num_stages": 1} if rope else {}))   # rope: the up-projection tiles fill SMEM
     out = torch.empty(B, H, RV, dtype=q.dtype, device=q.device)
     _combine_kernel[(B, G)](o, ml, out, splits, o.stride(0), o.stride(1), o.stride(2), out.stride(0), out.stride(1),
                             HPG=heads_per_group, HP=hp, RV=RV, BLOCK_S=triton.next_power_of_2(splits))
