@@ -53,7 +53,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
             s = tl.zeros((BLOCK_T, HP), tl.float32)
             cs = tl.load(cos_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
             sn = tl.load(sin_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-            for h in tl.static_range(HPG):
+            for h in range(HPG):          # a loop, not unrolled: one head's up-projection tiles at a time
                 bh = tl.load(b_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :])      # [R, D]
                 brh = tl.load(br_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :])
                 k = tl.dot(hk, bh) * cs + tl.dot(hk, brh) * sn                                         # [T, D]
