@@ -82,7 +82,7 @@ def main():
     a = ap.parse_args()
     dev = "cpu" if a.smoke else "cuda"
     base = LlamaConfig(vocab=256, dim=64, layers=2, heads=4, kv_heads=2, hidden=160) if a.smoke else LlamaConfig.llama_1b()
-    cfg = LlamaConfig(**{**base.__dict__, "layers": a.layers, "max_seq": a.max_len})
+    cfg = LlamaConfig(**{**base.__dict__, "layers": a.layers, "max_seq": 2 * a.max_len})
     t0 = time.time()
     model, _ = make_llama(batch=2, seq=8, config=cfg)
     model = model.float() if a.smoke else model.half()
@@ -117,31 +117,30 @@ def main():
         err = ((got - want).abs().max() / want.abs().max()).item()
         print(f"presso vs eager logits: max rel err {err:.2e}", flush=True)
         assert err < 2e-2
-        rows = []
+        print(f"\ndecode step, {cfg.layers} layers x dim {cfg.dim} (vocab {cfg.vocab}), batch {B}, position {a.pos} "
+              f"of {a.max_len}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke)'}")
+        print("| runtime | ms / token | tokens/s | vs eager |")
+        print("|---|---|---|---|", flush=True)
         t_eager = timed(lambda: step(ids, pos, kcs, vcs))
-        rows.append(("torch eager fp16", t_eager))
-        if not a.no_compile:
-            for mode in ("default", "reduce-overhead"):
-                try:
-                    cstep = torch.compile(step, mode=mode, fullgraph=False)
-                    tc = time.time()
-                    cstep(ids, pos, kcs, vcs)
-                    rows.append((f"torch.compile fp16 ({mode}; compiled in {time.time() - tc:.0f}s)",
-                                 timed(lambda: cstep(ids, pos, kcs, vcs))))
-                except Exception as e:  # noqa: BLE001 - report, keep going
-                    rows.append((f"torch.compile ({mode}) failed: {type(e).__name__}: {str(e)[:80]}", float("nan")))
-        t_nograph = timed(lambda: step_rt.run(ids, pos, *caches))
-        rows.append((f"presso cuda, {a.recipe}, no CUDA graph", t_nograph))
+
+        def row(label, ms):
+            print(f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | {t_eager / ms:.2f}x |", flush=True)
+        row("torch eager fp16", t_eager)
+        row(f"presso cuda, {a.recipe}, no CUDA graph", timed(lambda: step_rt.run(ids, pos, *caches)))
         if dev == "cuda":
             step_rt.capture(ids, pos, *caches)
             static = step_rt._graph_exec.static_in
-            rows.append((f"presso cuda, {a.recipe}, CUDA graph", timed(lambda: step_rt.run(ids, pos, *static[2:]))))
-    print(f"\ndecode step, {cfg.layers} layers x dim {cfg.dim} (vocab {cfg.vocab}), batch {B}, position {a.pos} of "
-          f"{a.max_len}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke)'}")
-    print("| runtime | ms / token | tokens/s | vs eager |")
-    print("|---|---|---|---|")
-    for label, ms in rows:
-        print(f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | {t_eager / ms:.2f}x |")
+            row(f"presso cuda, {a.recipe}, CUDA graph", timed(lambda: step_rt.run(ids, pos, *static[2:])))
+        if not a.no_compile:
+            for mode in ("default", "reduce-overhead"):
+                try:
+                    cstep = torch.compile(step, mode=mode)
+                    tc = time.time()
+                    cstep(ids, pos, kcs, vcs)
+                    row(f"torch.compile fp16 ({mode}; compiled in {time.time() - tc:.0f}s)",
+                        timed(lambda: cstep(ids, pos, kcs, vcs)))
+                except Exception as e:  # noqa: BLE001 - report, keep going
+                    print(f"| torch.compile ({mode}) failed: {type(e).__name__}: {str(e)[:80]} | | | |", flush=True)
 
 
 if __name__ == "__main__":
