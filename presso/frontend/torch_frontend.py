@@ -487,6 +487,19 @@ def _adaptive_avg(im, x, size):
 
 
 # ---- entry point -------------------------------------------------------------------------
+def _export(module, example_inputs, dynamic_shapes):
+    """torch.export; when its guard solver cannot prove a guard over a dynamic dim's whole range
+    (torch 2.11 fails ``min(16*s, 32*s) == 16*s`` on Llama), retry with the guards as deferred
+    runtime asserts -- which the importer drops, having typed every dim symbolically."""
+    try:
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # noqa: BLE001
+        if dynamic_shapes is None or "Constraints violated" not in str(e):
+            raise
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
 def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], method: str = "auto",
                dynamic_shapes=None, name: Optional[str] = None) -> Graph:
     """Import ``module`` called on ``example_inputs``. ``method``: "auto" (export, then fx),
@@ -506,7 +519,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+                    ep = _export(module, example_inputs, dynamic_shapes)
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
                 errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
             else:
