@@ -70,42 +70,40 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, st
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
-                      WPG: tl.constexpr, GPB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HG: tl.constexpr, GPB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    """Decode (one row of x per program column). The packed codes are read as 32-bit words, 8
-    nibbles = 8 consecutive columns each, in [BLOCK_N, GPB, WPG] tiles of GPB whole quantization
-    groups (WPG words each): wide loads, many bytes in flight. A group's dot is reduced first and
-    scaled once; the +8 offset of signed codes comes back as one term per group."""
+    """Decode (one row of x per program column): weights as [BLOCK_N, GPB, HG] byte tiles, GPB
+    whole quantization groups per step so each step keeps many bytes in flight; a group's dot is
+    reduced first, then scaled by the group's scale (one scale load per row and group)."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < N
     rg = tl.arange(0, GPB)
-    rw = tl.arange(0, WPG)
-    NG = K // (8 * WPG)
+    rh = tl.arange(0, HG)
+    NG = K // (2 * HG)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for g0 in range(0, NG, GPB):
         gi = g0 + rg
         mg = gi < NG
-        word = gi[:, None] * WPG + rw[None, :]                                   # [GPB, WPG]
-        w = tl.load(q_ptr + rn[:, None, None] * stride_qn + word[None, :, :],
-                    mask=mn[:, None, None] & mg[None, :, None], other=0)
+        byte = gi[:, None] * HG + rh[None, :]                                   # [GPB, HG]
+        qb = tl.load(q_ptr + rn[:, None, None] * stride_qn + byte[None, :, :],
+                     mask=mn[:, None, None] & mg[None, :, None], other=0)
+        xe = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=mg[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=mg[:, None], other=0.0).to(tl.float32)
         if not HAS_ZERO:
-            w = w ^ -2004318072          # 0x88888888: each two's-complement nibble c becomes c + 8
-        part = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
-        xsum = tl.zeros((GPB,), dtype=tl.float32)
-        for c in tl.static_range(8):
-            xc = tl.load(x_ptr + m * stride_xm + 8 * word + c, mask=mg[:, None], other=0.0).to(tl.float32)
-            part += ((w >> (4 * c)) & 15).to(tl.float32) * xc[None, :, :]
-            xsum += tl.sum(xc, axis=1)
-        dot = tl.sum(part, axis=2)                                               # [BLOCK_N, GPB]
+            qb = qb ^ 0x88        # two's-complement nibble c becomes c + 8 in [0, 16), both nibbles in one op
+        lo = (qb & 15).to(tl.float32)
+        hi = (qb >> 4).to(tl.float32)
+        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)       # [BLOCK_N, GPB]
+        xsum = tl.sum(xe + xo, axis=1)                                          # [GPB], shared by all rows
         smask = mn[:, None] & mg[None, :]
         sc = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
+        if HAS_ZERO:     # sum (c - z) x = sum c x - z sum x
             z = tl.load(z_ptr + rn[:, None] * stride_sn + gi[None, :], mask=smask, other=0).to(tl.float32)
-            dot = dot - xsum[None, :] * z
-        else:
-            dot = dot - 8.0 * xsum[None, :]
-        acc += tl.sum(dot * sc, axis=1)
+            part = part - xsum[None, :] * z
+        else:            # the + 8 of every signed code comes back as one term per group
+            part = part - 8.0 * xsum[None, :]
+        acc += tl.sum(part * sc, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
@@ -124,15 +122,14 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    wpg = group_size // 8
-    if M <= 2 and group_size % 8 == 0 and wpg & (wpg - 1) == 0 and q.is_contiguous():
-        # GEMV over 32-bit words; block_kh here means bytes per row per step
-        gpb = max(1, (block_kh or (16 if INTERPRET else 256)) // (4 * wpg))
-        bn = block_n or (16 if INTERPRET else 16)
-        qw = q.view(torch.int32)
+    hg = group_size // 2
+    if M <= 2 and hg & (hg - 1) == 0 and hg >= 8:
+        # GEMV: whole groups per step; block_kh here means bytes per row per step
+        gpb = max(1, (block_kh or (16 if INTERPRET else 256)) // hg)
+        bn = block_n or (16 if INTERPRET else 8)
         _int4_gemv_kernel[(triton.cdiv(N, bn), M)](
-            x2, qw, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, N, K,
-            x2.stride(0), qw.stride(0), scales.stride(0), y.stride(0), WPG=wpg, GPB=triton.next_power_of_2(gpb),
+            x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, N, K,
+            x2.stride(0), q.stride(0), scales.stride(0), y.stride(0), HG=hg, GPB=triton.next_power_of_2(gpb),
             HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, num_warps=num_warps or 4, **extra)
         return y.reshape(*x.shape[:-1], N)
     use_dot = M > 4 and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
