@@ -66,17 +66,20 @@ def main():
                      "fp16_TBps": round(N * K * 2 / t_fp16 / 1e6, 3), "config": best[1:], "rel_err": err})
     Wd = W.half()
     vals, idx, dense = nm_prune(Wd.float(), Wd.float().abs(), 2, 4)
-    vals, index, dense = vals.half(), pack_int4(idx), dense.half()
-    index, bits = pack_nm_index(index, vals.shape[1], 4)          # 2-bit metadata, as the cuda target runs it
-    nm_bytes = vals.numel() * 2 + index.numel()
-    for M in (1, 16):
+    vals, index4, dense = vals.half(), pack_int4(idx), dense.half()
+    index2, _ = pack_nm_index(index4, vals.shape[1], 4)          # 2-bit metadata, as the cuda target runs it
+    for (bits, index), M in itertools.product(((2, index2), (4, index4)), (1, 16)):
+        if bits == 4 and M == 16:
+            continue
+        nm_bytes = vals.numel() * 2 + index.numel()
         x = torch.randn(M, K, device=dev, dtype=torch.float16)
         want = F.linear(x.float(), dense.float())
         got = nm_linear(x, vals, index, 2, 4, index_bits=bits)
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 2e-2, f"2:4 kernel wrong at M={M}: rel err {err}"
         best = None
-        sweep = itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8)) if M == 1 else [(16, 128, 4)]
+        sweep = (itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)) if bits == 2 else
+                 itertools.product((16, 32, 64), (64, 128, 256), (4, 8))) if M == 1 else [(16, 128, 4)]
         for bn, bj, nw in sweep:
             try:
                 t = bench(lambda: nm_linear(x, vals, index, 2, 4, block_n=bn, block_j=bj, num_warps=nw, index_bits=bits))
@@ -95,7 +98,7 @@ def main():
         except Exception as e:  # noqa: BLE001
             semi = f"ERR {type(e).__name__}: {str(e)[:80]}"
         t = best[0]
-        rows.append({"workload": f"2:4 sparse linear {M}x{K}->{N} fp16", "presso_us": round(t, 1),
+        rows.append({"workload": f"2:4 sparse linear {M}x{K}->{N} fp16, {bits}-bit index", "presso_us": round(t, 1),
                      "torch_fp16_us": round(t_dense, 1), "torch_semi_structured_us": semi,
                      "speedup": round(t_dense / t, 2), "presso_TBps": round(nm_bytes / t / 1e6, 3),
                      "fp16_TBps": round(N * K * 2 / t_dense / 1e6, 3), "config": best[1:], "rel_err": err})

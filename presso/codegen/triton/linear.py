@@ -149,43 +149,6 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
 
 
 @triton.jit
-def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, M, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
-                      KEEP: tl.constexpr, GROUP: tl.constexpr, IDX_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Kept values are read as [BLOCK_N, BLOCK_J] tiles contiguous along the kept axis. For M <= 4
-    the x entry of each kept value is *selected* from the group's M candidates (loaded once per
-    program row-independently), not gathered; wider groups gather x (cache resident at decode)."""
-    pid_n, m = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = rn < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    PER_BYTE: tl.constexpr = 8 // IDX_BITS
-    MASK: tl.constexpr = (1 << IDX_BITS) - 1
-    for j0 in range(0, KV, BLOCK_J):
-        rj = j0 + tl.arange(0, BLOCK_J)
-        mj = rj < KV
-        msk = mn[:, None] & mj[None, :]
-        v = tl.load(v_ptr + rn[:, None] * stride_vn + rj[None, :], mask=msk, other=0.0).to(tl.float32)
-        if IDX_BITS == 8:
-            idx = tl.load(i_ptr + rn[:, None] * stride_in + rj[None, :], mask=msk, other=0).to(tl.int32)
-        else:
-            ib = tl.load(i_ptr + rn[:, None] * stride_in + (rj // PER_BYTE)[None, :], mask=msk, other=0).to(tl.int32)
-            idx = (ib >> ((rj % PER_BYTE) * IDX_BITS)[None, :]) & MASK
-        base = (rj // KEEP) * GROUP
-        if GROUP <= 4:
-            xv = tl.load(x_ptr + m * stride_xm + base, mask=mj, other=0.0).to(tl.float32)[None, :] + 0.0 * v
-            for c in tl.static_range(1, GROUP):
-                xc = tl.load(x_ptr + m * stride_xm + base + c, mask=mj, other=0.0).to(tl.float32)
-                xv = tl.where(idx == c, xc[None, :], xv)
-        else:
-            xv = tl.load(x_ptr + m * stride_xm + base[None, :] + idx, mask=msk, other=0.0).to(tl.float32)
-        acc += tl.sum(v * xv, axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
-
-
-@triton.jit
 def _nm_gemv_2bit_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
                          KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_B: tl.constexpr):
@@ -216,6 +179,30 @@ def _nm_gemv_2bit_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, N, KV, stride_xm, st
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _nm_linear_kernel_kn(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, M, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
+                      KEEP: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    pid_n, m = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(0, KV, BLOCK_J):
+        rj = j0 + tl.arange(0, BLOCK_J)
+        msk = (rj < KV)[:, None] & (rn < N)[None, :]
+        v = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
+        if PACKED:
+            ib = tl.load(i_ptr + rn[None, :] * stride_in + (rj // 2)[:, None], mask=msk, other=0).to(tl.int32)
+            idx = (ib >> ((rj % 2) * 4)[:, None]) & 0xF
+        else:
+            idx = tl.load(i_ptr + rn[None, :] * stride_in + rj[:, None], mask=msk, other=0).to(tl.int32)
+        k = (rj // KEEP)[:, None] * GROUP + idx
+        xv = tl.load(x_ptr + m * stride_xm + k, mask=msk, other=0.0).to(tl.float32)
+        acc += tl.sum(v * xv, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor, int]:
@@ -255,12 +242,13 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
             index.stride(0), y.stride(0), KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_N=bn,
             BLOCK_B=triton.next_power_of_2(bb), num_warps=num_warps)
         return y.reshape(*x.shape[:-1], N)
-    bn = block_n or (64 if INTERPRET else 16)
-    bj = block_j or (64 if INTERPRET else 128)
-    _nm_linear_kernel[(triton.cdiv(N, bn), M)](x2, values, index, bias if bias is not None else values, y, M, N, KV,
-                                               x2.stride(0), values.stride(0), index.stride(0), y.stride(0), KEEP=n,
-                                               GROUP=m, IDX_BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                               BLOCK_J=bj, num_warps=num_warps)
+    bn = block_n or (64 if INTERPRET else 32)
+    bj = block_j or (32 if INTERPRET else 128)
+    # [J, N] tiles with x gathered (session-1 layout; measured faster than [N, J] on the H100)
+    _nm_linear_kernel_kn[(triton.cdiv(N, bn), M)](x2, values, index, bias if bias is not None else values, y, M, N,
+                                                  KV, x2.stride(0), values.stride(0), index.stride(0), y.stride(0),
+                                                  KEEP=n, GROUP=m, PACKED=bits == 4, HAS_BIAS=bias is not None,
+                                                  BLOCK_N=bn, BLOCK_J=bj, num_warps=num_warps if block_n else 8)
     return y.reshape(*x.shape[:-1], N)
 
 
