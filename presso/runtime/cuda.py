@@ -33,17 +33,13 @@ class CudaRuntime:
         self.graph = graph
         self.device = cuda_device()
         self.program = program or build_program(graph)
-        from ..codegen.triton.program import Packed
-        self._params = {p.value: p.data.to(self.device) for p in graph.params.values()}
+        used = {v for s in self.program.steps for v in s.inputs}
+        self._params = {p.value: p.data.to(self.device) for p in graph.params.values() if p.value in used}
         last = {}
         for i, s in enumerate(self.program.steps):
             for v in s.inputs:
-                if isinstance(v, Packed):
-                    self._params[v] = v.fn(self._params[v.value])
-                elif v is not None:
+                if v is not None:
                     last[v] = i
-        used = {v for s in self.program.steps for v in s.inputs}
-        self._params = {v: t for v, t in self._params.items() if v in used}   # unpacked forms are dropped
         keep = set(graph.outputs)
         self._free_after = [[] for _ in self.program.steps]
         for v, i in last.items():

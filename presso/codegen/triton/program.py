@@ -16,14 +16,6 @@ from ...ir.graph import Graph, Node
 from ...ir.registry import get_op
 
 
-@dataclass(eq=False)
-class Packed:
-    """A param the kernel reads in a denser layout than the graph stores: ``fn`` maps the graph's
-    tensor to it once, when the runtime loads the params (e.g. 2:4 indices from 4 to 2 bits)."""
-    value: object
-    fn: Callable
-
-
 @dataclass
 class Step:
     node: Node
@@ -56,16 +48,14 @@ def _linear_step(n: Node, p: Node) -> Step:
         def run(xt, qt, st, zt, bt):
             return [kern(xt, qt, st, zt, bt, gs)]
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
-    from .linear import pack_nm_index
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
-    kept = vals.type.shape[1]
-    bits = 2 if m <= 4 and kept % 4 == 0 else None
 
     def run_nm(xt, vt, it, bt):
-        return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits)]
-    index = Packed(idx, lambda t: pack_nm_index(t, kept, m)[0]) if bits else idx
-    return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, index, b])
+        # the graph's 4-bit indices: on the H100 the gather kernel over them (43.2 us) beat the
+        # 2-bit select kernel (49.8 us) at 1x4096->14336 (benchmarks/RESULTS.md)
+        return [nm_linear(xt, vt, it, nn, m, bt)]
+    return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b])
 
 
 def _fused_step(n: Node) -> Step:
