@@ -53,7 +53,10 @@ class Generator:
             tokens.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            outs = self.step_rt.run(nxt[:, None], torch.tensor([prompt + step]), *caches)
+            args = (nxt[:, None], torch.tensor([prompt + step]), *caches)
+            if step == 0 and hasattr(self.step_rt, "capture"):
+                self.step_rt.capture(*args)     # the cuda runtime records the step as a CUDA graph
+            outs = self.step_rt.run(*args)
             logits, caches = outs[0].cpu(), outs[1:]
         return torch.cat(tokens, dim=1)
 
