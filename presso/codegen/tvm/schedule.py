@@ -12,8 +12,17 @@ into TIR functions, each one gets a schedule here:
 """
 from __future__ import annotations
 
-ROWS = 6     # rows x VECTOR columns of accumulators: 6 x 2 AVX2 registers, room left for operands
-VECTOR = 16
+ROWS = 4     # rows x VECTOR columns of accumulators (4 x 2 AVX2 registers); measured on a 2-core
+VECTOR = 16  # Zen 3: 4x16 70 GFLOP/s, 6x16 36 (1024 rows: the 6-row blocks need a bounds check)
+
+
+def _row_block(extent) -> int:
+    """ROWS, or a smaller block that divides a static row count (a remainder check inside the
+    unrolled row loop stops LLVM from vectorizing it)."""
+    n = _static(extent)
+    if n is None or n % ROWS == 0:
+        return ROWS
+    return next(r for r in range(ROWS, 0, -1) if n % r == 0 or r == 1)
 
 
 def cpu_pipeline(target, tune: bool = True):
@@ -114,7 +123,11 @@ def schedule_linear(func, target, tunable):
     *outer, i, j, k = sch.get_loops(mm)   # (fusing the leading dims would blur the write-back region)
     vec = min(nj, VECTOR)
     jo, jm, ji = sch.split(j, [None, nj // vec, vec])
-    io, ii = sch.split(i, [None, ROWS])
+    io, ii = sch.split(i, [None, _row_block(sch.get(i).extent)])
+    kext = _static(sch.get(k).extent) or 0
+    kb = next((b for b in KBLOCKS if kext >= 4 * b and kext % b == 0), None)
+    if kb is not None:
+        return _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer, kb)
     sch.reorder(jo, *outer, io, jm, k, ii, ji)
     acc = sch.cache_write(mm, 0, "local")
     _inline_epilogues(sch, acc)
@@ -127,6 +140,28 @@ def schedule_linear(func, target, tunable):
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(jo)
     sch.decompose_reduction(mm, k)
+    return sch
+
+
+KBLOCKS = (256,)
+
+
+def _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer, kblock):
+    """Long reductions: K in blocks so a block's weights (kblock x 16) and activations
+    stay in L1; the 4 x 16 output tile accumulates in place across blocks (LLVM keeps it in
+    registers within a block), the epilogue runs once per column tile after the reduction."""
+    ko, ki = sch.split(k, [None, kblock])
+    sch.reorder(jo, ko, *outer, io, jm, ki, ii, ji)
+    for blk in sch.get_consumers(mm):
+        sch.reverse_compute_at(blk, jo)
+        sch.vectorize(sch.get_loops(blk)[-1])
+    if wtile is not None:
+        sch.compute_at(wtile, jo)
+        sch.vectorize(sch.get_loops(wtile)[-1])
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.parallel(jo)
+    sch.decompose_reduction(mm, ko)
     return sch
 
 
@@ -153,7 +188,7 @@ def schedule_matmul(func, target, tunable):
     if nj is None:
         return None
     jo, ji = sch.split(j, [None, nj])
-    io, ii = sch.split(i, [None, ROWS])
+    io, ii = sch.split(i, [None, _row_block(sch.get(i).extent)])
     sch.reorder(*batch, io, jo, k, ii, ji)
     _inline_intermediates(sch, {"matmul"})
     acc = sch.cache_write(mm, 0, "local")
