@@ -27,6 +27,13 @@ SCRIPT = textwrap.dedent("""
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)
+    # a cuda artifact loads (kernels regenerated from the graph, cached by source hash)
+    import tempfile
+    cm = presso.compile(m, example_inputs=ex, target="cuda", recipe="quantize{weights=int4,group_size=16}")
+    with tempfile.TemporaryDirectory() as d:
+        loaded = presso.load(cm.save(d + "/m.presso"))
+        assert loaded.target == "cuda" and torch.equal(loaded(*ex), cm(*ex))
+    print("artifact ok")
     # generation: prefill + decode steps through the kernels give the reference's tokens
     ids = torch.randint(0, 256, (2, 4))
     kw = dict(example_inputs=(ids,), recipe="quantize{weights=int4,group_size=16}", generation=True, max_len=16)
@@ -42,6 +49,7 @@ def test_whole_models_run_through_the_kernels_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("zoo ") == 6 and r.stdout.count("recipe ") == 4 and "generate ok" in r.stdout
+    assert "artifact ok" in r.stdout
     assert "triton:fused_elementwise" in r.stdout and "triton:rms_norm" in r.stdout
 
 

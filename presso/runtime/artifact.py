@@ -132,6 +132,13 @@ def load_artifact(path, device: str = "cpu"):
     g = parse(text, weights)
     g.meta.update(manifest.get("graph_meta") or {})
     code = None
+    if target == "cuda":
+        from .cuda import cuda_device
+        from ..errors import TargetUnavailableError
+        try:
+            cuda_device()
+        except TargetUnavailableError as e:
+            raise ArtifactError(f"{path}: target 'cuda' cannot run on this machine: {e}") from None
     if target in ("llvm", "aarch64"):
         from ..codegen.tvm import can_run_here, load_library
         if not can_run_here(target):

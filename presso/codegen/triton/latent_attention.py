@@ -104,7 +104,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             heads_per_group: int, scale: float, up_k: torch.Tensor | None = None,
                             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                             value_groups: int | None = None, split_len: int | None = None,
-                            block_t: int | None = None, num_warps: int = 4):
+                            block_t: int | None = None, num_warps: int = 4, num_stages: int | None = None):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope) or the absorbed [B, H, R]; hk: [B, L, G*R]; hv: [B, L, Gv*Rv];
@@ -139,7 +139,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, SPLIT_LEN=split,
-        num_warps=num_warps, **({"num_stages": 1} if rope else {}))   # rope: the up-projection tiles fill SMEM
+        num_warps=num_warps, **({"num_stages": 1} if rope else {} if num_stages is None else {"num_stages": num_stages}))
     out = torch.empty(B, H, RV, dtype=q.dtype, device=q.device)
     _combine_kernel[(B, G)](o, ml, out, splits, o.stride(0), o.stride(1), o.stride(2), out.stride(0), out.stride(1),
                             HPG=heads_per_group, HP=hp, RV=RV, BLOCK_S=triton.next_power_of_2(splits))
