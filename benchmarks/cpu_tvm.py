@@ -7,7 +7,6 @@ Same model, same inputs, one run: presso fp32 and int8 against onnxruntime fp32 
     python benchmarks/cpu_tvm.py [--batch 8] [--seq 128] [--iters 20]
 """
 import argparse
-import io
 import os
 import statistics
 import sys

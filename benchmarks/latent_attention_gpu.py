@@ -116,11 +116,9 @@ def main():
             print(f"rope kernel failed: {type(e).__name__}: {str(e)[:120]}")
             best_r = (float("nan"), None)
         ratio = (hk.numel() + hv.numel()) / (2 * B * H * L * D)
-        del k, v
         print(f"| {B} | {L} | {t_sdpa:.1f} | {best_a[0]:.1f} | {t_sdpa / best_a[0]:.2f}x | {g_sdpa:.1f} / {g_abs:.1f} | "
               f"{g_sdpa / g_abs:.2f}x | {best_r[0]:.1f} | "
               f"{t_sdpa / best_r[0]:.2f}x | {ratio:.2f} | {best_a[1]}/{best_r[1]} |", flush=True)
-        del hk, hv
         torch.cuda.empty_cache()
 
 

@@ -21,7 +21,6 @@ class TVMRuntime:
 
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
         bind_inputs(self.graph, args)
-        tvm = self._tvm
         ins = [self._to_tvm(a.detach().contiguous()) for a in args]
         out = self._main(*ins, *self._params)
         outs = list(out) if not hasattr(out, "numpy") else [out]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ir.expr import Arg, Call, Const, Expr, parse
+from ...ir.expr import Arg, Const, Expr, parse
 from ...ir.types import DType
 from .source import load_source
 

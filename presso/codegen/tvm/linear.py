@@ -57,10 +57,6 @@ class WeightSpec:
     packed_index: bool = False
     arrays: dict = field(default_factory=dict)
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
 
 def prepack_dense(w: torch.Tensor) -> WeightSpec:
     rows, cols = w.shape

@@ -376,13 +376,6 @@ def _linear(L, n, ins):
     return L.emit_te(kernel, *args, name=f"linear_{spec.kind}{spec.bits or ''}")
 
 
-def _prod(dims):
-    out = 1
-    for d in dims:
-        out = out * d
-    return out
-
-
 @lowers("matmul")
 def _matmul(L, n, ins):
     return L.emit(L.rx.op.matmul(ins[0], ins[1]))
@@ -553,8 +546,7 @@ def _quantize_per_token(L, n, ins):
 
 @lowers("linear_int8")
 def _linear_int8(L, n, ins):
-    rx = L.rx
-    xq, xs, wq, ws, b = n.inputs
+    b = n.inputs[4]
     fl = L.fused.get(n)
     if fl is None:
         raise CodegenError(f"node '{n.name}': linear_int8 lowers for parameter weights only")

@@ -27,7 +27,6 @@ def _row_block(extent) -> int:
 
 def cpu_pipeline(target, tune: bool = True):
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
