@@ -93,47 +93,57 @@ def _np_dtype(dt: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.int8: "int8"}[dt]
 
 
+def nibble(byte, i):
+    """Field ``i % 2`` (0 = low nibble) of a byte, as the packed int4 codes and indices store them."""
+    from tvm import tirx
+    return (byte >> ((i % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+
+def dequant_value(q_at, s_at, z_at, k, bits: int, signed: bool, group_size: int, dtype: str):
+    """Dense weight of column ``k`` from group-wise codes; ``q_at(c)`` reads stored column ``c``
+    (a byte of two codes for int4), ``s_at``/``z_at`` read group ``g`` (``z_at`` None: symmetric)."""
+    from tvm import tirx
+    if bits == 8:
+        code = q_at(k).astype("float32")
+    else:
+        nib = nibble(q_at(k // 2), k)
+        code = (nib ^ tirx.const(8, "uint8")).astype("float32") - 8.0 if signed else nib.astype("float32")
+    if z_at is not None:
+        code = code - z_at(k // group_size).astype("float32")
+    return (code * s_at(k // group_size).astype("float32")).astype(dtype)
+
+
+def densify_value(v_at, idx_at, k, n: int, m: int, packed_index: bool, dtype: str):
+    """Dense weight of column ``k`` under N:M sparsity: the kept value whose in-group slot is
+    ``k % m``, else 0; ``v_at(t)``/``idx_at(t)`` read kept entry ``t`` (a byte of two for 4-bit)."""
+    from tvm import tirx
+    g, r = k // m, (k % m).astype("uint8")
+    out = tirx.const(0, dtype)
+    for t in range(n):
+        kt = g * n + t
+        slot = nibble(idx_at(kt // 2), kt) if packed_index else idx_at(kt)
+        out = tirx.Select(slot == r, v_at(kt), out)
+    return out
+
+
 def weight_tile(te, spec: WeightSpec, params: dict):
     """The ``presso_wtile`` stage: dense [rows/NJ, cols, NJ] weights from the packed params."""
-    from tvm import tirx
     shape = (spec.rows // spec.nj, spec.cols, spec.nj)
     if spec.kind == "quant":
         q, s, z = params["q"], params["scales"], params.get("zeros")
-        gs = spec.group_size
-
-        def code(jo, k, ji):
-            if spec.bits == 8:
-                return q[jo, k, ji].astype("float32")
-            byte = q[jo, k // 2, ji]
-            nib = (byte >> ((k % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
-            if spec.signed:
-                return ((nib ^ tirx.const(8, "uint8")).astype("float32") - 8.0)
-            return nib.astype("float32")
 
         def deq(jo, k, ji):
-            c = code(jo, k, ji)
-            if z is not None:
-                c = c - z[jo, k // gs, ji].astype("float32")
-            return (c * s[jo, k // gs, ji].astype("float32")).astype(spec.dtype)
+            return dequant_value(lambda c: q[jo, c, ji], lambda g: s[jo, g, ji],
+                                 None if z is None else (lambda g: z[jo, g, ji]), k, spec.bits, spec.signed,
+                                 spec.group_size, spec.dtype)
 
         return te.compute(shape, deq, name="presso_wtile")
     if spec.kind == "nm":
         vals, idx = params["values"], params["index"]
-        n, m = spec.n, spec.m
-
-        def slot(jo, t, ji):
-            if not spec.packed_index:
-                return idx[jo, t, ji]
-            byte = idx[jo, t // 2, ji]
-            return (byte >> ((t % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
 
         def densify(jo, k, ji):
-            g, r = k // m, (k % m).astype("uint8")
-            out = tirx.const(0, spec.dtype)
-            for t in range(n):
-                kt = g * n + t
-                out = tirx.Select(slot(jo, kt, ji) == r, vals[jo, kt, ji], out)
-            return out
+            return densify_value(lambda t: vals[jo, t, ji], lambda t: idx[jo, t, ji], k, spec.n, spec.m,
+                                 spec.packed_index, spec.dtype)
 
         return te.compute(shape, densify, name="presso_wtile")
     raise ValueError(spec.kind)

@@ -567,23 +567,16 @@ def _linear_int8(L, n, ins):
 def _dequantize(L, n, ins):
     """A dequantize whose result is not a linear's weight: dense weights at run time."""
     a = n.attrs
-    q = n.inputs[0]
-    rows, cols = q.type.shape
-    gs, bits = a["group_size"], a["bits"]
+    rows, cols = n.output.type.shape
     signed = n.inputs[2] is None
+    dtype = TVM_DTYPE[DType[a["dtype"]]]
 
     def f(qt, s, *z):
-        from tvm import te, tirx
+        from tvm import te
 
         def deq(r, c):
-            if bits == 8:
-                code = qt[r, c].astype("float32")
-            else:
-                nib = (qt[r, c // 2] >> ((c % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
-                code = (nib ^ tirx.const(8, "uint8")).astype("float32") - 8.0 if signed else nib.astype("float32")
-            if z:
-                code = code - z[0][r, c // gs].astype("float32")
-            return (code * s[r, c // gs].astype("float32")).astype(TVM_DTYPE[DType[a["dtype"]]])
+            return lin.dequant_value(lambda i: qt[r, i], lambda g: s[r, g], (lambda g: z[0][r, g]) if z else None,
+                                     c, a["bits"], signed, a["group_size"], dtype)
         return te.compute((rows, cols), deq, name="dequantize")
 
     return L.emit_te(f, *[i for i in ins if i is not None], name="dequantize")
@@ -593,24 +586,14 @@ def _dequantize(L, n, ins):
 def _densify_nm(L, n, ins):
     vals, idx = n.inputs
     nn, m = n.attrs["n"], n.attrs["m"]
-    rows, kept = vals.type.shape
     packed = idx.type.dtype == DType.u4
 
     def f(v, ix):
-        from tvm import te, tirx
-
-        def slot(r, t):
-            if not packed:
-                return ix[r, t]
-            return (ix[r, t // 2] >> ((t % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+        from tvm import te
 
         def dense(r, c):
-            g, s = c // m, (c % m).astype("uint8")
-            out = tirx.const(0, v.dtype)
-            for t in range(nn):
-                out = tirx.Select(slot(r, g * nn + t) == s, v[r, g * nn + t], out)
-            return out
-        return te.compute((rows, kept // nn * m), dense, name="densify_nm")
+            return lin.densify_value(lambda t: v[r, t], lambda t: ix[r, t], c, nn, m, packed, v.dtype)
+        return te.compute(tuple(n.output.type.shape), dense, name="densify_nm")
 
     return L.emit_te(f, ins[0], ins[1], name="densify_nm")
 

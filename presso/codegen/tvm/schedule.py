@@ -22,7 +22,7 @@ def _row_block(extent) -> int:
     n = _static(extent)
     if n is None or n % ROWS == 0:
         return ROWS
-    return next(r for r in range(ROWS, 0, -1) if n % r == 0 or r == 1)
+    return next(r for r in range(ROWS, 0, -1) if n % r == 0)
 
 
 def cpu_pipeline(target, tune: bool = True):
@@ -124,9 +124,8 @@ def schedule_linear(func, target, tunable):
     jo, jm, ji = sch.split(j, [None, nj // vec, vec])
     io, ii = sch.split(i, [None, _row_block(sch.get(i).extent)])
     kext = _static(sch.get(k).extent) or 0
-    kb = next((b for b in KBLOCKS if kext >= 4 * b and kext % b == 0), None)
-    if kb is not None:
-        return _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer, kb)
+    if kext >= 4 * KBLOCK and kext % KBLOCK == 0:
+        return _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer)
     sch.reorder(jo, *outer, io, jm, k, ii, ji)
     acc = sch.cache_write(mm, 0, "local")
     _inline_epilogues(sch, acc)
@@ -142,14 +141,14 @@ def schedule_linear(func, target, tunable):
     return sch
 
 
-KBLOCKS = (256,)
+KBLOCK = 256
 
 
-def _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer, kblock):
-    """Long reductions: K in blocks so a block's weights (kblock x 16) and activations
+def _schedule_linear_kblocked(sch, mm, wtile, jo, jm, ji, io, ii, k, outer):
+    """Long reductions: K in blocks so a block's weights (KBLOCK x 16) and activations
     stay in L1; the 4 x 16 output tile accumulates in place across blocks (LLVM keeps it in
     registers within a block), the epilogue runs once per column tile after the reduction."""
-    ko, ki = sch.split(k, [None, kblock])
+    ko, ki = sch.split(k, [None, KBLOCK])
     sch.reorder(jo, ko, *outer, io, jm, ki, ii, ji)
     for blk in sch.get_consumers(mm):
         sch.reverse_compute_at(blk, jo)
@@ -183,7 +182,8 @@ def schedule_matmul(func, target, tunable):
         return None
     loops = sch.get_loops(mm)
     *batch, i, j, k = loops
-    nj = 16 if (_static(sch.get(j).extent) or 0) % 16 == 0 else 8 if (_static(sch.get(j).extent) or 0) % 8 == 0 else None
+    ext = _static(sch.get(j).extent) or 0
+    nj = next((w for w in (16, 8) if ext % w == 0), None)
     if nj is None:
         return None
     jo, ji = sch.split(j, [None, nj])
