@@ -7,7 +7,7 @@ from typing import Mapping
 
 import networkx as nx
 
-from .graph import Graph, Node
+from .graph import Graph, Node, Value
 from .registry import get_op
 
 
@@ -43,6 +43,20 @@ def dominators(g: Graph) -> dict[str, str]:
         if G.in_degree(n) == 0 and n != "__entry__":
             G.add_edge("__entry__", n)
     return nx.immediate_dominators(G, "__entry__")
+
+
+def packed_weight_producer(v: Value, users: Mapping) -> Node | None:
+    """The ``dequantize`` / ``densify_nm`` node computing ``v`` from params alone, when ``v`` has no
+    other reader: a backend may then read the packed params directly and never run the producer.
+    (N:M values must be stored floats; quantized N:M values are a producer chain, not fused.)"""
+    p = v.node
+    if p is None or p.op not in ("dequantize", "densify_nm") or len(users.get(v, [])) != 1:
+        return None
+    if any(x is not None and x.kind != "param" for x in p.inputs):
+        return None
+    if p.op == "densify_nm" and not p.inputs[0].type.dtype.is_float:
+        return None
+    return p
 
 
 def node_flops(n: Node, bindings: Mapping[str, int] = {}) -> int:

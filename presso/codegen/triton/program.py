@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ...ir.analysis import packed_weight_producer
 from ...ir.graph import Graph, Node
 from ...ir.registry import get_op
 
@@ -22,18 +23,6 @@ class Step:
     kernel: str                      # "triton:<name>" or "torch"
     run: Callable                    # (env lookups resolved by the runtime) -> list of tensors
     inputs: list                     # Values read
-
-
-def _weight_producer(g: Graph, n: Node, users) -> Node | None:
-    w = n.inputs[1]
-    p = w.node
-    if p is None or p.op not in ("dequantize", "densify_nm") or len(users.get(w, [])) != 1:
-        return None
-    if any(v is not None and v.kind != "param" for v in p.inputs):
-        return None
-    if p.op == "densify_nm" and not p.inputs[0].type.dtype.is_float:
-        return None
-    return p
 
 
 def _linear_step(n: Node, p: Node) -> Step:
@@ -128,7 +117,7 @@ def build_program(g: Graph) -> Program:
     skipped, steps = set(), []
     for n in g.nodes:
         if n.op == "linear":
-            p = _weight_producer(g, n, users)
+            p = packed_weight_producer(n.inputs[1], users)
             if p is not None:
                 skipped.add(p)
                 steps.append(_linear_step(n, p))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ...errors import CodegenError
+from ...ir.analysis import packed_weight_producer
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import INT64_MAX, hadamard_matrix
 from ...ir.types import DType, TensorType
@@ -110,10 +111,8 @@ class Lowering:
             if w.type.dtype not in ((DType.i8,) if n.op == "linear_int8" else (DType.f32, DType.f16, DType.f64)):
                 return None
             spec = lin.prepack_dense(g.params[w.name].data)
-        elif n.op == "linear" and w.kind == "node" and len(users.get(w, [])) == 1 and w.node.op in ("dequantize", "densify_nm"):
+        elif n.op == "linear" and packed_weight_producer(w, users) is not None:
             p = w.node
-            if any(v is not None and v.kind != "param" for v in p.inputs):
-                return None
             data = [None if v is None else g.params[v.name].data for v in p.inputs]
             if p.op == "dequantize":
                 spec = lin.prepack_quant(data[0], data[1], data[2], p.attrs["bits"], p.attrs["group_size"],
