@@ -33,8 +33,10 @@ class CudaRuntime:
         self.graph = graph
         self.device = cuda_device()
         self.program = program or build_program(graph)
-        used = {v for s in self.program.steps for v in s.inputs}
+        prepared_at = [set(s.prepare[0]) if s.prepare else set() for s in self.program.steps]
+        used = {v for s, skip in zip(self.program.steps, prepared_at) for j, v in enumerate(s.inputs) if j not in skip}
         self._params = {p.value: p.data.to(self.device) for p in graph.params.values() if p.value in used}
+        self._prepared = [self._prepare(s, graph) if s.prepare else {} for s in self.program.steps]
         last = {}
         for i, s in enumerate(self.program.steps):
             for v in s.inputs:
@@ -47,6 +49,13 @@ class CudaRuntime:
                 self._free_after[i].append(v)
         self._graph_exec = None
 
+    def _prepare(self, step, graph: Graph) -> dict[int, object]:
+        """The step's params in its kernel's layout, computed once on the device."""
+        positions, fn = step.prepare
+        data = {p.value: p.data for p in graph.params.values()}
+        ins = [None if step.inputs[j] is None else data[step.inputs[j]].to(self.device) for j in positions]
+        return dict(zip(positions, fn(*ins)))
+
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
         from ..codegen.triton.program import run_step
         bindings = bind_inputs(self.graph, args)
@@ -57,7 +66,8 @@ class CudaRuntime:
             env[v] = a.to(self.device)
         with torch.no_grad():
             for i, s in enumerate(self.program.steps):
-                ins = [None if v is None else env[v] for v in s.inputs]
+                prep = self._prepared[i]
+                ins = [prep[j] if j in prep else None if v is None else env[v] for j, v in enumerate(s.inputs)]
                 for v, t in zip(s.node.outputs, run_step(s, ins, bindings)):
                     env[v] = t
                 for v in self._free_after[i]:

@@ -8,7 +8,7 @@ linear's kernel reads their packed params. ``Program.kernels`` says which node r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -23,28 +23,40 @@ class Step:
     kernel: str                      # "triton:<name>" or "torch"
     run: Callable                    # (env lookups resolved by the runtime) -> list of tensors
     inputs: list                     # Values read
+    # params the kernel reads in its own layout: (input positions, fn(those tensors) -> the
+    # kernel's forms); the runtime applies it once, at load, and keeps only the result
+    prepare: Optional[tuple[tuple[int, ...], Callable]] = None
 
 
 def _linear_step(n: Node, p: Node) -> Step:
-    from .linear import int4_linear, int8_linear, nm_linear
+    from .int4 import int4_linear, int4_linear_tiled, pack_int4, tiled_layout_fits
+    from .linear import int8_linear, nm_linear, pack_nm_index
     x, b = n.inputs[0], n.inputs[2]
     a = p.attrs
     if p.op == "dequantize":
         q, s, z = p.inputs
-        kern = int4_linear if a["bits"] == 4 else int8_linear
         gs = a["group_size"]
+        if a["bits"] == 4 and tiled_layout_fits(gs, q.type.shape[1] * 2):
+            def run_tiled(xt, w, _s, _z, bt):
+                return [int4_linear_tiled(xt, w, bt)]
+            return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b],
+                        prepare=((1, 2, 3), lambda qt, st, zt: (pack_int4(qt, st, zt, gs), None, None)))
+        kern = int4_linear if a["bits"] == 4 else int8_linear
 
         def run(xt, qt, st, zt, bt):
             return [kern(xt, qt, st, zt, bt, gs)]
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
+    bits = {}
+
+    def pack_index(it):
+        packed, bits["index"] = pack_nm_index(it, vals.type.shape[1], m)
+        return (packed,)
 
     def run_nm(xt, vt, it, bt):
-        # the graph's 4-bit indices: on the H100 the gather kernel over them (43.2 us) beat the
-        # 2-bit select kernel (49.8 us) at 1x4096->14336 (benchmarks/RESULTS.md)
-        return [nm_linear(xt, vt, it, nn, m, bt)]
-    return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b])
+        return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"])]
+    return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b], prepare=((2,), pack_index))
 
 
 def _fused_step(n: Node) -> Step:

@@ -1,0 +1,301 @@
+"""Group-wise int4 linears: y = x W^T + b, W = (code - zero) * scale per (row, group of K).
+
+The graph stores codes two per byte along K (low nibble = even k). For group sizes 32..256 the
+cuda target repacks them once, at load, into the layout its kernels stream (``pack_int4``,
+same bytes): rows in tiles of ``TILE_ROWS``; inside a tile, group by group, each row's group as
+G/8 int32 words where byte b of word w holds k = 4w + b (low nibble) and k = G/2 + 4w + b
+(high nibble). A kernel's step over one group of a block of rows then reads one contiguous span,
+and the x values of the low and high nibbles are two contiguous vectors. Measured on the H100
+(benchmarks/RESULTS.md): the graph layout read row by row peaked at 1.37 TB/s even for a kernel
+that only loads; the tiled layout at 1.6 TB/s.
+
+* decode (M <= 2): ``_int4_gemv_kernel`` turns each nibble into the float 1 + c/16 with one shift
+  and one mask-or (no int->float conversion, which the GPU runs at a quarter of the FMA rate) and
+  recovers sum(c x) = 16 * sum((1 + c/16) x) - 16 * sum(x) per group; groups are split over
+  several programs (split-K) and the last program of a row block adds the partial sums.
+* prefill (M > 2): ``_int4_gemm_kernel`` dequantizes a group tile in registers and runs tl.dot.
+* other group sizes: ``_int4_rows_kernel`` reads the graph layout as is.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TILE_ROWS = 128
+GEMV_BLOCK_N = 128
+
+
+@dataclass
+class Int4Weight:
+    """int4 codes in the tiled layout (see the module docstring), scales and zero points as
+    [N_pad/TILE_ROWS, K/G, TILE_ROWS]; rows past N are zero padding."""
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    n: int
+    k: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.zeros) if t is not None)
+
+
+def tiled_layout_fits(group_size: int, k: int) -> bool:
+    return group_size in (32, 64, 128, 256) and k % group_size == 0
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int) -> Int4Weight:
+    """The graph's packed codes [N, K/2] (+ scales, zeros [N, K/G]) -> the tiled layout."""
+    N, K = q.shape[0], q.shape[1] * 2
+    if not tiled_layout_fits(group_size, K):
+        raise ValueError(f"pack_int4: group size {group_size} with K={K} has no tiled layout (needs 32..256, "
+                         "a power of two dividing K)")
+    G, NG = group_size, K // group_size
+    pad = -N % TILE_ROWS
+    codes = torch.stack((q & 15, q >> 4), dim=-1).reshape(N, NG, 2, G // 2)        # [N, group, half, k]
+    halves = (codes[:, :, 0] | (codes[:, :, 1] << 4)).to(torch.uint8)              # [N, NG, G/2]
+    halves = torch.nn.functional.pad(halves, (0, 0, 0, 0, 0, pad))
+    nt = (N + pad) // TILE_ROWS
+    words = halves.reshape(nt, TILE_ROWS, NG, G // 2).permute(0, 2, 1, 3).contiguous().view(torch.int32)
+
+    def tiles(t):
+        return None if t is None else torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(
+            nt, TILE_ROWS, NG).permute(0, 2, 1).contiguous()
+    return Int4Weight(words, tiles(scales), tiles(zeros), N, K, G)
+
+
+@triton.jit
+def _one_plus_nibble(w, SHIFT: tl.constexpr):
+    """The nibble at bits [SHIFT, SHIFT + 4) of w as the float 1 + nibble / 16: the nibble moved
+    to mantissa bits 19..22 of 1.0f (bit pattern 0x3F800000)."""
+    if SHIFT <= 19:
+        t = w << (19 - SHIFT)
+    else:
+        t = w >> (SHIFT - 19)
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
+                      HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = 8 * HW
+    NG = K // G
+    rows = tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + rows
+    mn = rn < N
+    rw = tl.arange(0, HW)
+    # a row block lies inside one tile; its group g is TILE rows further per group
+    tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
+    per = tl.cdiv(NG, SPLIT)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
+        t = tile0 + g * TILE
+        wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :])
+        if not HAS_ZERO:
+            wq = wq ^ -2004318072          # 0x88888888: two's-complement nibble c -> c + 8 in [0, 16)
+        xb = x_ptr + m * stride_xm + g * G + 4 * rw
+        part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
+        xs = tl.zeros((HW,), dtype=tl.float32)
+        for b in tl.static_range(4):
+            xl = tl.load(xb + b).to(tl.float32)
+            xh = tl.load(xb + b + G // 2).to(tl.float32)
+            xs += xl + xh
+            part += _one_plus_nibble(wq, 8 * b) * xl[None, :]
+            part += _one_plus_nibble(wq, 8 * b + 4) * xh[None, :]
+        if HAS_ZERO:
+            off = tl.load(z_ptr + t).to(tl.float32)
+        else:
+            off = 8.0
+        # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
+        dot = 16.0 * tl.sum(part, axis=1) - (16.0 + off) * tl.sum(xs, axis=0)
+        acc += dot * tl.load(s_ptr + t).to(tl.float32)
+    if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
+        tl.store(ws_ptr + (m * SPLIT + pid_k) * N + rn, acc, mask=mn)
+        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in tl.static_range(SPLIT):
+                tot += tl.load(ws_ptr + (m * SPLIT + k) * N + rn, mask=mn, other=0.0, cache_modifier=".cg")
+            tl.store(cnt, 0)
+            _store_row(tot, b_ptr, y_ptr + m * stride_ym, rn, mn, HAS_BIAS)
+    else:
+        _store_row(acc, b_ptr, y_ptr + m * stride_ym, rn, mn, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(acc, b_ptr, y_ptr, rn, mn, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      HW: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = 8 * HW
+    HG: tl.constexpr = 4 * HW
+    NG = K // G
+    rows = tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm, mn = rm < M, rn < N
+    rw = tl.arange(0, HW)
+    rk = tl.arange(0, HG)
+    shift = tl.arange(0, 4) * 8
+    tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, NG):
+        t = tile0 + g * TILE
+        wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :])
+        if HAS_ZERO:
+            off = tl.load(z_ptr + t).to(tl.float32)
+        else:
+            wq = wq ^ -2004318072
+            off = tl.full((BLOCK_N,), 8.0, tl.float32)
+        sc = tl.load(s_ptr + t).to(tl.float32)
+        lo = tl.reshape((wq[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, HG))
+        hi = tl.reshape((wq[:, :, None] >> (shift + 4)[None, None, :]) & 15, (BLOCK_N, HG))
+        xp = x_ptr + rm[:, None] * stride_xm + g * G + rk[None, :]
+        xl = tl.load(xp, mask=mm[:, None], other=0.0)
+        xh = tl.load(xp + HG, mask=mm[:, None], other=0.0)
+        wl = ((lo.to(tl.float32) - off[:, None]) * sc[:, None]).to(xl.dtype)
+        wh = ((hi.to(tl.float32) - off[:, None]) * sc[:, None]).to(xl.dtype)
+        if IEEE:
+            acc += tl.dot(xl, tl.trans(wl), input_precision="ieee")
+            acc += tl.dot(xh, tl.trans(wh), input_precision="ieee")
+        else:
+            acc += tl.dot(xl, tl.trans(wl))
+            acc += tl.dot(xh, tl.trans(wh))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+_counters: dict = {}
+
+
+def _zeroed_counters(n: int, device) -> torch.Tensor:
+    """Split-K arrival counters: zero at rest (the last program of each row block resets its own),
+    so one buffer per device serves every call, CUDA-graph replays included."""
+    key = str(device)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _gemv_split(blocks: int, groups: int, device) -> int:
+    """Enough programs for ~8 per SM, at least one group each."""
+    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split * 2 <= groups and blocks * split < 8 * sms:
+        split *= 2
+    return split
+
+
+def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
+                      split: Optional[int] = None, num_warps: int = 4) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] with W in the tiled layout (``pack_int4``)."""
+    K, N = w.k, w.n
+    if x.shape[-1] != K:
+        raise ValueError(f"int4_linear: x [..., {x.shape[-1]}] does not fit a weight of K={K}")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    hw = w.group_size // 8
+    z = w.zeros if w.zeros is not None else w.scales
+    b = bias if bias is not None else w.scales
+    if M <= 2:
+        blocks = triton.cdiv(N, GEMV_BLOCK_N)
+        sp = split or _gemv_split(blocks, K // w.group_size, x.device)
+        ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
+        cnt = _zeroed_counters(M * blocks, x.device)
+        _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, N, K, x2.stride(0), y.stride(0),
+                                           HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
+                                           HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                                           num_warps=num_warps)
+    else:
+        bm = 16 if M <= 16 else 64
+        bn = 64
+        _int4_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            x2, w.q, w.scales, z, b, y, M, N, K, x2.stride(0), y.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_M=bm,
+            BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+            IEEE=x.dtype == torch.float32, num_warps=4)
+    return y.reshape(*x.shape[:-1], N)
+
+
+@triton.jit
+def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn,
+                      stride_ym, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+    """The graph layout as is (any even group size): [BLOCK_N, BLOCK_KH] byte tiles inside one
+    group, even and odd columns of x against the low and high nibbles."""
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    KH = K // 2
+    for j0 in range(0, KH, BLOCK_KH):
+        rj = j0 + tl.arange(0, BLOCK_KH)                       # packed byte index: k = 2j, 2j + 1
+        mj = rj < KH
+        qb = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=mn[:, None] & mj[None, :], other=0)
+        qb = qb.to(tl.int32)
+        if HAS_ZERO:
+            lo = (qb & 0xF).to(tl.float32)
+            hi = ((qb >> 4) & 0xF).to(tl.float32)
+        else:
+            lo = (((qb & 0xF) ^ 8) - 8).to(tl.float32)
+            hi = ((((qb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+        g = (2 * j0) // G
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=mn, other=0.0).to(tl.float32)
+        xm = mm[:, None] & mj[None, :]
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :], mask=xm, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
+        part = tl.sum(lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :], axis=2)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rn * stride_sn + g, mask=mn, other=0).to(tl.float32)
+            part = part - tl.sum(xe + xo, axis=1)[:, None] * z[None, :]
+        acc += part * s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    """x [..., K] @ dequant(q [N, K/2] packed int4, scales [N, K/G], zeros)^T + bias -> [..., N],
+    from the graph's storage (repacked on the fly where the tiled kernels apply; the cuda target
+    repacks once at load instead)."""
+    K = x.shape[-1]
+    N = q.shape[0]
+    if q.shape[1] * 2 != K or K % group_size or group_size % 2 or scales.shape != (N, K // group_size):
+        raise ValueError(f"int4_linear: x [..., {K}], q {tuple(q.shape)}, scales {tuple(scales.shape)} and "
+                         f"group_size {group_size} do not fit together")
+    if tiled_layout_fits(group_size, K):
+        return int4_linear_tiled(x, pack_int4(q, scales, zeros, group_size), bias)
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bkh = 16 if INTERPRET else 64
+    while (group_size // 2) % bkh:         # a chunk never straddles a group
+        bkh //= 2
+    bm, bn = min(triton.next_power_of_2(M), 4), (64 if INTERPRET else 16)
+    _int4_rows_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+        x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, M, N, K,
+        group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0), HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4)
+    return y.reshape(*x.shape[:-1], N)
