@@ -30,6 +30,8 @@ SCRIPT = textwrap.dedent("""
             tiled = [w for p in rt._prepared for w in p.values() if isinstance(w, Int4Weight)]
             assert tiled and all(w.q.dtype == torch.int32 for w in tiled)
             assert not any(v.name.endswith(".q") for v in rt._params), [v.name for v in rt._params]
+        # residual adds and SwiGLU's silu-mul run as the linears' epilogues (2 layers x 3)
+        assert sum(k.endswith("+epilogue") for k in rt.program.kernels.values()) == 6, rt.program.kernels
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)

@@ -50,6 +50,31 @@ SCRIPT = textwrap.dedent("""
             got = nm_linear(x, vals, packed, n, m, b, index_bits=2)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("2-bit", M, N, K, n, m)
             cases += 1
+    # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
+    from presso.codegen.triton import int8_linear
+    from presso.codegen.triton.epilogue import Epilogue
+    epi = Epilogue("add(mul(silu(%1),%0),%2)", 1, (0, 2), torch.float32)
+    def folded(lin, M):
+        res, row = torch.randn(M, lin.shape[-1]), torch.randn(lin.shape[-1])
+        return (res, row), res * torch.nn.functional.silu(lin) + row
+    for M in (1, 3):     # tiled GEMV and tl.dot GEMM
+        x, w = torch.randn(M, 64), torch.randn(40, 64)
+        q, s, z, lin = ref_int4(x, w, 32, True, None)
+        extras, want = folded(lin, M)
+        got = int4_linear(x, q, s, z, None, 32, epilogue=epi, extras=extras)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("int4 epilogue", M, (got - want).abs().max())
+        cases += 1
+    x, w = torch.randn(2, 64), torch.randn(40, 64)
+    vals, idx, dense = nm_prune(w, w.abs(), 2, 4)
+    extras, want = folded(x @ dense.T, 2)
+    got = nm_linear(x, vals, pack_int4(idx), 2, 4, epilogue=epi, extras=extras)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm epilogue", (got - want).abs().max())
+    codes, s8, _ = rtn(w, 8, 32, True)
+    wd = deq.run([codes.to(torch.int8), s8.half(), None], {"bits": 8, "group_size": 32, "dtype": "f32"})[0]
+    extras, want = folded(x @ wd.T, 2)
+    got = int8_linear(x, codes.to(torch.int8), s8.half(), None, None, 32, epilogue=epi, extras=extras)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("int8 epilogue", (got - want).abs().max())
+    cases += 2
     from presso.codegen.triton.latent_attention import latent_decode_attention, reference_latent_attention
     for rope in (False, True):
         for B, H, HPG, D, R, RV, L, pos, Gv, split in [(1, 8, 4, 16, 16, 16, 40, 33, None, None),
@@ -74,4 +99,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 20" in r.stdout
+    assert "kernel cases 24" in r.stdout

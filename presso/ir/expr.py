@@ -96,6 +96,21 @@ def to_text(e: Expr) -> str:
     return f"{e.op}{attr}(" + ",".join(to_text(a) for a in e.args) + ")"
 
 
+def op_attr(node) -> str | None:
+    """The bracketed word of a fusable op node (``gelu``'s approximation, ``cast``'s dtype)."""
+    return node.attrs.get(ATTR_OF[node.op]) if node.op in ATTR_OF else None
+
+
+def node_expr(node) -> str | None:
+    """A node's computation over its inputs %0, %1, ... as an expression: a ``fused_elementwise``
+    region's own, a single fusable op's call; None for anything else."""
+    if node.op == "fused_elementwise":
+        return node.attrs["expr"]
+    if node.op in FUSABLE and len(node.outputs) == 1:
+        return to_text(Call(node.op, op_attr(node), tuple(Arg(i) for i in range(len(node.inputs)))))
+    return None
+
+
 def operands(e: Expr) -> set[int]:
     if isinstance(e, Arg):
         return {e.index}

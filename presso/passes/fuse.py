@@ -7,7 +7,7 @@ never computes anything twice and no intermediate a region swallows is read outs
 """
 from __future__ import annotations
 
-from ..ir.expr import FUSABLE, Arg, Call, Const, to_text
+from ..ir.expr import FUSABLE, Arg, Call, Const, op_attr, to_text
 from ..ir.graph import Graph, Node, Value
 from .manager import register_pass
 
@@ -63,8 +63,7 @@ def _replace(g: Graph, region: list[Node], root: Node):
     def build(v: Value):
         if v.node in members:
             n = v.node
-            attr = n.attrs.get("approximate") if n.op == "gelu" else n.attrs.get("dtype") if n.op == "cast" else None
-            return Call(n.op, attr, tuple(build(a) for a in n.inputs))
+            return Call(n.op, op_attr(n), tuple(build(a) for a in n.inputs))
         c = _scalar_const(g, v)
         if c is not None:
             return c

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILE_ROWS = 128
 GEMV_BLOCK_N = 128
@@ -83,9 +85,10 @@ def _one_plus_nibble(w, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, stride_ym,
+def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
+                      E1: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
     NG = K // G
@@ -126,22 +129,25 @@ def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             for k in tl.static_range(SPLIT):
                 tot += tl.load(ws_ptr + (m * SPLIT + k) * N + rn, mask=mn, other=0.0, cache_modifier=".cg")
             tl.store(cnt, 0)
-            _store_row(tot, b_ptr, y_ptr + m * stride_ym, rn, mn, HAS_BIAS)
+            _store_row(tot, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
     else:
-        _store_row(acc, b_ptr, y_ptr + m * stride_ym, rn, mn, HAS_BIAS)
+        _store_row(acc, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
 @triton.jit
-def _store_row(acc, b_ptr, y_ptr, rn, mn, HAS_BIAS: tl.constexpr):
+def _store_row(acc, b_ptr, y_ptr, offs, rn, mn, e0_ptr, e1_ptr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+               E0: tl.constexpr, E1: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+    acc = apply_epilogue(acc, offs, rn, mn, e0_ptr, e1_ptr, EPI, E0, E1)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EPI: tl.constexpr,
+                      E0: tl.constexpr, E1: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = 8 * HW
     HG: tl.constexpr = 4 * HW
@@ -177,10 +183,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_
         else:
             acc += tl.dot(xl, tl.trans(wl))
             acc += tl.dot(xh, tl.trans(wh))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+    store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
 _counters: dict = {}
@@ -206,14 +209,15 @@ def _gemv_split(blocks: int, groups: int, device) -> int:
 
 
 def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
-                      split: Optional[int] = None, num_warps: int = 4) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) -> [..., N] with W in the tiled layout (``pack_int4``)."""
+                      split: Optional[int] = None, num_warps: int = 4, epilogue: Optional[Epilogue] = None,
+                      extras: tuple = ()) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``)."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x [..., {x.shape[-1]}] does not fit a weight of K={K}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y, epi = output_buffer(x, M, N, epilogue, extras)
     hw = w.group_size // 8
     z = w.zeros if w.zeros is not None else w.scales
     b = bias if bias is not None else w.scales
@@ -222,24 +226,25 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         sp = split or _gemv_split(blocks, K // w.group_size, x.device)
         ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
         cnt = _zeroed_counters(M * blocks, x.device)
-        _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, N, K, x2.stride(0), y.stride(0),
-                                           HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
-                                           HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                           num_warps=num_warps)
+        _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, epi.pop("e0_ptr"), epi.pop("e1_ptr"),
+                                           N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N,
+                                           SPLIT=sp, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                                           num_warps=num_warps, **epi)
     else:
         bm = 16 if M <= 16 else 64
         bn = 64
         _int4_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            x2, w.q, w.scales, z, b, y, M, N, K, x2.stride(0), y.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_M=bm,
-            BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-            IEEE=x.dtype == torch.float32, num_warps=4)
+            x2, w.q, w.scales, z, b, y, epi.pop("e0_ptr"), epi.pop("e1_ptr"), M, N, K, x2.stride(0), HW=hw,
+            TILE=TILE_ROWS, BLOCK_M=bm, BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+            IEEE=x.dtype == torch.float32, num_warps=4, **epi)
     return y.reshape(*x.shape[:-1], N)
 
 
 @triton.jit
-def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn,
-                      stride_ym, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, G, stride_xm, stride_qn,
+                      stride_sn, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
+                      E1: tl.constexpr):
     """The graph layout as is (any even group size): [BLOCK_N, BLOCK_KH] byte tiles inside one
     group, even and odd columns of x against the low and high nibbles."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
@@ -269,14 +274,12 @@ def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stri
             z = tl.load(z_ptr + rn * stride_sn + g, mask=mn, other=0).to(tl.float32)
             part = part - tl.sum(xe + xo, axis=1)[:, None] * z[None, :]
         acc += part * s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+    store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+                bias: Optional[torch.Tensor], group_size: int, epilogue: Optional[Epilogue] = None,
+                extras: tuple = ()) -> torch.Tensor:
     """x [..., K] @ dequant(q [N, K/2] packed int4, scales [N, K/G], zeros)^T + bias -> [..., N],
     from the graph's storage (repacked on the fly where the tiled kernels apply; the cuda target
     repacks once at load instead)."""
@@ -286,16 +289,17 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: O
         raise ValueError(f"int4_linear: x [..., {K}], q {tuple(q.shape)}, scales {tuple(scales.shape)} and "
                          f"group_size {group_size} do not fit together")
     if tiled_layout_fits(group_size, K):
-        return int4_linear_tiled(x, pack_int4(q, scales, zeros, group_size), bias)
+        return int4_linear_tiled(x, pack_int4(q, scales, zeros, group_size), bias, epilogue=epilogue, extras=extras)
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y, epi = output_buffer(x, M, N, epilogue, extras)
     bkh = 16 if INTERPRET else 64
     while (group_size // 2) % bkh:         # a chunk never straddles a group
         bkh //= 2
     bm, bn = min(triton.next_power_of_2(M), 4), (64 if INTERPRET else 16)
     _int4_rows_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-        x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, M, N, K,
-        group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0), HAS_ZERO=zeros is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4)
+        x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        epi.pop("e0_ptr"), epi.pop("e1_ptr"), M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0),
+        HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4,
+        **epi)
     return y.reshape(*x.shape[:-1], N)

@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, N, KV, stride_xm, stride_vn, stride_in, stride_ym,
+def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, stride_xm, stride_vn, stride_in,
                       KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
+                      E1: tl.constexpr):
     """[BLOCK_J, BLOCK_N] tiles of kept values (contiguous along J) and their in-group positions
     (BITS = 2, 4 or 8 per entry); each value gathers its x entry (x is small and stays in L1).
     One row of x per program column (a block of rows gathering a [BLOCK_M, J, N] x tile measured
@@ -40,7 +43,8 @@ def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, N, KV, stride_xm, strid
         acc += tl.sum(v * xv, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    acc = apply_epilogue(acc, m * N + rn, rn, rn < N, e0_ptr, e1_ptr, EPI, E0, E1)
+    tl.store(y_ptr + m * N + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor, int]:
@@ -60,7 +64,8 @@ def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor,
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
               bias: torch.Tensor | None = None, block_n: int | None = None, block_j: int | None = None,
-              num_warps: int | None = None, index_bits: int | None = None):
+              num_warps: int | None = None, index_bits: int | None = None, epilogue: Epilogue | None = None,
+              extras: tuple = ()):
     """x [..., K] @ densify_nm(values [N, K*n/m], index)^T + bias, reading the compressed form.
     ``index`` is the graph's (4-bit packed or u8) or, with ``index_bits=2``, ``pack_nm_index``'s
     (the cuda target repacks to it at load: 2:4 reads 10% fewer bytes, measured 1.41x vs 1.23x
@@ -73,20 +78,21 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
                          f"{n}:{m} of K={K}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y, epi = output_buffer(x, M, N, epilogue, extras)
     bn = block_n or (32 if INTERPRET else 16)
     bj = block_j or (32 if INTERPRET else 128)
     _nm_linear_kernel[(triton.cdiv(N, bn), M)](
-        x2, values, index, bias if bias is not None else values, y, N, KV, x2.stride(0), values.stride(0),
-        index.stride(0), y.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
-        BLOCK_N=bn, BLOCK_J=bj, num_warps=num_warps or 8)
+        x2, values, index, bias if bias is not None else values, y, epi.pop("e0_ptr"), epi.pop("e1_ptr"), N, KV,
+        x2.stride(0), values.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
+        BLOCK_N=bn, BLOCK_J=bj, num_warps=num_warps or 8, **epi)
     return y.reshape(*x.shape[:-1], N)
 
 
 @triton.jit
-def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn,
-                        stride_ym, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, G, stride_xm, stride_qn,
+                        stride_sn, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EPI: tl.constexpr,
+                        E0: tl.constexpr, E1: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,14 +113,12 @@ def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, st
             acc += tl.dot(x, w)
         else:
             acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+    store_tile(acc, b_ptr, y_ptr, rm, rn, rm < M, rn < N, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                bias: torch.Tensor | None, group_size: int, num_warps: int = 4):
+                bias: torch.Tensor | None, group_size: int, num_warps: int = 4, epilogue: Epilogue | None = None,
+                extras: tuple = ()):
     """x [..., K] @ dequant(q [N, K] int8 or uint8 with zeros, scales [N, K/G])^T + bias -> [..., N]."""
     N, K = q.shape
     if x.shape[-1] != K or K % group_size or scales.shape != (N, K // group_size):
@@ -122,14 +126,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
                          f"and group_size {group_size} do not fit together")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y, epi = output_buffer(x, M, N, epilogue, extras)
     use_dot = M > 16 and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)   # (fp32 would be TF32)
     bm = 16 if use_dot else (1 if M == 1 else min(triton.next_power_of_2(M), 4))
     bn = 64 if INTERPRET else 128
     bk = 32 if INTERPRET else 64
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     _int8_linear_kernel[grid](x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
-                              y, M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0), y.stride(0),
-                              HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_K=bk, USE_DOT=use_dot, num_warps=num_warps)
+                              y, epi.pop("e0_ptr"), epi.pop("e1_ptr"), M, N, K, group_size, x2.stride(0),
+                              q.stride(0), scales.stride(0), HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, num_warps=num_warps, **epi)
     return y.reshape(*x.shape[:-1], N)

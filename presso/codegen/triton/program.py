@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from ...ir.analysis import packed_weight_producer
-from ...ir.graph import Graph, Node
+from ...ir.expr import node_expr
+from ...ir.graph import Graph, Node, Value
 from ...ir.registry import get_op
 
 
@@ -37,14 +38,14 @@ def _linear_step(n: Node, p: Node) -> Step:
         q, s, z = p.inputs
         gs = a["group_size"]
         if a["bits"] == 4 and tiled_layout_fits(gs, q.type.shape[1] * 2):
-            def run_tiled(xt, w, _s, _z, bt):
-                return [int4_linear_tiled(xt, w, bt)]
+            def run_tiled(xt, w, _s, _z, bt, **epilogue):
+                return [int4_linear_tiled(xt, w, bt, **epilogue)]
             return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b],
                         prepare=((1, 2, 3), lambda qt, st, zt: (pack_int4(qt, st, zt, gs), None, None)))
         kern = int4_linear if a["bits"] == 4 else int8_linear
 
-        def run(xt, qt, st, zt, bt):
-            return [kern(xt, qt, st, zt, bt, gs)]
+        def run(xt, qt, st, zt, bt, **epilogue):
+            return [kern(xt, qt, st, zt, bt, gs, **epilogue)]
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
@@ -54,9 +55,56 @@ def _linear_step(n: Node, p: Node) -> Step:
         packed, bits["index"] = pack_nm_index(it, vals.type.shape[1], m)
         return (packed,)
 
-    def run_nm(xt, vt, it, bt):
-        return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"])]
+    def run_nm(xt, vt, it, bt, **epilogue):
+        return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"], **epilogue)]
     return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b], prepare=((2,), pack_index))
+
+
+def _epilogue_operand_fits(v: Value, out: Value) -> bool:
+    """A float operand the kernel can read at the output tile: the output's shape, or one row of it."""
+    t, o = v.type, out.type
+    if not t.dtype.is_float:
+        return False
+    if t.shape == o.shape:
+        return True
+    return t.rank >= 1 and t.rank <= o.rank and t.shape[-1] == o.shape[-1] and all(d == 1 for d in t.shape[:-1])
+
+
+def _fold_epilogues(steps: list, users: dict, outputs: set) -> list:
+    """A compressed linear whose output's only user is an elementwise node (a fused region or one
+    fusable op) takes that node's computation as its kernel epilogue: one launch and no round trip
+    of the linear's output, provided the node's other operands (at most two, full-shaped or one
+    row) are computed before the linear."""
+    from .epilogue import MAX_EXTRA, Epilogue
+    produced_at = {v: i for i, st in enumerate(steps) for v in st.node.outputs}
+    folded: dict[int, Step] = {}
+    dropped = set()
+    for i, st in enumerate(steps):
+        if st.node.op != "linear" or not st.kernel.startswith("triton:"):
+            continue
+        out = st.node.outputs[0]
+        us = users.get(out, [])
+        if out in outputs or len(us) != 1:
+            continue
+        f = us[0]
+        expr = node_expr(f)
+        if expr is None:
+            continue
+        fout = f.outputs[0]
+        acc = [j for j, v in enumerate(f.inputs) if v is out]
+        others = [(j, v) for j, v in enumerate(f.inputs) if v is not out]
+        if (fout.type.shape != out.type.shape or not fout.type.dtype.is_float or len(acc) != 1
+                or len(others) > MAX_EXTRA
+                or not all(_epilogue_operand_fits(v, out) and produced_at.get(v, -1) < i for _, v in others)):
+            continue
+        epi = Epilogue(expr, acc[0], tuple(j for j, _ in others), fout.type.dtype.torch)
+        k = len(st.inputs)
+
+        def run(*ins, _run=st.run, _k=k, _epi=epi):
+            return _run(*ins[:_k], epilogue=_epi, extras=tuple(ins[_k:]))
+        folded[i] = Step(f, st.kernel + "+epilogue", run, st.inputs + [v for _, v in others], st.prepare)
+        dropped.add(f)
+    return [folded.get(i, st) for i, st in enumerate(steps) if st.node not in dropped or i in folded]
 
 
 def _fused_step(n: Node) -> Step:
@@ -145,7 +193,7 @@ def build_program(g: Graph) -> Program:
             step = _cache_update_step(n)
         steps.append(step or _torch_step(n))
     steps = [s for s in steps if s.node not in skipped]
-    return Program(g, steps)
+    return Program(g, _fold_epilogues(steps, users, set(g.outputs)))
 
 
 def needs_bindings(step: Step) -> bool:
