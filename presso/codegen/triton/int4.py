@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -209,9 +210,10 @@ def _gemv_split(blocks: int, groups: int, device) -> int:
 
 
 def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
-                      split: Optional[int] = None, num_warps: int = 4, epilogue: Optional[Epilogue] = None,
-                      extras: tuple = ()) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``)."""
+                      split: Optional[int] = None, num_warps: Optional[int] = None,
+                      epilogue: Optional[Epilogue] = None, extras: tuple = ()) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``).
+    Decode launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py)."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x [..., {x.shape[-1]}] does not fit a weight of K={K}")
@@ -221,22 +223,34 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
     hw = w.group_size // 8
     z = w.zeros if w.zeros is not None else w.scales
     b = bias if bias is not None else w.scales
+    e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
     if M <= 2:
         blocks = triton.cdiv(N, GEMV_BLOCK_N)
-        sp = split or _gemv_split(blocks, K // w.group_size, x.device)
-        ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
+        groups = K // w.group_size
         cnt = _zeroed_counters(M * blocks, x.device)
-        _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, epi.pop("e0_ptr"), epi.pop("e1_ptr"),
-                                           N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N,
-                                           SPLIT=sp, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                           num_warps=num_warps, **epi)
+
+        def launch(cfg):
+            sp = cfg["split"] or _gemv_split(blocks, groups, x.device)
+            ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
+            _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, N, K, x2.stride(0),
+                                               HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
+                                               HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                                               num_warps=cfg["warps"], **epi)
+        default = {"split": None, "warps": 4}
+        if split is not None or num_warps is not None:
+            cfg = {"split": split, "warps": num_warps or 4}
+        else:
+            cfg = choose("int4_gemv", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
+                         [{"split": sp, "warps": nw} for sp in (None, 4, 8, 16, 32) if sp is None or sp <= groups
+                          for nw in (4, 8)], launch, default)
+        launch(cfg)
     else:
         bm = 16 if M <= 16 else 64
         bn = 64
         _int4_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            x2, w.q, w.scales, z, b, y, epi.pop("e0_ptr"), epi.pop("e1_ptr"), M, N, K, x2.stride(0), HW=hw,
-            TILE=TILE_ROWS, BLOCK_M=bm, BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-            IEEE=x.dtype == torch.float32, num_warps=4, **epi)
+            x2, w.q, w.scales, z, b, y, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_M=bm,
+            BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+            num_warps=num_warps or 4, **epi)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -79,12 +80,23 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y, epi = output_buffer(x, M, N, epilogue, extras)
-    bn = block_n or (32 if INTERPRET else 16)
-    bj = block_j or (32 if INTERPRET else 128)
-    _nm_linear_kernel[(triton.cdiv(N, bn), M)](
-        x2, values, index, bias if bias is not None else values, y, epi.pop("e0_ptr"), epi.pop("e1_ptr"), N, KV,
-        x2.stride(0), values.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
-        BLOCK_N=bn, BLOCK_J=bj, num_warps=num_warps or 8, **epi)
+    e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
+
+    def launch(cfg):
+        bn, bj = cfg["block_n"], cfg["block_j"]
+        _nm_linear_kernel[(triton.cdiv(N, bn), M)](
+            x2, values, index, bias if bias is not None else values, y, e0, e1, N, KV, x2.stride(0),
+            values.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
+            BLOCK_N=bn, BLOCK_J=bj, num_warps=cfg["warps"], **epi)
+    default = {"block_n": 32 if INTERPRET else 16, "block_j": 32 if INTERPRET else 128, "warps": 8}
+    if block_n or block_j or num_warps:
+        cfg = {"block_n": block_n or default["block_n"], "block_j": block_j or default["block_j"],
+               "warps": num_warps or default["warps"]}
+    else:
+        cfg = choose("nm_linear", (M, N, KV, n, m, bits, x.dtype), x.device,
+                     [{"block_n": bn, "block_j": bj, "warps": nw} for bn in (8, 16, 32) for bj in (64, 128, 256)
+                      for nw in (4, 8)], launch, default)
+    launch(cfg)
     return y.reshape(*x.shape[:-1], N)
 
 

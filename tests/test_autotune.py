@@ -1,0 +1,51 @@
+"""The per-shape config store of the Triton kernels (codegen/triton/autotune.py), with a fake timer."""
+import json
+
+import pytest
+
+from presso.codegen.triton import autotune
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRESSO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_STORE", None)
+    return tmp_path / "autotune.json"
+
+
+CANDIDATES = [{"split": s} for s in (2, 4, 8, 16)]
+TIMES = {2: 3.0, 4: 1.5, 8: 1.0, 16: 2.0}
+
+
+def test_tuning_picks_the_fastest_and_stores_it(store, monkeypatch):
+    monkeypatch.setenv("PRESSO_AUTOTUNE", "1")
+    launched = []
+
+    def launch(cfg):
+        if cfg["split"] == 16:
+            raise RuntimeError("out of shared memory")        # skipped, never chosen
+        launched.append(cfg["split"])
+    best = autotune.choose("k", (1, 4096), "cpu", CANDIDATES, launch, {"split": 2},
+                           timer=lambda fn: (fn(), TIMES[launched[-1]])[1])
+    assert best == {"split": 8}
+    saved = json.loads(store.read_text())
+    assert saved["k|cpu|1,4096"] == {"config": {"split": 8}, "ms": 1.0, "tried": 3}
+    # a later process reads the stored choice and launches nothing to decide
+    monkeypatch.setattr(autotune, "_STORE", None)
+    assert autotune.choose("k", (1, 4096), "cpu", CANDIDATES, lambda c: 1 / 0, {"split": 2},
+                           timer=lambda fn: 0.0) == {"split": 8}
+
+
+def test_without_opt_in_the_default_is_used_and_nothing_is_written(store, monkeypatch):
+    monkeypatch.delenv("PRESSO_AUTOTUNE", raising=False)
+    assert autotune.choose("k", (2, 64), "cpu", CANDIDATES, lambda c: 1 / 0, {"split": 4},
+                           timer=lambda fn: 0.0) == {"split": 4}
+    assert not store.exists()
+
+
+def test_a_corrupt_store_is_ignored(store, monkeypatch):
+    store.write_text("{not json")
+    monkeypatch.setenv("PRESSO_AUTOTUNE", "1")
+    best = autotune.choose("k", (3,), "cpu", CANDIDATES[:2], lambda c: None, {"split": 2},
+                           timer=lambda fn: 1.0)
+    assert best == {"split": 2} and "k|cpu|3" in json.loads(store.read_text())
