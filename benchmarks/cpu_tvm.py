@@ -88,7 +88,8 @@ def main():
     tok = Tokenizer()
     calib = [tok(CALIBRATION[i:i + 8], pad_to=a.seq) for i in range(0, 32, 8)]
     recipes = [("presso llvm fp32", None), ("presso llvm int8 weights (W8A16)", "quantize{weights=int8}"),
-               ("presso llvm int8 W8A8", "quantize{weights=int8,activations=int8}")]
+               ("presso llvm int8 W8A8", "quantize{weights=int8,activations=int8}"),
+               ("presso llvm int8 W8A7 (AVX2 u8 x s8 kernel)", "quantize{weights=int8,activations=int7}")]
     bench(f"all-MiniLM-L6-v2, batch {a.batch} x seq {a.seq}", model, inputs, recipes, calib, a.iters, cos_of=True)
     cfg = LlamaConfig(vocab=512, dim=256, layers=4, heads=8, kv_heads=4, hidden=688, max_seq=a.seq)
     model, inputs = make_llama(batch=1, seq=a.seq, config=cfg)

@@ -66,6 +66,19 @@ def test_w8a8():
     assert cosine("quantize{weights=int8,activations=int8}") >= 0.995
 
 
+def test_w8a7_codes_stay_in_seven_bits_and_projections_share_them():
+    from presso.runtime.reference import ReferenceRuntime
+    recipe = "quantize{weights=int8,activations=int7}"
+    cm = compiled(recipe)
+    hist = cm.graph.op_histogram()
+    assert hist["linear_int8"] == 36 and hist["quantize_per_token"] == 24   # q, k, v read one set of codes
+    seen = []
+    ReferenceRuntime(cm.graph).run(*setup()[3][0], observer=lambda n, i, o: seen.append(o[0].abs().max().item())
+                                   if n.op == "quantize_per_token" else None)
+    assert max(seen) == 63
+    assert cosine(recipe) >= 0.99
+
+
 def test_wanda_beats_magnitude_at_2_4():
     assert cosine("sparsify{pattern=2:4,method=wanda}") > cosine("sparsify{pattern=2:4,method=magnitude}")
 

@@ -29,7 +29,7 @@ def test_every_zoo_model_matches_the_reference_on_llvm(name):
 RECIPES = ["quantize{weights=int8}", "quantize{weights=int4,group_size=16}",
            "quantize{weights=int4,group_size=16,symmetric=false}", "sparsify{pattern=2:4}", "sparsify{pattern=4:8}",
            "lowrank{ratio=0.5}", "quantize{weights=int8,activations=int8,rotate=hadamard}",
-           "sparsify{pattern=2:4},quantize{weights=int4,group_size=16}"]
+           "sparsify{pattern=2:4},quantize{weights=int4,group_size=16}", "quantize{weights=int8,activations=int7}"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -49,6 +49,19 @@ def test_compressed_weights_are_read_packed_not_densified():
     graph_bytes = sum(p.data.numel() * p.data.element_size() for p in cm.graph.params.values())
     assert sum(a.nbytes for a in packed.values()) == graph_bytes
     assert not any(a.dtype == "float32" and a.ndim == 3 and "q" in n for n, a in packed.items())
+
+
+def test_w8a7_uses_the_avx2_integer_kernel_where_the_cpu_has_it_and_loads_from_an_artifact(tmp_path):
+    from presso.codegen.tvm import int8_avx2
+    from presso.codegen.tvm.build import host_cpu_target
+    model, inputs = make_llama(batch=2, seq=12)
+    cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe="quantize{weights=int8,activations=int7}")
+    names = [n for n, _ in cm._build.params]
+    assert any(n.endswith(".colsum.tiled8") for n in names) == int8_avx2.fits(host_cpu_target(), 64, 64)
+    codes = [n for n in cm.graph.nodes if n.op == "quantize_per_token"]
+    assert codes and all(n.attrs["bits"] == 7 for n in codes)
+    loaded = presso.load(cm.save(tmp_path / "w8a7.presso"))
+    assert torch.equal(loaded(*inputs), cm(*inputs))
 
 
 def test_symbolic_batch_runs_at_other_sizes():

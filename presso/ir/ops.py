@@ -391,11 +391,14 @@ def _qtoken_infer(types, attrs):
     return [TensorType(x.shape, DType.i8), TensorType(tuple(x.shape[:-1]) + (1,), DType.f32)]
 
 
-@defop("quantize_per_token", ["x"], {}, "compressed", infer=_qtoken_infer)
-def quantize_per_token(x):
-    """Dynamic symmetric int8 quantization of activations, one scale per token (row)."""
-    s = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127.0
-    return torch.clamp(torch.round(x.float() / s), -127, 127).to(torch.int8), s
+@defop("quantize_per_token", ["x"], {"bits": Attr("int", 8, choices=(7, 8))}, "compressed", infer=_qtoken_infer)
+def quantize_per_token(x, bits):
+    """Dynamic symmetric quantization of activations, one scale per token (row), codes in
+    [-(2^(bits-1) - 1), 2^(bits-1) - 1] stored as i8. 7 bits: code + 64 fits u7, so an x86 AVX2
+    kernel can multiply it as u8 against s8 weights (vpmaddubsw) without int16 saturation."""
+    qmax = float(2 ** (bits - 1) - 1)
+    s = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / qmax
+    return torch.clamp(torch.round(x.float() / s), -qmax, qmax).to(torch.int8), s
 
 
 def _lin8_infer(types, attrs):

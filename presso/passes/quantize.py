@@ -11,7 +11,9 @@ computed against the fp16-rounded scales, so what is stored is exactly what was 
   the weight is rotated before quantization and a ``hadamard`` node rotates the activations
   online (one per distinct input), spreading outliers (QuaRot / Quamba).
 * ``activations="int8"``: W8A8 — ``quantize_per_token`` + ``linear_int8`` (int8 x int8 with
-  integer accumulation), weights per-channel symmetric int8.
+  integer accumulation), weights per-channel symmetric int8. ``activations="int7"``: the same with
+  7-bit activation codes (W8A7), which the ``llvm`` target multiplies with AVX2 integer dot
+  products (u8 x s8, vpmaddubsw): 8-bit codes could saturate its int16 pair sums.
 """
 from __future__ import annotations
 
@@ -140,7 +142,8 @@ def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
     "method": Option(str, "rtn", choices=("rtn", "gptq")),
     "act_order": Option(bool, False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     "damp": Option(float, 0.01, check=lambda d: 0 < d < 1, allowed="in (0, 1)", help="GPTQ Hessian damping"),
-    "activations": Option(str, "none", choices=("none", "int8"), help="int8: W8A8 with per-token activations"),
+    "activations": Option(str, "none", choices=("none", "int8", "int7"),
+                          help="int8: W8A8 with per-token activations; int7: W8A7 (AVX2 integer dot products)"),
     "rotate": Option(str, "none", choices=("none", "hadamard")),
     "skip": Option(str, "", help="regex of weight names to leave unquantized"),
 })
@@ -148,9 +151,9 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     """Quantize linear weights; see the module docstring."""
     import re
     bits = 8 if weights == "int8" else 4
-    if activations == "int8" and (bits != 8 or group_size != 0 or not symmetric):
-        raise PipelineError("pass 'quantize': activations=int8 (W8A8) needs weights=int8, group_size=0 and "
-                            "symmetric=true")
+    if activations != "none" and (bits != 8 or group_size != 0 or not symmetric):
+        raise PipelineError(f"pass 'quantize': activations={activations} (W8A{activations[3:]}) needs weights=int8, "
+                            "group_size=0 and symmetric=true")
     skip_re = re.compile(skip) if skip else None
     layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
     sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
@@ -162,6 +165,7 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "gptq",
                               what=f"quantize{{method={method}}}")
     rotated: dict = {}
+    token_codes: dict = {}     # one quantize_per_token per activation (q/k/v projections share theirs)
     for l in layers:
         w = l.tensor
         rows, cols = l.shape
@@ -182,8 +186,9 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
             codes, scales, zeros = rtn(w, bits, group, symmetric)
         w_hat = dequant(codes, scales, zeros, group)
         err = output_error(w, w_hat, gram)
-        if activations == "int8":
-            out = _emit_w8a8(g, l.node, x, l.weight.name, codes, scales)
+        if activations != "none":
+            out = _emit_w8a8(g, l.node, x, l.weight.name, codes, scales, 7 if activations == "int7" else 8,
+                             token_codes)
         else:
             wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, bits, group, l.weight.type.dtype)
             out = g.op("linear", x, wd, l.node.inputs[2], before=l.node)
@@ -287,13 +292,15 @@ def _emit_weight(g, node, wname, codes, scales, zeros, bits, group, dtype) -> Va
     return g.op("dequantize", q, s, z, bits=bits, group_size=group, dtype=dtype.value, before=node)
 
 
-def _emit_w8a8(g, node, x, wname, codes, scales) -> Value:
+def _emit_w8a8(g, node, x, wname, codes, scales, act_bits: int, token_codes: dict) -> Value:
     qn, sn = g.fresh_name(wname + ".q"), g.fresh_name(wname + ".scales")
     q = _store_codes(g, qn, codes, 8, signed=True)
     s = g.add_param(sn, scales.reshape(-1).to(torch.float32).contiguous())
     derive(g, qn, wname)
     derive(g, sn, wname)
-    xq = g.add_node("quantize_per_token", [x], {}, before=node).outputs
+    if x not in token_codes:
+        token_codes[x] = g.add_node("quantize_per_token", [x], {"bits": act_bits}, before=node).outputs
+    xq = token_codes[x]
     y = g.op("linear_int8", xq[0], xq[1], q, s, node.inputs[2], before=node)
     return y if node.output.type.dtype == DType.f32 else g.op("cast", y, dtype=node.output.type.dtype.value, before=node)
 

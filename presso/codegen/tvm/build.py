@@ -28,13 +28,17 @@ def host_cpu_target() -> dict:
     return spec
 
 
+def target_spec(name: str) -> dict:
+    if name == "llvm":
+        return host_cpu_target()
+    if name == "aarch64":
+        return {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"], "num-cores": 4}
+    raise CodegenError(f"unknown TVM target {name!r}; valid: {', '.join(TVM_TARGETS)}")
+
+
 def target_for(name: str):
     import tvm
-    if name == "llvm":
-        return tvm.target.Target(host_cpu_target())
-    if name == "aarch64":
-        return tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"], "num-cores": 4})
-    raise CodegenError(f"unknown TVM target {name!r}; valid: {', '.join(TVM_TARGETS)}")
+    return tvm.target.Target(target_spec(name))
 
 
 def can_run_here(name: str) -> bool:
@@ -70,7 +74,7 @@ def build(graph: Graph, target: str = "llvm", tune: bool = True) -> TVMBuild:
     import tvm
     from .lower import lower
     from .schedule import cpu_pipeline
-    lowered = lower(graph)
+    lowered = lower(graph, target_spec(target))
     tgt = target_for(target)
     try:
         ex = tvm.compile(lowered.mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tune))
@@ -86,5 +90,5 @@ def load_library(graph: Graph, target: str, path: Path) -> TVMBuild:
     from .lower import Lowering
     if not can_run_here(target):
         raise TargetUnavailableError(f"code for {target} cannot run on this {platform.machine()} machine")
-    params = Lowering(graph).plan()
+    params = Lowering(graph, target_spec(target)).plan()
     return TVMBuild(target, tvm.runtime.load_module(str(path)), params)

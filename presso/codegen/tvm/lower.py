@@ -22,6 +22,7 @@ from ...ir.analysis import packed_weight_producer
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import INT64_MAX, hadamard_matrix
 from ...ir.types import DType, TensorType
+from . import int8_avx2
 from . import linear as lin
 
 TVM_DTYPE = {DType.f64: "float64", DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16",
@@ -51,10 +52,12 @@ def _promote(*types: TensorType) -> str:
 
 
 class Lowering:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target_spec: dict | None = None):
         from tvm import relax, te, tirx
         self.rx, self.te, self.tirx = relax, te, tirx
         self.g = graph
+        self.target_spec = target_spec or {}
+        self.prim_funcs: dict[str, object] = {}
         self.syms: dict[str, object] = {}
         self.env: dict[Value, object] = {}
         self.bb = relax.BlockBuilder()
@@ -110,7 +113,12 @@ class Lowering:
         if w.kind == "param":
             if w.type.dtype not in ((DType.i8,) if n.op == "linear_int8" else (DType.f32, DType.f16, DType.f64)):
                 return None
-            spec = lin.prepack_dense(g.params[w.name].data)
+            rows, cols = w.type.shape
+            if n.op == "linear_int8" and _seven_bit_codes(n) and int8_avx2.fits(self.target_spec, cols, rows):
+                spec = lin.WeightSpec("avx2_u8s8", rows, cols, 8, dtype="int8",
+                                      arrays=int8_avx2.prepack(g.params[w.name].data.numpy()))
+            else:
+                spec = lin.prepack_dense(g.params[w.name].data)
         elif n.op == "linear" and packed_weight_producer(w, users) is not None:
             p = w.node
             data = [None if v is None else g.params[v.name].data for v in p.inputs]
@@ -526,21 +534,51 @@ def _hadamard(L, n, ins):
 
 @lowers("quantize_per_token")
 def _quantize_per_token(L, n, ins):
+    qmax = float(2 ** (n.attrs["bits"] - 1) - 1)
+
     def q(x):
         from tvm import te, tirx, topi
         xf = topi.cast(x, "float32") if x.dtype != "float32" else x
         amax = topi.max(topi.abs(xf), axis=-1, keepdims=True)
-        s = te.compute(amax.shape, lambda *i: tirx.max(amax[i], tirx.const(1e-8, "float32")) / 127.0,
+        s = te.compute(amax.shape, lambda *i: tirx.max(amax[i], tirx.const(1e-8, "float32")) / qmax,
                        name="token_scale")
         last = len(x.shape) - 1
 
         def code(*i):
             r = tirx.nearbyint(xf[i] / s[i[:last] + (0,)])  # half to even, as torch.round
-            return tirx.max(tirx.min(r, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32")).astype("int8")
+            return tirx.max(tirx.min(r, tirx.const(qmax, "float32")), tirx.const(-qmax, "float32")).astype("int8")
         return [te.compute(x.shape, code, name="token_codes"), s]
 
     t = L.emit_te(q, ins[0], name="quantize_per_token")
     return [L.emit(L.rx.TupleGetItem(t, 0)), L.emit(L.rx.TupleGetItem(t, 1))]
+
+
+def _seven_bit_codes(n: Node) -> bool:
+    p = n.inputs[0].node
+    return p is not None and p.op == "quantize_per_token" and p.attrs["bits"] == 7
+
+
+def _linear_w8a7_avx2(L, n, ins, fl):
+    """The hand-written AVX2 u8 x s8 kernel (int8_avx2.py) over [rows, K] activation bytes."""
+    import numpy as np
+    rx, te = L.rx, L.te
+    rows, cols = fl.spec.rows, fl.spec.cols
+    lead = L.shape(n.inputs[0].type)[:-1]
+    m = 1
+    for d in lead:
+        m = m * d
+    name = f"presso_w8a7_avx2_{cols}x{rows}"
+    if name not in L.prim_funcs:
+        L.prim_funcs[name] = L.bb.add_func(int8_avx2.prim_func(cols, rows).with_attr("global_symbol", name), name)
+    shifted = L.emit_te(lambda x: te.compute(x.shape, lambda *i: (x[i].astype("int16") + 64).astype("uint8"),
+                                             name="codes_u8"), ins[0], name="codes_u8")
+    u = L.emit(rx.op.reshape(shifted, [m, cols]))
+    xs = L.emit(rx.op.reshape(ins[1], [m]))
+    w, colsum = (L.pvars[name_] for name_ in fl.param_names)
+    bias = ins[4] if n.inputs[4] is not None else rx.const(np.zeros(rows, "float32"), "float32")
+    y = L.emit(rx.call_tir(L.prim_funcs[name], rx.Tuple([u, xs, w, colsum, ins[3], bias]),
+                           rx.TensorType([m, rows], "float32")))
+    return L.emit(rx.op.reshape(y, list(lead) + [rows]))
 
 
 @lowers("linear_int8")
@@ -549,6 +587,8 @@ def _linear_int8(L, n, ins):
     fl = L.fused.get(n)
     if fl is None:
         raise CodegenError(f"node '{n.name}': linear_int8 lowers for parameter weights only")
+    if fl.spec.kind == "avx2_u8s8":
+        return _linear_w8a7_avx2(L, n, ins, fl)
     spec = fl.spec
     wvar = L.pvars[fl.param_names[0]]
 
@@ -597,6 +637,7 @@ def _densify_nm(L, n, ins):
     return L.emit_te(f, ins[0], ins[1], name="densify_nm")
 
 
-def lower(graph: Graph) -> Lowered:
-    """Lower a whole graph to a Relax module whose ``main`` takes (inputs..., params...)."""
-    return Lowering(graph).build()
+def lower(graph: Graph, target_spec: dict | None = None) -> Lowered:
+    """Lower a whole graph to a Relax module whose ``main`` takes (inputs..., params...);
+    ``target_spec`` (the TVM target as a dict) enables CPU-specific kernels (int8_avx2.py)."""
+    return Lowering(graph, target_spec).build()
