@@ -58,6 +58,7 @@ class Lowering:
         self.g = graph
         self.target_spec = target_spec or {}
         self.prim_funcs: dict[str, object] = {}
+        self.u8_codes: set[Value] = set()      # quantize_per_token codes lowered as u8 (code + 64)
         self.syms: dict[str, object] = {}
         self.env: dict[Value, object] = {}
         self.bb = relax.BlockBuilder()
@@ -535,6 +536,11 @@ def _hadamard(L, n, ins):
 @lowers("quantize_per_token")
 def _quantize_per_token(L, n, ins):
     qmax = float(2 ** (n.attrs["bits"] - 1) - 1)
+    users = L.g.users().get(n.outputs[0], [])
+    # codes read only by the AVX2 W8A7 kernels are produced as the u8 bytes they take (code + 64)
+    as_u8 = bool(users) and all(L.fused.get(u) is not None and L.fused[u].spec.kind == "avx2_u8s8" for u in users)
+    if as_u8:
+        L.u8_codes.add(n.outputs[0])
 
     def q(x):
         from tvm import te, tirx, topi
@@ -546,7 +552,8 @@ def _quantize_per_token(L, n, ins):
 
         def code(*i):
             r = tirx.nearbyint(xf[i] / s[i[:last] + (0,)])  # half to even, as torch.round
-            return tirx.max(tirx.min(r, tirx.const(qmax, "float32")), tirx.const(-qmax, "float32")).astype("int8")
+            c = tirx.max(tirx.min(r, tirx.const(qmax, "float32")), tirx.const(-qmax, "float32"))
+            return (c + 64.0).astype("uint8") if as_u8 else c.astype("int8")
         return [te.compute(x.shape, code, name="token_codes"), s]
 
     t = L.emit_te(q, ins[0], name="quantize_per_token")
@@ -570,8 +577,9 @@ def _linear_w8a7_avx2(L, n, ins, fl):
     name = f"presso_w8a7_avx2_{cols}x{rows}"
     if name not in L.prim_funcs:
         L.prim_funcs[name] = L.bb.add_func(int8_avx2.prim_func(cols, rows).with_attr("global_symbol", name), name)
-    shifted = L.emit_te(lambda x: te.compute(x.shape, lambda *i: (x[i].astype("int16") + 64).astype("uint8"),
-                                             name="codes_u8"), ins[0], name="codes_u8")
+    shifted = ins[0] if n.inputs[0] in L.u8_codes else L.emit_te(
+        lambda x: te.compute(x.shape, lambda *i: (x[i].astype("int16") + 64).astype("uint8"), name="codes_u8"),
+        ins[0], name="codes_u8")
     u = L.emit(rx.op.reshape(shifted, [m, cols]))
     xs = L.emit(rx.op.reshape(ins[1], [m]))
     w, colsum = (L.pvars[name_] for name_ in fl.param_names)

@@ -44,7 +44,8 @@ def cpu_pipeline(target, tune: bool = True):
 
 def schedule_pass():
     from tvm.s_tir import dlight as dl
-    rules = [schedule_linear, schedule_matmul, dl.cpu.GEMV(), dl.cpu.Reduction(), schedule_injective]
+    rules = [schedule_linear, schedule_matmul, schedule_token_quant, dl.cpu.GEMV(), dl.cpu.Reduction(),
+             schedule_injective]
     return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])
 
 
@@ -139,6 +140,29 @@ def schedule_linear(func, target, tunable):
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(jo)
     sch.decompose_reduction(mm, k)
+    return sch
+
+
+def schedule_token_quant(func, target, tunable):
+    """``quantize_per_token``: rows in parallel; per row the |x| max, the scale and the codes (the
+    last vectorized), so each row is read twice from L1 instead of three passes over memory
+    (measured 0.86 ms per 1024 x 384 call unscheduled by dlight's rules)."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    codes, scale, red = _block(sch, "token_codes"), _block(sch, "token_scale"), _block(sch, "compute_red")
+    if codes is None or scale is None or red is None:
+        return None
+    absb = _block(sch, "compute")
+    if absb is not None:
+        sch.compute_inline(absb)
+    *rows, _one, _k = sch.get_loops(red)
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.reverse_compute_at(scale, row)
+    sch.reverse_compute_at(codes, row)
+    col = sch.get_loops(codes)[-1]
+    if (_static(sch.get(col).extent) or 0) % VECTOR == 0:
+        sch.vectorize(sch.split(col, [None, VECTOR])[1])
+    sch.parallel(row)
     return sch
 
 
