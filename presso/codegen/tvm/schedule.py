@@ -44,8 +44,8 @@ def cpu_pipeline(target, tune: bool = True):
 
 def schedule_pass():
     from tvm.s_tir import dlight as dl
-    rules = [schedule_linear, schedule_matmul, schedule_token_quant, dl.cpu.GEMV(), dl.cpu.Reduction(),
-             schedule_injective]
+    rules = [schedule_linear, schedule_matmul, schedule_token_quant, schedule_softmax, dl.cpu.GEMV(),
+             dl.cpu.Reduction(), schedule_injective]
     return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])
 
 
@@ -164,6 +164,55 @@ def schedule_token_quant(func, target, tunable):
         sch.vectorize(sch.split(col, [None, VECTOR])[1])
     sch.parallel(row)
     return sch
+
+
+def schedule_softmax(func, target, tunable):
+    """Softmax (``lower.py``'s, blocks ``softmax_*``): max, exp, sum and normalize are row stages.
+    All move under one parallel row loop (the row stays in L1 between them), single-use
+    elementwise intermediates are inlined, and elementwise stages are vectorized along the row:
+    [8, 12, 128, 128] 2.95 -> 1.73 ms on the 2-core Zen 3. (Layer norm measured slower this way
+    than under dlight's rule, 0.63 -> 1.13 ms, so it is left to dlight.)"""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    blocks = list(_all_blocks(sch))
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    if not any(k and k[-1] == "R" and "R" not in k[:-1] for k in kinds) or len(blocks) > 10:
+        return None
+    first = next(b for b, k in zip(blocks, kinds) if k and k[-1] == "R")
+    if not sch.get(first).name_hint.startswith("softmax"):
+        return None
+    rows = sch.get_loops(first)[:-1]
+    if not rows:
+        return None
+    for b, k in zip(blocks, kinds):
+        if b is first or "R" in k or len(sch.get_consumers(b)) != 1:
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - an output or a non-inlinable stage stays
+            pass
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    after = False
+    for b in list(_all_blocks(sch)):
+        if sch.get(b).name_hint == sch.get(first).name_hint:
+            after = True
+            continue
+        if after:
+            sch.reverse_compute_at(b, row)
+    for b in list(_all_blocks(sch)):
+        if "R" in _iter_kinds(sch, b):
+            continue
+        inner = sch.get_loops(b)[-1]
+        if (_static(sch.get(inner).extent) or 0) % VECTOR == 0:
+            sch.vectorize(sch.split(inner, [None, VECTOR])[1])
+    sch.parallel(row)
+    return sch
+
+
+def _iter_kinds(sch, blk) -> str:
+    """'S'/'R' per block iter var (spatial / reduction)."""
+    from tvm.tirx import IterVar
+    return "".join("R" if iv.iter_type == IterVar.CommReduce else "S" for iv in sch.get(blk).iter_vars)
 
 
 def _tile_width(sch, mm) -> int:
