@@ -22,6 +22,7 @@ class LinearStats:
     """Statistics of one linear's input over the calibration set (rows = tokens)."""
     gram: torch.Tensor      # (in, in) float64: sum over rows of x x^T
     rows: int
+    amax: Optional[torch.Tensor] = None   # (in,) float64: max over rows of |x_j| (SmoothQuant)
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -58,11 +59,13 @@ def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Ite
             return
         x = ins[0].detach().reshape(-1, ins[0].shape[-1]).to(torch.float64)
         st = stats.get(node.name)
+        amax = x.abs().amax(0)
         if st is None:
-            stats[node.name] = LinearStats(x.T @ x, x.shape[0])
+            stats[node.name] = LinearStats(x.T @ x, x.shape[0], amax)
         else:
             st.gram += x.T @ x
             st.rows += x.shape[0]
+            st.amax = torch.maximum(st.amax, amax)
 
     rt = ReferenceRuntime(g)
     it = samples

@@ -14,6 +14,10 @@ computed against the fp16-rounded scales, so what is stored is exactly what was 
   integer accumulation), weights per-channel symmetric int8. ``activations="int7"``: the same with
   7-bit activation codes (W8A7), which the ``llvm`` target multiplies with AVX2 integer dot
   products (u8 x s8, vpmaddubsw): 8-bit codes could saturate its int16 pair sums.
+* ``smooth=alpha`` (with quantized activations; SmoothQuant): where the linears' shared input
+  comes from an affine norm read by nothing else, per input channel j the activation range moves
+  into the weights: x' = x / s, W' = W s with s_j = max|x_j|^alpha / max|W_:j|^(1-alpha) over the
+  calibration set; 1/s folds into the norm's weight (and bias), so it costs nothing at run time.
 """
 from __future__ import annotations
 
@@ -146,8 +150,11 @@ def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
                           help="int8: W8A8 with per-token activations; int7: W8A7 (AVX2 integer dot products)"),
     "rotate": Option(str, "none", choices=("none", "hadamard")),
     "skip": Option(str, "", help="regex of weight names to leave unquantized"),
+    "smooth": Option(float, 0.0, check=lambda a: 0 <= a <= 1, allowed="in [0, 1] (0 = off)",
+                     help="SmoothQuant migration strength for quantized activations"),
 })
-def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, damp, activations, rotate, skip):
+def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, damp, activations, rotate, skip,
+             smooth):
     """Quantize linear weights; see the module docstring."""
     import re
     bits = 8 if weights == "int8" else 4
@@ -162,8 +169,12 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
         _check_group(l.node, l.shape[1], group_size, bits)
     for n in sparse:
         _check_group(n, _nm_values(g, n).type.shape[1], group_size, bits)
-    stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "gptq",
-                              what=f"quantize{{method={method}}}")
+    if smooth and activations == "none":
+        raise PipelineError("pass 'quantize': smooth= moves activation outliers into the weights, so it needs "
+                            "activations=int8 or int7")
+    stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "gptq" or smooth > 0,
+                              what=f"quantize{{method={method}}}" if not smooth else "quantize{smooth}")
+    smoothing = _smooth(g, layers, stats, smooth) if smooth else {}
     rotated: dict = {}
     token_codes: dict = {}     # one quantize_per_token per activation (q/k/v projections share theirs)
     for l in layers:
@@ -171,6 +182,10 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
         rows, cols = l.shape
         group = group_size or cols
         gram = stats[l.node.name].gram if stats else None
+        if l.node in smoothing:
+            sm = smoothing[l.node]
+            w = w * sm.to(w.dtype)
+            gram = gram / torch.outer(sm, sm) if gram is not None else None
         x = l.node.inputs[0]
         if rotate == "hadamard":
             block = hadamard_block(cols)
@@ -290,6 +305,35 @@ def _emit_weight(g, node, wname, codes, scales, zeros, bits, group, dtype) -> Va
     for n in names:
         derive(g, n, wname)
     return g.op("dequantize", q, s, z, bits=bits, group_size=group, dtype=dtype.value, before=node)
+
+
+def _smooth(g: Graph, layers, stats, alpha: float) -> dict:
+    """SmoothQuant (see the module docstring): per linear node, the per-input-channel factor s its
+    weight is multiplied by; the norm producing the input is rewired to params divided by s."""
+    users = g.users()
+    by_input: dict = {}
+    for l in layers:
+        by_input.setdefault(l.node.inputs[0], []).append(l)
+    out = {}
+    for x, group in by_input.items():
+        norm = x.node
+        if norm is None or norm.op not in ("layer_norm", "rms_norm") or norm.attrs.get("ndim") != 1:
+            continue
+        affine = [v for v in norm.inputs[1:] if v is not None]
+        if (len(users.get(x, [])) != len(group) or not affine
+                or not all(v.kind == "param" and len(users.get(v, [])) == 1 for v in affine)):
+            continue
+        act = stats[group[0].node.name].amax.clamp_min(1e-5)
+        wmax = torch.stack([l.tensor.double().abs().amax(0) for l in group]).amax(0).clamp_min(1e-5)
+        s = (act ** alpha / wmax ** (1 - alpha)).clamp(1e-4, 1e4)
+        for v in affine:
+            data = g.params[v.name].data
+            new = g.add_param(g.fresh_name(v.name + ".smoothed"), (data.double() / s).to(data.dtype))
+            derive(g, new.name, v.name)
+            g.replace_uses(v, new)
+        for l in group:
+            out[l.node] = s
+    return out
 
 
 def _emit_w8a8(g, node, x, wname, codes, scales, act_bits: int, token_codes: dict) -> Value:
