@@ -148,6 +148,8 @@ def test_calibration_is_needed_by_gptq_wanda_and_whitened():
     ("lowrank{ratio=0}", r"option 'ratio' must be in \(0, 1\], got 0.0"),
     ("sparsify{pattern=2:5}", "needs the input dim of layer .* to be a multiple of 5"),
     ("quantize{weights=int4,activations=int8}", "W8A8"),
+    ("quantize{weights=int4,activations=int7}", "W8A7"),
+    ("quantize{weights=int8,activations=int7,smooth=1.5}", r"option 'smooth' must be in \[0, 1\]"),
     ("lowrank{ranks=query:zero}", "positive ints or 'full'"),
 ])
 def test_bad_options_are_typed_errors_and_nothing_is_half_applied(recipe, msg):

@@ -36,7 +36,8 @@ class CudaRuntime:
         prepared_at = [set(s.prepare[0]) if s.prepare else set() for s in self.program.steps]
         used = {v for s, skip in zip(self.program.steps, prepared_at) for j, v in enumerate(s.inputs) if j not in skip}
         self._params = {p.value: p.data.to(self.device) for p in graph.params.values() if p.value in used}
-        self._prepared = [self._prepare(s, graph) if s.prepare else {} for s in self.program.steps]
+        host = {p.value: p.data for p in graph.params.values()}
+        self._prepared = [self._prepare(s, host) if s.prepare else {} for s in self.program.steps]
         last = {}
         for i, s in enumerate(self.program.steps):
             for v in s.inputs:
@@ -49,11 +50,10 @@ class CudaRuntime:
                 self._free_after[i].append(v)
         self._graph_exec = None
 
-    def _prepare(self, step, graph: Graph) -> dict[int, object]:
+    def _prepare(self, step, host: dict) -> dict[int, object]:
         """The step's params in its kernel's layout, computed once on the device."""
         positions, fn = step.prepare
-        data = {p.value: p.data for p in graph.params.values()}
-        ins = [None if step.inputs[j] is None else data[step.inputs[j]].to(self.device) for j in positions]
+        ins = [None if step.inputs[j] is None else host[step.inputs[j]].to(self.device) for j in positions]
         return dict(zip(positions, fn(*ins)))
 
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:

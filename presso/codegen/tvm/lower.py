@@ -59,6 +59,7 @@ class Lowering:
         self.target_spec = target_spec or {}
         self.prim_funcs: dict[str, object] = {}
         self.u8_codes: set[Value] = set()      # quantize_per_token codes lowered as u8 (code + 64)
+        self.users = graph.users()
         self.syms: dict[str, object] = {}
         self.env: dict[Value, object] = {}
         self.bb = relax.BlockBuilder()
@@ -88,7 +89,7 @@ class Lowering:
     # ---- planning: which linears read packed weights ------------------------------------------
     def plan(self) -> list:
         """Decide the fused linears; return the runtime params (name, array) in argument order."""
-        g, users = self.g, self.g.users()
+        g, users = self.g, self.users
         arrays: list = []
         used_raw: set[str] = set()
         for n in g.nodes:
@@ -536,7 +537,7 @@ def _hadamard(L, n, ins):
 @lowers("quantize_per_token")
 def _quantize_per_token(L, n, ins):
     qmax = float(2 ** (n.attrs["bits"] - 1) - 1)
-    users = L.g.users().get(n.outputs[0], [])
+    users = L.users.get(n.outputs[0], [])
     # codes read only by the AVX2 W8A7 kernels are produced as the u8 bytes they take (code + 64)
     as_u8 = bool(users) and all(L.fused.get(u) is not None and L.fused[u].spec.kind == "avx2_u8s8" for u in users)
     if as_u8:
