@@ -17,6 +17,8 @@ from presso.models.sentences import CALIBRATION, EVALUATION
 RECIPES = [
     "quantize{weights=int8}",
     "quantize{weights=int8,activations=int8}",
+    "quantize{weights=int8,activations=int7}",
+    "quantize{weights=int8,activations=int7,rotate=hadamard}",
     "quantize{weights=int4,group_size=128}",
     "quantize{weights=int4,group_size=128,method=gptq}",
     "quantize{weights=int4,group_size=128,symmetric=false,rotate=hadamard}",

@@ -23,14 +23,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from zoo_util import export_onnx  # noqa: E402
 
 
-def timeit(fn, iters):
-    fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+def timeit(fns, iters, block=5):
+    """Median ms of each callable, timed in rounds: per round each callable runs one untimed call
+    and then ``block`` timed ones. The rounds spread the machine's drift (+-20% here between
+    minutes) over every runtime alike; the untimed call lets the previous runtime's spinning
+    thread pool (onnxruntime's, TVM's) wind down before the timing starts."""
+    ts = [[] for _ in fns]
+    for _ in range(max(1, iters // block)):
+        for t, fn in zip(ts, fns):
+            fn()
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in ts]
 
 
 def ort_session(proto, int8: bool):
@@ -57,12 +63,12 @@ def bench(name, model, inputs, recipes, calib, iters, cos_of=None):
     for label, int8 in (("onnxruntime fp32", False), ("onnxruntime int8 (quantize_dynamic)", True)):
         sess = ort_session(proto, int8)
         feeds = feeds_of(sess)
-        out = torch.from_numpy(sess.run(None, feeds)[0])
-        rows.append((label, timeit(lambda: sess.run(None, feeds), iters), out))
+        rows.append([label, lambda sess=sess, feeds=feeds: sess.run(None, feeds)])
     for label, recipe in recipes:
         cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe=recipe, calibration=calib)
-        out = cm(*inputs)
-        rows.append((label, timeit(lambda: cm(*inputs), iters), out))
+        rows.append([label, lambda cm=cm: cm(*inputs)])
+    outs = [torch.from_numpy(r[1]()[0]) if i < 2 else r[1]() for i, r in enumerate(rows)]
+    rows = [(label, ms, out) for (label, _), ms, out in zip(rows, timeit([r[1] for r in rows], iters), outs)]
     ort8 = rows[1][1]
     print(f"\n{name}")
     print("| runtime | ms | vs ORT int8 | " + ("cos to torch fp32 |" if cos_of else "max rel err vs torch |"))
@@ -89,7 +95,8 @@ def main():
     calib = [tok(CALIBRATION[i:i + 8], pad_to=a.seq) for i in range(0, 32, 8)]
     recipes = [("presso llvm fp32", None), ("presso llvm int8 weights (W8A16)", "quantize{weights=int8}"),
                ("presso llvm int8 W8A8", "quantize{weights=int8,activations=int8}"),
-               ("presso llvm int8 W8A7 (AVX2 u8 x s8 kernel)", "quantize{weights=int8,activations=int7}")]
+               ("presso llvm int8 W8A7 (AVX2 u8 x s8 kernel)", "quantize{weights=int8,activations=int7}"),
+               ("presso llvm int8 W8A7 + Hadamard rotation", "quantize{weights=int8,activations=int7,rotate=hadamard}")]
     bench(f"all-MiniLM-L6-v2, batch {a.batch} x seq {a.seq}", model, inputs, recipes, calib, a.iters, cos_of=True)
     cfg = LlamaConfig(vocab=512, dim=256, layers=4, heads=8, kv_heads=4, hidden=688, max_seq=a.seq)
     model, inputs = make_llama(batch=1, seq=a.seq, config=cfg)

@@ -13,7 +13,7 @@ from cpu_tvm import timeit   # median milliseconds (benchmarks/ is on the path w
 
 
 def gflops(fn, flops):
-    return flops / timeit(fn, 15) / 1e6
+    return flops / timeit([fn], 15)[0] / 1e6
 
 
 def main():

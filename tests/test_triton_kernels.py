@@ -9,6 +9,7 @@ SCRIPT = textwrap.dedent("""
     import os, torch
     os.environ["TRITON_INTERPRET"] = "1"
     from presso.codegen.triton import int4_linear, nm_linear
+    from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4 as pack_tiled
     from presso.codegen.triton.linear import pack_nm_index
     from presso.ir.registry import get_op
     from presso.passes.quantize import rtn
@@ -26,12 +27,16 @@ SCRIPT = textwrap.dedent("""
     cases = 0
     for M, N, K, G, sym, bias in [(1, 37, 64, 32, True, False), (3, 70, 96, 32, False, True),
                                   (5, 130, 128, 64, True, True), (20, 33, 64, 16, False, False),
-                                  (1, 45, 256, 32, False, True), (2, 19, 128, 128, True, False)]:
+                                  (1, 45, 256, 32, False, True), (2, 19, 128, 128, True, False),
+                                  (1, 40, 96, 32, True, True)]:     # 3 groups: split 2 takes the loop path
         x, w = torch.randn(M, K), torch.randn(N, K)
         b = torch.randn(N) if bias else None
         q, s, z, want = ref_int4(x, w, G, sym, b)
         got = int4_linear(x, q, s, z, b, G)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (M, N, K, G, (got - want).abs().max())
+        if M == 1 and K // G >= 4:      # several groups per program, unrolled (PER > 1)
+            tiled = int4_linear_tiled(x, pack_tiled(q, s, z, G), b, split=2)
+            assert torch.allclose(tiled, want, rtol=1e-4, atol=1e-4), (N, K, G, (tiled - want).abs().max())
         cases += 1
     for M, N, K, n, m, bias in [(1, 45, 64, 2, 4, False), (3, 70, 96, 2, 4, True), (2, 33, 64, 4, 8, True),
                                 (1, 19, 48, 1, 4, False), (2, 17, 40, 3, 5, False)]:
@@ -99,4 +104,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 24" in r.stdout
+    assert "kernel cases 25" in r.stdout

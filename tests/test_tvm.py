@@ -64,6 +64,55 @@ def test_w8a7_uses_the_avx2_integer_kernel_where_the_cpu_has_it_and_loads_from_a
     assert torch.equal(loaded(*inputs), cm(*inputs))
 
 
+def _run_rows_kernel(func, x, outs):
+    import numpy as np
+    import tvm
+    from presso.codegen.tvm.build import host_cpu_target
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(host_cpu_target()))
+    args = [tvm.runtime.tensor(x.numpy(), tvm.cpu())] + [tvm.runtime.tensor(np.zeros(s, d), tvm.cpu()) for s, d in outs]
+    lib["main"](*args)
+    return [torch.from_numpy(a.numpy()) for a in args[1:]]
+
+
+@pytest.mark.parametrize("rows,dim,block", [(5, 48, 16), (37, 384, 128), (3, 1536, 512), (2, 64, 8)])
+def test_butterfly_hadamard_kernel_matches_the_reference_op(rows, dim, block):
+    """hadamard.py's fast Walsh-Hadamard transform, alone and fused with quantize_per_token (7-bit
+    u8 codes for the AVX2 kernel, 8-bit i8 codes), against the registry's reference ops."""
+    from presso.codegen.tvm import hadamard as fwht
+    from presso.ir.ops import hadamard, quantize_per_token
+    torch.manual_seed(rows)
+    x = torch.randn(rows, dim)
+    x[:, 3] *= 30                                     # an outlier channel, as rotation is meant for
+    rotated = hadamard(x, block)
+    (y,) = _run_rows_kernel(fwht.prim_func(dim, block), x, [((rows, dim), "float32")])
+    assert (y - rotated).abs().max() < 1e-5 * rotated.abs().max()
+    for bits, as_u8 in ((7, True), (8, False)):
+        qmax = 2.0 ** (bits - 1) - 1
+        codes, scales = _run_rows_kernel(fwht.prim_func(dim, block, (qmax, as_u8)), x,
+                                         [((rows, dim), "uint8" if as_u8 else "int8"), ((rows,), "float32")])
+        ref_codes, ref_scales = quantize_per_token(rotated, bits)
+        codes = codes.to(torch.int32) - (64 if as_u8 else 0)
+        assert torch.allclose(scales, ref_scales[:, 0], rtol=1e-5)
+        diff = (codes - ref_codes.to(torch.int32)).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3   # only float ties can round apart
+
+
+def test_rotation_feeding_a_quantizer_is_one_kernel_without_a_dense_matmul():
+    from presso.codegen.tvm.build import host_cpu_target
+    from presso.codegen.tvm.lower import Lowering
+    model, inputs = make_llama(batch=2, seq=12)
+    cm = presso.compile(model, example_inputs=inputs, recipe="quantize{weights=int8,activations=int7,rotate=hadamard}")
+    lowering = Lowering(cm.graph, host_cpu_target())
+    text = lowering.build().mod.script()
+    plain = presso.compile(model, example_inputs=inputs, recipe="quantize{weights=int8,activations=int7}")
+    attention_matmuls = Lowering(plain.graph, host_cpu_target()).build().mod.script().count("R.matmul")
+    rotations = [n for n in cm.graph.nodes if n.op == "hadamard"]
+    wide = [n for n in rotations if n.attrs["block"] >= 8]
+    assert wide and lowering.rotated_in_quant == set(wide)
+    assert any(name.startswith("presso_hadamard_quant7u_") for name in lowering.prim_funcs)
+    assert text.count("R.matmul") - attention_matmuls == len(rotations) - len(wide)   # narrow blocks only
+
+
 def test_symbolic_batch_runs_at_other_sizes():
     from torch.export import Dim
     model, inputs = make_mlp()

@@ -86,42 +86,57 @@ def _one_plus_nibble(w, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW: tl.constexpr, TILE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """One group of a block of rows: scale * sum_k (code - zero) x over the group's G columns."""
+    G: tl.constexpr = 8 * HW
+    rw = tl.arange(0, HW)
+    t = tile0 + g * TILE
+    wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :], eviction_policy="evict_first")
+    if not HAS_ZERO:
+        wq = wq ^ -2004318072          # 0x88888888: two's-complement nibble c -> c + 8 in [0, 16)
+    xb = x_ptr + m * stride_xm + g * G + 4 * rw
+    part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
+    xs = tl.zeros((HW,), dtype=tl.float32)
+    for b in tl.static_range(4):
+        xl = tl.load(xb + b).to(tl.float32)
+        xh = tl.load(xb + b + G // 2).to(tl.float32)
+        xs += xl + xh
+        part += _one_plus_nibble(wq, 8 * b) * xl[None, :]
+        part += _one_plus_nibble(wq, 8 * b + 4) * xh[None, :]
+    if HAS_ZERO:
+        off = tl.load(z_ptr + t).to(tl.float32)
+    else:
+        off = 8.0
+    # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
+    dot = 16.0 * tl.sum(part, axis=1) - (16.0 + off) * tl.sum(xs, axis=0)
+    return dot * tl.load(s_ptr + t).to(tl.float32)
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
-                      E1: tl.constexpr):
+                      PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+                      E0: tl.constexpr, E1: tl.constexpr):
+    """PER > 0: every program takes exactly PER groups, unrolled, so all its weight loads are
+    issued before the first one is used (more bytes in flight per program); PER = 0: a loop."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
     NG = K // G
     rows = tl.arange(0, BLOCK_N)
     rn = pid_n * BLOCK_N + rows
     mn = rn < N
-    rw = tl.arange(0, HW)
     # a row block lies inside one tile; its group g is TILE rows further per group
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
-    per = tl.cdiv(NG, SPLIT)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
-        t = tile0 + g * TILE
-        wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :])
-        if not HAS_ZERO:
-            wq = wq ^ -2004318072          # 0x88888888: two's-complement nibble c -> c + 8 in [0, 16)
-        xb = x_ptr + m * stride_xm + g * G + 4 * rw
-        part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
-        xs = tl.zeros((HW,), dtype=tl.float32)
-        for b in tl.static_range(4):
-            xl = tl.load(xb + b).to(tl.float32)
-            xh = tl.load(xb + b + G // 2).to(tl.float32)
-            xs += xl + xh
-            part += _one_plus_nibble(wq, 8 * b) * xl[None, :]
-            part += _one_plus_nibble(wq, 8 * b + 4) * xh[None, :]
-        if HAS_ZERO:
-            off = tl.load(z_ptr + t).to(tl.float32)
-        else:
-            off = 8.0
-        # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
-        dot = 16.0 * tl.sum(part, axis=1) - (16.0 + off) * tl.sum(xs, axis=0)
-        acc += dot * tl.load(s_ptr + t).to(tl.float32)
+    if PER > 0:
+        for i in tl.static_range(PER):
+            acc += _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, pid_k * PER + i, m, stride_xm, HW, TILE,
+                                   BLOCK_N, HAS_ZERO)
+    else:
+        per = tl.cdiv(NG, SPLIT)
+        for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
+            acc += _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW, TILE, BLOCK_N, HAS_ZERO)
     if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
         tl.store(ws_ptr + (m * SPLIT + pid_k) * N + rn, acc, mask=mn)
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
@@ -234,6 +249,7 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
             _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, N, K, x2.stride(0),
                                                HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
+                                               PER=groups // sp if groups % sp == 0 and groups // sp <= 8 else 0,
                                                HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                                                num_warps=cfg["warps"], **epi)
         default = {"split": None, "warps": 4}

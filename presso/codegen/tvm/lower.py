@@ -22,6 +22,7 @@ from ...ir.analysis import packed_weight_producer
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import INT64_MAX, hadamard_matrix
 from ...ir.types import DType, TensorType
+from . import hadamard as fwht
 from . import int8_avx2
 from . import linear as lin
 
@@ -60,6 +61,7 @@ class Lowering:
         self.prim_funcs: dict[str, object] = {}
         self.u8_codes: set[Value] = set()      # quantize_per_token codes lowered as u8 (code + 64)
         self.users = graph.users()
+        self.rotated_in_quant: set[Node] = set()   # hadamard nodes done inside their quantize kernel
         self.syms: dict[str, object] = {}
         self.env: dict[Value, object] = {}
         self.bb = relax.BlockBuilder()
@@ -529,9 +531,34 @@ def _hadamard(L, n, ins):
     b = n.attrs["block"]
     dt = TVM_DTYPE[x.type.dtype]
     shape = [L.dim(d) for d in x.type.shape]
+    if fwht.fits(b, shape[-1], dt):
+        users = L.users.get(n.outputs[0], [])
+        if users and all(u.op == "quantize_per_token" for u in users):
+            L.rotated_in_quant.add(n)       # the quantize kernel rotates its rows (hadamard.py)
+            return ins[0]
+        return _rows_call(L, f"presso_hadamard_{shape[-1]}_{b}", lambda: fwht.prim_func(shape[-1], b),
+                          ins[0], shape, [("float32", None)])[0]
     blocks = L.emit(rx.op.reshape(ins[0], shape[:-1] + [shape[-1] // b, b]))
     h = rx.const(hadamard_matrix(b).numpy().astype(dt), dt)
     return L.emit(rx.op.reshape(L.emit(rx.op.matmul(blocks, h)), shape))
+
+
+def _rows_call(L, name, make, x, shape, outs):
+    """call_tir of a hand-written kernel over the rows of ``x`` ([..., d] viewed as [m, d]); ``outs``
+    are (dtype, last dim or None for d) and come back reshaped to the leading dims."""
+    rx = L.rx
+    lead = shape[:-1]
+    m = 1
+    for d in lead:
+        m = m * d
+    if name not in L.prim_funcs:
+        L.prim_funcs[name] = L.bb.add_func(make().with_attr("global_symbol", name), name)
+    flat = L.emit(rx.op.reshape(x, [m, shape[-1]]))
+    sinfo = [rx.TensorType([m] + ([shape[-1]] if last is None else []), dt) for dt, last in outs]
+    res = L.emit(rx.call_tir(L.prim_funcs[name], rx.Tuple([flat]), sinfo if len(sinfo) > 1 else sinfo[0]))
+    parts = [L.emit(rx.TupleGetItem(res, i)) for i in range(len(outs))] if len(outs) > 1 else [res]
+    return [L.emit(rx.op.reshape(p, list(lead) + [shape[-1] if last is None else last]))
+            for p, (_, last) in zip(parts, outs)]
 
 
 @lowers("quantize_per_token")
@@ -542,6 +569,12 @@ def _quantize_per_token(L, n, ins):
     as_u8 = bool(users) and all(L.fused.get(u) is not None and L.fused[u].spec.kind == "avx2_u8s8" for u in users)
     if as_u8:
         L.u8_codes.add(n.outputs[0])
+    rot = n.inputs[0].node
+    if rot in L.rotated_in_quant:
+        shape, b = [L.dim(d) for d in n.inputs[0].type.shape], rot.attrs["block"]
+        name = f"presso_hadamard_quant{n.attrs['bits']}{'u' if as_u8 else 's'}_{shape[-1]}_{b}"
+        return _rows_call(L, name, lambda: fwht.prim_func(shape[-1], b, (qmax, as_u8)), ins[0], shape,
+                          [("uint8" if as_u8 else "int8", None), ("float32", 1)])
 
     def q(x):
         from tvm import te, tirx, topi
