@@ -141,6 +141,43 @@ def test_aarch64_build_is_an_arm_shared_library(tmp_path):
         presso.load(path)
 
 
+def _aarch64_sysroot():
+    """qemu-user and an aarch64 Python with TVM's runtime (.ci/aarch64_sysroot.sh makes it)."""
+    import os
+    import shutil
+    from pathlib import Path
+    root = Path(os.environ.get("PRESSO_AARCH64_SYSROOT", Path.home() / ".cache/presso/aarch64-sysroot"))
+    if shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("needs the aarch64 cross compiler and qemu-user (apt install gcc-aarch64-linux-gnu qemu-user)")
+    if not (root / "root/usr/bin/python3.11").exists() or not (root / "site/tvm").is_dir():
+        pytest.skip(f"no aarch64 Python with TVM's runtime at {root} (bash .ci/aarch64_sysroot.sh)")
+    return root
+
+
+@pytest.mark.parametrize("recipe", [None, "sparsify{pattern=2:4},quantize{weights=int4,group_size=16}"])
+def test_aarch64_library_runs_under_qemu_and_matches_the_reference(tmp_path, recipe):
+    """The artifact's aarch64 library, run by TVM's aarch64 runtime in an emulated Arm process (no
+    presso, no torch there), computes what the reference runtime computes on the host."""
+    import os
+    import numpy as np
+    from presso.runtime.reference import ReferenceRuntime
+    root = _aarch64_sysroot()
+    model, inputs = make_llama(batch=2, seq=12)
+    cm = presso.compile(model, example_inputs=inputs, target="aarch64", recipe=recipe)
+    lib = cm.save(tmp_path / "arm.presso") / "code" / "model.so"
+    arrays = [t.numpy() for t in inputs] + [a for _, a in cm._build.params]
+    np.savez(tmp_path / "args.npz", **{f"a{i}": a for i, a in enumerate(arrays)})
+    runner = os.path.join(os.path.dirname(__file__), "qemu_tvm_run.py")
+    env = dict(os.environ, PYTHONPATH=str(root / "site"), PYTHONHOME=str(root / "root/usr"))
+    r = subprocess.run(["qemu-aarch64", "-L", str(root / "root"), str(root / "root/usr/bin/python3.11"), runner,
+                        str(lib), str(tmp_path / "args.npz"), str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ran on aarch64" in r.stdout
+    got = torch.from_numpy(np.load(tmp_path / "out0.npy"))
+    assert max_rel_err(got, ReferenceRuntime(cm.graph).run(*inputs)[0]) < 1e-5
+
+
 def test_llvm_artifact_loads_in_a_fresh_process_without_recompiling(tmp_path):
     model, inputs = make_llama()
     cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe="quantize{weights=int4,group_size=16}")
