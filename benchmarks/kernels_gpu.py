@@ -58,6 +58,18 @@ def main():
             t = bench(lambda: int4_linear_tiled(x, w4, split=sp, num_warps=nw))
             if best is None or t < best[0]:
                 best = (t, f"split={sp or 'auto'}", f"warps={nw}")
+        if M > 2:      # the GEMM's block_n x split x warps x stages, through the autotune store
+            from presso.codegen.triton import autotune
+            os.environ["PRESSO_AUTOTUNE"] = "1"
+            int4_linear_tiled(x, w4)
+            os.environ.pop("PRESSO_AUTOTUNE")
+            cfg = [v for k, v in autotune._store().items() if k.startswith("int4_gemm|") and f"|{M},{N},{K}," in k]
+            t = bench(lambda: int4_linear_tiled(x, w4))
+            got = int4_linear_tiled(x, w4)
+            err = ((got.float() - want).abs().max() / want.abs().max()).item()
+            assert err < 2e-2, f"autotuned int4 GEMM wrong at M={M}: rel err {err}"
+            if t < best[0]:
+                best = (t, "autotuned", json.dumps(cfg[0]["config"]) if cfg else "?")
         t_fp16 = bench(lambda: F.linear(x, Wq16))
         t = best[0]
         rows.append({"workload": f"int4 g{G} linear {M}x{K}->{N}", "presso_us": round(t, 1), "torch_fp16_us": round(t_fp16, 1),

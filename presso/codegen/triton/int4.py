@@ -13,7 +13,9 @@ that only loads; the tiled layout at 1.6 TB/s.
   and one mask-or (no int->float conversion, which the GPU runs at a quarter of the FMA rate) and
   recovers sum(c x) = 16 * sum((1 + c/16) x) - 16 * sum(x) per group; groups are split over
   several programs (split-K) and the last program of a row block adds the partial sums.
-* prefill (M > 2): ``_int4_gemm_kernel`` dequantizes a group tile in registers and runs tl.dot.
+* M > 2: ``_int4_gemm_kernel`` dequantizes a group tile in registers (the same nibble trick, then
+  one FMA per weight) and runs tl.dot; for M <= 16 the groups are split over programs (split-K)
+  whose fp32 partial tiles the last-arriving program adds.
 * other group sizes: ``_int4_rows_kernel`` reads the graph layout as is.
 """
 from __future__ import annotations
@@ -160,11 +162,20 @@ def _store_row(acc, b_ptr, y_ptr, offs, rn, mn, e0_ptr, e1_ptr, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm,
+def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EPI: tl.constexpr,
-                      E0: tl.constexpr, E1: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+                      SPLIT: tl.constexpr, SWAP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IEEE: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+    """tl.dot over dequantized group tiles. A nibble c becomes the float v = 1 + c/16 by bit moves
+    (no int->float conversion) and the weight (c - zero) * scale is one FMA: v * 16s - (16 + zero) s.
+    SPLIT > 1 (small M): the groups are split over SPLIT programs that store fp32 partial tiles;
+    the last to arrive (an atomic counter, which it resets for the next call and CUDA-graph
+    replays) adds them and applies bias and epilogue. (Atomic adds of the tiles instead were wrong
+    on the H100: the dot's accumulator layout replicates elements across threads, and every
+    replica added its copy.) SWAP computes the transposed tile, W x^T: the dequantized weights are
+    then the dot's first operand, which the tensor cores can take from registers, and the few rows
+    of x the second (the small-M "swap AB" arrangement)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
     HG: tl.constexpr = 4 * HW
     NG = K // G
@@ -176,8 +187,12 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, 
     rk = tl.arange(0, HG)
     shift = tl.arange(0, 4) * 8
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, NG):
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    per = tl.cdiv(NG, SPLIT)
+    for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
         t = tile0 + g * TILE
         wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :])
         if HAS_ZERO:
@@ -186,20 +201,43 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, 
             wq = wq ^ -2004318072
             off = tl.full((BLOCK_N,), 8.0, tl.float32)
         sc = tl.load(s_ptr + t).to(tl.float32)
-        lo = tl.reshape((wq[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, HG))
-        hi = tl.reshape((wq[:, :, None] >> (shift + 4)[None, None, :]) & 15, (BLOCK_N, HG))
+        mul = (16.0 * sc)[:, None]
+        add = (-(16.0 + off) * sc)[:, None]
+        lo = tl.reshape((((wq[:, :, None] >> shift[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, HG))
+        hi = tl.reshape((((wq[:, :, None] >> (shift + 4)[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, HG))
         xp = x_ptr + rm[:, None] * stride_xm + g * G + rk[None, :]
         xl = tl.load(xp, mask=mm[:, None], other=0.0)
         xh = tl.load(xp + HG, mask=mm[:, None], other=0.0)
-        wl = ((lo.to(tl.float32) - off[:, None]) * sc[:, None]).to(xl.dtype)
-        wh = ((hi.to(tl.float32) - off[:, None]) * sc[:, None]).to(xl.dtype)
-        if IEEE:
+        wl = (lo.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
+        wh = (hi.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
+        if SWAP:
+            if IEEE:
+                acc_t += tl.dot(wl, tl.trans(xl), input_precision="ieee")
+                acc_t += tl.dot(wh, tl.trans(xh), input_precision="ieee")
+            else:
+                acc_t += tl.dot(wl, tl.trans(xl))
+                acc_t += tl.dot(wh, tl.trans(xh))
+        elif IEEE:
             acc += tl.dot(xl, tl.trans(wl), input_precision="ieee")
             acc += tl.dot(xh, tl.trans(wh), input_precision="ieee")
         else:
             acc += tl.dot(xl, tl.trans(wl))
             acc += tl.dot(xh, tl.trans(wh))
-    store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+    if SWAP:
+        acc = tl.trans(acc_t)
+    if SPLIT > 1:     # partial tiles to the workspace; the last program of this tile adds them
+        offs = rm[:, None] * N + rn[None, :]
+        mask = mm[:, None] & mn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in tl.static_range(SPLIT):
+                tot += tl.load(ws_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(cnt, 0)
+            store_tile(tot, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+    else:
+        store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
 _counters: dict = {}
@@ -215,6 +253,15 @@ def _zeroed_counters(n: int, device) -> torch.Tensor:
     return buf
 
 
+def _gemm_split(tiles: int, groups: int, device) -> int:
+    """Small-M GEMM: split the groups until there are ~2 programs per SM."""
+    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split * 2 <= groups and tiles * split < 2 * sms:
+        split *= 2
+    return split
+
+
 def _gemv_split(blocks: int, groups: int, device) -> int:
     """Enough programs for ~8 per SM, at least one group each."""
     sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
@@ -228,7 +275,7 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
                       split: Optional[int] = None, num_warps: Optional[int] = None,
                       epilogue: Optional[Epilogue] = None, extras: tuple = ()) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``).
-    Decode launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py)."""
+    Launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py)."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x [..., {x.shape[-1]}] does not fit a weight of K={K}")
@@ -262,11 +309,30 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         launch(cfg)
     else:
         bm = 16 if M <= 16 else 64
-        bn = 64
-        _int4_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            x2, w.q, w.scales, z, b, y, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_M=bm,
-            BLOCK_N=bn, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-            num_warps=num_warps or 4, **epi)
+        m_blocks = triton.cdiv(M, bm)
+        groups = K // w.group_size
+
+        def launch_gemm(cfg):
+            bn, sp = cfg["block_n"], cfg["split"]
+            blocks = triton.cdiv(N, bn)
+            ws = torch.empty(sp * M * N, dtype=torch.float32, device=x.device) if sp > 1 else y
+            cnt = _zeroed_counters(m_blocks * blocks, x.device)
+            _int4_gemm_kernel[(blocks, sp, m_blocks)](
+                x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS,
+                BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, SWAP=cfg.get("swap", False), HAS_ZERO=w.zeros is not None,
+                HAS_BIAS=bias is not None,
+                IEEE=x.dtype == torch.float32, num_warps=cfg["warps"], num_stages=cfg["stages"], **epi)
+        default = {"block_n": 64, "split": _gemm_split(triton.cdiv(N, 64) * m_blocks, groups, x.device) if M <= 16
+                   else 1, "warps": 4, "stages": 3, "swap": M <= 16}
+        if split is not None or num_warps is not None:
+            cfg = dict(default, split=split or default["split"], warps=num_warps or 4)
+        else:
+            cfg = choose("int4_gemm", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
+                         [{"block_n": bn, "split": sp, "warps": nw, "stages": st, "swap": sw} for bn in (32, 64, 128)
+                          for sp in (1, 2, 4, 8, 16) if sp <= groups for nw in (4, 8) for st in (2, 3, 4)
+                          for sw in ((False, True) if M <= 16 else (False,))],
+                         launch_gemm, default)
+        launch_gemm(cfg)
     return y.reshape(*x.shape[:-1], N)
 
 
