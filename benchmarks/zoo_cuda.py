@@ -2,7 +2,13 @@
 
     python benchmarks/zoo_cuda.py
 """
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 import presso
 from presso.models import ZOO, make_llama, minilm_available
@@ -34,6 +40,25 @@ def main():
     want = presso.compile(m, **kw).generate(ids, 12)
     print("generation (CUDA graph) matches the reference:", torch.equal(got, want))
     assert torch.equal(got, want)
+    # AOT: a cuda artifact loaded in a fresh process (which never imports the model's code) gives
+    # the same outputs, bit for bit
+    for name, recipe in (("cnn", None), ("llama", "quantize{weights=int4,group_size=16}"),
+                         ("llama", "sparsify{pattern=2:4}")):
+        m, ex = ZOO[name]() if recipe is None else make_llama()
+        cm = presso.compile(m, example_inputs=ex, recipe=recipe, target="cuda")
+        with tempfile.TemporaryDirectory() as d:
+            art = cm.save(Path(d) / "model.presso")
+            save_file({f"i{k}": t for k, t in enumerate(ex)}, str(Path(d) / "in.safetensors"))
+            code = ("import sys, presso; from safetensors.torch import load_file, save_file; "
+                    "ins = load_file(sys.argv[2]); m = presso.load(sys.argv[1]); "
+                    "out = m(*[ins[f'i{k}'] for k in range(len(ins))]); "
+                    "save_file({'out': out.cpu().contiguous()}, sys.argv[3]); "
+                    "assert 'presso.models' not in sys.modules")
+            subprocess.run([sys.executable, "-c", code, str(art), str(Path(d) / "in.safetensors"),
+                            str(Path(d) / "out.safetensors")], check=True)
+            same = torch.equal(load_file(str(Path(d) / "out.safetensors"))["out"], cm(*ex).cpu())
+        print(f"cuda artifact of {name} {recipe or ''} loads in a fresh process, identical outputs: {same}")
+        assert same
 
 
 if __name__ == "__main__":
