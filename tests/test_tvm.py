@@ -208,6 +208,23 @@ def test_tampered_library_is_refused(tmp_path):
         presso.load(path)
 
 
+def test_llvm_artifact_records_the_cpu_features_it_needs_and_refuses_a_cpu_without_them(tmp_path):
+    """Code compiled for -mcpu=<host> may use every extension the host has (AVX2, the W8A7 kernel's
+    vpmaddubsw, ...): an older CPU gets a typed refusal at load, not an illegal instruction."""
+    import json
+    from presso.codegen.tvm.build import cpu_flags
+    if not cpu_flags():
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    model, inputs = make_mlp()
+    path = presso.compile(model, example_inputs=inputs, target="llvm").save(tmp_path / "m.presso")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["requires"]["features"]) <= cpu_flags()
+    manifest["requires"]["features"].append("avx1024_imaginary")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="uses avx1024_imaginary, which this CPU lacks"):
+        presso.load(path)
+
+
 def test_an_op_without_lowering_names_the_node():
     from presso.codegen.tvm.lower import lower
     from presso.ir.graph import Graph

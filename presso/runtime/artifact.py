@@ -67,6 +67,9 @@ def save_artifact(model, path, overwrite: bool = False) -> Path:
             "files": {f: sha256_file(tmp / f) for f in files},
             "graph_meta": _jsonable(g.meta),
         }
+        build = getattr(model, "_build", None)
+        if build is not None:
+            manifest["requires"] = build.requires    # the CPU features the compiled code uses
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -146,5 +149,11 @@ def load_artifact(path, device: str = "cpu"):
             raise ArtifactError(f"{path}: compiled for {target}; this {platform.machine()} machine cannot run it")
         if "code/model.so" not in manifest["files"]:
             raise ArtifactError(f"{path}: a {target} artifact must hold code/model.so")
+        from ..codegen.tvm.build import missing_cpu_features
+        requires = manifest.get("requires") or {}
+        missing = missing_cpu_features(requires)
+        if missing:
+            raise ArtifactError(f"{path}: compiled for a {requires.get('mcpu', '?')} CPU whose code uses "
+                                f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine")
         code = load_library(g, target, path / "code" / "model.so")
     return CompiledModel(g, target, device=device, code=code)

@@ -28,6 +28,37 @@ def host_cpu_target() -> dict:
     return spec
 
 
+# x86 instruction-set extensions LLVM may use under -mcpu=<host>: an artifact records the ones this
+# host has, and loading it on a CPU that lacks one is refused (instead of an illegal instruction)
+X86_ISA = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512cd",
+           "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty where unknown)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_requirements(name: str) -> dict:
+    """What the code compiled for target ``name`` needs of the CPU that runs it."""
+    if name == "aarch64":
+        return {"arch": "aarch64", "features": []}
+    return {"arch": platform.machine(), "mcpu": host_cpu_target().get("mcpu", "generic"),
+            "features": sorted(cpu_flags() & set(X86_ISA))}
+
+
+def missing_cpu_features(requires: dict) -> list[str]:
+    """The recorded features this CPU lacks (none when the host's flags cannot be read)."""
+    flags = cpu_flags()
+    return [f for f in requires.get("features", []) if flags and f not in flags]
+
+
 def target_spec(name: str) -> dict:
     if name == "llvm":
         return host_cpu_target()
@@ -52,6 +83,10 @@ class TVMBuild:
     target: str
     executable: object
     params: list            # [(name, numpy array)] in argument order
+
+    @property
+    def requires(self) -> dict:
+        return cpu_requirements(self.target)
 
     def export(self, path: Path) -> Path:
         """Write the shared library (cross-linked with the aarch64 toolchain for ``aarch64``)."""
