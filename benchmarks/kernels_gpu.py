@@ -112,28 +112,6 @@ def main():
                      "torch_fp16_us": round(t_dense, 1), "torch_semi_structured_us": semi,
                      "speedup": round(t_dense / t, 2), "presso_TBps": round(nm_bytes / t / 1e6, 3),
                      "fp16_TBps": round(N * K * 2 / t_dense / 1e6, 3), "config": best[1:], "rel_err": err})
-    # low-rank x A^T B^T at decode (rank 1024 keeps ~0.31 of the 4096 x 14336 weight): the fused kernel vs
-    # the two torch GEMVs it replaces (the "other peer" column) and the dense layer
-    from presso.codegen.triton.lowrank import lowrank_linear
-    R = 1024
-    A, B = (torch.randn(R, K, device=dev) * 0.02).half(), (torch.randn(N, R, device=dev) * 0.02).half()
-    x = torch.randn(1, K, device=dev, dtype=torch.float16)
-    want = F.linear(F.linear(x.float(), A.float()), B.float())
-    got = lowrank_linear(x, A, B)
-    err = ((got.float() - want).abs().max() / want.abs().max()).item()
-    assert err < 2e-2, f"low-rank kernel wrong: rel err {err}"
-    best = None
-    for br, npp, nw in itertools.product((16, 32, 64), (512, 1024, 2048), (4, 8)):
-        t = bench(lambda: lowrank_linear(x, A, B, block_r=br, n_per=npp, num_warps=nw))
-        if best is None or t < best[0]:
-            best = (t, br, npp, nw)
-    t_two = bench(lambda: F.linear(F.linear(x, A), B))
-    t_dense = bench(lambda: F.linear(x, Wd))
-    lr_bytes = (A.numel() + B.numel()) * 2
-    rows.append({"workload": f"low-rank linear 1x{K}->{R}->{N} fp16", "presso_us": round(best[0], 1),
-                 "torch_fp16_us": round(t_dense, 1), "torch_semi_structured_us": f"two F.linear {t_two:.1f}",
-                 "speedup": round(t_dense / best[0], 2), "presso_TBps": round(lr_bytes / best[0] / 1e6, 3),
-                 "fp16_TBps": round(N * K * 2 / t_dense / 1e6, 3), "config": best[1:], "rel_err": err})
     print(f"copy of the int4 weight's {int4_bytes / 1e6:.1f} MB: {copy_same:.3f} TB/s (the ceiling at that size)")
     print("| workload | presso µs | torch fp16 µs | speedup | presso TB/s (of copy) | torch TB/s | other peer | config |")
     print("|---|---|---|---|---|---|---|---|")

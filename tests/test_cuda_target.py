@@ -35,15 +35,6 @@ SCRIPT = textwrap.dedent("""
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)
-    # low-rank factors run as one kernel: fused for M <= 2 (decode), torch matmuls + epilogue above
-    for seq in (2, 5):
-        m2, ex2 = make_llama(batch=1, seq=seq)
-        cm = presso.compile(m2, example_inputs=ex2, target="cuda", recipe="lowrank{ratio=0.5}")
-        ks = list(cm._runtime.program.kernels.values())
-        assert sum(k.startswith("triton:lowrank_linear") for k in ks) >= 4, ks
-        err = rel(cm(*ex2), presso.compile(m2, example_inputs=ex2, recipe="lowrank{ratio=0.5}")(*ex2))
-        assert err < 1e-5, ("lowrank", seq, err)
-        print("lowrank", seq, sum(k.endswith("+epilogue") for k in ks))
     # a cuda artifact loads (kernels regenerated from the graph, cached by source hash)
     import tempfile
     cm = presso.compile(m, example_inputs=ex, target="cuda", recipe="quantize{weights=int4,group_size=16}")
@@ -66,7 +57,7 @@ def test_whole_models_run_through_the_kernels_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("zoo ") == 6 and r.stdout.count("recipe ") == 5 and "generate ok" in r.stdout
-    assert "artifact ok" in r.stdout and r.stdout.count("lowrank ") == 2
+    assert "artifact ok" in r.stdout
     assert "triton:fused_elementwise" in r.stdout and "triton:rms_norm" in r.stdout
 
 

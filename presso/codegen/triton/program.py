@@ -174,19 +174,13 @@ class Program:
 
 def build_program(g: Graph) -> Program:
     users = g.users()
-    skipped, steps, lowrank_ups = set(), [], set()
+    skipped, steps = set(), []
     for n in g.nodes:
         if n.op == "linear":
             p = packed_weight_producer(n.inputs[1], users)
             if p is not None:
                 skipped.add(p)
                 steps.append(_linear_step(n, p))
-                continue
-            down = _lowrank_down(n, users, set(g.outputs))
-            if down is not None and down not in lowrank_ups:     # a chain pairs its first two only
-                skipped.add(down)
-                lowrank_ups.add(n)
-                steps.append(_lowrank_step(n, down))
                 continue
         step = None
         if n.op == "fused_elementwise":
@@ -200,27 +194,6 @@ def build_program(g: Graph) -> Program:
         steps.append(step or _torch_step(n))
     steps = [s for s in steps if s.node not in skipped]
     return Program(g, _fold_epilogues(steps, users, set(g.outputs)))
-
-
-def _lowrank_down(n: Node, users: dict, outputs: set) -> Node | None:
-    """The ``lowrank`` pass's down-projection feeding ``n`` (x A^T with no bias, read only by ``n``),
-    when both factors are plain float params: the pair runs as one low-rank kernel."""
-    down = n.inputs[0].node
-    if (down is None or down.op != "linear" or down.inputs[2] is not None or down.outputs[0] in outputs
-            or len(users.get(down.outputs[0], [])) != 1):
-        return None
-    a, b = down.inputs[1], n.inputs[1]
-    if not all(w.kind == "param" and w.type.dtype.is_float and w.type.rank == 2 for w in (a, b)):
-        return None
-    return down
-
-
-def _lowrank_step(n: Node, down: Node) -> Step:
-    from .lowrank import lowrank_linear
-
-    def run(x, a, b, bias, **epilogue):
-        return [lowrank_linear(x, a, b, bias, **epilogue)]
-    return Step(n, "triton:lowrank_linear", run, [down.inputs[0], down.inputs[1], n.inputs[1], n.inputs[2]])
 
 
 def needs_bindings(step: Step) -> bool:
