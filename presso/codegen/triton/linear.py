@@ -48,6 +48,48 @@ def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, 
     tl.store(y_ptr + m * N + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.jit
+def _nm_gemm_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm, stride_vn, stride_in,
+                    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, IEEE: tl.constexpr,
+                    EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+    """M > 2: a [BLOCK_N, BLOCK_G groups x GROUP] weight tile rebuilt dense in registers from its
+    kept values and positions (one compare-select per kept value and position), then tl.dot with
+    BLOCK_M rows of x: the compressed weights are read once per row block, not once per row."""
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mn, mm = rn < N, rm < M
+    PER: tl.constexpr = 8 // BITS
+    BK: tl.constexpr = BLOCK_G * GROUP
+    rg = tl.arange(0, BLOCK_G)
+    rkeep = tl.arange(0, KEEP)
+    rp = tl.arange(0, GROUP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, K // GROUP, BLOCK_G):
+        j = (g0 + rg)[:, None] * KEEP + rkeep[None, :]                                  # [G, KEEP]
+        mg = ((g0 + rg) < K // GROUP)[:, None] & (rkeep < KEEP)[None, :]
+        wmask = mn[:, None, None] & mg[None, :, :]
+        v = tl.load(v_ptr + rn[:, None, None] * stride_vn + j[None, :, :], mask=wmask, other=0.0)
+        ib = tl.load(i_ptr + rn[:, None, None] * stride_in + (j // PER)[None, :, :], mask=wmask, other=0).to(tl.int32)
+        if BITS < 8:
+            ib = (ib >> ((j % PER) * BITS)[None, :, :]) & ((1 << BITS) - 1)
+        hit = ib[:, :, :, None] == rp[None, None, None, :]                              # [N, G, KEEP, GROUP]
+        dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2)     # [N, G, GROUP]
+        rk = g0 * GROUP + tl.arange(0, BK)
+        xk = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None] & (rk < K)[None, :], other=0.0)
+        w = tl.reshape(dense, (BLOCK_N, BK)).to(xk.dtype)
+        if IEEE:
+            acc += tl.dot(xk, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xk, tl.trans(w))
+    store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
 def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor, int]:
     """The densest index form a kernel reads: 2 bits per kept value when m <= 4 (4 per byte),
     else the graph's 4-bit (or 8-bit) form. Returns (packed index, bits per entry)."""
@@ -81,6 +123,20 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     M = x2.shape[0]
     y, epi = output_buffer(x, M, N, epilogue, extras)
     e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
+    if M > 2 and _pow2(n) and _pow2(m) and K % m == 0:
+        def launch_gemm(cfg):
+            bm, bn, bg = cfg["block_m"], cfg["block_n"], cfg["block_g"]
+            _nm_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+                x2, values, index, bias if bias is not None else values, y, e0, e1, M, N, K, x2.stride(0),
+                values.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bg, IEEE=x.dtype == torch.float32, num_warps=cfg["warps"], **epi)
+        bm = 16 if M <= 16 else 64
+        default = {"block_m": bm, "block_n": 64, "block_g": max(16 // m, 64 // m), "warps": 4}
+        cfg = choose("nm_gemm", (M, N, K, n, m, bits, x.dtype), x.device,
+                     [{"block_m": bm, "block_n": b, "block_g": max(16 // m, bk // m), "warps": nw}
+                      for b in (32, 64, 128) for bk in (32, 64, 128) for nw in (4, 8)], launch_gemm, default)
+        launch_gemm(cfg)
+        return y.reshape(*x.shape[:-1], N)
 
     def launch(cfg):
         bn, bj = cfg["block_n"], cfg["block_j"]
