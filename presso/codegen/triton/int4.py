@@ -164,17 +164,16 @@ def _store_row(acc, b_ptr, y_ptr, offs, rn, mn, e0_ptr, e1_ptr, HAS_BIAS: tl.con
 @triton.jit
 def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT: tl.constexpr, SWAP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      IEEE: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+                      SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
     """tl.dot over dequantized group tiles. A nibble c becomes the float v = 1 + c/16 by bit moves
     (no int->float conversion) and the weight (c - zero) * scale is one FMA: v * 16s - (16 + zero) s.
     SPLIT > 1 (small M): the groups are split over SPLIT programs that store fp32 partial tiles;
     the last to arrive (an atomic counter, which it resets for the next call and CUDA-graph
     replays) adds them and applies bias and epilogue. (Atomic adds of the tiles instead were wrong
     on the H100: the dot's accumulator layout replicates elements across threads, and every
-    replica added its copy.) SWAP computes the transposed tile, W x^T: the dequantized weights are
-    then the dot's first operand, which the tensor cores can take from registers, and the few rows
-    of x the second (the small-M "swap AB" arrangement)."""
+    replica added its copy. A "swap AB" variant, W x^T with the weights as the dot's first operand,
+    measured the same at M=16 on the H100 and was dropped.)"""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
     HG: tl.constexpr = 4 * HW
@@ -187,10 +186,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     rk = tl.arange(0, HG)
     shift = tl.arange(0, 4) * 8
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
-    if SWAP:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     per = tl.cdiv(NG, SPLIT)
     for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
         t = tile0 + g * TILE
@@ -210,21 +206,12 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         xh = tl.load(xp + HG, mask=mm[:, None], other=0.0)
         wl = (lo.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
         wh = (hi.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
-        if SWAP:
-            if IEEE:
-                acc_t += tl.dot(wl, tl.trans(xl), input_precision="ieee")
-                acc_t += tl.dot(wh, tl.trans(xh), input_precision="ieee")
-            else:
-                acc_t += tl.dot(wl, tl.trans(xl))
-                acc_t += tl.dot(wh, tl.trans(xh))
-        elif IEEE:
+        if IEEE:
             acc += tl.dot(xl, tl.trans(wl), input_precision="ieee")
             acc += tl.dot(xh, tl.trans(wh), input_precision="ieee")
         else:
             acc += tl.dot(xl, tl.trans(wl))
             acc += tl.dot(xh, tl.trans(wh))
-    if SWAP:
-        acc = tl.trans(acc_t)
     if SPLIT > 1:     # partial tiles to the workspace; the last program of this tile adds them
         offs = rm[:, None] * N + rn[None, :]
         mask = mm[:, None] & mn[None, :]
@@ -253,20 +240,12 @@ def _zeroed_counters(n: int, device) -> torch.Tensor:
     return buf
 
 
-def _gemm_split(tiles: int, groups: int, device) -> int:
-    """Small-M GEMM: split the groups until there are ~2 programs per SM."""
+def _split(tiles: int, groups: int, per_sm: int, device) -> int:
+    """Split-K factor: double it (never past one group per program) until there are ``per_sm``
+    programs per SM (GEMV: 8, small-M GEMM: 2)."""
     sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     split = 1
-    while split * 2 <= groups and tiles * split < 2 * sms:
-        split *= 2
-    return split
-
-
-def _gemv_split(blocks: int, groups: int, device) -> int:
-    """Enough programs for ~8 per SM, at least one group each."""
-    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    split = 1
-    while split * 2 <= groups and blocks * split < 8 * sms:
+    while split * 2 <= groups and tiles * split < per_sm * sms:
         split *= 2
     return split
 
@@ -292,7 +271,7 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         cnt = _zeroed_counters(M * blocks, x.device)
 
         def launch(cfg):
-            sp = cfg["split"] or _gemv_split(blocks, groups, x.device)
+            sp = cfg["split"] or _split(blocks, groups, 8, x.device)
             ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
             _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, N, K, x2.stride(0),
                                                HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
@@ -319,18 +298,16 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             cnt = _zeroed_counters(m_blocks * blocks, x.device)
             _int4_gemm_kernel[(blocks, sp, m_blocks)](
                 x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS,
-                BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, SWAP=cfg.get("swap", False), HAS_ZERO=w.zeros is not None,
-                HAS_BIAS=bias is not None,
+                BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                 IEEE=x.dtype == torch.float32, num_warps=cfg["warps"], num_stages=cfg["stages"], **epi)
-        default = {"block_n": 64, "split": _gemm_split(triton.cdiv(N, 64) * m_blocks, groups, x.device) if M <= 16
-                   else 1, "warps": 4, "stages": 3, "swap": M <= 16}
+        default = {"block_n": 64, "split": _split(triton.cdiv(N, 64) * m_blocks, groups, 2, x.device) if M <= 16
+                   else 1, "warps": 4, "stages": 3}
         if split is not None or num_warps is not None:
             cfg = dict(default, split=split or default["split"], warps=num_warps or 4)
         else:
             cfg = choose("int4_gemm", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
-                         [{"block_n": bn, "split": sp, "warps": nw, "stages": st, "swap": sw} for bn in (32, 64, 128)
-                          for sp in (1, 2, 4, 8, 16) if sp <= groups for nw in (4, 8) for st in (2, 3, 4)
-                          for sw in ((False, True) if M <= 16 else (False,))],
+                         [{"block_n": bn, "split": sp, "warps": nw, "stages": st} for bn in (32, 64, 128)
+                          for sp in (1, 2, 4, 8, 16) if sp <= groups for nw in (4, 8) for st in (2, 3, 4)],
                          launch_gemm, default)
         launch_gemm(cfg)
     return y.reshape(*x.shape[:-1], N)
