@@ -112,7 +112,9 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     """x [..., K] @ densify_nm(values [N, K*n/m], index)^T + bias, reading the compressed form.
     ``index`` is the graph's (4-bit packed or u8) or, with ``index_bits=2``, ``pack_nm_index``'s
     (the cuda target repacks to it at load: 2:4 reads 10% fewer bytes, measured 1.41x vs 1.23x
-    over dense fp16 on the H100)."""
+    over dense fp16 on the H100). ``block_n`` / ``block_j`` / ``num_warps`` set the per-row kernel
+    (M <= 2, or N and M not powers of two); otherwise M > 2 runs the dense-tile tl.dot kernel with
+    the autotune store's (or the default) config."""
     N, KV = values.shape
     K = x.shape[-1]
     bits = index_bits or (4 if index.shape[1] * 2 == KV else 8)
