@@ -20,6 +20,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _kept_positions(i_ptr, row_off, j, mask, BITS: tl.constexpr):
+    """The in-group positions of kept values ``j`` (offsets ``row_off`` + j), BITS bits each,
+    8 // BITS to a byte (low bits first)."""
+    PER: tl.constexpr = 8 // BITS
+    ib = tl.load(i_ptr + row_off + j // PER, mask=mask, other=0).to(tl.int32)
+    if BITS < 8:
+        ib = (ib >> ((j % PER) * BITS)) & ((1 << BITS) - 1)
+    return ib
+
+
+@triton.jit
 def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, stride_xm, stride_vn, stride_in,
                       KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
@@ -30,15 +41,12 @@ def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, 
     3.7x slower at M=16 on the H100)."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    PER: tl.constexpr = 8 // BITS
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j0 in range(0, KV, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         msk = (rj < KV)[:, None] & (rn < N)[None, :]
         v = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
-        ib = tl.load(i_ptr + rn[None, :] * stride_in + (rj // PER)[:, None], mask=msk, other=0).to(tl.int32)
-        if BITS < 8:
-            ib = (ib >> ((rj % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        ib = _kept_positions(i_ptr, rn[None, :] * stride_in, rj[:, None], msk, BITS)
         k = (rj // KEEP)[:, None] * GROUP + ib
         xv = tl.load(x_ptr + m * stride_xm + k, mask=msk, other=0.0).to(tl.float32)
         acc += tl.sum(v * xv, axis=0)
@@ -60,7 +68,6 @@ def _nm_gemm_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mn, mm = rn < N, rm < M
-    PER: tl.constexpr = 8 // BITS
     BK: tl.constexpr = BLOCK_G * GROUP
     rg = tl.arange(0, BLOCK_G)
     rkeep = tl.arange(0, KEEP)
@@ -71,9 +78,7 @@ def _nm_gemm_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, M, N, K, 
         mg = ((g0 + rg) < K // GROUP)[:, None] & (rkeep < KEEP)[None, :]
         wmask = mn[:, None, None] & mg[None, :, :]
         v = tl.load(v_ptr + rn[:, None, None] * stride_vn + j[None, :, :], mask=wmask, other=0.0)
-        ib = tl.load(i_ptr + rn[:, None, None] * stride_in + (j // PER)[None, :, :], mask=wmask, other=0).to(tl.int32)
-        if BITS < 8:
-            ib = (ib >> ((j % PER) * BITS)[None, :, :]) & ((1 << BITS) - 1)
+        ib = _kept_positions(i_ptr, rn[:, None, None] * stride_in, j[None, :, :], wmask, BITS)
         hit = ib[:, :, :, None] == rp[None, None, None, :]                              # [N, G, KEEP, GROUP]
         dense = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, :, None], 0.0), axis=2)     # [N, G, GROUP]
         rk = g0 * GROUP + tl.arange(0, BK)

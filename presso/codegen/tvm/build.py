@@ -1,6 +1,7 @@
 """Compile a presso graph with TVM for the host CPU (``llvm``) or 64-bit Arm Linux (``aarch64``)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -34,15 +35,16 @@ X86_ISA = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "av
            "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_int8", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo; empty where unknown)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo, read once; empty where unknown)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_requirements(name: str) -> dict:

@@ -19,19 +19,12 @@ ROWS, COL_TILES = 4, 2          # register block: 4 rows x 2 tiles of 8 int32 co
 
 
 def fits(target_spec: dict, k: int, n: int) -> bool:
-    """The host x86 target with AVX2 and shapes the kernel tiles exactly."""
+    """The host x86 target (an ``mcpu`` chosen) on a CPU with AVX2, and shapes the kernel tiles exactly."""
     import platform
-    mcpu = target_spec.get("mcpu", "")
+    from .build import cpu_flags
     x86 = platform.machine() in ("x86_64", "AMD64") and "mtriple" not in target_spec
-    return x86 and _has_avx2(mcpu) and k % 4 == 0 and n % (8 * COL_TILES) == 0
-
-
-def _has_avx2(mcpu: str) -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx2" in flags and mcpu not in ("", "generic")
+    host_isa = target_spec.get("mcpu", "") not in ("", "generic") and "avx2" in cpu_flags()
+    return x86 and host_isa and k % 4 == 0 and n % (8 * COL_TILES) == 0
 
 
 def prepack(wq: np.ndarray) -> dict:

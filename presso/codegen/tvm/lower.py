@@ -180,6 +180,12 @@ class Lowering:
     def emit(self, expr):
         return self.bb.emit(expr)
 
+    def kernel(self, name: str, make):
+        """The hand-written TIR function ``name`` (built by ``make()``), added to the module once."""
+        if name not in self.prim_funcs:
+            self.prim_funcs[name] = self.bb.add_func(make().with_attr("global_symbol", name), name)
+        return self.prim_funcs[name]
+
     def emit_te(self, f, *args, name=None):
         return self.bb.emit_te(f, *args, primfunc_name_hint=name or f.__name__)
 
@@ -547,18 +553,21 @@ def _rows_call(L, name, make, x, shape, outs):
     """call_tir of a hand-written kernel over the rows of ``x`` ([..., d] viewed as [m, d]); ``outs``
     are (dtype, last dim or None for d) and come back reshaped to the leading dims."""
     rx = L.rx
-    lead = shape[:-1]
-    m = 1
-    for d in lead:
-        m = m * d
-    if name not in L.prim_funcs:
-        L.prim_funcs[name] = L.bb.add_func(make().with_attr("global_symbol", name), name)
+    lead, m = shape[:-1], _numel(shape[:-1])
     flat = L.emit(rx.op.reshape(x, [m, shape[-1]]))
     sinfo = [rx.TensorType([m] + ([shape[-1]] if last is None else []), dt) for dt, last in outs]
-    res = L.emit(rx.call_tir(L.prim_funcs[name], rx.Tuple([flat]), sinfo if len(sinfo) > 1 else sinfo[0]))
+    res = L.emit(rx.call_tir(L.kernel(name, make), rx.Tuple([flat]), sinfo if len(sinfo) > 1 else sinfo[0]))
     parts = [L.emit(rx.TupleGetItem(res, i)) for i in range(len(outs))] if len(outs) > 1 else [res]
     return [L.emit(rx.op.reshape(p, list(lead) + [shape[-1] if last is None else last]))
             for p, (_, last) in zip(parts, outs)]
+
+
+def _numel(dims):
+    """The product of (possibly symbolic) dims."""
+    m = 1
+    for d in dims:
+        m = m * d
+    return m
 
 
 @lowers("quantize_per_token")
@@ -571,7 +580,7 @@ def _quantize_per_token(L, n, ins):
         L.u8_codes.add(n.outputs[0])
     rot = n.inputs[0].node
     if rot in L.rotated_in_quant:
-        shape, b = [L.dim(d) for d in n.inputs[0].type.shape], rot.attrs["block"]
+        shape, b = L.shape(n.inputs[0].type), rot.attrs["block"]
         name = f"presso_hadamard_quant{n.attrs['bits']}{'u' if as_u8 else 's'}_{shape[-1]}_{b}"
         return _rows_call(L, name, lambda: fwht.prim_func(shape[-1], b, (qmax, as_u8)), ins[0], shape,
                           [("uint8" if as_u8 else "int8", None), ("float32", 1)])
@@ -605,12 +614,8 @@ def _linear_w8a7_avx2(L, n, ins, fl):
     rx, te = L.rx, L.te
     rows, cols = fl.spec.rows, fl.spec.cols
     lead = L.shape(n.inputs[0].type)[:-1]
-    m = 1
-    for d in lead:
-        m = m * d
-    name = f"presso_w8a7_avx2_{cols}x{rows}"
-    if name not in L.prim_funcs:
-        L.prim_funcs[name] = L.bb.add_func(int8_avx2.prim_func(cols, rows).with_attr("global_symbol", name), name)
+    m = _numel(lead)
+    kernel = L.kernel(f"presso_w8a7_avx2_{cols}x{rows}", lambda: int8_avx2.prim_func(cols, rows))
     shifted = ins[0] if n.inputs[0] in L.u8_codes else L.emit_te(
         lambda x: te.compute(x.shape, lambda *i: (x[i].astype("int16") + 64).astype("uint8"), name="codes_u8"),
         ins[0], name="codes_u8")
@@ -618,7 +623,7 @@ def _linear_w8a7_avx2(L, n, ins, fl):
     xs = L.emit(rx.op.reshape(ins[1], [m]))
     w, colsum = (L.pvars[name_] for name_ in fl.param_names)
     bias = ins[4] if n.inputs[4] is not None else rx.const(np.zeros(rows, "float32"), "float32")
-    y = L.emit(rx.call_tir(L.prim_funcs[name], rx.Tuple([u, xs, w, colsum, ins[3], bias]),
+    y = L.emit(rx.call_tir(kernel, rx.Tuple([u, xs, w, colsum, ins[3], bias]),
                            rx.TensorType([m, rows], "float32")))
     return L.emit(rx.op.reshape(y, list(lead) + [rows]))
 
