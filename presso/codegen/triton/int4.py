@@ -3,16 +3,21 @@
 The graph stores codes two per byte along K (low nibble = even k). For group sizes 32..256 the
 cuda target repacks them once, at load, into the layout its kernels stream (``pack_int4``,
 same bytes): rows in tiles of ``TILE_ROWS``; inside a tile, group by group, each row's group as
-G/8 int32 words where byte b of word w holds k = 4w + b (low nibble) and k = G/2 + 4w + b
-(high nibble). A kernel's step over one group of a block of rows then reads one contiguous span,
-and the x values of the low and high nibbles are two contiguous vectors. Measured on the H100
+G/8 int32 words; word w holds k = 8w + j in the nibble at bit ``nibble_shift(j)`` = 0, 16, 8, 24,
+4, 20, 12, 28 for j = 0..7, as an unsigned code (symmetric codes c stored as c + 8, so the
+offset is 8 or the zero point). A kernel's step over one group of a block of rows then reads one
+contiguous span, each word's x values are 8 contiguous elements, and the pairs (j, j+1) sit 16
+bits apart: one mask-or turns a pair into two fp16 numbers (below). Measured on the H100
 (benchmarks/RESULTS.md): the graph layout read row by row peaked at 1.37 TB/s even for a kernel
 that only loads; the tiled layout at 1.6 TB/s.
 
-* decode (M <= 2): ``_int4_gemv_kernel`` turns each nibble into the float 1 + c/16 with one shift
-  and one mask-or (no int->float conversion, which the GPU runs at a quarter of the FMA rate) and
-  recovers sum(c x) = 16 * sum((1 + c/16) x) - 16 * sum(x) per group; groups are split over
-  several programs (split-K) and the last program of a row block adds the partial sums.
+* decode (M <= 2): ``_int4_gemv_kernel``, groups split over several programs (split-K; the last
+  program of a row block adds the partial sums). fp16 x: per word, four mask-ors (``lop3``) make
+  the pairs 1024 + c (or 1024 + 16c) as fp16x2, one fp16x2 FMA each makes (c - 8) / 8 exactly,
+  and four fp16x2 FMAs multiply by x (inline PTX: ~2 instructions per weight instead of 3; the
+  dequantized weights are exact, the 8 products of a word are summed in fp16, then fp32). Other
+  dtypes: each nibble becomes the float 1 + c/16 by a shift and a mask-or (no int->float
+  conversion), recovering sum(c x) = 16 * sum((1 + c/16) x) - 16 * sum(x).
 * M > 2: ``_int4_gemm_kernel`` dequantizes a group tile in registers (the same nibble trick, then
   one FMA per weight) and runs tl.dot; for M <= 16 the groups are split over programs (split-K)
   whose fp32 partial tiles the last-arriving program adds.
@@ -32,8 +37,9 @@ from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET_DOT = tl.constexpr(INTERPRET)      # jit code reads module globals only as constexprs
 TILE_ROWS = 128
-GEMV_BLOCK_N = 128
+GEMV_BLOCK_N = 64
 
 
 @dataclass
@@ -64,16 +70,27 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tenso
                          "a power of two dividing K)")
     G, NG = group_size, K // group_size
     pad = -N % TILE_ROWS
-    codes = torch.stack((q & 15, q >> 4), dim=-1).reshape(N, NG, 2, G // 2)        # [N, group, half, k]
-    halves = (codes[:, :, 0] | (codes[:, :, 1] << 4)).to(torch.uint8)              # [N, NG, G/2]
-    halves = torch.nn.functional.pad(halves, (0, 0, 0, 0, 0, pad))
+    codes = torch.stack((q & 15, q >> 4), dim=-1).to(torch.int64).reshape(N, K // 8, 8)   # [N, word, j]
+    if zeros is None:
+        codes = codes ^ 8                      # two's-complement nibble c -> unsigned c + 8
+    shifts = torch.tensor([nibble_shift(j) for j in range(8)], device=q.device)
+    words = (codes << shifts).sum(-1)                                                 # [N, K/8] < 2^32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    words = torch.nn.functional.pad(words, (0, 0, 0, pad))
     nt = (N + pad) // TILE_ROWS
-    words = halves.reshape(nt, TILE_ROWS, NG, G // 2).permute(0, 2, 1, 3).contiguous().view(torch.int32)
+    words = words.reshape(nt, TILE_ROWS, NG, G // 8).permute(0, 2, 1, 3).contiguous()
 
     def tiles(t):
         return None if t is None else torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(
             nt, TILE_ROWS, NG).permute(0, 2, 1).contiguous()
     return Int4Weight(words, tiles(scales), tiles(zeros), N, K, G)
+
+
+def nibble_shift(j: int) -> int:
+    """Bit offset of k = 8w + j's code in word w: the pairs (0, 1), (2, 3), (4, 5), (6, 7) sit at
+    bits (0, 16), (8, 24), (4, 20), (12, 28), i.e. under the masks 0x000F000F / 0x00F000F0 of the
+    word or of the word shifted right by 8."""
+    return (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4
 
 
 @triton.jit
@@ -88,40 +105,111 @@ def _one_plus_nibble(w, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW: tl.constexpr, TILE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """One group of a block of rows: scale * sum_k (code - zero) x over the group's G columns."""
+def _f16x2_dot8(w, x01, x23, x45, x67):
+    """sum_j (c_j - 8) / 8 * x_j over the 8 codes of word w (layout in the module docstring), the
+    x pairs as fp16x2 bit patterns, as fp32. The dequantized (c - 8) / 8 are exact in fp16; the
+    products and their sum are fp16 (|sum| <= 8 max|x|), then fp32."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a, b, c, d, t, m, s, acc;
+        .reg .b16 lo, hi;
+        .reg .f32 f0, f1;
+        lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 c, $1, 0x00F000F0, 0x64006400, 0xea;
+        shr.u32 t, $1, 8;
+        lop3.b32 b, t, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xea;
+        mov.b32 m, 0x30003000;
+        mov.b32 s, 0xD808D808;
+        fma.rn.f16x2 a, a, m, s;
+        fma.rn.f16x2 b, b, m, s;
+        mov.b32 m, 0x20002000;
+        mov.b32 s, 0xC880C880;
+        fma.rn.f16x2 c, c, m, s;
+        fma.rn.f16x2 d, d, m, s;
+        mul.rn.f16x2 acc, a, $2;
+        fma.rn.f16x2 acc, b, $3, acc;
+        fma.rn.f16x2 acc, c, $4, acc;
+        fma.rn.f16x2 acc, d, $5, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 f0, lo;
+        cvt.f32.f16 f1, hi;
+        add.f32 $0, f0, f1;
+        }""",
+        constraints="=r,r,r,r,r,r", args=[w, x01, x23, x45, x67], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16x2_dot8_emulated(w, x01, x23, x45, x67):
+    """``_f16x2_dot8`` in plain Triton for the interpreter (which runs no PTX): the same layout
+    and the same fp16 rounding points (up to fused-multiply-add rounding)."""
+    acc = tl.zeros(w.shape, dtype=tl.float16)
+    for p in tl.static_range(4):
+        xp = x01 if p == 0 else (x23 if p == 1 else (x45 if p == 2 else x67))
+        for h in tl.static_range(2):
+            c = (w >> (h * 16 + (p % 2) * 8 + (p // 2) * 4)) & 15
+            xv = ((xp >> (16 * h)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            acc += ((c - 8).to(tl.float16) * 0.125) * xv
+    return acc.to(tl.float32)
+
+
+@triton.jit
+def _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW: tl.constexpr,
+                    TILE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
+    """One group of a block of rows: scale * sum_k (code - offset) x over the group's G columns
+    (offset 8, or the zero point), as a [BLOCK_N, G/8] tile of per-word partial sums plus a
+    [BLOCK_N] term: the caller accumulates both over its groups and reduces the tile across
+    threads once, at the end. ``xw_ptr``: x as int32 fp16 pairs (F16X2)."""
     G: tl.constexpr = 8 * HW
     rw = tl.arange(0, HW)
     t = tile0 + g * TILE
     wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :], eviction_policy="evict_first")
-    if not HAS_ZERO:
-        wq = wq ^ -2004318072          # 0x88888888: two's-complement nibble c -> c + 8 in [0, 16)
-    xb = x_ptr + m * stride_xm + g * G + 4 * rw
-    part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
-    xs = tl.zeros((HW,), dtype=tl.float32)
-    for b in tl.static_range(4):
-        xl = tl.load(xb + b).to(tl.float32)
-        xh = tl.load(xb + b + G // 2).to(tl.float32)
-        xs += xl + xh
-        part += _one_plus_nibble(wq, 8 * b) * xl[None, :]
-        part += _one_plus_nibble(wq, 8 * b + 4) * xh[None, :]
+    sc = tl.load(s_ptr + t).to(tl.float32)
     if HAS_ZERO:
         off = tl.load(z_ptr + t).to(tl.float32)
     else:
         off = 8.0
-    # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
-    dot = 16.0 * tl.sum(part, axis=1) - (16.0 + off) * tl.sum(xs, axis=0)
-    return dot * tl.load(s_ptr + t).to(tl.float32)
+    if F16X2:
+        xq = tl.load(xw_ptr + m * (stride_xm // 2) + g * (G // 2) + 4 * rw[:, None] + tl.arange(0, 4)[None, :])
+        xa, xb = tl.split(tl.reshape(xq, (HW, 2, 2)))            # pairs (0, 1), (2, 3) | (4, 5), (6, 7)
+        x01, x45 = tl.split(xa)
+        x23, x67 = tl.split(xb)
+        if INTERPRET_DOT:
+            part = _f16x2_dot8_emulated(wq, x01[None, :], x23[None, :], x45[None, :], x67[None, :])
+        else:
+            part = _f16x2_dot8(wq, tl.broadcast_to(x01[None, :], (BLOCK_N, HW)),
+                               tl.broadcast_to(x23[None, :], (BLOCK_N, HW)),
+                               tl.broadcast_to(x45[None, :], (BLOCK_N, HW)),
+                               tl.broadcast_to(x67[None, :], (BLOCK_N, HW)))
+        tile = part * (8.0 * sc)[:, None]
+        if HAS_ZERO:       # sum (c - z) x = 8 * sum (c - 8) / 8 x + (8 - z) sum x
+            xs = tl.load(x_ptr + m * stride_xm + g * G + tl.arange(0, G)).to(tl.float32)
+            row = (8.0 - off) * sc * tl.sum(xs, axis=0)
+        else:
+            row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        xb = x_ptr + m * stride_xm + g * G + 8 * rw
+        part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
+        xs = tl.zeros((HW,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(xb + j).to(tl.float32)
+            xs += xj
+            part += _one_plus_nibble(wq, (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4) * xj[None, :]
+        # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
+        tile = part * (16.0 * sc)[:, None]
+        row = -(16.0 + off) * sc * tl.sum(xs, axis=0)
+    return tile, row
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
+def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                      PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-                      E0: tl.constexpr, E1: tl.constexpr):
+                      PER: tl.constexpr, STAGES: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
     """PER > 0: every program takes exactly PER groups, unrolled, so all its weight loads are
-    issued before the first one is used (more bytes in flight per program); PER = 0: a loop."""
+    issued before the first one is used (more bytes in flight per program); PER = 0: a loop,
+    software-pipelined over STAGES groups (asynchronous copies to shared memory: Triton pipelines
+    the loads of a loop without tl.dot only when the loop asks for its stage count)."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
     NG = K // G
@@ -131,14 +219,21 @@ def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     # a row block lies inside one tile; its group g is TILE rows further per group
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
     if PER > 0:
         for i in tl.static_range(PER):
-            acc += _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, pid_k * PER + i, m, stride_xm, HW, TILE,
-                                   BLOCK_N, HAS_ZERO)
+            tile, row = _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, pid_k * PER + i, m, stride_xm,
+                                        HW, TILE, BLOCK_N, HAS_ZERO, F16X2)
+            acc2 += tile
+            acc += row
     else:
         per = tl.cdiv(NG, SPLIT)
-        for g in range(pid_k * per, tl.minimum(NG, pid_k * per + per)):
-            acc += _int4_group_dot(x_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW, TILE, BLOCK_N, HAS_ZERO)
+        for g in tl.range(pid_k * per, tl.minimum(NG, pid_k * per + per), num_stages=STAGES):
+            tile, row = _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW, TILE,
+                                        BLOCK_N, HAS_ZERO, F16X2)
+            acc2 += tile
+            acc += row
+    acc += tl.sum(acc2, axis=1)
     if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
         tl.store(ws_ptr + (m * SPLIT + pid_k) * N + rn, acc, mask=mn)
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
@@ -176,15 +271,15 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     measured the same at M=16 on the H100 and was dropped.)"""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
-    HG: tl.constexpr = 4 * HW
     NG = K // G
     rows = tl.arange(0, BLOCK_N)
     rn = pid_n * BLOCK_N + rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm, mn = rm < M, rn < N
     rw = tl.arange(0, HW)
-    rk = tl.arange(0, HG)
-    shift = tl.arange(0, 4) * 8
+    rk = tl.arange(0, G)
+    j = tl.arange(0, 8)
+    shift = (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4          # nibble_shift(j)
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     per = tl.cdiv(NG, SPLIT)
@@ -194,24 +289,17 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         if HAS_ZERO:
             off = tl.load(z_ptr + t).to(tl.float32)
         else:
-            wq = wq ^ -2004318072
             off = tl.full((BLOCK_N,), 8.0, tl.float32)
         sc = tl.load(s_ptr + t).to(tl.float32)
         mul = (16.0 * sc)[:, None]
         add = (-(16.0 + off) * sc)[:, None]
-        lo = tl.reshape((((wq[:, :, None] >> shift[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, HG))
-        hi = tl.reshape((((wq[:, :, None] >> (shift + 4)[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, HG))
-        xp = x_ptr + rm[:, None] * stride_xm + g * G + rk[None, :]
-        xl = tl.load(xp, mask=mm[:, None], other=0.0)
-        xh = tl.load(xp + HG, mask=mm[:, None], other=0.0)
-        wl = (lo.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
-        wh = (hi.to(tl.float32, bitcast=True) * mul + add).to(xl.dtype)
+        v = tl.reshape((((wq[:, :, None] >> shift[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, G))
+        xk = tl.load(x_ptr + rm[:, None] * stride_xm + g * G + rk[None, :], mask=mm[:, None], other=0.0)
+        wk = (v.to(tl.float32, bitcast=True) * mul + add).to(xk.dtype)
         if IEEE:
-            acc += tl.dot(xl, tl.trans(wl), input_precision="ieee")
-            acc += tl.dot(xh, tl.trans(wh), input_precision="ieee")
+            acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
         else:
-            acc += tl.dot(xl, tl.trans(wl))
-            acc += tl.dot(xh, tl.trans(wh))
+            acc += tl.dot(xk, tl.trans(wk))
     if SPLIT > 1:     # partial tiles to the workspace; the last program of this tile adds them
         offs = rm[:, None] * N + rn[None, :]
         mask = mm[:, None] & mn[None, :]
@@ -242,7 +330,7 @@ def _zeroed_counters(n: int, device) -> torch.Tensor:
 
 def _split(tiles: int, groups: int, per_sm: int, device) -> int:
     """Split-K factor: double it (never past one group per program) until there are ``per_sm``
-    programs per SM (GEMV: 8, small-M GEMM: 2)."""
+    programs per SM (GEMV: 6, small-M GEMM: 2)."""
     sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     split = 1
     while split * 2 <= groups and tiles * split < per_sm * sms:
@@ -266,25 +354,30 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
     b = bias if bias is not None else w.scales
     e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
     if M <= 2:
-        blocks = triton.cdiv(N, GEMV_BLOCK_N)
         groups = K // w.group_size
-        cnt = _zeroed_counters(M * blocks, x.device)
 
         def launch(cfg):
-            sp = cfg["split"] or _split(blocks, groups, 8, x.device)
+            bn = cfg.get("block_n", GEMV_BLOCK_N)
+            blocks = triton.cdiv(N, bn)
+            sp = cfg["split"] or _split(blocks, groups, 6, x.device)
             ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
-            _int4_gemv_kernel[(blocks, sp, M)](x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, N, K, x2.stride(0),
-                                               HW=hw, TILE=TILE_ROWS, BLOCK_N=GEMV_BLOCK_N, SPLIT=sp,
-                                               PER=groups // sp if groups % sp == 0 and groups // sp <= 8 else 0,
-                                               HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                               num_warps=cfg["warps"], **epi)
+            stages = cfg.get("stages", 0)
+            f16x2 = x.dtype == torch.float16 and cfg.get("f16x2", True)
+            per = groups // sp if not stages and groups % sp == 0 and groups // sp <= 8 else 0
+            _int4_gemv_kernel[(blocks, sp, M)](x2, x2.view(torch.int32) if f16x2 else x2, w.q, w.scales, z, b, y,
+                                               ws, _zeroed_counters(M * blocks, x.device), e0, e1, N, K,
+                                               x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, SPLIT=sp,
+                                               PER=per, STAGES=max(stages, 1), HAS_ZERO=w.zeros is not None,
+                                               HAS_BIAS=bias is not None, F16X2=f16x2, num_warps=cfg["warps"],
+                                               **epi)
         default = {"split": None, "warps": 4}
         if split is not None or num_warps is not None:
             cfg = {"split": split, "warps": num_warps or 4}
         else:
             cfg = choose("int4_gemv", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
-                         [{"split": sp, "warps": nw} for sp in (None, 4, 8, 16, 32) if sp is None or sp <= groups
-                          for nw in (4, 8)], launch, default)
+                         [{"block_n": bn, "split": sp, "warps": nw} for bn in (32, 64, 128)
+                          for sp in (None, 2, 4, 8, 16) if sp is None or sp <= groups for nw in (4, 8)],
+                         launch, default)
         launch(cfg)
     else:
         bm = 16 if M <= 16 else 64
