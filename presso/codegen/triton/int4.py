@@ -39,7 +39,6 @@ from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_DOT = tl.constexpr(INTERPRET)      # jit code reads module globals only as constexprs
 TILE_ROWS = 128
-GEMV_BLOCK_N = 64
 
 
 @dataclass
@@ -154,86 +153,88 @@ def _f16x2_dot8_emulated(w, x01, x23, x45, x67):
 
 
 @triton.jit
-def _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW: tl.constexpr,
-                    TILE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
-    """One group of a block of rows: scale * sum_k (code - offset) x over the group's G columns
-    (offset 8, or the zero point), as a [BLOCK_N, G/8] tile of per-word partial sums plus a
-    [BLOCK_N] term: the caller accumulates both over its groups and reduces the tile across
-    threads once, at the end. ``xw_ptr``: x as int32 fp16 pairs (F16X2)."""
+def _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g0, m, stride_xm, HW: tl.constexpr, TILE: tl.constexpr,
+               BLOCK_N: tl.constexpr, GPS: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
+    """Groups g0 .. g0 + GPS - 1 of a block of rows: scale * sum_k (code - offset) x over their
+    columns (offset 8, or the zero point), as a [BLOCK_N, GPS, G/8] tile of per-word partial sums
+    plus a [BLOCK_N] term; the caller accumulates both and reduces the tile across threads once,
+    at the end. ``xw_ptr``: x as int32 fp16 pairs (F16X2)."""
     G: tl.constexpr = 8 * HW
     rw = tl.arange(0, HW)
-    t = tile0 + g * TILE
-    wq = tl.load(q_ptr + t[:, None] * HW + rw[None, :], eviction_policy="evict_first")
+    rg = g0 + tl.arange(0, GPS)
+    t = tile0[:, None] + rg[None, :] * TILE                                          # [BLOCK_N, GPS]
+    wq = tl.load(q_ptr + t[:, :, None] * HW + rw[None, None, :], eviction_policy="evict_first")
     sc = tl.load(s_ptr + t).to(tl.float32)
     if HAS_ZERO:
         off = tl.load(z_ptr + t).to(tl.float32)
     else:
         off = 8.0
     if F16X2:
-        xq = tl.load(xw_ptr + m * (stride_xm // 2) + g * (G // 2) + 4 * rw[:, None] + tl.arange(0, 4)[None, :])
-        xa, xb = tl.split(tl.reshape(xq, (HW, 2, 2)))            # pairs (0, 1), (2, 3) | (4, 5), (6, 7)
+        xq = tl.load(xw_ptr + m * (stride_xm // 2) + rg[:, None, None] * (G // 2) + 4 * rw[None, :, None]
+                     + tl.arange(0, 4)[None, None, :])                               # [GPS, HW, 4 pairs]
+        xa, xb = tl.split(tl.reshape(xq, (GPS, HW, 2, 2)))       # pairs (0, 1), (2, 3) | (4, 5), (6, 7)
         x01, x45 = tl.split(xa)
         x23, x67 = tl.split(xb)
         if INTERPRET_DOT:
-            part = _f16x2_dot8_emulated(wq, x01[None, :], x23[None, :], x45[None, :], x67[None, :])
+            part = _f16x2_dot8_emulated(wq, x01[None], x23[None], x45[None], x67[None])
         else:
-            part = _f16x2_dot8(wq, tl.broadcast_to(x01[None, :], (BLOCK_N, HW)),
-                               tl.broadcast_to(x23[None, :], (BLOCK_N, HW)),
-                               tl.broadcast_to(x45[None, :], (BLOCK_N, HW)),
-                               tl.broadcast_to(x67[None, :], (BLOCK_N, HW)))
-        tile = part * (8.0 * sc)[:, None]
+            shape: tl.constexpr = (BLOCK_N, GPS, HW)
+            part = _f16x2_dot8(wq, tl.broadcast_to(x01[None], shape), tl.broadcast_to(x23[None], shape),
+                               tl.broadcast_to(x45[None], shape), tl.broadcast_to(x67[None], shape))
+        tile = part * (8.0 * sc)[:, :, None]
         if HAS_ZERO:       # sum (c - z) x = 8 * sum (c - 8) / 8 x + (8 - z) sum x
-            xs = tl.load(x_ptr + m * stride_xm + g * G + tl.arange(0, G)).to(tl.float32)
-            row = (8.0 - off) * sc * tl.sum(xs, axis=0)
+            xs = tl.load(x_ptr + m * stride_xm + rg[:, None] * G + tl.arange(0, G)[None, :]).to(tl.float32)
+            row = tl.sum((8.0 - off) * sc * tl.sum(xs, axis=1)[None, :], axis=1)
         else:
             row = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
-        xb = x_ptr + m * stride_xm + g * G + 8 * rw
-        part = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
-        xs = tl.zeros((HW,), dtype=tl.float32)
+        xb = x_ptr + m * stride_xm + rg[:, None] * G + 8 * rw[None, :]                 # [GPS, HW]
+        part = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
+        xs = tl.zeros((GPS, HW), dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(xb + j).to(tl.float32)
             xs += xj
-            part += _one_plus_nibble(wq, (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4) * xj[None, :]
+            part += _one_plus_nibble(wq, (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4) * xj[None, :, :]
         # sum (c - off) x = 16 * sum((1 + c/16) x) - (16 + off) * sum x
-        tile = part * (16.0 * sc)[:, None]
-        row = -(16.0 + off) * sc * tl.sum(xs, axis=0)
+        tile = part * (16.0 * sc)[:, :, None]
+        row = tl.sum(-(16.0 + off) * sc * tl.sum(xs, axis=1)[None, :], axis=1)
     return tile, row
 
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
-                      HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                      PER: tl.constexpr, STAGES: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
+                      SPLIT: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
-    """PER > 0: every program takes exactly PER groups, unrolled, so all its weight loads are
-    issued before the first one is used (more bytes in flight per program); PER = 0: a loop,
-    software-pipelined over STAGES groups (asynchronous copies to shared memory: Triton pipelines
-    the loads of a loop without tl.dot only when the loop asks for its stage count)."""
+    """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
+    PER steps, unrolled, so all its weight loads are issued before the first is used; PER = 0: a
+    loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
+    arrive adds (an atomic counter it resets for the next call and CUDA-graph replays); wide
+    steps (GPS groups of few rows) keep SPLIT at 1 for large N, so no program waits on others."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = 8 * HW
-    NG = K // G
+    NS = K // G // GPS
     rows = tl.arange(0, BLOCK_N)
     rn = pid_n * BLOCK_N + rows
     mn = rn < N
     # a row block lies inside one tile; its group g is TILE rows further per group
-    tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
+    tile0 = (pid_n * BLOCK_N // TILE) * (K // G) * TILE + (pid_n * BLOCK_N) % TILE + rows
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, HW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
     if PER > 0:
         for i in tl.static_range(PER):
-            tile, row = _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, pid_k * PER + i, m, stride_xm,
-                                        HW, TILE, BLOCK_N, HAS_ZERO, F16X2)
-            acc2 += tile
+            tile, row = _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, (pid_k * PER + i) * GPS, m, stride_xm,
+                                   HW, TILE, BLOCK_N, GPS, HAS_ZERO, F16X2)
+            acc3 += tile
             acc += row
     else:
-        per = tl.cdiv(NG, SPLIT)
-        for g in tl.range(pid_k * per, tl.minimum(NG, pid_k * per + per), num_stages=STAGES):
-            tile, row = _int4_group_dot(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g, m, stride_xm, HW, TILE,
-                                        BLOCK_N, HAS_ZERO, F16X2)
-            acc2 += tile
+        per = tl.cdiv(NS, SPLIT)
+        for st in range(pid_k * per, tl.minimum(NS, pid_k * per + per)):
+            tile, row = _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, st * GPS, m, stride_xm, HW, TILE,
+                                   BLOCK_N, GPS, HAS_ZERO, F16X2)
+            acc3 += tile
             acc += row
-    acc += tl.sum(acc2, axis=1)
+    acc += tl.sum(tl.sum(acc3, axis=2), axis=1)
     if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
         tl.store(ws_ptr + (m * SPLIT + pid_k) * N + rn, acc, mask=mn)
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
@@ -357,26 +358,28 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         groups = K // w.group_size
 
         def launch(cfg):
-            bn = cfg.get("block_n", GEMV_BLOCK_N)
-            blocks = triton.cdiv(N, bn)
-            sp = cfg["split"] or _split(blocks, groups, 6, x.device)
+            bn = cfg["block_n"]
+            gps = cfg.get("gps", 1)               # a power of two dividing the group count
+            while groups % gps:
+                gps //= 2
+            blocks, steps = triton.cdiv(N, bn), groups // gps
+            sp = min(cfg["split"], steps) if cfg["split"] else _split(blocks, steps, 6, x.device)
             ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
-            stages = cfg.get("stages", 0)
             f16x2 = x.dtype == torch.float16 and cfg.get("f16x2", True)
-            per = groups // sp if not stages and groups % sp == 0 and groups // sp <= 8 else 0
             _int4_gemv_kernel[(blocks, sp, M)](x2, x2.view(torch.int32) if f16x2 else x2, w.q, w.scales, z, b, y,
                                                ws, _zeroed_counters(M * blocks, x.device), e0, e1, N, K,
-                                               x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, SPLIT=sp,
-                                               PER=per, STAGES=max(stages, 1), HAS_ZERO=w.zeros is not None,
-                                               HAS_BIAS=bias is not None, F16X2=f16x2, num_warps=cfg["warps"],
-                                               **epi)
-        default = {"split": None, "warps": 4}
+                                               x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, GPS=gps, SPLIT=sp,
+                                               PER=steps // sp if steps % sp == 0 and steps // sp <= 8 else 0,
+                                               HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                                               F16X2=f16x2, num_warps=cfg["warps"], **epi)
+        # 16 rows x 4 groups per step: the best of the sweep at 1x4096->14336 on the H100 (RESULTS.md)
+        default = {"block_n": 16, "gps": 4, "split": None, "warps": 4}
         if split is not None or num_warps is not None:
-            cfg = {"split": split, "warps": num_warps or 4}
+            cfg = dict(default, split=split, warps=num_warps or 4)
         else:
             cfg = choose("int4_gemv", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
-                         [{"block_n": bn, "split": sp, "warps": nw} for bn in (32, 64, 128)
-                          for sp in (None, 2, 4, 8, 16) if sp is None or sp <= groups for nw in (4, 8)],
+                         [{"block_n": bn, "gps": gps, "split": sp, "warps": nw} for bn in (16, 32, 64)
+                          for gps in (1, 4, 8) if bn * gps <= 256 for sp in (None, 1, 4) for nw in (4, 8)],
                          launch, default)
         launch(cfg)
     else:
