@@ -4,14 +4,19 @@
 one decode token, L = 4k / 16k / 64k, batch 1 and 16. presso's time includes the small per-head
 matmuls around the kernel (absorbing q into the key latent, or the value up-projection), so both
 sides produce the same [B, H, 128] attention output. Checks against a torch reference first.
+Times: CUDA-graph replays and kernel device time (benchmarks/gpu_timing.py), L2 flushed by a read.
 
     python benchmarks/latent_attention_gpu.py
 """
 import itertools
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
-import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_timing import graph_us, kernel_us  # noqa: E402
 
 from presso.codegen.triton.latent_attention import latent_decode_attention, reference_latent_attention
 
@@ -19,41 +24,34 @@ H, D, HPG, RATIO = 32, 128, 4, 0.5
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
-
-
-def bench_graph(fn):
-    """The call recorded as a CUDA graph and replayed: kernel time without launch overhead, as
-    inside presso's captured decode step."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+    """CUDA-graph replay after a read-only L2 flush (benchmarks/gpu_timing.py), the same for SDPA
+    and presso: no launch overhead, as inside a captured decode step."""
+    return graph_us(fn)
 
 
 def sweep():
-    """Block size / pipeline depth / split for batch 1, L = 16k (absorbed)."""
+    """Block size / pipeline depth / split for batch 1, L = 16k and 64k (absorbed): kernel device
+    time of the best configs (graph replay to rank them)."""
     dev = "cuda"
-    G, R, B, L = H // HPG, int(RATIO * HPG * D), 1, 16384
-    qa = torch.randn(B, H, R, device=dev, dtype=torch.float16)
-    hk = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
-    hv = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
-    pos = torch.tensor([L - 1], device=dev)
-    rows = []
-    for bt, ns, split, nw in itertools.product((16, 32, 64), (1, 2, 3), (256, 512, 1024, 2048), (4, 8)):
-        try:
-            t = bench(lambda: latent_decode_attention(qa, hk, hv, pos, HPG, 0.1, split_len=split, block_t=bt,
-                                                      num_stages=ns, num_warps=nw))
-        except Exception:  # noqa: BLE001 - configs that do not fit are skipped
-            continue
-        rows.append((t, bt, ns, split, nw))
-    for r in sorted(rows)[:5]:
-        print(f"kernel only {r[0]:.1f} us: block_t={r[1]} num_stages={r[2]} split={r[3]} num_warps={r[4]}")
+    G, R, B = H // HPG, int(RATIO * HPG * D), 1
+    for L in (16384, 65536):
+        qa = torch.randn(B, H, R, device=dev, dtype=torch.float16)
+        hk = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
+        hv = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
+        pos = torch.tensor([L - 1], device=dev)
+        rows = []
+        for bt, ns, split, nw in itertools.product((16, 32, 64), (2, 3, 4), (128, 256, 512, 1024, 2048), (4, 8)):
+            def run(bt=bt, ns=ns, split=split, nw=nw):
+                return latent_decode_attention(qa, hk, hv, pos, HPG, 0.1, split_len=split, block_t=bt,
+                                               num_stages=ns, num_warps=nw)
+            try:
+                rows.append((bench(run), bt, ns, split, nw, run))
+            except Exception:  # noqa: BLE001 - configs that do not fit are skipped
+                continue
+        for r in sorted(rows, key=lambda r: r[0])[:5]:
+            k = kernel_us(r[5])
+            print(f"L={L}: graph {r[0]:.1f} us, kernels {k:.1f} us ({(hk.numel() + hv.numel()) * 2 / k / 1e6:.2f} TB/s): "
+                  f"block_t={r[1]} num_stages={r[2]} split={r[3]} num_warps={r[4]}", flush=True)
 
 
 def main():
@@ -62,7 +60,7 @@ def main():
     G = H // HPG
     R = int(RATIO * HPG * D)
     print(f"device {torch.cuda.get_device_name()}; {H} heads x {D}, groups of {HPG}, latent rank {R} (K and V)")
-    print("| batch | L | SDPA fp16 µs | presso absorbed µs | speedup | both as CUDA graphs: SDPA / presso µs | "
+    print("| batch | L | SDPA fp16 µs (graph) | presso absorbed µs (graph) | speedup | kernel device time: SDPA / presso µs | "
           "speedup | presso RoPE-rebuilt µs | speedup | latent bytes / full bytes | best split |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for B, L in itertools.product((1, 16), (4096, 16384, 65536)):
@@ -108,8 +106,8 @@ def main():
         qq = q[:, :, None, :]
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(qq, k, v))
         best_a = min((bench(lambda: absorbed(s)), s) for s in (256, 512, 1024, 2048))
-        g_sdpa = bench_graph(lambda: F.scaled_dot_product_attention(qq, k, v))
-        g_abs = bench_graph(lambda: absorbed(best_a[1]))
+        g_sdpa = kernel_us(lambda: F.scaled_dot_product_attention(qq, k, v))
+        g_abs = kernel_us(lambda: absorbed(best_a[1]))
         try:
             best_r = min((bench(lambda: rebuilt(s)), s) for s in (1024,))
         except Exception as e:  # noqa: BLE001 - report and keep the absorbed numbers

@@ -49,6 +49,17 @@ SCRIPT = textwrap.dedent("""
     want = presso.compile(m, **kw).generate(ids, 6)
     assert torch.equal(got, want), (got, want)
     print("generate ok")
+    # GPT-2 (no RoPE) with Palu latent caches: the decode step's attention is the latent-attention
+    # kernel over the caches as stored ([B, L, groups * rank]), and generation matches the reference
+    from presso.models import make_gpt2
+    g2, gin = make_gpt2(batch=2)
+    kw = dict(example_inputs=gin, generation=True, max_len=48, recipe="kv_cache{rank_ratio=0.5}",
+              calibration=[(torch.randint(0, 256, (2, 16)),) for _ in range(4)])
+    cm = presso.compile(g2, target="cuda", **kw)
+    step_kernels = cm.decode_program().step_rt.program.kernels
+    assert list(step_kernels.values()).count("triton:latent_attention") == 2, step_kernels
+    assert torch.equal(cm.generate(gin[0][:, :8], 20), presso.compile(g2, **kw).generate(gin[0][:, :8], 20))
+    print("latent attention ok")
 """)
 
 
@@ -57,7 +68,7 @@ def test_whole_models_run_through_the_kernels_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("zoo ") == 6 and r.stdout.count("recipe ") == 5 and "generate ok" in r.stdout
-    assert "artifact ok" in r.stdout
+    assert "artifact ok" in r.stdout and "latent attention ok" in r.stdout
     assert "triton:fused_elementwise" in r.stdout and "triton:rms_norm" in r.stdout
 
 

@@ -25,7 +25,8 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
                         L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_cl,
                         stride_kb, stride_kl, stride_vb, stride_vl, stride_ob, stride_oh, stride_os,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
-                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_LEN):
+                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+                        SPLIT_LEN):
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr)
     n_valid = pos + 1
@@ -60,6 +61,8 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
                 qh = tl.load(q_ptr + b * stride_qb + (g * HPG + h) * stride_qh + rd).to(tl.float32)
                 sh = tl.sum(k * qh[None, :], axis=1)
                 s = tl.where(rh[None, :] == h, sh[:, None], s)
+        elif IEEE:        # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
+            s = tl.dot(hk, tl.trans(qa), input_precision="ieee")
         else:
             s = tl.dot(hk, tl.trans(qa)).to(tl.float32)                                # [T, HP]
         s = s * scale
@@ -71,7 +74,11 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
         l_i = l_i * alpha + tl.sum(p, axis=0)
         hv = tl.load(hv_ptr + b * stride_vb + rt[:, None] * stride_vl + gv * RV + rv[None, :], mask=mt[:, None],
                      other=0.0)                                                          # [T, RV]
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(hv.dtype)), hv).to(tl.float32)
+        if IEEE:
+            pv = tl.dot(tl.trans(p.to(hv.dtype)), hv, input_precision="ieee")
+        else:
+            pv = tl.dot(tl.trans(p.to(hv.dtype)), hv).to(tl.float32)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     o_off = o_ptr + b * stride_ob + (g * HPG + rh)[:, None] * stride_oh + sp * stride_os + rv[None, :]
     tl.store(o_off, acc, mask=mh[:, None])
@@ -138,7 +145,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         q, up, up_rot, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), o.stride(0), o.stride(1), o.stride(2),
-        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, SPLIT_LEN=split,
+        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt,
+        IEEE=hk.dtype == torch.float32, SPLIT_LEN=split,
         num_warps=num_warps, **({"num_stages": 1} if rope else {} if num_stages is None else {"num_stages": num_stages}))
     out = torch.empty(B, H, RV, dtype=q.dtype, device=q.device)
     _combine_kernel[(B, G)](o, ml, out, splits, o.stride(0), o.stride(1), o.stride(2), out.stride(0), out.stride(1),

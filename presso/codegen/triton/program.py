@@ -152,6 +152,48 @@ def _attention_cached_step(n: Node) -> Step:
     return Step(n, "torch:sdpa_masked", run, list(n.inputs))
 
 
+def _latent_cache(v: Value) -> Optional[tuple[Value, int, int]]:
+    """v = transpose(reshape(c, [B, L, G, r]), perm=[0, 2, 1, 3]) of a [B, L, G*r] cache c (how
+    the kv_cache pass's absorbed form reads a latent cache per group): (c, G, r)."""
+    t = v.node
+    if t is None or t.op != "transpose" or list(t.attrs["perm"]) != [0, 2, 1, 3]:
+        return None
+    r = t.inputs[0].node
+    if r is None or r.op != "reshape" or r.inputs[0].type.rank != 3:
+        return None
+    c = r.inputs[0]
+    B, L, G, rank = r.output.type.shape
+    if not (isinstance(G, int) and isinstance(rank, int)) or tuple(c.type.shape) != (B, L, G * rank):
+        return None
+    return c, G, rank
+
+
+def _pow2_at_least_16(v) -> bool:
+    return isinstance(v, int) and v >= 16 and v & (v - 1) == 0
+
+
+def _latent_attention_step(n: Node) -> Step | None:
+    """A decode step's attention over Palu latent caches in the absorbed form (no RoPE: the query
+    was multiplied into the key latent space, values stay latent): the latent-attention kernel
+    reads the caches as they are stored, [B, L, G*r], instead of SDPA over per-group views."""
+    from .latent_attention import latent_decode_attention
+    q = n.inputs[0]
+    k, v = _latent_cache(n.inputs[1]), _latent_cache(n.inputs[2])
+    if k is None or v is None or q.type.rank != 4 or q.type.shape[2] != 1:
+        return None
+    (hk, G, R), (hv, Gv, RV) = k, v
+    H = q.type.shape[1]
+    if not (isinstance(H, int) and H % G == 0 and G % Gv == 0 and q.type.shape[3] == R
+            and _pow2_at_least_16(R) and _pow2_at_least_16(RV) and q.type.dtype.is_float):
+        return None
+    scale, hpg = n.attrs["scale"], H // G
+
+    def run(qt, kc, vc, pos):
+        o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, value_groups=Gv)
+        return [o.unsqueeze(2)]
+    return Step(n, "triton:latent_attention", run, [q, hk, hv, n.inputs[3]])
+
+
 def _cache_update_step(n: Node) -> Step:
     """Write the new entries into the cache buffer itself (the reference copies the whole cache):
     valid because the old cache is not read after its update (checked by the caller)."""
@@ -188,7 +230,14 @@ def build_program(g: Graph) -> Program:
         elif n.op in ("rms_norm", "layer_norm"):
             step = _norm_step(n)
         elif n.op == "attention_cached":
-            step = _attention_cached_step(n)
+            step = _latent_attention_step(n)
+            if step is not None:      # the per-group views of the caches are not needed
+                for view in n.inputs[1:3]:
+                    if [u for u in users.get(view, []) if u is not n] == [] and \
+                            users.get(view.node.inputs[0], []) == [view.node]:
+                        skipped.update((view.node, view.node.inputs[0].node))
+            else:
+                step = _attention_cached_step(n)
         elif n.op == "cache_update" and n.inputs[0].kind == "input" and len(users.get(n.inputs[0], [])) == 1:
             step = _cache_update_step(n)
         steps.append(step or _torch_step(n))
