@@ -18,9 +18,11 @@ that only loads; the tiled layout at 1.6 TB/s.
   dequantized weights are exact, the 8 products of a word are summed in fp16, then fp32). Other
   dtypes: each nibble becomes the float 1 + c/16 by a shift and a mask-or (no int->float
   conversion), recovering sum(c x) = 16 * sum((1 + c/16) x) - 16 * sum(x).
-* M > 2: ``_int4_gemm_kernel`` dequantizes a group tile in registers (the same nibble trick, then
-  one FMA per weight) and runs tl.dot; for M <= 16 the groups are split over programs (split-K)
-  whose fp32 partial tiles the last-arriving program adds.
+* M > 2: ``_int4_gemm_kernel`` dequantizes a group tile in registers and runs tl.dot; fp16: the
+  same mask-or pairs, then c - offset exactly and one fp16x2 multiply by the scale (bit-identical
+  to the reference's dequantized weights); other dtypes: the 1 + c/16 trick and one FMA per
+  weight. For M <= 64 the groups are split over programs (split-K) whose fp32 partial tiles the
+  last-arriving program adds.
 * other group sizes: ``_int4_rows_kernel`` reads the graph layout as is.
 """
 from __future__ import annotations
@@ -258,12 +260,65 @@ def _store_row(acc, b_ptr, y_ptr, offs, rn, mn, e0_ptr, e1_ptr, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _half2_bits(v):
+    """An fp16 tensor as int32 bit patterns holding the value in both halves (an fp16x2 operand)."""
+    b = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _f16x2_dequant_tile(wq, sc, off, BLOCK_N: tl.constexpr, G: tl.constexpr):
+    """A [BLOCK_N, G/8] tile of code words -> the fp16 weights (c - off) * scale, [BLOCK_N, G], each
+    rounded once from exact operands (bit-identical to the reference's dequantize): per word four
+    mask-ors make the pairs 1024 + c / 1024 + 16c as fp16x2, one subtract or FMA makes c - off
+    exactly, one fp16x2 multiply scales (inline PTX; the interpreter runs the same arithmetic in
+    plain Triton)."""
+    if INTERPRET_DOT:
+        j = tl.arange(0, 8)
+        shift = (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4
+        c = tl.reshape((wq[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, G))
+        return (c.to(tl.float32) - off[:, None]).to(tl.float16) * sc.to(tl.float16)[:, None]
+    shape: tl.constexpr = wq.shape
+    s2 = tl.broadcast_to(_half2_bits(sc)[:, None], shape)
+    zl = tl.broadcast_to(_half2_bits(1024.0 + off)[:, None], shape)
+    zh = tl.broadcast_to(_half2_bits(-(64.0 + off))[:, None], shape)
+    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a, b, c, d, t, m;
+        lop3.b32 a, $8, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 c, $8, 0x00F000F0, 0x64006400, 0xea;
+        shr.u32 t, $8, 8;
+        lop3.b32 b, t, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xea;
+        sub.f16x2 a, a, $10;
+        sub.f16x2 b, b, $10;
+        mov.b32 m, 0x2C002C00;
+        fma.rn.f16x2 c, c, m, $11;
+        fma.rn.f16x2 d, d, m, $11;
+        mul.rn.f16x2 a, a, $9;
+        mul.rn.f16x2 b, b, $9;
+        mul.rn.f16x2 c, c, $9;
+        mul.rn.f16x2 d, d, $9;
+        mov.b32 {$0, $1}, a;
+        mov.b32 {$2, $3}, b;
+        mov.b32 {$4, $5}, c;
+        mov.b32 {$6, $7}, d;
+        }""",
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", args=[wq, s2, zl, zh],
+        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    # join's new axis is the last: leaves in bit-reversed order put k = 8w + j at position j
+    w8 = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(w8, (BLOCK_N, G))
+
+
+@triton.jit
 def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, M, N, K, stride_xm,
                       HW: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
-    """tl.dot over dequantized group tiles. A nibble c becomes the float v = 1 + c/16 by bit moves
-    (no int->float conversion) and the weight (c - zero) * scale is one FMA: v * 16s - (16 + zero) s.
+                      F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+    """tl.dot over dequantized group tiles. fp16 x and scales (F16X2): ``_f16x2_dequant_tile``.
+    Otherwise a nibble c becomes the float v = 1 + c/16 by bit moves (no int->float conversion)
+    and the weight (c - zero) * scale is one FMA: v * 16s - (16 + zero) s.
     SPLIT > 1 (small M): the groups are split over SPLIT programs that store fp32 partial tiles;
     the last to arrive (an atomic counter, which it resets for the next call and CUDA-graph
     replays) adds them and applies bias and epilogue. (Atomic adds of the tiles instead were wrong
@@ -291,12 +346,15 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             off = tl.load(z_ptr + t).to(tl.float32)
         else:
             off = tl.full((BLOCK_N,), 8.0, tl.float32)
-        sc = tl.load(s_ptr + t).to(tl.float32)
-        mul = (16.0 * sc)[:, None]
-        add = (-(16.0 + off) * sc)[:, None]
-        v = tl.reshape((((wq[:, :, None] >> shift[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, G))
         xk = tl.load(x_ptr + rm[:, None] * stride_xm + g * G + rk[None, :], mask=mm[:, None], other=0.0)
-        wk = (v.to(tl.float32, bitcast=True) * mul + add).to(xk.dtype)
+        if F16X2:
+            wk = _f16x2_dequant_tile(wq, tl.load(s_ptr + t), off, BLOCK_N, G)
+        else:
+            sc = tl.load(s_ptr + t).to(tl.float32)
+            mul = (16.0 * sc)[:, None]
+            add = (-(16.0 + off) * sc)[:, None]
+            v = tl.reshape((((wq[:, :, None] >> shift[None, None, :]) & 15) << 19) | 0x3F800000, (BLOCK_N, G))
+            wk = (v.to(tl.float32, bitcast=True) * mul + add).to(xk.dtype)
         if IEEE:
             acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
         else:
@@ -387,6 +445,8 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         m_blocks = triton.cdiv(M, bm)
         groups = K // w.group_size
 
+        f16x2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
+
         def launch_gemm(cfg):
             bn, sp = cfg["block_n"], cfg["split"]
             blocks = triton.cdiv(N, bn)
@@ -395,9 +455,11 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             _int4_gemm_kernel[(blocks, sp, m_blocks)](
                 x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS,
                 BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                IEEE=x.dtype == torch.float32, num_warps=cfg["warps"], num_stages=cfg["stages"], **epi)
-        default = {"block_n": 64, "split": _split(triton.cdiv(N, 64) * m_blocks, groups, 2, x.device) if M <= 16
-                   else 1, "warps": 4, "stages": 3}
+                IEEE=x.dtype == torch.float32, F16X2=f16x2 and cfg.get("f16x2", True), num_warps=cfg["warps"],
+                num_stages=cfg["stages"], **epi)
+        # the sweep's best at 16 / 64 x 4096 -> 14336 on the H100 (RESULTS.md)
+        default = {"block_n": 128, "split": _split(triton.cdiv(N, 128) * m_blocks, groups, 2, x.device) if M <= 16
+                   else (2 if M <= 64 else 1), "warps": 4, "stages": 2 if M <= 16 else 3}
         if split is not None or num_warps is not None:
             cfg = dict(default, split=split or default["split"], warps=num_warps or 4)
         else:
