@@ -38,9 +38,11 @@ SCRIPT = textwrap.dedent("""
             tiled = int4_linear_tiled(x, pack_tiled(q, s, z, G), b, split=2)
             assert torch.allclose(tiled, want, rtol=1e-4, atol=1e-4), (N, K, G, (tiled - want).abs().max())
         cases += 1
-    # fp16 activations at decode take the fp16x2 dot (under the interpreter its plain-Triton twin:
-    # same layout, same fp16 rounding points); checked against the fp32 product of the same fp16 x
-    for M, N, K, G, sym in [(1, 37, 256, 32, True), (2, 70, 256, 64, False), (1, 130, 512, 128, True)]:
+    # fp16 activations take the fp16x2 paths (decode dot; M > 2 dequantized tiles), under the
+    # interpreter their plain-Triton twins (same layout, same fp16 rounding points); checked against
+    # the fp32 product of the same fp16 x
+    for M, N, K, G, sym in [(1, 37, 256, 32, True), (2, 70, 256, 64, False), (1, 130, 512, 128, True),
+                            (5, 37, 256, 32, False), (20, 70, 128, 64, True)]:
         x, w = torch.randn(M, K).half(), torch.randn(N, K)
         q, s, z, want = ref_int4(x.float(), w, G, sym, None)
         got = int4_linear_tiled(x, pack_tiled(q, s, z, G)).float()
@@ -114,4 +116,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 31" in r.stdout
+    assert "kernel cases 33" in r.stdout
