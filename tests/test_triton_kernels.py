@@ -67,6 +67,19 @@ SCRIPT = textwrap.dedent("""
             got = nm_linear(x, vals, packed, n, m, b, index_bits=2)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("2-bit", M, N, K, n, m)
             cases += 1
+    # N:M with int4-quantized kept values (decode rows dequantize in registers; M > 2 once per call)
+    from presso.passes.quantize import rtn as rtn_
+    for M, N, K, G, sym in [(1, 37, 128, 16, True), (2, 20, 64, 32, False), (5, 19, 64, 16, True)]:
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        vals, idx, _ = nm_prune(w, w.abs(), 2, 4)
+        codes, s, z = rtn_(vals, 4, G, sym)
+        z8 = None if z is None else z.to(torch.uint8)
+        vq = deq.run([pack_int4(codes.to(torch.int16)), s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
+        want = torch.nn.functional.linear(x, dens.run([vq, pack_int4(idx)], {"n": 2, "m": 4})[0])
+        got = nm_linear(x, pack_int4(codes.to(torch.int16)), pack_int4(idx), 2, 4, value_scales=s.half(),
+                        value_zeros=z8, value_group=G)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4", M, N, K, (got - want).abs().max())
+        cases += 1
     # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
     from presso.codegen.triton import int8_linear
     from presso.codegen.triton.epilogue import Epilogue
@@ -116,4 +129,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 33" in r.stdout
+    assert "kernel cases 36" in r.stdout

@@ -59,6 +59,21 @@ def packed_weight_producer(v: Value, users: Mapping) -> Node | None:
     return p
 
 
+def quantized_nm_producers(v: Value, users: Mapping) -> tuple[Node, Node] | None:
+    """(densify_nm, dequantize) when ``v`` = densify_nm(dequantize(4-bit codes, scales[, zeros]),
+    index) of params alone and nothing else reads either result: N:M weights whose kept values
+    are themselves int4-quantized, which a backend can read packed, codes and all."""
+    d = v.node
+    if d is None or d.op != "densify_nm" or len(users.get(v, [])) != 1:
+        return None
+    vals = d.inputs[0]
+    q = vals.node
+    if (q is None or q.op != "dequantize" or q.attrs["bits"] != 4 or len(users.get(vals, [])) != 1
+            or d.inputs[1].kind != "param" or any(x is not None and x.kind != "param" for x in q.inputs)):
+        return None
+    return d, q
+
+
 def node_flops(n: Node, bindings: Mapping[str, int] = {}) -> int:
     opdef = get_op(n.op)
     if opdef.flops is None:

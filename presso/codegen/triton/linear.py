@@ -31,8 +31,28 @@ def _kept_positions(i_ptr, row_off, j, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, stride_xm, stride_vn, stride_in,
-                      KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _kept_values(v_ptr, s_ptr, z_ptr, rn, rj, msk, stride_vn, stride_sn, QBITS: tl.constexpr, QG: tl.constexpr,
+                 HAS_ZERO: tl.constexpr):
+    """The kept values at rows ``rn`` (columns of the tile), positions ``rj`` (its rows), as fp32:
+    stored floats (QBITS = 0), or 4-bit codes two per byte (low nibble first) with a scale (and
+    zero point) per QG values: (code - zero) * scale, signed codes when there is no zero point."""
+    if QBITS == 0:
+        return tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
+    byte = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None] // 2, mask=msk, other=0).to(tl.int32)
+    code = (byte >> ((rj[:, None] % 2) * 4)) & 15
+    sq = rn[None, :] * stride_sn + rj[:, None] // QG
+    if HAS_ZERO:
+        off = tl.load(z_ptr + sq, mask=msk, other=0).to(tl.float32)
+    else:
+        code = code ^ 8                 # two's-complement nibble c -> c + 8
+        off = 8.0
+    return (code.to(tl.float32) - off) * tl.load(s_ptr + sq, mask=msk, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _nm_linear_kernel(x_ptr, v_ptr, s_ptr, z_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, stride_xm, stride_vn,
+                      stride_sn, stride_in, KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                      QBITS: tl.constexpr, QG: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,
                       E1: tl.constexpr):
     """[BLOCK_J, BLOCK_N] tiles of kept values (contiguous along J) and their in-group positions
@@ -45,7 +65,7 @@ def _nm_linear_kernel(x_ptr, v_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, KV, 
     for j0 in range(0, KV, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         msk = (rj < KV)[:, None] & (rn < N)[None, :]
-        v = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
+        v = _kept_values(v_ptr, s_ptr, z_ptr, rn, rj, msk, stride_vn, stride_sn, QBITS, QG, HAS_ZERO)
         ib = _kept_positions(i_ptr, rn[None, :] * stride_in, rj[:, None], msk, BITS)
         k = (rj // KEEP)[:, None] * GROUP + ib
         xv = tl.load(x_ptr + m * stride_xm + k, mask=msk, other=0.0).to(tl.float32)
@@ -113,17 +133,31 @@ def pack_nm_index(index: torch.Tensor, kept: int, m: int) -> tuple[torch.Tensor,
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
               bias: torch.Tensor | None = None, block_n: int | None = None, block_j: int | None = None,
               num_warps: int | None = None, index_bits: int | None = None, epilogue: Epilogue | None = None,
-              extras: tuple = ()):
+              extras: tuple = (), value_scales: torch.Tensor | None = None, value_zeros: torch.Tensor | None = None,
+              value_group: int = 0):
     """x [..., K] @ densify_nm(values [N, K*n/m], index)^T + bias, reading the compressed form.
     ``index`` is the graph's (4-bit packed or u8) or, with ``index_bits=2``, ``pack_nm_index``'s
     (the cuda target repacks to it at load: 2:4 reads 10% fewer bytes, measured 1.41x vs 1.23x
     over dense fp16 on the H100). ``block_n`` / ``block_j`` / ``num_warps`` set the per-row kernel
     (M <= 2, or N and M not powers of two); otherwise M > 2 runs the dense-tile tl.dot kernel with
-    the autotune store's (or the default) config."""
-    N, KV = values.shape
+    the autotune store's (or the default) config. With ``value_scales`` the kept values are int4
+    codes [N, KV/2] (two per byte) quantized in groups of ``value_group`` along KV (signed, or
+    with ``value_zeros``): the per-row kernel dequantizes them in registers; M > 2 dequantizes the
+    values once per call (prefill) and runs the tl.dot kernel."""
+    if value_scales is not None:
+        N, KV = values.shape[0], values.shape[1] * 2
+        if value_group <= 0 or KV % value_group or tuple(value_scales.shape) != (N, KV // value_group):
+            raise ValueError(f"nm_linear: int4 values {tuple(values.shape)} with scales {tuple(value_scales.shape)} "
+                             f"do not fit groups of {value_group}")
+        if x.reshape(-1, x.shape[-1]).shape[0] > 2:
+            from ...ir.registry import get_op
+            vals = get_op("dequantize").run([values, value_scales, value_zeros],
+                                            {"bits": 4, "group_size": value_group, "dtype": "f32"})[0].to(x.dtype)
+            return nm_linear(x, vals, index, n, m, bias, index_bits=index_bits, epilogue=epilogue, extras=extras)
+    N, KV = values.shape[0], values.shape[1] * (2 if value_scales is not None else 1)
     K = x.shape[-1]
     bits = index_bits or (4 if index.shape[1] * 2 == KV else 8)
-    if KV * m != K * n or index.shape[1] * (8 // bits) < KV or (bits == 8 and index.shape != values.shape):
+    if KV * m != K * n or index.shape[1] * (8 // bits) < KV or (bits == 8 and tuple(index.shape) != (N, KV)):
         raise ValueError(f"nm_linear: values {tuple(values.shape)} / index {tuple(index.shape)} do not hold "
                          f"{n}:{m} of K={K}")
     x2 = x.reshape(-1, K).contiguous()
@@ -145,18 +179,23 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
         launch_gemm(cfg)
         return y.reshape(*x.shape[:-1], N)
 
+    sv = value_scales if value_scales is not None else values
+    zv = value_zeros if value_zeros is not None else sv
+
     def launch(cfg):
         bn, bj = cfg["block_n"], cfg["block_j"]
         _nm_linear_kernel[(triton.cdiv(N, bn), M)](
-            x2, values, index, bias if bias is not None else values, y, e0, e1, N, KV, x2.stride(0),
-            values.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits, HAS_BIAS=bias is not None,
-            BLOCK_N=bn, BLOCK_J=bj, num_warps=cfg["warps"], **epi)
+            x2, values, sv, zv, index, bias if bias is not None else values, y, e0, e1, N, KV, x2.stride(0),
+            values.stride(0), sv.stride(0), index.stride(0), KEEP=n, GROUP=m, BITS=bits,
+            QBITS=4 if value_scales is not None else 0, QG=max(value_group, 1), HAS_ZERO=value_zeros is not None,
+            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_J=bj, num_warps=cfg["warps"], **epi)
     default = {"block_n": 32 if INTERPRET else 16, "block_j": 32 if INTERPRET else 128, "warps": 8}
     if block_n or block_j or num_warps:
         cfg = {"block_n": block_n or default["block_n"], "block_j": block_j or default["block_j"],
                "warps": num_warps or default["warps"]}
     else:
-        cfg = choose("nm_linear", (M, N, KV, n, m, bits, x.dtype), x.device,
+        cfg = choose("nm_linear", (M, N, KV, n, m, bits, x.dtype) + ((4, value_group) if value_scales is not None else ()),
+                     x.device,
                      [{"block_n": bn, "block_j": bj, "warps": nw} for bn in (8, 16, 32) for bj in (64, 128, 256)
                       for nw in (4, 8)], launch, default)
     launch(cfg)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...ir.analysis import packed_weight_producer
+from ...ir.analysis import packed_weight_producer, quantized_nm_producers
 from ...ir.expr import node_expr
 from ...ir.graph import Graph, Node, Value
 from ...ir.registry import get_op
@@ -58,6 +58,26 @@ def _linear_step(n: Node, p: Node) -> Step:
     def run_nm(xt, vt, it, bt, **epilogue):
         return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"], **epilogue)]
     return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b], prepare=((2,), pack_index))
+
+
+def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
+    """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): the N:M kernel reads the
+    int4 codes of the kept values and their scales, dequantizing in registers."""
+    from .linear import nm_linear, pack_nm_index
+    x, b = n.inputs[0], n.inputs[2]
+    codes, scales, zeros = q.inputs
+    nn, m, gs = d.attrs["n"], d.attrs["m"], q.attrs["group_size"]
+    bits = {}
+
+    def pack_index(it):
+        packed, bits["index"] = pack_nm_index(it, codes.type.shape[1], m)      # (logical) kept values per row
+        return (packed,)
+
+    def run(xt, ct, st, zt, it, bt, **epilogue):
+        return [nm_linear(xt, ct, it, nn, m, bt, index_bits=bits["index"], value_scales=st, value_zeros=zt,
+                          value_group=gs, **epilogue)]
+    return Step(n, f"triton:nm_int4_linear_{nn}_{m}", run, [x, codes, scales, zeros, d.inputs[1], b],
+                prepare=((4,), pack_index))
 
 
 def _epilogue_operand_fits(v: Value, out: Value) -> bool:
@@ -223,6 +243,11 @@ def build_program(g: Graph) -> Program:
             if p is not None:
                 skipped.add(p)
                 steps.append(_linear_step(n, p))
+                continue
+            chain = quantized_nm_producers(n.inputs[1], users)
+            if chain is not None:
+                skipped.update(chain)
+                steps.append(_nm_int4_step(n, *chain))
                 continue
         step = None
         if n.op == "fused_elementwise":
