@@ -31,29 +31,22 @@ def _kept_positions(i_ptr, row_off, j, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _kept_values(v_ptr, s_ptr, z_ptr, rn, mn, j0, rj, msk, stride_vn, stride_sn, QBITS: tl.constexpr,
-                 QG: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The kept values at rows ``rn`` (the tile's columns; ``mn``: those < N), positions ``rj`` =
-    j0 + [0, BLOCK_J) (its rows), as fp32: stored floats (QBITS = 0), or 4-bit codes two per byte
-    (low nibble first) with a scale (and zero point) per QG values: (code - zero) * scale, signed
-    codes when there is no zero point. When a tile lies inside one group (QG a multiple of
-    BLOCK_J) each row's scale is loaded once, not per value."""
+def _kept_values(v_ptr, s_ptr, z_ptr, rn, rj, msk, stride_vn, stride_sn, QBITS: tl.constexpr, QG: tl.constexpr,
+                 HAS_ZERO: tl.constexpr):
+    """The kept values at rows ``rn`` (columns of the tile), positions ``rj`` (its rows), as fp32:
+    stored floats (QBITS = 0), or 4-bit codes two per byte (low nibble first) with a scale (and
+    zero point) per QG values: (code - zero) * scale, signed codes when there is no zero point."""
     if QBITS == 0:
         return tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=msk, other=0.0).to(tl.float32)
     byte = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None] // 2, mask=msk, other=0).to(tl.int32)
     code = (byte >> ((rj[:, None] % 2) * 4)) & 15
-    if QG % BLOCK_J == 0:
-        sq = rn[None, :] * stride_sn + j0 // QG                                      # [1, BLOCK_N]
-        smask = mn[None, :]
-    else:
-        sq = rn[None, :] * stride_sn + rj[:, None] // QG
-        smask = msk
+    sq = rn[None, :] * stride_sn + rj[:, None] // QG
     if HAS_ZERO:
-        off = tl.load(z_ptr + sq, mask=smask, other=0).to(tl.float32)
+        off = tl.load(z_ptr + sq, mask=msk, other=0).to(tl.float32)
     else:
         code = code ^ 8                 # two's-complement nibble c -> c + 8
         off = 8.0
-    return (code.to(tl.float32) - off) * tl.load(s_ptr + sq, mask=smask, other=0.0).to(tl.float32)
+    return (code.to(tl.float32) - off) * tl.load(s_ptr + sq, mask=msk, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -72,8 +65,7 @@ def _nm_linear_kernel(x_ptr, v_ptr, s_ptr, z_ptr, i_ptr, b_ptr, y_ptr, e0_ptr, e
     for j0 in range(0, KV, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         msk = (rj < KV)[:, None] & (rn < N)[None, :]
-        v = _kept_values(v_ptr, s_ptr, z_ptr, rn, rn < N, j0, rj, msk, stride_vn, stride_sn, QBITS, QG, HAS_ZERO,
-                         BLOCK_J)
+        v = _kept_values(v_ptr, s_ptr, z_ptr, rn, rj, msk, stride_vn, stride_sn, QBITS, QG, HAS_ZERO)
         ib = _kept_positions(i_ptr, rn[None, :] * stride_in, rj[:, None], msk, BITS)
         k = (rj // KEEP)[:, None] * GROUP + ib
         xv = tl.load(x_ptr + m * stride_xm + k, mask=msk, other=0.0).to(tl.float32)
