@@ -80,6 +80,25 @@ SCRIPT = textwrap.dedent("""
                         value_zeros=z8, value_group=G)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4", M, N, K, (got - want).abs().max())
         cases += 1
+    # 2:4 with int4 kept values in the select kernel's layout (decode), the graph's forms recovered
+    # from it exactly, and M > 2 through them
+    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
+    for M, N, K, G, sym, bias in [(1, 37, 128, 16, True, False), (2, 200, 256, 32, False, True),
+                                  (5, 130, 512, 64, True, True)]:
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        b = torch.randn(N) if bias else None
+        vals, idx, _ = nm_prune(w, w.abs(), 2, 4)
+        codes, s, z = rtn_(vals, 4, G, sym)
+        z8 = None if z is None else z.to(torch.uint8)
+        q = pack_int4(codes.to(torch.int16))
+        vq = deq.run([q, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
+        want = torch.nn.functional.linear(x, dens.run([vq, pack_int4(idx)], {"n": 2, "m": 4})[0], b)
+        packed = pack_nm_int4(q, s.half(), z8, G, pack_int4(idx))
+        back = packed.graph_forms()
+        assert torch.equal(back[0], q) and torch.equal(back[1], idx.to(torch.uint8))
+        got = nm_int4_linear(x, packed, b)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4 select", M, N, K, (got - want).abs().max())
+        cases += 1
     # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
     from presso.codegen.triton import int8_linear
     from presso.codegen.triton.epilogue import Epilogue
@@ -129,4 +148,4 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 36" in r.stdout
+    assert "kernel cases 39" in r.stdout

@@ -61,12 +61,19 @@ def _linear_step(n: Node, p: Node) -> Step:
 
 
 def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
-    """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): the N:M kernel reads the
-    int4 codes of the kept values and their scales, dequantizing in registers."""
+    """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): 2:4 runs the select
+    kernel of nm_int4.py on its layout (repacked once at load); other N:M the gather kernel,
+    which reads the int4 codes of the kept values and their scales, dequantizing in registers."""
     from .linear import nm_linear, pack_nm_index
+    from .nm_int4 import fits, nm_int4_linear, pack_nm_int4
     x, b = n.inputs[0], n.inputs[2]
     codes, scales, zeros = q.inputs
     nn, m, gs = d.attrs["n"], d.attrs["m"], q.attrs["group_size"]
+    if (nn, m) == (2, 4) and fits(codes.type.shape[1] * 2, gs):
+        def run_select(xt, w, _s, _z, _i, bt, **epilogue):
+            return [nm_int4_linear(xt, w, bt, **epilogue)]
+        return Step(n, "triton:nm_int4_linear_2_4", run_select, [x, codes, scales, zeros, d.inputs[1], b],
+                    prepare=((1, 2, 3, 4), lambda ct, st, zt, it: (pack_nm_int4(ct, st, zt, gs, it), None, None, None)))
     bits = {}
 
     def pack_index(it):
