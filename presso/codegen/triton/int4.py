@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ir.ops import unpack_int4
 from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 
@@ -71,7 +72,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tenso
                          "a power of two dividing K)")
     G, NG = group_size, K // group_size
     pad = -N % TILE_ROWS
-    codes = torch.stack((q & 15, q >> 4), dim=-1).to(torch.int64).reshape(N, K // 8, 8)   # [N, word, j]
+    codes = unpack_int4(q, signed=False).to(torch.int64).reshape(N, K // 8, 8)           # [N, word, j]
     if zeros is None:
         codes = codes ^ 8                      # two's-complement nibble c -> unsigned c + 8
     shifts = torch.tensor([nibble_shift(j) for j in range(8)], device=q.device)
@@ -91,6 +92,13 @@ def nibble_shift(j: int) -> int:
     """Bit offset of k = 8w + j's code in word w: the pairs (0, 1), (2, 3), (4, 5), (6, 7) sit at
     bits (0, 16), (8, 24), (4, 20), (12, 28), i.e. under the masks 0x000F000F / 0x00F000F0 of the
     word or of the word shifted right by 8."""
+    return (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4
+
+
+@triton.jit
+def _nibble_shifts():
+    """``nibble_shift(j)`` for j = 0..7, as a tensor."""
+    j = tl.arange(0, 8)
     return (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4
 
 
@@ -193,7 +201,7 @@ def _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g0, m, stride_xm, HW: 
         xb = x_ptr + m * stride_xm + rg[:, None] * G + 8 * rw[None, :]                 # [GPS, HW]
         part = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
         xs = tl.zeros((GPS, HW), dtype=tl.float32)
-        for j in tl.static_range(8):
+        for j in tl.static_range(8):      # shift: nibble_shift(j), as a constexpr
             xj = tl.load(xb + j).to(tl.float32)
             xs += xj
             part += _one_plus_nibble(wq, (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4) * xj[None, :, :]
@@ -204,8 +212,8 @@ def _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g0, m, stride_xm, HW: 
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K, stride_xm,
-                      HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
+def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K,
+                      stride_xm, HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
                       SPLIT: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
     """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
@@ -274,9 +282,7 @@ def _f16x2_dequant_tile(wq, sc, off, BLOCK_N: tl.constexpr, G: tl.constexpr):
     exactly, one fp16x2 multiply scales (inline PTX; the interpreter runs the same arithmetic in
     plain Triton)."""
     if INTERPRET_DOT:
-        j = tl.arange(0, 8)
-        shift = (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4
-        c = tl.reshape((wq[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, G))
+        c = tl.reshape((wq[:, :, None] >> _nibble_shifts()[None, None, :]) & 15, (BLOCK_N, G))
         return (c.to(tl.float32) - off[:, None]).to(tl.float16) * sc.to(tl.float16)[:, None]
     shape: tl.constexpr = wq.shape
     s2 = tl.broadcast_to(_half2_bits(sc)[:, None], shape)
@@ -334,8 +340,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     mm, mn = rm < M, rn < N
     rw = tl.arange(0, HW)
     rk = tl.arange(0, G)
-    j = tl.arange(0, 8)
-    shift = (j % 2) * 16 + ((j // 2) % 2) * 8 + (j // 4) * 4          # nibble_shift(j)
+    shift = _nibble_shifts()
     tile0 = (pid_n * BLOCK_N // TILE) * NG * TILE + (pid_n * BLOCK_N) % TILE + rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     per = tl.cdiv(NG, SPLIT)

@@ -194,8 +194,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
         cfg = {"block_n": block_n or default["block_n"], "block_j": block_j or default["block_j"],
                "warps": num_warps or default["warps"]}
     else:
-        cfg = choose("nm_linear", (M, N, KV, n, m, bits, x.dtype) + ((4, value_group) if value_scales is not None else ()),
-                     x.device,
+        key = (M, N, KV, n, m, bits, x.dtype) + ((4, value_group) if value_scales is not None else ())
+        cfg = choose("nm_linear", key, x.device,
                      [{"block_n": bn, "block_j": bj, "warps": nw} for bn in (8, 16, 32) for bj in (64, 128, 256)
                       for nw in (4, 8)], launch, default)
     launch(cfg)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ir.ops import pack_int4, unpack_int4
 from .autotune import choose
 from .epilogue import apply_epilogue, output_buffer
 
@@ -56,16 +57,11 @@ class NMInt4Weight:
         c = fields(self.codes, 8, 4)
         if self.zeros is None:
             c = c ^ 8
-        packed = (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
-        return packed, fields(self.index[..., None], 16, 2).to(torch.uint8)
+        return pack_int4(c), fields(self.index[..., None], 16, 2).to(torch.uint8)
 
 
 def fits(k: int, group: int) -> bool:
     return k % 32 == 0 and group % 16 == 0 and (k // 2) % group == 0
-
-
-def _unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack((p & 15, p >> 4), dim=-1).reshape(p.shape[0], -1).to(torch.int64)
 
 
 def pack_nm_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
@@ -77,10 +73,10 @@ def pack_nm_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
     if not fits(K, group):
         raise ValueError(f"pack_nm_int4: K={K} with groups of {group} kept values has no layout (needs K % 32 == 0 "
                          "and groups of a multiple of 16 kept values)")
-    c = _unpack_nibbles(codes)
+    c = unpack_int4(codes, signed=False).to(torch.int64)
     if zeros is None:
         c = c ^ 8                                     # two's-complement nibble -> unsigned c + 8
-    pos = _unpack_nibbles(index) if index.shape[1] * 2 == KV else index.to(torch.int64)
+    pos = (unpack_int4(index, signed=False) if index.shape[1] * 2 == KV else index).to(torch.int64)
     pad = -N % TILE_ROWS
     nt, chunks = (N + pad) // TILE_ROWS, K // 32
 
