@@ -149,3 +149,26 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kernel cases 39" in r.stdout
+
+
+def test_kernel_entry_points_reject_operands_that_do_not_fit():
+    """Shape mismatches are typed errors naming the operands, raised before any launch."""
+    import pytest
+    import torch
+    from presso.codegen.triton import nm_linear
+    from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4
+    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
+    codes = torch.zeros(8, 32, dtype=torch.uint8)                   # 8 rows x 64 int4 codes
+    w = pack_int4(codes, torch.ones(8, 2, dtype=torch.float16), None, 32)
+    with pytest.raises(ValueError, match=r"x \[\.\.\., 48\] does not fit a weight of K=64"):
+        int4_linear_tiled(torch.zeros(1, 48), w)
+    with pytest.raises(ValueError, match="group size 48 with K=64 has no tiled layout"):
+        pack_int4(codes, torch.ones(8, 1, dtype=torch.float16), None, 48)
+    index = torch.zeros(8, 16, dtype=torch.uint8)                   # 32 kept positions, 4 bits each
+    with pytest.raises(ValueError, match=r"int4 values \(8, 16\) with scales \(8, 3\) do not fit groups of 16"):
+        nm_linear(torch.zeros(1, 64), codes[:, :16], index, 2, 4, value_scales=torch.ones(8, 3), value_group=16)
+    with pytest.raises(ValueError, match="K=48 with groups of 16 kept values has no layout"):
+        pack_nm_int4(codes[:, :12], torch.ones(8, 2), None, 16, index[:, :12])
+    nm4 = pack_nm_int4(codes[:, :16], torch.ones(8, 2, dtype=torch.float16), None, 16, index)
+    with pytest.raises(ValueError, match=r"x \(1, 32\) must be \[\.\.\., 64\]"):
+        nm_int4_linear(torch.zeros(1, 32), nm4)
