@@ -450,7 +450,9 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         m_blocks = triton.cdiv(M, bm)
         groups = K // w.group_size
 
-        f16x2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16
+        # fp16x2 dequant when x and the scales are fp16; not for 32-groups in 64-row tiles, whose
+        # [32, BLOCK_N] operand Triton 3.6 fails to lay out for wgmma ("Illegal shared layout")
+        f16x2 = x.dtype == torch.float16 and w.scales.dtype == torch.float16 and (w.group_size >= 64 or bm <= 16)
 
         def launch_gemm(cfg):
             bn, sp = cfg["block_n"], cfg["split"]

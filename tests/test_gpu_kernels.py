@@ -1,0 +1,79 @@
+"""The compressed-linear and attention kernels at real sizes on a GPU, against the reference
+runtime's ops (fp16 activations: the inline-PTX fp16x2 paths, which the interpreter replaces by
+their plain-Triton twins). Skipped without a CUDA GPU; CI runs the interpreter tests instead.
+
+    pytest tests/test_gpu_kernels.py        (on a GPU machine)
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET"),
+                                reason="needs a CUDA GPU (without TRITON_INTERPRET)")
+
+
+def rel(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def ops():
+    from presso.ir.registry import get_op
+    return get_op("dequantize"), get_op("densify_nm")
+
+
+@pytest.mark.parametrize("M", [1, 2, 16, 64])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("N,K,G", [(14336, 4096, 128), (4096, 14336, 128), (1000, 4096, 64), (4096, 4096, 32)])
+def test_int4_linear_at_llama_sizes(M, symmetric, N, K, G):
+    from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4
+    from presso.ir.ops import pack_int4 as pack_codes
+    from presso.passes.quantize import rtn
+    deq, _ = ops()
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device="cuda") * 0.02
+    codes, s, z = rtn(w, 4, G, symmetric)
+    q, s16 = pack_codes(codes.to(torch.int16)), s.half()
+    z8 = None if z is None else z.to(torch.uint8)
+    wd = deq.run([q, s16, z8], {"bits": 4, "group_size": G, "dtype": "f16"})[0]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    got = int4_linear_tiled(x, pack_int4(q, s16, z8, G))
+    assert rel(got, x.float() @ wd.float().T) < 2e-3
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+def test_nm_linears_at_llama_sizes(M):
+    from presso.codegen.triton import nm_linear
+    from presso.codegen.triton.linear import pack_nm_index
+    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
+    from presso.ir.ops import pack_int4 as pack_codes
+    from presso.passes.quantize import rtn
+    from presso.passes.sparsify import nm_prune
+    deq, dens = ops()
+    torch.manual_seed(0)
+    N, K, G = 14336, 4096, 128
+    w = torch.randn(N, K, device="cuda") * 0.02
+    vals, idx, dense = nm_prune(w, w.abs(), 2, 4)
+    index4 = pack_codes(idx)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    index2, _ = pack_nm_index(index4, vals.shape[1], 4)
+    got = nm_linear(x, vals.half(), index2, 2, 4, index_bits=2)
+    assert rel(got, x.float() @ dense.half().float().T) < 2e-3
+    codes, s, _ = rtn(vals, 4, G, True)
+    vq = pack_codes(codes.to(torch.int16))
+    wd = dens.run([deq.run([vq, s.half(), None], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
+                  {"n": 2, "m": 4})[0]
+    got = nm_int4_linear(x, pack_nm_int4(vq, s.half(), None, G, index4))
+    assert rel(got, x.float() @ wd.T) < 2e-3
+
+
+@pytest.mark.parametrize("B,L", [(1, 4096), (1, 16384), (4, 2048)])
+def test_latent_attention_at_real_sizes(B, L):
+    from presso.codegen.triton.latent_attention import latent_decode_attention, reference_latent_attention
+    torch.manual_seed(0)
+    H, HPG, R = 32, 4, 256
+    G = H // HPG
+    q = torch.randn(B, H, R, device="cuda", dtype=torch.float16)
+    hk = torch.randn(B, L, G * R, device="cuda", dtype=torch.float16) * 0.3
+    hv = torch.randn(B, L, G * R, device="cuda", dtype=torch.float16) * 0.3
+    pos = torch.tensor([L - 7], device="cuda")
+    got = latent_decode_attention(q, hk, hv, pos, HPG, 0.05)
+    assert rel(got, reference_latent_attention(q, hk, hv, pos, HPG, 0.05)) < 1e-2
