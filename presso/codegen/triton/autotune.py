@@ -5,8 +5,8 @@ split, warps) at a shape. The answer is, in order: the choice stored for (kernel
 ``$PRESSO_CACHE_DIR/autotune.json``; with ``PRESSO_AUTOTUNE=1`` on a GPU, the fastest candidate
 measured now (``graph_time``: the launch replayed as a CUDA graph, L2 flushed before each
 replay), which is then stored for later calls and processes; otherwise the kernel's default
-(the best of the benchmark sweeps in benchmarks/RESULTS.md). Tuning is opt-in because it runs every candidate once per new shape.
-Under the Triton interpreter nothing is timed.
+(the best of the benchmark sweeps in benchmarks/RESULTS.md). Tuning is opt-in because it runs
+every candidate once per new shape. Under the Triton interpreter nothing is timed.
 """
 from __future__ import annotations
 
