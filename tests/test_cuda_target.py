@@ -60,6 +60,12 @@ SCRIPT = textwrap.dedent("""
     step_kernels = cm.decode_program().step_rt.program.kernels
     assert list(step_kernels.values()).count("triton:latent_attention") == 2, step_kernels
     assert torch.equal(cm.generate(gin[0][:, :8], 20), presso.compile(g2, **kw).generate(gin[0][:, :8], 20))
+    # a latent rank the kernel cannot tile (48: not a power of two) keeps masked SDPA, still exact
+    kw["recipe"] = "kv_cache{rank_ratio=0.75}"
+    cm = presso.compile(g2, target="cuda", **kw)
+    step_kernels = set(cm.decode_program().step_rt.program.kernels.values())
+    assert "triton:latent_attention" not in step_kernels and "torch:sdpa_masked" in step_kernels, step_kernels
+    assert torch.equal(cm.generate(gin[0][:, :8], 12), presso.compile(g2, **kw).generate(gin[0][:, :8], 12))
     print("latent attention ok")
 """)
 
