@@ -49,3 +49,16 @@ def test_a_corrupt_store_is_ignored(store, monkeypatch):
     best = autotune.choose("k", (3,), "cpu", CANDIDATES[:2], lambda c: None, {"split": 2},
                            timer=lambda fn: 1.0)
     assert best == {"split": 2} and "k|cpu|3" in json.loads(store.read_text())
+
+
+def test_a_choice_stored_for_an_earlier_kernel_version_is_stale(store, monkeypatch):
+    """A stored config with other knobs than the kernel's current default (e.g. a GEMV tuned before
+    it grew ``block_n``) is not launched: the default, or a fresh tuning, replaces it."""
+    store.write_text(json.dumps({"k|cpu|5": {"config": {"split": 8}, "ms": 1.0, "tried": 4}}))
+    monkeypatch.delenv("PRESSO_AUTOTUNE", raising=False)
+    default = {"split": 2, "block_n": 16}
+    assert autotune.choose("k", (5,), "cpu", [default], lambda c: 1 / 0, default, timer=lambda fn: 0.0) == default
+    monkeypatch.setenv("PRESSO_AUTOTUNE", "1")
+    cands = [{"split": 4, "block_n": 16}, {"split": 2, "block_n": 32}]
+    best = autotune.choose("k", (5,), "cpu", cands, lambda c: None, default, timer=lambda fn: 1.0)
+    assert best == cands[0] and json.loads(store.read_text())["k|cpu|5"]["config"] == cands[0]

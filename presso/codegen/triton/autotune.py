@@ -98,11 +98,14 @@ def graph_time(fn: Callable[[], None], rep: int = 100) -> float:
 def choose(kernel: str, key: tuple, device, candidates: list[dict], launch: Callable[[dict], None],
            default: dict, timer: Callable[[Callable[[], None]], float] | None = None) -> dict:
     """The config to launch ``kernel`` with at ``key`` on ``device`` (see the module docstring).
-    ``launch(config)`` runs the kernel once; ``timer(fn)`` measures it (``graph_time`` by default)."""
+    ``launch(config)`` runs the kernel once; ``timer(fn)`` measures it (``graph_time`` by default).
+    A stored choice whose keys differ from ``default``'s is stale (an earlier kernel's knobs) and
+    is ignored."""
     entry = f"{kernel}|{device_name(device)}|{','.join(map(str, key))}"
     store = _store()
-    if entry in store:
+    if entry in store and set(store[entry]["config"]) == set(default):
         return store[entry]["config"]
+    # (a stored config with other keys was tuned for an earlier version of the kernel: stale)
     tune = os.environ.get("PRESSO_AUTOTUNE") == "1" and (timer is not None or device_name(device) != "cpu")
     if not tune:
         return default
