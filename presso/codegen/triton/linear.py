@@ -144,8 +144,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     codes [N, KV/2] (two per byte) quantized in groups of ``value_group`` along KV (signed, or
     with ``value_zeros``): the per-row kernel dequantizes them in registers; M > 2 dequantizes the
     values once per call (prefill) and runs the tl.dot kernel."""
+    N, KV = values.shape[0], values.shape[1] * (2 if value_scales is not None else 1)
     if value_scales is not None:
-        N, KV = values.shape[0], values.shape[1] * 2
         if value_group <= 0 or KV % value_group or tuple(value_scales.shape) != (N, KV // value_group):
             raise ValueError(f"nm_linear: int4 values {tuple(values.shape)} with scales {tuple(value_scales.shape)} "
                              f"do not fit groups of {value_group}")
@@ -154,7 +154,6 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
             vals = get_op("dequantize").run([values, value_scales, value_zeros],
                                             {"bits": 4, "group_size": value_group, "dtype": "f32"})[0].to(x.dtype)
             return nm_linear(x, vals, index, n, m, bias, index_bits=index_bits, epilogue=epilogue, extras=extras)
-    N, KV = values.shape[0], values.shape[1] * (2 if value_scales is not None else 1)
     K = x.shape[-1]
     bits = index_bits or (4 if index.shape[1] * 2 == KV else 8)
     if KV * m != K * n or index.shape[1] * (8 // bits) < KV or (bits == 8 and tuple(index.shape) != (N, KV)):

@@ -29,15 +29,27 @@ class Step:
     prepare: Optional[tuple[tuple[int, ...], Callable]] = None
 
 
+def _nm_index_packer(kept: int, m: int):
+    """A ``prepare`` function repacking an N:M index into the form the kernels read
+    (``pack_nm_index``), and the dict where it records that form's bits per entry for ``run``."""
+    from .linear import pack_nm_index
+    bits = {}
+
+    def pack_index(it):
+        packed, bits["index"] = pack_nm_index(it, kept, m)
+        return (packed,)
+    return pack_index, bits
+
+
 def _linear_step(n: Node, p: Node) -> Step:
     from .int4 import int4_linear, int4_linear_tiled, pack_int4, tiled_layout_fits
-    from .linear import int8_linear, nm_linear, pack_nm_index
+    from .linear import int8_linear, nm_linear
     x, b = n.inputs[0], n.inputs[2]
     a = p.attrs
     if p.op == "dequantize":
         q, s, z = p.inputs
         gs = a["group_size"]
-        if a["bits"] == 4 and tiled_layout_fits(gs, q.type.shape[1] * 2):
+        if a["bits"] == 4 and tiled_layout_fits(gs, q.type.shape[1]):      # (the type's shape is logical)
             def run_tiled(xt, w, _s, _z, bt, **epilogue):
                 return [int4_linear_tiled(xt, w, bt, **epilogue)]
             return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b],
@@ -49,11 +61,7 @@ def _linear_step(n: Node, p: Node) -> Step:
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
-    bits = {}
-
-    def pack_index(it):
-        packed, bits["index"] = pack_nm_index(it, vals.type.shape[1], m)
-        return (packed,)
+    pack_index, bits = _nm_index_packer(vals.type.shape[1], m)
 
     def run_nm(xt, vt, it, bt, **epilogue):
         return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"], **epilogue)]
@@ -64,7 +72,7 @@ def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
     """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): 2:4 runs the select
     kernel of nm_int4.py on its layout (repacked once at load); other N:M the gather kernel,
     which reads the int4 codes of the kept values and their scales, dequantizing in registers."""
-    from .linear import nm_linear, pack_nm_index
+    from .linear import nm_linear
     from .nm_int4 import fits, nm_int4_linear, pack_nm_int4
     x, b = n.inputs[0], n.inputs[2]
     codes, scales, zeros = q.inputs
@@ -74,11 +82,7 @@ def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
             return [nm_int4_linear(xt, w, bt, **epilogue)]
         return Step(n, "triton:nm_int4_linear_2_4", run_select, [x, codes, scales, zeros, d.inputs[1], b],
                     prepare=((1, 2, 3, 4), lambda ct, st, zt, it: (pack_nm_int4(ct, st, zt, gs, it), None, None, None)))
-    bits = {}
-
-    def pack_index(it):
-        packed, bits["index"] = pack_nm_index(it, codes.type.shape[1], m)      # (logical) kept values per row
-        return (packed,)
+    pack_index, bits = _nm_index_packer(codes.type.shape[1], m)        # (logical) kept values per row
 
     def run(xt, ct, st, zt, it, bt, **epilogue):
         return [nm_linear(xt, ct, it, nn, m, bt, index_bits=bits["index"], value_scales=st, value_zeros=zt,
@@ -196,7 +200,8 @@ def _latent_cache(v: Value) -> Optional[tuple[Value, int, int]]:
 
 
 def _pow2_at_least_16(v) -> bool:
-    return isinstance(v, int) and v >= 16 and v & (v - 1) == 0
+    from .linear import _pow2
+    return isinstance(v, int) and v >= 16 and _pow2(v)
 
 
 def _latent_attention_step(n: Node) -> Step | None:
