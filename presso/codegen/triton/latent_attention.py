@@ -1,15 +1,23 @@
 """Decode attention over a Palu latent KV cache, in one pass over the cache (split over the
-sequence for long contexts, then a small combine kernel).
+sequence for long contexts).
 
 Per group of ``HPG`` query heads the cache holds a key latent ``hk`` [L, R] and a value latent
 ``hv`` [L, Rv] per token. Keys are never materialized in memory:
 
-* ``rope=False`` (absorbed): scores are ``(q B^T) . hk_t`` -- the caller passes ``qa = q B^T``;
+* ``rope=False`` (absorbed): scores are ``(q B_k^T) . hk_t``;
 * ``rope=True`` (rebuilt): each key tile is rebuilt in registers, ``k = hk B`` (tensor cores),
   rotated with the cached cos/sin of its positions, and dotted with ``q``;
 
-values stay latent: the kernel returns ``o' = softmax(s) hv`` [H, Rv]; the value up-projection is
-the graph's next matmul. Heads are padded to 16 rows so probabilities x values is one ``tl.dot``.
+values stay latent: the attention produces ``o' = softmax(s) hv`` [H, Rv] per split, and the
+splits are merged by their softmax maxima and sums. Heads are padded to 16 rows so scores and
+probabilities x values are each one ``tl.dot``.
+
+The absorbed form's two small per-head matmuls around the attention (``absorb``: q -> q B_k^T
+before, ``up_v``: o' -> o' B_v after) are fused in when the caller passes them: a small kernel
+absorbs every head's query (each weight tile read once for the whole batch) and the merge kernel
+applies the value up-projection, so a decode step's attention is three kernels and no torch
+matmul. (A single cooperative kernel that did all three phases with group barriers measured
+slower on the H100: the barriers serialize what kernel boundaries overlap; benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -19,6 +27,42 @@ import triton.language as tl
 
 from .linear import INTERPRET
 
+_ABSORB_BLOCK_R = 32      # latent columns per absorb program: 8 KB of a head's map at D=128
+_MERGE_BLOCK_D = 32       # output columns per merge-and-up-project work item
+
+
+@triton.jit
+def _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Online softmax over one tile: scores s [HP, T] (heads x tokens), values hv [T, RV]."""
+    s = s * scale
+    s = tl.where(mh[:, None] & mt[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])                                                    # [HP, T]
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:          # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
+        pv = tl.dot(p.to(hv.dtype), hv, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(hv.dtype), hv).to(tl.float32)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, stride_wd, stride_ab, stride_ah,
+                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """qa[b, h, r-block] = q[b, h] @ w[h][:, r-block] for every batch row (the weight tile is read once)."""
+    h, rb = tl.program_id(0), tl.program_id(1)
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    rr = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.load(w_ptr + h * stride_wh + rd[:, None] * stride_wd + rr[None, :], mask=md[:, None],
+                other=0.0).to(tl.float32)                                                   # [BLOCK_D, BLOCK_R]
+    for b in range(B):
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rd, mask=md, other=0.0).to(tl.float32)
+        qa = tl.sum(q[:, None] * w, axis=0)
+        tl.store(qa_ptr + b * stride_ab + h * stride_ah + rr, qa.to(qa_ptr.dtype.element_ty))
+
 
 @triton.jit
 def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
@@ -27,11 +71,11 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                         SPLIT_LEN):
+    """One split of one group's sequence; partial outputs and softmax statistics to o / ml."""
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pos = tl.load(pos_ptr)
-    n_valid = pos + 1
+    pos = tl.load(pos_ptr).to(tl.int32)      # an i32 loop: Triton pipelines only i32 induction variables
     t_start = sp * SPLIT_LEN
-    t_end = tl.minimum(t_start + SPLIT_LEN, n_valid)
+    t_end = tl.minimum(t_start + SPLIT_LEN, pos + 1)
     rh = tl.arange(0, HP)
     mh = rh < HPG
     rr = tl.arange(0, R)
@@ -51,7 +95,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
         hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * R + rr[None, :], mask=mt[:, None],
                      other=0.0)                                                      # [T, R]
         if ROPE:
-            s = tl.zeros((BLOCK_T, HP), tl.float32)
+            s = tl.zeros((HP, BLOCK_T), tl.float32)
             cs = tl.load(cos_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
             sn = tl.load(sin_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
             for h in range(HPG):          # a loop, not unrolled: one head's up-projection tiles at a time
@@ -60,26 +104,14 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
                 k = tl.dot(hk, bh) * cs + tl.dot(hk, brh) * sn                                         # [T, D]
                 qh = tl.load(q_ptr + b * stride_qb + (g * HPG + h) * stride_qh + rd).to(tl.float32)
                 sh = tl.sum(k * qh[None, :], axis=1)
-                s = tl.where(rh[None, :] == h, sh[:, None], s)
+                s = tl.where(rh[:, None] == h, sh[None, :], s)
         elif IEEE:        # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
-            s = tl.dot(hk, tl.trans(qa), input_precision="ieee")
+            s = tl.dot(qa, tl.trans(hk), input_precision="ieee")
         else:
-            s = tl.dot(hk, tl.trans(qa)).to(tl.float32)                                # [T, HP]
-        s = s * scale
-        s = tl.where(mt[:, None] & mh[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[None, :])                                                 # [T, HP]
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+            s = tl.dot(qa, tl.trans(hk)).to(tl.float32)                                # [HP, T]
         hv = tl.load(hv_ptr + b * stride_vb + rt[:, None] * stride_vl + gv * RV + rv[None, :], mask=mt[:, None],
                      other=0.0)                                                          # [T, RV]
-        if IEEE:
-            pv = tl.dot(tl.trans(p.to(hv.dtype)), hv, input_precision="ieee")
-        else:
-            pv = tl.dot(tl.trans(p.to(hv.dtype)), hv).to(tl.float32)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE)
     o_off = o_ptr + b * stride_ob + (g * HPG + rh)[:, None] * stride_oh + sp * stride_os + rv[None, :]
     tl.store(o_off, acc, mask=mh[:, None])
     ml_off = ml_ptr + ((b * tl.num_programs(1) + g) * tl.num_programs(2) + sp) * (2 * HP) + rh
@@ -88,36 +120,49 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
 
 
 @triton.jit
-def _combine_kernel(o_ptr, ml_ptr, out_ptr, SPLITS, stride_ob, stride_oh, stride_os, stride_yb, stride_yh,
-                    HPG: tl.constexpr, HP: tl.constexpr, RV: tl.constexpr, BLOCK_S: tl.constexpr):
-    b, g = tl.program_id(0), tl.program_id(1)
+def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, stride_oh, stride_os, stride_wh, stride_wr,
+                    stride_yb, stride_yh, HPG: tl.constexpr, HP: tl.constexpr, RV: tl.constexpr,
+                    BLOCK_S: tl.constexpr, UP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head's splits merged by their softmax maxima and sums; with ``UP`` the merged latent
+    output times the head's value up-projection ([RV, DV], a BLOCK_D slice per program)."""
+    bh, db = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
     rs = tl.arange(0, BLOCK_S)
     ms = rs < SPLITS
     rv = tl.arange(0, RV)
-    base = ((b * tl.num_programs(1) + g) * SPLITS + rs) * (2 * HP)
-    for h in tl.static_range(HPG):
-        m = tl.load(ml_ptr + base + h, mask=ms, other=float("-inf"))
-        lsum = tl.load(ml_ptr + base + HP + h, mask=ms, other=0.0)
-        mx = tl.max(m, axis=0)
-        w = tl.where(ms & (m > float("-inf")), tl.exp(m - mx), 0.0)
-        denom = tl.sum(w * lsum, axis=0)
-        o = tl.load(o_ptr + b * stride_ob + (g * HPG + h) * stride_oh + rs[:, None] * stride_os + rv[None, :],
-                    mask=ms[:, None], other=0.0)
-        y = tl.sum(o * w[:, None], axis=0) / denom
-        tl.store(out_ptr + b * stride_yb + (g * HPG + h) * stride_yh + rv, y.to(out_ptr.dtype.element_ty))
+    if UP:   # the weight slice first: its load does not wait for the statistics
+        rd = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        md = rd < DV
+        w = tl.load(w_ptr + h * stride_wh + rv[:, None] * stride_wr + rd[None, :], mask=md[None, :], other=0.0)
+    base = ((b * (H // HPG) + h // HPG) * SPLITS + rs) * (2 * HP)
+    m = tl.load(ml_ptr + base + h % HPG, mask=ms, other=float("-inf"))
+    lsum = tl.load(ml_ptr + base + HP + h % HPG, mask=ms, other=0.0)
+    mx = tl.max(m, axis=0)
+    wt = tl.where(ms & (m > float("-inf")), tl.exp(m - mx), 0.0)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rs[:, None] * stride_os + rv[None, :],
+                mask=ms[:, None], other=0.0)
+    y = tl.sum(o * wt[:, None], axis=0) / tl.sum(wt * lsum, axis=0)                  # [RV]
+    if UP:
+        tl.store(out_ptr + b * stride_yb + h * stride_yh + rd,
+                 tl.sum(y[:, None] * w.to(tl.float32), axis=0).to(out_ptr.dtype.element_ty), mask=md)
+    else:
+        tl.store(out_ptr + b * stride_yb + h * stride_yh + rv, y.to(out_ptr.dtype.element_ty))
 
 
 def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor, position: torch.Tensor,
                             heads_per_group: int, scale: float, up_k: torch.Tensor | None = None,
                             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                             value_groups: int | None = None, split_len: int | None = None,
-                            block_t: int | None = None, num_warps: int = 4, num_stages: int | None = None):
+                            block_t: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+                            absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None):
     """One decode token's attention over the latent cache.
 
-    q: [B, H, D] (rope) or the absorbed [B, H, R]; hk: [B, L, G*R]; hv: [B, L, Gv*Rv];
-    position: i64[1], the newest valid slot; up_k: [G, R, HPG*D] key up-projection (rope only);
-    cos/sin: [L, D] tables by position (rope only); value_groups: latent groups of hv (default G).
-    Returns o' [B, H, Rv] (value latent space)."""
+    q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
+    hv: [B, L, Gv*Rv]; position: i64[1], the newest valid slot; up_k: [G, R, HPG*D] key
+    up-projection (rope only); cos/sin: [L, D] tables by position (rope only); value_groups: latent
+    groups of hv (default G); absorb: [H, D, R], each head's query map into the key latent (no
+    rope); up_v: [H, Rv, Dv], each head's value up-projection.
+    Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
     B, H = q.shape[:2]
     rope = up_k is not None
     G = H // heads_per_group
@@ -125,6 +170,24 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     Gv = value_groups or G
     RV = hv.shape[-1] // Gv
     L = hk.shape[1]
+    if absorb is not None and (rope or tuple(absorb.shape) != (H, q.shape[-1], R) or absorb.stride(-1) != 1):
+        raise ValueError(f"absorb {tuple(absorb.shape)} must be [H, D, R] = [{H}, {q.shape[-1]}, {R}] "
+                         "with unit stride (the absorbed form only: no RoPE key up-projection)")
+    if up_v is not None and (up_v.shape[:2] != (H, RV) or up_v.stride(-1) != 1):
+        raise ValueError(f"up_v {tuple(up_v.shape)} must be [H, Rv, Dv] = [{H}, {RV}, ...] with unit stride")
+    hp = max(16, triton.next_power_of_2(heads_per_group))
+    bt = block_t or (16 if INTERPRET else (16 if rope else 64))
+    ieee = hk.dtype == torch.float32
+    stages = {"num_stages": 1} if rope else {} if num_stages is None else {"num_stages": num_stages}
+    dv = RV if up_v is None else up_v.shape[-1]
+    out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
+    if absorb is not None:
+        qa = torch.empty(B, H, R, dtype=q.dtype, device=q.device)
+        br = min(R, _ABSORB_BLOCK_R)
+        _absorb_kernel[(H, R // br)](q, absorb, qa, B, q.shape[-1], q.stride(0), q.stride(1), absorb.stride(0),
+                                     absorb.stride(1), qa.stride(0), qa.stride(1),
+                                     BLOCK_D=triton.next_power_of_2(q.shape[-1]), BLOCK_R=br)
+        q = qa
     D = q.shape[-1]
     if rope:
         # rotate_half(k) = k @ P: fold P into a second up-projection so rotation is two dots
@@ -137,26 +200,32 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         cos = sin = q
     split = split_len or (L if INTERPRET else max(256, min(2048, triton.next_power_of_2(L) // 16)))
     splits = triton.cdiv(L, split)
-    hp = max(16, triton.next_power_of_2(heads_per_group))
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
-    bt = block_t or (16 if INTERPRET else (16 if rope else 64))
     _latent_attn_kernel[(B, G, splits)](
         q, up, up_rot, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), o.stride(0), o.stride(1), o.stride(2),
-        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt,
-        IEEE=hk.dtype == torch.float32, SPLIT_LEN=split,
-        num_warps=num_warps, **({"num_stages": 1} if rope else {} if num_stages is None else {"num_stages": num_stages}))
-    out = torch.empty(B, H, RV, dtype=q.dtype, device=q.device)
-    _combine_kernel[(B, G)](o, ml, out, splits, o.stride(0), o.stride(1), o.stride(2), out.stride(0), out.stride(1),
-                            HPG=heads_per_group, HP=hp, RV=RV, BLOCK_S=triton.next_power_of_2(splits))
+        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, IEEE=ieee,
+        SPLIT_LEN=split, num_warps=num_warps, **stages)
+    bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
+    w = up_v if up_v is not None else o
+    _combine_kernel[(B * H, triton.cdiv(dv, bd))](o, ml, w, out, H, splits, dv, o.stride(0), o.stride(1), o.stride(2),
+                                                  w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+                                                  HPG=heads_per_group, HP=hp, RV=RV,
+                                                  BLOCK_S=triton.next_power_of_2(splits), UP=up_v is not None,
+                                                  BLOCK_D=bd)
     return out
 
 
 def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k=None, cos=None, sin=None,
-                               value_groups=None):
+                               value_groups=None, absorb=None, up_v=None):
     """The same computation with full keys rebuilt in memory (torch), for tests and benchmarks."""
+    if absorb is not None:
+        q = torch.einsum("bhd,hdr->bhr", q.float(), absorb.float()).to(q.dtype)
+    if up_v is not None:
+        o = reference_latent_attention(q.float(), hk, hv, position, heads_per_group, scale, up_k, cos, sin, value_groups)
+        return torch.einsum("bhr,hrd->bhd", o, up_v.float()).to(q.dtype)
     B, H = q.shape[:2]
     G = H // heads_per_group
     n = int(position.item()) + 1
