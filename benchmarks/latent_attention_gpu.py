@@ -2,8 +2,9 @@
 
 32 heads x 128, rank ratio 0.5 with 4-head groups (latent rank 256 per group for K and for V),
 one decode token, L = 4k / 16k / 64k, batch 1 and 16. presso's time includes the small per-head
-matmuls around the kernel (absorbing q into the key latent, or the value up-projection), so both
-sides produce the same [B, H, 128] attention output. Checks against a torch reference first.
+matmuls around the attention (absorbing q into the key latent, the value up-projection), run by
+its absorb and merge kernels, so both sides produce the same [B, H, 128] attention output.
+Checks against a torch reference first.
 Times: CUDA-graph replays and kernel device time (benchmarks/gpu_timing.py), L2 flushed by a read.
 
     python benchmarks/latent_attention_gpu.py
@@ -74,27 +75,23 @@ def main():
         sin = torch.cat([ang.sin()] * 2, -1).half()
         pos = torch.tensor([L - 1], device=dev)
         scale = D ** -0.5
-        ub = up_k.reshape(G, R, HPG, D).permute(0, 2, 1, 3).reshape(H, R, D)   # per head [R, D]
+        wq = up_k.reshape(G, R, HPG, D).permute(0, 2, 3, 1).reshape(H, D, R).contiguous()   # per head [D, R]
 
         def absorbed(split=None):
-            qa = torch.bmm(q.transpose(0, 1), ub.transpose(1, 2)).transpose(0, 1)   # [B, H, R]
-            o = latent_decode_attention(qa.contiguous(), hk, hv, pos, HPG, scale, split_len=split)
-            return torch.bmm(o.transpose(0, 1), up_v).transpose(0, 1)
+            return latent_decode_attention(q, hk, hv, pos, HPG, scale, split_len=split, absorb=wq, up_v=up_v)
 
         def rebuilt(split=None):
-            o = latent_decode_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin, split_len=split)
-            return torch.bmm(o.transpose(0, 1), up_v).transpose(0, 1)
+            return latent_decode_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin, split_len=split, up_v=up_v)
 
         if L <= 16384 and B == 1:   # correctness at benchmark size
-            qa = torch.bmm(q.transpose(0, 1), ub.transpose(1, 2)).transpose(0, 1).contiguous()
             for mode in ("absorbed", "rope"):
                 try:
                     if mode == "absorbed":
-                        got = latent_decode_attention(qa, hk, hv, pos, HPG, scale)
-                        want = reference_latent_attention(qa, hk, hv, pos, HPG, scale)
+                        got = absorbed()
+                        want = reference_latent_attention(q, hk, hv, pos, HPG, scale, absorb=wq, up_v=up_v)
                     else:
-                        got = latent_decode_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin)
-                        want = reference_latent_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin)
+                        got = rebuilt()
+                        want = reference_latent_attention(q, hk, hv, pos, HPG, scale, up_k, cos, sin, up_v=up_v)
                 except Exception as e:  # noqa: BLE001
                     print(f"{mode} kernel failed: {type(e).__name__}: {str(e)[:120]}")
                     continue

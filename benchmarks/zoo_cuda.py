@@ -40,6 +40,17 @@ def main():
     want = presso.compile(m, **kw).generate(ids, 12)
     print("generation (CUDA graph) matches the reference:", torch.equal(got, want))
     assert torch.equal(got, want)
+    # GPT-2 with Palu latent caches: the decode step's attention (query absorption and value
+    # up-projection included) runs in the latent-attention kernels, tokens as the reference's
+    from presso.models import make_gpt2
+    g2, gin = make_gpt2(batch=2)
+    kw = dict(example_inputs=gin, generation=True, max_len=48, recipe="kv_cache{rank_ratio=0.5}",
+              calibration=[(torch.randint(0, 256, (2, 16)),) for _ in range(4)])
+    cm = presso.compile(g2, target="cuda", **kw)
+    got, want = cm.generate(gin[0][:, :8], 24), presso.compile(g2, **kw).generate(gin[0][:, :8], 24)
+    ks = sorted(set(cm.decode_program().step_rt.program.kernels.values()) - {"torch"})
+    print(f"GPT-2 kv_cache 0.5 generation (CUDA graph; {', '.join(ks)}) matches the reference:", torch.equal(got, want))
+    assert torch.equal(got, want) and "triton:latent_attention+absorb+up_v" in ks
     # AOT: a cuda artifact loaded in a fresh process (which never imports the model's code) gives
     # the same outputs, bit for bit
     for name, recipe in (("cnn", None), ("llama", "quantize{weights=int4,group_size=16}"),

@@ -77,3 +77,9 @@ def test_latent_attention_at_real_sizes(B, L):
     pos = torch.tensor([L - 7], device="cuda")
     got = latent_decode_attention(q, hk, hv, pos, HPG, 0.05)
     assert rel(got, reference_latent_attention(q, hk, hv, pos, HPG, 0.05)) < 1e-2
+    # with the query's absorption and the value up-projection in the kernels (head dim 128)
+    qh = torch.randn(B, H, 128, device="cuda", dtype=torch.float16)
+    wq = (torch.randn(H, 128, R, device="cuda") / 128 ** 0.5).half()
+    upv = (torch.randn(H, R, 128, device="cuda") / R ** 0.5).half()
+    got = latent_decode_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)
+    assert rel(got, reference_latent_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)) < 1e-2

@@ -140,6 +140,17 @@ SCRIPT = textwrap.dedent("""
             want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (rope, B, L, (got - want).abs().max())
             cases += 1
+    # the absorbed form with the query's absorption and the value up-projection in its kernels
+    # (head dim 24 and output dim 40: not powers of two, masked)
+    for B, H, HPG, D, R, RV, DV, L, pos, Gv, split in [(1, 8, 4, 24, 16, 16, 40, 40, 33, None, None),
+                                                       (3, 8, 2, 16, 32, 16, 16, 50, 49, 2, 16)]:
+        q, wq = torch.randn(B, H, D), torch.randn(H, D, R) * 0.3
+        hk, hv = torch.randn(B, L, H // HPG * R), torch.randn(B, L, (Gv or H // HPG) * RV)
+        upv, p = torch.randn(H, RV, DV), torch.tensor([pos])
+        got = latent_decode_attention(q, hk, hv, p, HPG, 0.3, value_groups=Gv, split_len=split, absorb=wq, up_v=upv)
+        want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, value_groups=Gv, absorb=wq, up_v=upv)
+        assert got.shape == (B, H, DV) and torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+        cases += 1
     print("kernel cases", cases)
 """)
 
@@ -148,7 +159,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 39" in r.stdout
+    assert "kernel cases 41" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -172,3 +183,9 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
     nm4 = pack_nm_int4(codes[:, :16], torch.ones(8, 2, dtype=torch.float16), None, 16, index)
     with pytest.raises(ValueError, match=r"x \(1, 32\) must be \[\.\.\., 64\]"):
         nm_int4_linear(torch.zeros(1, 32), nm4)
+    from presso.codegen.triton.latent_attention import latent_decode_attention
+    q, hk, pos = torch.zeros(1, 8, 16), torch.zeros(1, 8, 2 * 32), torch.tensor([3])     # 2 groups, rank 32
+    with pytest.raises(ValueError, match=r"absorb \(8, 32, 16\) must be \[H, D, R\] = \[8, 16, 32\]"):
+        latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 32, 16))
+    with pytest.raises(ValueError, match=r"up_v \(8, 16, 16\) must be \[H, Rv, Dv\] = \[8, 32, \.\.\.\]"):
+        latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 16, 32), up_v=torch.zeros(8, 16, 16))

@@ -50,18 +50,24 @@ def _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, stride_wd, stride_ab, stride_ah,
-                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """qa[b, h, r-block] = q[b, h] @ w[h][:, r-block] for every batch row (the weight tile is read once)."""
-    h, rb = tl.program_id(0), tl.program_id(1)
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """qa[b-block, h, r-block] = q[b-block, h] @ w[h][:, r-block]: one dot for up to BLOCK_B batch rows
+    (rows past B are masked: no bytes read)."""
+    h, rb, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rd = tl.arange(0, BLOCK_D)
     md = rd < D
     rr = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    w = tl.load(w_ptr + h * stride_wh + rd[:, None] * stride_wd + rr[None, :], mask=md[:, None],
-                other=0.0).to(tl.float32)                                                   # [BLOCK_D, BLOCK_R]
-    for b in range(B):
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rd, mask=md, other=0.0).to(tl.float32)
-        qa = tl.sum(q[:, None] * w, axis=0)
-        tl.store(qa_ptr + b * stride_ab + h * stride_ah + rr, qa.to(qa_ptr.dtype.element_ty))
+    rbat = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = rbat < B
+    w = tl.load(w_ptr + h * stride_wh + rd[:, None] * stride_wd + rr[None, :], mask=md[:, None], other=0.0)
+    q = tl.load(q_ptr + rbat[:, None] * stride_qb + h * stride_qh + rd[None, :], mask=mb[:, None] & md[None, :],
+                other=0.0)
+    if IEEE:
+        qa = tl.dot(q, w.to(q.dtype), input_precision="ieee")
+    else:
+        qa = tl.dot(q, w.to(q.dtype))
+    tl.store(qa_ptr + rbat[:, None] * stride_ab + h * stride_ah + rr[None, :], qa.to(qa_ptr.dtype.element_ty),
+             mask=mb[:, None])
 
 
 @triton.jit
@@ -184,9 +190,10 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     if absorb is not None:
         qa = torch.empty(B, H, R, dtype=q.dtype, device=q.device)
         br = min(R, _ABSORB_BLOCK_R)
-        _absorb_kernel[(H, R // br)](q, absorb, qa, B, q.shape[-1], q.stride(0), q.stride(1), absorb.stride(0),
-                                     absorb.stride(1), qa.stride(0), qa.stride(1),
-                                     BLOCK_D=triton.next_power_of_2(q.shape[-1]), BLOCK_R=br)
+        _absorb_kernel[(H, R // br, triton.cdiv(B, 16))](
+            q, absorb, qa, B, q.shape[-1], q.stride(0), q.stride(1), absorb.stride(0), absorb.stride(1), qa.stride(0),
+            qa.stride(1), BLOCK_B=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_R=br,
+            IEEE=q.dtype == torch.float32)
         q = qa
     D = q.shape[-1]
     if rope:

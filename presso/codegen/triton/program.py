@@ -204,10 +204,37 @@ def _pow2_at_least_16(v) -> bool:
     return isinstance(v, int) and v >= 16 and _pow2(v)
 
 
-def _latent_attention_step(n: Node) -> Step | None:
+def _param_matmul_into(q: Value, users: dict) -> Optional[tuple[Node, Value, Value]]:
+    """q = matmul(x, W) read only by its one user, x one decode token's heads [B, H, 1, D] and W a
+    param [H, D, R] (the kv_cache pass's absorption of B_k into the query): (matmul, x, W)."""
+    m = q.node
+    if m is None or m.op != "matmul" or len(users.get(q, [])) != 1:
+        return None
+    x, w = m.inputs
+    if w.kind != "param" or x.type.rank != 4 or x.type.shape[2] != 1 or \
+            tuple(w.type.shape) != (x.type.shape[1], x.type.shape[3], q.type.shape[3]):
+        return None
+    return m, x, w
+
+
+def _param_matmul_from(o: Value, users: dict, outputs: set) -> Optional[tuple[Node, Value]]:
+    """o's only user is matmul(o, W), W a param [H, Rv, D] (the value up-projection): (matmul, W)."""
+    us = users.get(o, [])
+    if o in outputs or len(us) != 1 or us[0].op != "matmul" or us[0].inputs[0] is not o:
+        return None
+    w = us[0].inputs[1]
+    if w.kind != "param" or w.type.rank != 3 or tuple(w.type.shape[:2]) != (o.type.shape[1], o.type.shape[3]):
+        return None
+    return us[0], w
+
+
+def _latent_attention_step(n: Node, users: dict, outputs: set) -> Optional[tuple[Step, list]]:
     """A decode step's attention over Palu latent caches in the absorbed form (no RoPE: the query
     was multiplied into the key latent space, values stay latent): the latent-attention kernel
-    reads the caches as they are stored, [B, L, G*r], instead of SDPA over per-group views."""
+    reads the caches as they are stored, [B, L, G*r], instead of SDPA over per-group views. The
+    query's absorption before it and the value up-projection after it, when they are the kv_cache
+    pass's per-head param matmuls, run inside its kernels. Returns the step (attached to the last
+    node it covers: the up-projection's matmul, or the attention) and the earlier nodes it replaces."""
     from .latent_attention import latent_decode_attention
     q = n.inputs[0]
     k, v = _latent_cache(n.inputs[1]), _latent_cache(n.inputs[2])
@@ -219,11 +246,19 @@ def _latent_attention_step(n: Node) -> Step | None:
             and _pow2_at_least_16(R) and _pow2_at_least_16(RV) and q.type.dtype.is_float):
         return None
     scale, hpg = n.attrs["scale"], H // G
+    replaced = [view.node for view in n.inputs[1:3]   # the per-group views, when nothing else reads them
+                if [u for u in users.get(view, []) if u is not n] == [] and users.get(view.node.inputs[0], []) == [view.node]]
+    replaced += [view.node.inputs[0].node for view in n.inputs[1:3] if view.node in replaced]
+    absorb, up = _param_matmul_into(q, users), _param_matmul_from(n.outputs[0], users, outputs)
+    ins = [absorb[1] if absorb else q, hk, hv, n.inputs[3], absorb[2] if absorb else None, up[1] if up else None]
+    replaced += [absorb[0]] if absorb else []
 
-    def run(qt, kc, vc, pos):
-        o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, value_groups=Gv)
+    def run(qt, kc, vc, pos, wq, wv):
+        o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, value_groups=Gv,
+                                    absorb=wq, up_v=wv)
         return [o.unsqueeze(2)]
-    return Step(n, "triton:latent_attention", run, [q, hk, hv, n.inputs[3]])
+    kernel = "triton:latent_attention" + ("+absorb" if absorb else "") + ("+up_v" if up else "")
+    return Step(up[0] if up else n, kernel, run, ins), replaced
 
 
 def _cache_update_step(n: Node) -> Step:
@@ -248,8 +283,11 @@ class Program:
 
 def build_program(g: Graph) -> Program:
     users = g.users()
-    skipped, steps = set(), []
+    outputs = set(g.outputs)
+    skipped, covered, steps = set(), set(), []     # nodes whose step is dropped / never built
     for n in g.nodes:
+        if n in covered:          # run by an earlier node's step
+            continue
         if n.op == "linear":
             p = packed_weight_producer(n.inputs[1], users)
             if p is not None:
@@ -267,19 +305,18 @@ def build_program(g: Graph) -> Program:
         elif n.op in ("rms_norm", "layer_norm"):
             step = _norm_step(n)
         elif n.op == "attention_cached":
-            step = _latent_attention_step(n)
-            if step is not None:      # the per-group views of the caches are not needed
-                for view in n.inputs[1:3]:
-                    if [u for u in users.get(view, []) if u is not n] == [] and \
-                            users.get(view.node.inputs[0], []) == [view.node]:
-                        skipped.update((view.node, view.node.inputs[0].node))
+            latent = _latent_attention_step(n, users, outputs)
+            if latent is not None:
+                step, replaced = latent
+                skipped.update(replaced)
+                covered.add(step.node)
             else:
                 step = _attention_cached_step(n)
         elif n.op == "cache_update" and n.inputs[0].kind == "input" and len(users.get(n.inputs[0], [])) == 1:
             step = _cache_update_step(n)
         steps.append(step or _torch_step(n))
     steps = [s for s in steps if s.node not in skipped]
-    return Program(g, _fold_epilogues(steps, users, set(g.outputs)))
+    return Program(g, _fold_epilogues(steps, users, outputs))
 
 
 def needs_bindings(step: Step) -> bool:
