@@ -24,6 +24,7 @@ from gpu_timing import graph_us, kernel_us  # noqa: E402
 from presso.codegen.triton import autotune, nm_linear  # noqa: E402
 from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4  # noqa: E402
 from presso.codegen.triton.linear import pack_nm_index  # noqa: E402
+from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4  # noqa: E402
 from presso.ir.ops import pack_int4 as pack_codes  # noqa: E402
 from presso.passes.quantize import dequant, rtn  # noqa: E402
 from presso.passes.sparsify import nm_prune  # noqa: E402
@@ -117,8 +118,17 @@ def main():
     cfg = tuned_config(run_q, "nm_linear", 1, N)
     err = rel_err(run_q(), want)
     assert err < 2e-2, f"2:4 int4-values kernel wrong: rel err {err}"
-    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}", run_q, lambda: F.linear(x, vdense),
+    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, gather kernel", run_q, lambda: F.linear(x, vdense),
                         vq.numel() + vs.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
+    w24 = pack_nm_int4(vq, vs.half(), None, G, index4)        # the layout the cuda target repacks to at load
+
+    def run_select():
+        return nm_int4_linear(x, w24)
+    cfg = tuned_config(run_select, "nm_int4_select", 1, N)
+    err = rel_err(run_select(), want)
+    assert err < 2e-2, f"2:4 int4-values select kernel wrong: rel err {err}"
+    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, select kernel (the cuda target's)", run_select,
+                        lambda: F.linear(x, vdense), w24.nbytes, N * K * 2, cfg, err))
     print("| workload | presso µs kernel / graph | torch fp16 µs kernel / graph | speedup kernel / graph | "
           "presso TB/s (of copy) | torch TB/s | other peer | config |")
     print("|---|---|---|---|---|---|---|---|")

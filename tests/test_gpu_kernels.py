@@ -63,6 +63,12 @@ def test_nm_linears_at_llama_sizes(M):
                   {"n": 2, "m": 4})[0]
     got = nm_int4_linear(x, pack_nm_int4(vq, s.half(), None, G, index4))
     assert rel(got, x.float() @ wd.T) < 2e-3
+    codes, s, z = rtn(vals, 4, G, False)                  # zero points: the kernel's (8 - z) sum x term
+    vq, z8 = pack_codes(codes.to(torch.int16)), z.to(torch.uint8)
+    wd = dens.run([deq.run([vq, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
+                  {"n": 2, "m": 4})[0]
+    got = nm_int4_linear(x, pack_nm_int4(vq, s.half(), z8, G, index4))
+    assert rel(got, x.float() @ wd.T) < 2e-3
 
 
 @pytest.mark.parametrize("B,L", [(1, 4096), (1, 16384), (4, 2048)])
