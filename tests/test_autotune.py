@@ -62,3 +62,21 @@ def test_a_choice_stored_for_an_earlier_kernel_version_is_stale(store, monkeypat
     cands = [{"split": 4, "block_n": 16}, {"split": 2, "block_n": 32}]
     best = autotune.choose("k", (5,), "cpu", cands, lambda c: None, default, timer=lambda fn: 1.0)
     assert best == cands[0] and json.loads(store.read_text())["k|cpu|5"]["config"] == cands[0]
+
+
+def test_a_choice_is_remembered_and_candidates_are_made_only_to_tune(store, monkeypatch):
+    """Launches ask choose() every call: the answer is remembered for the process (the store is
+    not searched again), and a candidates function is only called when tuning."""
+    monkeypatch.delenv("PRESSO_AUTOTUNE", raising=False)
+    never = lambda: 1 / 0                                    # noqa: E731 - must not be called
+    assert autotune.choose("k", (6,), "cpu", never, lambda c: 1 / 0, {"split": 2}) == {"split": 2}
+    autotune._store()["k|cpu|6"] = {"config": {"split": 4}, "ms": 1.0, "tried": 1}    # not looked up again
+    assert autotune.choose("k", (6,), "cpu", never, lambda c: 1 / 0, {"split": 2}) == {"split": 2}
+    monkeypatch.setenv("PRESSO_AUTOTUNE", "1")               # tuning on: a fresh decision, candidates made
+    made = []
+
+    def candidates():
+        made.append(1)
+        return CANDIDATES[:2]
+    best = autotune.choose("k", (7,), "cpu", candidates, lambda c: None, {"split": 2}, timer=lambda fn: 1.0)
+    assert best == {"split": 2} and made == [1]

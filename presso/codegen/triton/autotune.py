@@ -24,9 +24,13 @@ def store_path() -> Path:
     return root / "autotune.json"
 
 
+_MEMO: dict = {}      # (kernel, key, device, tuning on?) -> the config choose() returned: no re-lookup per call
+
+
 def _store() -> dict:
     global _STORE
     if _STORE is None:
+        _MEMO.clear()
         try:
             _STORE = json.loads(store_path().read_text())
         except (OSError, ValueError):
@@ -95,24 +99,31 @@ def graph_time(fn: Callable[[], None], rep: int = 100) -> float:
     return times[rep // 2]
 
 
-def choose(kernel: str, key: tuple, device, candidates: list[dict], launch: Callable[[dict], None],
-           default: dict, timer: Callable[[Callable[[], None]], float] | None = None) -> dict:
+def choose(kernel: str, key: tuple, device, candidates: list[dict] | Callable[[], list[dict]],
+           launch: Callable[[dict], None], default: dict,
+           timer: Callable[[Callable[[], None]], float] | None = None) -> dict:
     """The config to launch ``kernel`` with at ``key`` on ``device`` (see the module docstring).
+    ``candidates``: the configs to try, or a function making them (called only when tuning);
     ``launch(config)`` runs the kernel once; ``timer(fn)`` measures it (``graph_time`` by default).
     A stored choice whose keys differ from ``default``'s is stale (an earlier kernel's knobs) and
-    is ignored."""
-    entry = f"{kernel}|{device_name(device)}|{','.join(map(str, key))}"
+    is ignored. The answer is remembered for the process (a launch costs no store lookup)."""
+    tuning = os.environ.get("PRESSO_AUTOTUNE") == "1"
     store = _store()
+    memo = (kernel, key, device, tuning)
+    if memo in _MEMO:
+        return _MEMO[memo]
+    entry = f"{kernel}|{device_name(device)}|{','.join(map(str, key))}"
     if entry in store and set(store[entry]["config"]) == set(default):
-        return store[entry]["config"]
+        _MEMO[memo] = store[entry]["config"]
+        return _MEMO[memo]
     # (a stored config with other keys was tuned for an earlier version of the kernel: stale)
-    tune = os.environ.get("PRESSO_AUTOTUNE") == "1" and (timer is not None or device_name(device) != "cpu")
-    if not tune:
+    if not (tuning and (timer is not None or device_name(device) != "cpu")):
+        _MEMO[memo] = default
         return default
     if timer is None:
         timer = graph_time
     timed = []
-    for cfg in candidates:
+    for cfg in (candidates() if callable(candidates) else candidates):
         try:
             launch(cfg)
             timed.append((timer(lambda: launch(cfg)), cfg))
@@ -123,4 +134,5 @@ def choose(kernel: str, key: tuple, device, candidates: list[dict], launch: Call
     best_t, best = min(timed, key=lambda tc: tc[0])
     store[entry] = {"config": best, "ms": best_t, "tried": len(timed)}
     _save(store)
+    _MEMO[memo] = best
     return best

@@ -320,7 +320,7 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             cfg = dict(default, split=split, warps=num_warps or 4)
         else:
             cfg = choose("int4_gemv", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
-                         [{"block_n": bn, "gps": gps, "split": sp, "warps": nw} for bn in (16, 32, 64)
+                         lambda: [{"block_n": bn, "gps": gps, "split": sp, "warps": nw} for bn in (16, 32, 64)
                           for gps in (1, 4, 8) if bn * gps <= 256 for sp in (None, 1, 4) for nw in (4, 8)],
                          launch, default)
         launch(cfg)
@@ -350,7 +350,7 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             cfg = dict(default, split=split or default["split"], warps=num_warps or 4)
         else:
             cfg = choose("int4_gemm", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
-                         [{"block_n": bn, "split": sp, "warps": nw, "stages": st} for bn in (32, 64, 128)
+                         lambda: [{"block_n": bn, "split": sp, "warps": nw, "stages": st} for bn in (32, 64, 128)
                           for sp in (1, 2, 4, 8, 16) if sp <= groups for nw in (4, 8) for st in (2, 3, 4)],
                          launch_gemm, default)
         launch_gemm(cfg)

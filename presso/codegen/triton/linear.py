@@ -173,7 +173,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
         bm = 16 if M <= 16 else 64
         default = {"block_m": bm, "block_n": 64, "block_g": max(16 // m, 64 // m), "warps": 4}
         cfg = choose("nm_gemm", (M, N, K, n, m, bits, x.dtype), x.device,
-                     [{"block_m": bm, "block_n": b, "block_g": max(16 // m, bk // m), "warps": nw}
+                     lambda: [{"block_m": bm, "block_n": b, "block_g": max(16 // m, bk // m), "warps": nw}
                       for b in (32, 64, 128) for bk in (32, 64, 128) for nw in (4, 8)], launch_gemm, default)
         launch_gemm(cfg)
         return y.reshape(*x.shape[:-1], N)
@@ -195,7 +195,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     else:
         key = (M, N, KV, n, m, bits, x.dtype) + ((4, value_group) if value_scales is not None else ())
         cfg = choose("nm_linear", key, x.device,
-                     [{"block_n": bn, "block_j": bj, "warps": nw} for bn in (8, 16, 32) for bj in (64, 128, 256)
+                     lambda: [{"block_n": bn, "block_j": bj, "warps": nw} for bn in (8, 16, 32) for bj in (64, 128, 256)
                       for nw in (4, 8)], launch, default)
     launch(cfg)
     return y.reshape(*x.shape[:-1], N)

@@ -306,7 +306,7 @@ def nm_int4_linear(x: torch.Tensor, w: NMInt4Weight, bias: Optional[torch.Tensor
             F16X2=f16x2, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None, num_warps=cfg["warps"], **epi)
     default = {"block_n": 32, "cps": 16, "warps": 4}     # H100 sweep at 1x4096->14336 (RESULTS.md)
     cfg = choose("nm_int4_select", (M, N, K, w.group, w.zeros is not None, x.dtype), x.device,
-                 [{"block_n": bn, "cps": c, "warps": nw} for bn, c, nw in
+                 lambda: [{"block_n": bn, "cps": c, "warps": nw} for bn, c, nw in
                   ((16, 16, 4), (16, 32, 4), (32, 16, 4), (32, 32, 8), (64, 16, 8), (64, 32, 8))],
                  launch, default)
     launch(cfg)
