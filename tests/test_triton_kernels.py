@@ -151,6 +151,19 @@ SCRIPT = textwrap.dedent("""
         want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, value_groups=Gv, absorb=wq, up_v=upv)
         assert got.shape == (B, H, DV) and torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
         cases += 1
+    # RoPE: cos / sin broadcast (never expanded), strided heads, fp16 rounded once
+    from presso.codegen.triton.rotary import rotary
+    from presso.ir.ops import rotary as rotary_ref
+    for xs, cs, dt, strided in [((2, 4, 5, 16), (1, 1, 5, 16), torch.float32, False), ((3, 7, 12), (7, 12), torch.float32,
+                                 False), ((2, 5, 4, 16), (1, 1, 5, 16), torch.float32, True),
+                                ((1, 8, 1, 64), (1, 1, 1, 64), torch.float16, False)]:
+        x = torch.randn(*xs).to(dt)
+        x = x.transpose(1, 2) if strided else x
+        c, sn = torch.randn(*cs).to(dt), torch.randn(*cs).to(dt)
+        want = rotary_ref(x, c, sn)
+        got = rotary(x, c, sn, want.dtype)
+        assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-2), xs
+        cases += 1
     print("kernel cases", cases)
 """)
 
@@ -159,7 +172,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 41" in r.stdout
+    assert "kernel cases 45" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

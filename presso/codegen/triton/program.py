@@ -159,6 +159,16 @@ def _norm_step(n: Node) -> Step | None:
     return Step(n, "triton:layer_norm", lambda x, w, b: [layer_norm(x, w, b, eps)], list(n.inputs))
 
 
+def _rotary_step(n: Node) -> Step | None:
+    from .rotary import fits, rotary
+    x = n.inputs[0]
+    if not (fits(x.type.shape, x.type.rank) and all(v.type.dtype.is_float for v in n.inputs)
+            and all(v.type.rank <= x.type.rank for v in n.inputs[1:])):
+        return None
+    out = n.outputs[0].type.dtype.torch
+    return Step(n, "triton:rotary", lambda xt, c, s_: [rotary(xt, c, s_, out)], list(n.inputs))
+
+
 def _torch_step(n: Node) -> Step:
     opdef = get_op(n.op)
     attrs = n.attrs
@@ -304,6 +314,8 @@ def build_program(g: Graph) -> Program:
             step = _fused_step(n)
         elif n.op in ("rms_norm", "layer_norm"):
             step = _norm_step(n)
+        elif n.op == "rotary":
+            step = _rotary_step(n)
         elif n.op == "attention_cached":
             latent = _latent_attention_step(n, users, outputs)
             if latent is not None:
