@@ -37,19 +37,10 @@ def one_plus_nibble(w, SHIFT: tl.constexpr):
     return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def f16x2_dot8(w, x01, x23, x45, x67):
-    """sum_j (c_j - 8) / 8 * x_j over the 8 codes of word w (layout in the module docstring), the
-    x pairs as fp16x2 bit patterns, as fp32. The dequantized (c - 8) / 8 are exact in fp16; the
-    products and their sum are fp16 (|sum| <= 8 max|x|), then fp32."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 a, b, c, d, t, m, s, acc;
-        .reg .b16 lo, hi;
-        .reg .f32 f0, f1;
-        lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xea;
-        lop3.b32 c, $1, 0x00F000F0, 0x64006400, 0xea;
-        shr.u32 t, $1, 8;
+CODE_PAIRS_PTX = """
+        lop3.b32 a, $W, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 c, $W, 0x00F000F0, 0x64006400, 0xea;
+        shr.u32 t, $W, 8;
         lop3.b32 b, t, 0x000F000F, 0x64006400, 0xea;
         lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xea;
         mov.b32 m, 0x30003000;
@@ -59,17 +50,40 @@ def f16x2_dot8(w, x01, x23, x45, x67):
         mov.b32 m, 0x20002000;
         mov.b32 s, 0xC880C880;
         fma.rn.f16x2 c, c, m, s;
-        fma.rn.f16x2 d, d, m, s;
+        fma.rn.f16x2 d, d, m, s;"""
+"""PTX: the code word $W's 8 nibbles -> four fp16x2 registers of exact (c - 8) / 8 (``lop3``
+makes 1024 + c or 1024 + 16c, one FMA rescales): a holds the codes at bits (0, 16), c (4, 20),
+b (8, 24), d (12, 28). Needs .b32 registers a, b, c, d, t, m, s."""
+
+
+def pair_sum_ptx(out: str) -> str:
+    """PTX: the two fp16 halves of register ``acc`` summed into the fp32 operand ``out`` (needs
+    .b16 lo, hi and .f32 f0, f1)."""
+    return f"""
+        mov.b32 {{lo, hi}}, acc;
+        cvt.f32.f16 f0, lo;
+        cvt.f32.f16 f1, hi;
+        add.f32 {out}, f0, f1;"""
+
+
+_DOT8_PTX = tl.constexpr("""{
+        .reg .b32 a, b, c, d, t, m, s, acc;
+        .reg .b16 lo, hi;
+        .reg .f32 f0, f1;""" + CODE_PAIRS_PTX.replace("$W", "$1") + """
         mul.rn.f16x2 acc, a, $2;
         fma.rn.f16x2 acc, b, $3, acc;
         fma.rn.f16x2 acc, c, $4, acc;
-        fma.rn.f16x2 acc, d, $5, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 f0, lo;
-        cvt.f32.f16 f1, hi;
-        add.f32 $0, f0, f1;
-        }""",
-        constraints="=r,r,r,r,r,r", args=[w, x01, x23, x45, x67], dtype=tl.float32, is_pure=True, pack=1)
+        fma.rn.f16x2 acc, d, $5, acc;""" + pair_sum_ptx("$0") + """
+        }""")
+
+
+@triton.jit
+def f16x2_dot8(w, x01, x23, x45, x67):
+    """sum_j (c_j - 8) / 8 * x_j over the 8 codes of word w (layout in the module docstring), the
+    x pairs as fp16x2 bit patterns, as fp32. The dequantized (c - 8) / 8 are exact in fp16; the
+    products and their sum are fp16 (|sum| <= 8 max|x|), then fp32."""
+    return tl.inline_asm_elementwise(asm=_DOT8_PTX, constraints="=r,r,r,r,r,r", args=[w, x01, x23, x45, x67],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from ...ir.ops import pack_int4, unpack_int4
 from .autotune import choose
 from .epilogue import apply_epilogue, output_buffer
 from .linear import INTERPRET
+from .nibbles import CODE_PAIRS_PTX, pair_sum_ptx
 
 ROW_PAD = 128
 
@@ -101,21 +102,15 @@ def pack_nm_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
                         N, K, group)
 
 
-_SELECT_DOT = """
-        lop3.b32 a, $W, 0x000F000F, 0x64006400, 0xea;
-        lop3.b32 b, $W, 0x00F000F0, 0x64006400, 0xea;
-        shr.u32 t, $W, 8;
-        lop3.b32 c, t, 0x000F000F, 0x64006400, 0xea;
-        lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xea;
-        mov.b32 m, 0x30003000;
-        mov.b32 s, 0xD808D808;
-        fma.rn.f16x2 a, a, m, s;
-        fma.rn.f16x2 c, c, m, s;
-        mov.b32 m, 0x20002000;
-        mov.b32 s, 0xC880C880;
-        fma.rn.f16x2 b, b, m, s;
-        fma.rn.f16x2 d, d, m, s;
-        and.b32 i, $I, 0xFF;
+def _selectors(shift: int, lo: str, hi: str) -> str:
+    """PTX: prmt selectors for two groups from the 2 x 2 position bits at bits shift..shift+7 of
+    $I: the four 2-bit fields spread to bytes (p0, p1 of each group), times 0x22 plus 0x10 per
+    byte make each group's 16-bit selector (bytes 2p, 2p + 1 for each of its two kept values)."""
+    src = "$I" if shift == 0 else "i"
+    pre = "" if shift == 0 else f"""
+        shr.u32 i, $I, {shift};"""
+    return pre + f"""
+        and.b32 i, {src}, 0xFF;
         shl.b32 u, i, 6;
         or.b32 T, i, u;
         shl.b32 u, i, 12;
@@ -123,39 +118,24 @@ _SELECT_DOT = """
         shl.b32 u, i, 18;
         or.b32 T, T, u;
         and.b32 T, T, 0x03030303;
-        mad.lo.u32 s0, T, 0x22, 0x10101010;
-        shr.u32 s1, s0, 16;
-        shr.u32 i, $I, 8;
-        and.b32 i, i, 0xFF;
-        shl.b32 u, i, 6;
-        or.b32 T, i, u;
-        shl.b32 u, i, 12;
-        or.b32 T, T, u;
-        shl.b32 u, i, 18;
-        or.b32 T, T, u;
-        and.b32 T, T, 0x03030303;
-        mad.lo.u32 s2, T, 0x22, 0x10101010;
-        shr.u32 s3, s2, 16;
+        mad.lo.u32 {lo}, T, 0x22, 0x10101010;
+        shr.u32 {hi}, {lo}, 16;"""
+
+
+# group j of a word: codes at bits (4j, 4j + 16) -- CODE_PAIRS_PTX's a, c, b, d for j = 0..3
+_SELECT_DOT = CODE_PAIRS_PTX + _selectors(0, "s0", "s1") + _selectors(8, "s2", "s3") + """
         prmt.b32 y0, $X0, $X1, s0;
         prmt.b32 y1, $X2, $X3, s1;
         prmt.b32 y2, $X4, $X5, s2;
         prmt.b32 y3, $X6, $X7, s3;
         mul.rn.f16x2 acc, a, y0;
-        fma.rn.f16x2 acc, b, y1, acc;
-        fma.rn.f16x2 acc, c, y2, acc;
-        fma.rn.f16x2 acc, d, y3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 f0, lo;
-        cvt.f32.f16 f1, hi;
-        add.f32 $0, f0, f1;"""
+        fma.rn.f16x2 acc, c, y1, acc;
+        fma.rn.f16x2 acc, b, y2, acc;
+        fma.rn.f16x2 acc, d, y3, acc;""" + pair_sum_ptx("$0")
 _SELECT_SUM = """
         add.f16x2 acc, y0, y1;
         add.f16x2 acc, acc, y2;
-        add.f16x2 acc, acc, y3;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 f0, lo;
-        cvt.f32.f16 f1, hi;
-        add.f32 $1, f0, f1;"""
+        add.f16x2 acc, acc, y3;""" + pair_sum_ptx("$1")
 _REGS = """
         .reg .b32 a, b, c, d, t, m, s, acc, i, u, T, s0, s1, s2, s3, y0, y1, y2, y3;
         .reg .b16 lo, hi;
