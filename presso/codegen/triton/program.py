@@ -162,7 +162,7 @@ def _norm_step(n: Node) -> Step | None:
 def _rotary_step(n: Node) -> Step | None:
     from .rotary import fits, rotary
     x = n.inputs[0]
-    if not (fits(x.type.shape, x.type.rank) and all(v.type.dtype.is_float for v in n.inputs)
+    if not (fits(x.type.shape) and all(v.type.dtype.is_float for v in n.inputs)
             and all(v.type.rank <= x.type.rank for v in n.inputs[1:])):
         return None
     out = n.outputs[0].type.dtype.torch

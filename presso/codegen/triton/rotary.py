@@ -44,8 +44,8 @@ def _as_4d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t
 
 
-def fits(x_shape, rank: int) -> bool:
-    return 1 <= rank <= 4 and isinstance(x_shape[-1], int) and x_shape[-1] % 2 == 0
+def fits(x_shape) -> bool:
+    return 1 <= len(x_shape) <= 4 and isinstance(x_shape[-1], int) and x_shape[-1] % 2 == 0
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -56,7 +56,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: tor
     if x.stride(-1) != 1:
         x = x.contiguous()
     x4, c4, s4 = _as_4d(x, x.shape), _as_4d(cos, x.shape), _as_4d(sin, x.shape)
-    if c4.stride(-1) not in (1,) or s4.stride(-1) not in (1,):
+    if c4.stride(-1) != 1 or s4.stride(-1) != 1:          # (a broadcast last dim)
         c4, s4 = c4.contiguous(), s4.contiguous()
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     S0, S1, S2 = x4.shape[:3]
