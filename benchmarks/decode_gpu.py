@@ -1,4 +1,4 @@
-"""Llama-style decode step, 1B config (Llama-3.2-1B shapes, random weights), batch 1, fp16:
+"""Llama-style decode step, 1B config (Llama-3.2-1B shapes, random weights), batch 1 (or --batch), fp16:
 presso ``target="cuda"`` (int4 g128 weights; generated kernels; CUDA graph) vs the same model in
 torch eager fp16 and under ``torch.compile`` (default, and ``reduce-overhead`` = CUDA graphs).
 
@@ -6,7 +6,7 @@ The torch baselines run the *dequantized* int4 weights in fp16 (what a user with
 dense fp16), with the same static KV cache (index_copy at the position, masked SDPA over the
 cache), so the logits of every side are compared before timing.
 
-    python benchmarks/decode_gpu.py [--layers 16] [--max-len 1024] [--pos 512] [--recipe ...]
+    python benchmarks/decode_gpu.py [--layers 16] [--max-len 1024] [--pos 512] [--batch 1] [--recipe ...]
 """
 import argparse
 import time
@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--pos", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (one position)")
     ap.add_argument("--recipe", default="quantize{weights=int4,group_size=128}")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (TRITON_INTERPRET=1)")
@@ -104,7 +105,7 @@ def main():
                 codes, s, z = rtn(mod.weight.float(), 4, g, True)
                 mod.weight.copy_(dequant(codes, s.half().double(), None, g).to(mod.weight.dtype))
     model = model.to(dev)
-    B = 1
+    B = a.batch
     ids = torch.randint(0, cfg.vocab, (B, 1), device=dev)
     pos = torch.tensor([a.pos], device=dev)
     caches = gen.new_caches({"batch": B})
@@ -132,12 +133,12 @@ def main():
             assert err < 2e-2
         print(f"\ndecode step, {cfg.layers} layers x dim {cfg.dim} (vocab {cfg.vocab}), batch {B}, position {a.pos} "
               f"of {a.max_len}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke)'}")
-        print("| runtime | ms / token | tokens/s | vs eager |")
+        print("| runtime | ms / step | tokens/s | vs eager |")
         print("|---|---|---|---|", flush=True)
         t_eager = timed(lambda: step(ids, pos, kcs, vcs))
 
         def row(label, ms):
-            print(f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | {t_eager / ms:.2f}x |", flush=True)
+            print(f"| {label} | {ms:.3f} | {B * 1e3 / ms:.0f} | {t_eager / ms:.2f}x |", flush=True)
         row("torch eager fp16", t_eager)
         row(f"presso cuda, {a.recipe}, no CUDA graph", timed(lambda: step_rt.run(ids, pos, *caches)))
         if dev == "cuda":

@@ -24,7 +24,7 @@ from gpu_timing import graph_us, kernel_us  # noqa: E402
 from presso.codegen.triton import autotune, nm_linear  # noqa: E402
 from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4  # noqa: E402
 from presso.codegen.triton.linear import pack_nm_index  # noqa: E402
-from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4  # noqa: E402
+from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4  # noqa: E402
 from presso.ir.ops import pack_int4 as pack_codes  # noqa: E402
 from presso.passes.quantize import dequant, rtn  # noqa: E402
 from presso.passes.sparsify import nm_prune  # noqa: E402
@@ -36,10 +36,12 @@ def rel_err(got, want):
 
 def tuned_config(fn, kernel: str, M: int, N: int) -> str:
     """Run ``fn`` once with tuning on (the store then holds this shape's fastest config); that config."""
+    before = set(autotune._store())
     os.environ["PRESSO_AUTOTUNE"] = "1"
     fn()
     os.environ.pop("PRESSO_AUTOTUNE")
-    hits = [v["config"] for k, v in autotune._store().items() if k.startswith(kernel + "|") and f"|{M},{N}," in k]
+    store = autotune._store()
+    hits = [store[k]["config"] for k in store if k not in before and k.startswith(kernel + "|") and f"|{M},{N}," in k]
     return json.dumps(hits[0]) if hits else "default"
 
 
@@ -84,16 +86,17 @@ def main():
     Wd = W.half()
     vals, idx, dense = nm_prune(Wd.float(), Wd.float().abs(), 2, 4)
     vals, index4, dense = vals.half(), pack_codes(idx), dense.half()
-    index2, _ = pack_nm_index(index4, vals.shape[1], 4)          # 2-bit metadata, as the cuda target runs it
-    for M in (1, 16):
+    index2, _ = pack_nm_index(index4, vals.shape[1], 4)          # 2-bit metadata, the gather kernel's form
+    sel = pack_nm_select(vals, index4)                          # the layout the cuda target repacks to at load
+    for M in (1, 4, 16):
         x = torch.randn(M, K, device=dev, dtype=torch.float16)
         want = F.linear(x.float(), dense.float())
 
         def run():
-            return nm_linear(x, vals, index2, 2, 4, index_bits=2)
-        cfg = tuned_config(run, "nm_linear" if M <= 2 else "nm_gemm", M, N)
+            return nm_select_linear(x, sel)
+        cfg = tuned_config(run, "nm_select", M, N)
         err = rel_err(run(), want)
-        assert err < 2e-2, f"2:4 kernel wrong at M={M}: rel err {err}"
+        assert err < 2e-2, f"2:4 select kernel wrong at M={M}: rel err {err}"
         try:
             from torch.sparse import to_sparse_semi_structured
             ws = to_sparse_semi_structured(dense)
@@ -102,15 +105,22 @@ def main():
             peer = f"semi-structured {graph_us(lambda: F.linear(xp, ws)):.1f} us (graph)"
         except Exception as e:  # noqa: BLE001 - reported, not fatal: the peer may not run on this GPU
             peer = f"semi-structured ERR {type(e).__name__}: {str(e)[:80]}"
-        rows.append(measure(f"2:4 sparse linear {M}x{K}->{N} fp16, 2-bit index", run, lambda: F.linear(x, dense),
-                            vals.numel() * 2 + index2.numel(), N * K * 2, cfg, err, peer))
+        rows.append(measure(f"2:4 sparse linear {M}x{K}->{N} fp16, select kernel (the cuda target's)", run,
+                            lambda: F.linear(x, dense), sel.nbytes, N * K * 2, cfg, err, peer))
+    x = torch.randn(1, K, device=dev, dtype=torch.float16)
+
+    def run_gather():
+        return nm_linear(x, vals, index2, 2, 4, index_bits=2)
+    cfg = tuned_config(run_gather, "nm_linear", 1, N)
+    err = rel_err(run_gather(), F.linear(x.float(), dense.float()))
+    rows.append(measure(f"2:4 sparse linear 1x{K}->{N} fp16, gather kernel (other N:M, bf16)", run_gather,
+                        lambda: F.linear(x, dense), vals.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
     # 2:4 whose kept values are int4 (g128): codes + scales + 2-bit index, the int4 + 2:4 recipe's linears
     vcodes, vs, _ = rtn(vals.float(), 4, G, True)
     vq = pack_codes(vcodes.to(torch.int16))
     from presso.ir.registry import get_op
     vdq = get_op("dequantize").run([vq, vs.half(), None], {"bits": 4, "group_size": G, "dtype": "f16"})[0]
     vdense = get_op("densify_nm").run([vdq, index4], {"n": 2, "m": 4})[0]
-    x = torch.randn(1, K, device=dev, dtype=torch.float16)
     want = F.linear(x.float(), vdense.float())
 
     def run_q():
@@ -118,17 +128,20 @@ def main():
     cfg = tuned_config(run_q, "nm_linear", 1, N)
     err = rel_err(run_q(), want)
     assert err < 2e-2, f"2:4 int4-values kernel wrong: rel err {err}"
-    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, gather kernel", run_q, lambda: F.linear(x, vdense),
-                        vq.numel() + vs.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
-    w24 = pack_nm_int4(vq, vs.half(), None, G, index4)        # the layout the cuda target repacks to at load
+    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, gather kernel (other N:M)", run_q,
+                        lambda: F.linear(x, vdense), vq.numel() + vs.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
+    w24 = pack_nm_select_int4(vq, vs.half(), None, G, index4)        # the layout the cuda target repacks to at load
+    for M in (1, 4, 16):
+        x = torch.randn(M, K, device=dev, dtype=torch.float16)
+        want = F.linear(x.float(), vdense.float())
 
-    def run_select():
-        return nm_int4_linear(x, w24)
-    cfg = tuned_config(run_select, "nm_int4_select", 1, N)
-    err = rel_err(run_select(), want)
-    assert err < 2e-2, f"2:4 int4-values select kernel wrong: rel err {err}"
-    rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, select kernel (the cuda target's)", run_select,
-                        lambda: F.linear(x, vdense), w24.nbytes, N * K * 2, cfg, err))
+        def run_select():
+            return nm_select_linear(x, w24)
+        cfg = tuned_config(run_select, "nm_select", M, N)
+        err = rel_err(run_select(), want)
+        assert err < 2e-2, f"2:4 int4-values select kernel wrong at M={M}: rel err {err}"
+        rows.append(measure(f"2:4 + int4 g{G} values linear {M}x{K}->{N}, select kernel (the cuda target's)",
+                            run_select, lambda: F.linear(x, vdense), w24.nbytes, N * K * 2, cfg, err))
     print("| workload | presso µs kernel / graph | torch fp16 µs kernel / graph | speedup kernel / graph | "
           "presso TB/s (of copy) | torch TB/s | other peer | config |")
     print("|---|---|---|---|---|---|---|---|")

@@ -36,6 +36,15 @@ SCRIPT = textwrap.dedent("""
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)
+    # fp16 2:4 linears (fp16 or int4 kept values) run the select kernel on its layout (5 rows: one block)
+    m16 = make_llama(batch=1, seq=5)[0].half()
+    for recipe, kernel in [("sparsify{pattern=2:4}", "triton:nm_select_2_4"),
+                           ("sparsify{pattern=2:4},quantize{weights=int4,group_size=16}", "triton:nm_select_int4_2_4")]:
+        cm = presso.compile(m16, example_inputs=ex, target="cuda", recipe=recipe)
+        assert kernel in cm._runtime.program.kernels.values(), cm._runtime.program.kernels
+        err = rel(cm(*ex), presso.compile(m16, example_inputs=ex, recipe=recipe)(*ex))
+        assert err < 2e-3, (recipe, "fp16", err)
+        print("fp16 recipe", recipe)
     # a cuda artifact loads (kernels regenerated from the graph, cached by source hash)
     import tempfile
     cm = presso.compile(m, example_inputs=ex, target="cuda", recipe="quantize{weights=int4,group_size=16}")
@@ -78,7 +87,8 @@ def test_whole_models_run_through_the_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("zoo ") == 6 and r.stdout.count("recipe ") == 6 and "generate ok" in r.stdout
+    assert r.stdout.count("zoo ") == 6 and r.stdout.count("\nrecipe ") == 6 and "generate ok" in r.stdout
+    assert r.stdout.count("fp16 recipe ") == 2
     assert "artifact ok" in r.stdout and "latent attention ok" in r.stdout
     assert "triton:fused_elementwise" in r.stdout and "triton:rms_norm" in r.stdout
 

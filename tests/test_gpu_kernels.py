@@ -39,11 +39,11 @@ def test_int4_linear_at_llama_sizes(M, symmetric, N, K, G):
     assert rel(got, x.float() @ wd.float().T) < 2e-3
 
 
-@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 16, 40])
 def test_nm_linears_at_llama_sizes(M):
     from presso.codegen.triton import nm_linear
     from presso.codegen.triton.linear import pack_nm_index
-    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
+    from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4
     from presso.ir.ops import pack_int4 as pack_codes
     from presso.passes.quantize import rtn
     from presso.passes.sparsify import nm_prune
@@ -54,21 +54,20 @@ def test_nm_linears_at_llama_sizes(M):
     vals, idx, dense = nm_prune(w, w.abs(), 2, 4)
     index4 = pack_codes(idx)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    index2, _ = pack_nm_index(index4, vals.shape[1], 4)
-    got = nm_linear(x, vals.half(), index2, 2, 4, index_bits=2)
-    assert rel(got, x.float() @ dense.half().float().T) < 2e-3
-    codes, s, _ = rtn(vals, 4, G, True)
-    vq = pack_codes(codes.to(torch.int16))
-    wd = dens.run([deq.run([vq, s.half(), None], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
-                  {"n": 2, "m": 4})[0]
-    got = nm_int4_linear(x, pack_nm_int4(vq, s.half(), None, G, index4))
-    assert rel(got, x.float() @ wd.T) < 2e-3
-    codes, s, z = rtn(vals, 4, G, False)                  # zero points: the kernel's (8 - z) sum x term
-    vq, z8 = pack_codes(codes.to(torch.int16)), z.to(torch.uint8)
-    wd = dens.run([deq.run([vq, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
-                  {"n": 2, "m": 4})[0]
-    got = nm_int4_linear(x, pack_nm_int4(vq, s.half(), z8, G, index4))
-    assert rel(got, x.float() @ wd.T) < 2e-3
+    want = x.float() @ dense.half().float().T
+    if M <= 16:
+        index2, _ = pack_nm_index(index4, vals.shape[1], 4)
+        assert rel(nm_linear(x, vals.half(), index2, 2, 4, index_bits=2), want) < 2e-3
+    sel = pack_nm_select(vals.half(), index4)
+    assert torch.equal(sel.dense(), dense.half())
+    assert rel(nm_select_linear(x, sel), want) < 2e-3
+    for sym in (True, False):                       # zero points: the kernel's (8 - z) sum x term
+        codes, s, z = rtn(vals, 4, G, sym)
+        vq, z8 = pack_codes(codes.to(torch.int16)), None if z is None else z.to(torch.uint8)
+        wd = dens.run([deq.run([vq, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
+                      {"n": 2, "m": 4})[0]
+        got = nm_select_linear(x, pack_nm_select_int4(vq, s.half(), z8, G, index4))
+        assert rel(got, x.float() @ wd.T) < 2e-3
 
 
 @pytest.mark.parametrize("B,L", [(1, 4096), (1, 16384), (4, 2048)])

@@ -80,24 +80,30 @@ SCRIPT = textwrap.dedent("""
                         value_zeros=z8, value_group=G)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4", M, N, K, (got - want).abs().max())
         cases += 1
-    # 2:4 with int4 kept values in the select kernel's layout (decode), the graph's forms recovered
-    # from it exactly, and M > 2 through them
-    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
-    for M, N, K, G, sym, bias in [(1, 37, 128, 16, True, False), (2, 200, 256, 32, False, True),
-                                  (5, 130, 512, 64, True, True)]:
-        x, w = torch.randn(M, K), torch.randn(N, K)
-        b = torch.randn(N) if bias else None
+    # 2:4 in the select kernel's layout: fp16 kept values, or int4 ones (symmetric or with zero
+    # points); up to 16 rows in one block of the generated kernel, more through the dense workspace
+    from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4
+    for M, N, K, G, sym, bias in [(1, 37, 128, 0, True, False), (3, 70, 96, 0, True, True),
+                                  (17, 33, 64, 0, True, True), (1, 37, 128, 16, True, False),
+                                  (2, 200, 256, 32, False, True), (5, 130, 512, 64, True, True),
+                                  (18, 20, 64, 16, False, False)]:
+        x, w = torch.randn(M, K).half(), torch.randn(N, K)
+        b = torch.randn(N).half() if bias else None
         vals, idx, _ = nm_prune(w, w.abs(), 2, 4)
-        codes, s, z = rtn_(vals, 4, G, sym)
-        z8 = None if z is None else z.to(torch.uint8)
-        q = pack_int4(codes.to(torch.int16))
-        vq = deq.run([q, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
-        want = torch.nn.functional.linear(x, dens.run([vq, pack_int4(idx)], {"n": 2, "m": 4})[0], b)
-        packed = pack_nm_int4(q, s.half(), z8, G, pack_int4(idx))
-        back = packed.graph_forms()
-        assert torch.equal(back[0], q) and torch.equal(back[1], idx.to(torch.uint8))
-        got = nm_int4_linear(x, packed, b)
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4 select", M, N, K, (got - want).abs().max())
+        if G == 0:
+            v16 = vals.half()
+            packed, wd = pack_nm_select(v16, pack_int4(idx)), dens.run([v16, pack_int4(idx)], {"n": 2, "m": 4})[0]
+        else:
+            codes, s, z = rtn_(vals, 4, G, sym)
+            z8 = None if z is None else z.to(torch.uint8)
+            q = pack_int4(codes.to(torch.int16))
+            vq = deq.run([q, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
+            packed, wd = pack_nm_select_int4(q, s.half(), z8, G, pack_int4(idx)), dens.run([vq, pack_int4(idx)],
+                                                                                           {"n": 2, "m": 4})[0]
+        assert torch.equal(packed.dense(), wd.half()), ("select layout densify", M, N, K, G)
+        want = torch.nn.functional.linear(x.float(), wd.half().float(), None if b is None else b.float())
+        got = nm_select_linear(x, packed, b).float()
+        assert (got - want).abs().max() <= 2e-3 * want.abs().max(), ("nm select", M, N, K, G, (got - want).abs().max())
         cases += 1
     # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
     from presso.codegen.triton import int8_linear
@@ -118,6 +124,14 @@ SCRIPT = textwrap.dedent("""
     extras, want = folded(x @ dense.T, 2)
     got = nm_linear(x, vals, pack_int4(idx), 2, 4, epilogue=epi, extras=extras)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm epilogue", (got - want).abs().max())
+    sel = pack_nm_select(vals.half(), pack_int4(idx))
+    wd16 = dens.run([vals.half(), pack_int4(idx)], {"n": 2, "m": 4})[0].float()
+    for M in (2, 17):      # select kernel; dense workspace + the epilogue as its own kernel
+        xs = torch.randn(M, 64).half()
+        extras, want = folded(xs.float() @ wd16.T, M)
+        got = nm_select_linear(xs, sel, epilogue=epi, extras=extras)
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3), ("select epilogue", M, (got - want).abs().max())
+        cases += 1
     codes, s8, _ = rtn(w, 8, 32, True)
     wd = deq.run([codes.to(torch.int8), s8.half(), None], {"bits": 8, "group_size": 32, "dtype": "f32"})[0]
     extras, want = folded(x @ wd.T, 2)
@@ -172,7 +186,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 45" in r.stdout
+    assert "kernel cases 51" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -181,7 +195,7 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
     import torch
     from presso.codegen.triton import nm_linear
     from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4
-    from presso.codegen.triton.nm_int4 import nm_int4_linear, pack_nm_int4
+    from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4
     codes = torch.zeros(8, 32, dtype=torch.uint8)                   # 8 rows x 64 int4 codes
     w = pack_int4(codes, torch.ones(8, 2, dtype=torch.float16), None, 32)
     with pytest.raises(ValueError, match=r"x \[\.\.\., 48\] does not fit a weight of K=64"):
@@ -191,11 +205,14 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
     index = torch.zeros(8, 16, dtype=torch.uint8)                   # 32 kept positions, 4 bits each
     with pytest.raises(ValueError, match=r"int4 values \(8, 16\) with scales \(8, 3\) do not fit groups of 16"):
         nm_linear(torch.zeros(1, 64), codes[:, :16], index, 2, 4, value_scales=torch.ones(8, 3), value_group=16)
-    with pytest.raises(ValueError, match="K=48 with groups of 16 kept values has no layout"):
-        pack_nm_int4(codes[:, :12], torch.ones(8, 2), None, 16, index[:, :12])
-    nm4 = pack_nm_int4(codes[:, :16], torch.ones(8, 2, dtype=torch.float16), None, 16, index)
+    with pytest.raises(ValueError, match=r"24 int4 kept values per row with scales \(8, 2\) in groups of 16 have no "
+                                         r"select layout \(needs K % 32 == 0"):
+        pack_nm_select_int4(codes[:, :12], torch.ones(8, 2), None, 16, index[:, :12])
+    with pytest.raises(ValueError, match=r"2:4 values \(8, 32\) torch.float32 have no select layout \(needs fp16"):
+        pack_nm_select(torch.zeros(8, 32), index)
+    nm4 = pack_nm_select_int4(codes[:, :16], torch.ones(8, 2, dtype=torch.float16), None, 16, index)
     with pytest.raises(ValueError, match=r"x \(1, 32\) must be \[\.\.\., 64\]"):
-        nm_int4_linear(torch.zeros(1, 32), nm4)
+        nm_select_linear(torch.zeros(1, 32), nm4)
     from presso.codegen.triton.latent_attention import latent_decode_attention
     q, hk, pos = torch.zeros(1, 8, 16), torch.zeros(1, 8, 2 * 32), torch.tensor([3])     # 2 groups, rank 32
     with pytest.raises(ValueError, match=r"absorb \(8, 32, 16\) must be \[H, D, R\] = \[8, 16, 32\]"):

@@ -58,6 +58,28 @@ def store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS: t
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _epilogue_kernel(y_ptr, out_ptr, e0_ptr, e1_ptr, total, N, BLOCK: tl.constexpr, EPI: tl.constexpr,
+                     E0: tl.constexpr, E1: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = apply_epilogue(acc, offs, offs % N, mask, e0_ptr, e1_ptr, EPI, E0, E1)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def run_epilogue(y: torch.Tensor, epilogue: "Epilogue | None", extras) -> torch.Tensor:
+    """y [M, N] (contiguous) -> the epilogue applied as one elementwise kernel, for the paths that
+    produce a linear's output outside presso's kernels (a dense matmul on a densified workspace)."""
+    if epilogue is None:
+        return y
+    M, N = y.shape
+    out, epi = output_buffer(y, M, N, epilogue, extras)
+    _epilogue_kernel[(triton.cdiv(M * N, 1024),)](y, out, epi.pop("e0_ptr"), epi.pop("e1_ptr"), M * N, N,
+                                                  BLOCK=1024, **epi)
+    return out
+
+
 def epilogue_source(expr: str, acc_index: int, extra_indices: tuple[int, ...]) -> str:
     lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit",
              "def epilogue(acc, e0, e1):", f"    x{acc_index} = acc"]

@@ -66,6 +66,27 @@ def pair_sum_ptx(out: str) -> str:
         add.f32 {out}, f0, f1;"""
 
 
+def selector_ptx(shift: int, lo: str, hi: str) -> str:
+    """PTX: prmt selectors for two groups from the 2 x 2 position bits at bits shift..shift+7 of
+    $I (needs .b32 registers i, u, T): the four 2-bit fields spread to bytes (p0, p1 of each
+    group), times 0x22 plus 0x10 per byte make each group's 16-bit selector (bytes 2p, 2p + 1 for
+    each of its two kept values); ``lo`` gets the first group's, ``hi`` the second's."""
+    src = "$I" if shift == 0 else "i"
+    pre = "" if shift == 0 else f"""
+        shr.u32 i, $I, {shift};"""
+    return pre + f"""
+        and.b32 i, {src}, 0xFF;
+        shl.b32 u, i, 6;
+        or.b32 T, i, u;
+        shl.b32 u, i, 12;
+        or.b32 T, T, u;
+        shl.b32 u, i, 18;
+        or.b32 T, T, u;
+        and.b32 T, T, 0x03030303;
+        mad.lo.u32 {lo}, T, 0x22, 0x10101010;
+        shr.u32 {hi}, {lo}, 16;"""
+
+
 _DOT8_PTX = tl.constexpr("""{
         .reg .b32 a, b, c, d, t, m, s, acc;
         .reg .b16 lo, hi;

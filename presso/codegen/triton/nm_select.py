@@ -1,0 +1,379 @@
+"""2:4 sparse linears with fp16 kept values at decode (M <= 16 rows per program): y = x W^T + b
+reading 36 bits per group of 4 weights, each kept value's input *selected*, never gathered.
+
+The graph's kept values [N, K/2] and 2-bit positions become, once at load (``pack_nm_select``),
+two planes of int32 words stored transposed (row index fastest), so a tile [chunks, rows] loads
+contiguous along the rows and one thread holds several rows of one chunk (32 inputs, 8 groups):
+
+* ``values`` [K/4, N_pad]: word (g, n) is the fp16 pair (v0, v1) of group g of row n;
+* ``index`` [K/32, N_pad]: word (c, n) holds the 2-bit positions of chunk c's 16 kept values
+  (kept value k at bits 2k) -- the graph's 2-bit index bytes, four to a word.
+
+Per chunk and row the positions become 8 ``prmt`` selectors once (``selector_ptx``), shared by
+all the program's rows of x: per group and row of x one ``prmt`` picks (x[p0], x[p1]) from the
+group's four x held as two fp16 pairs and one fp16x2 FMA multiplies them with (v0, v1); a chunk's
+16 products are summed in fp16x2, then in fp32. So the weights are read once per block of up to
+16 rows of x, where the per-row gather kernel read them once per row (and the dense-tile
+``tl.dot`` kernel of ``linear.py`` spent its time rebuilding tiles). The kernel is generated per
+number of rows (one fp32 accumulator tile per row of x, all live in registers). The
+interpreter and non-fp16 activations run the same layout with the selection done by gathers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import choose
+from .epilogue import apply_epilogue, output_buffer, run_epilogue
+from ...ir.ops import unpack_int4
+from .linear import INTERPRET, pack_nm_index
+from .nibbles import CODE_PAIRS_PTX, pair_sum_ptx, selector_ptx
+from .source import load_source
+
+ROW_PAD = 256          # rows padded to the largest row block: the weight loads need no masks
+MAX_ROWS = 16          # rows of x per program; more rows (prefill) densify into a workspace instead
+F16, INT4 = 0, 1       # what the kept values are
+
+
+@dataclass
+class NMSelectWeight:
+    """One 2:4 linear in the select layout (module docstring); ``kind`` F16 or INT4."""
+    values: torch.Tensor                     # F16: int32 [K/4, N_pad] pairs; INT4: int32 [2, K/32, N_pad] codes
+    index: torch.Tensor                      # int32 [K/32, N_pad]: 2-bit positions
+    n: int
+    k: int
+    kind: int = F16
+    scales: Optional[torch.Tensor] = None    # INT4: [KV/group, N_pad] (fp16)
+    zeros: Optional[torch.Tensor] = None     # INT4 with zero points: [KV/group, N_pad] (uint8)
+    group: int = 0                           # INT4: kept values per scale
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.index, self.scales, self.zeros)
+                   if t is not None)
+
+    def dense(self, block_n: int = 64, chunks_per_program: int = 8) -> torch.Tensor:
+        """The fp16 weight [N, K] rebuilt (one kernel): the prefill path's transient workspace."""
+        w = torch.empty(self.n, self.k, dtype=torch.float16, device=self.values.device)
+        sc = self.scales if self.scales is not None else self.values
+        chunks = self.k // 32
+        per = chunks_per_program
+        while chunks % per:
+            per //= 2
+        _densify_kernel[(triton.cdiv(self.n, block_n), chunks // per)](
+            self.values, self.index, sc, self.zeros if self.zeros is not None else sc, w, self.n,
+            self.values.shape[-1], self.k, KIND=self.kind, QG=max(self.group, 1), HAS_ZERO=self.zeros is not None,
+            BLOCK_N=block_n, PER=per)
+        return w
+
+
+@triton.jit
+def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N, N_PAD, K, KIND: tl.constexpr, QG: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, PER: tl.constexpr):
+    """[BLOCK_N, 32] tiles (chunks) of the dense weight, PER chunks per program: each group's two
+    kept values put at their positions."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.arange(0, 8)
+    j = tl.arange(0, 4)[None, None, :]
+    for c in range(tl.program_id(1) * PER, tl.program_id(1) * PER + PER):
+        bits = tl.load(i_ptr + c * N_PAD + rn)[:, None] >> (4 * g)[None, :]              # [BLOCK_N, 8]
+        if KIND == 0:
+            v = tl.load(v_ptr + (8 * c + g)[None, :] * N_PAD + rn[:, None])
+            lo, hi = _half(v, 0), _half(v, 1)
+        else:
+            wd = tl.load(v_ptr + ((g // 4) * (K // 32) + c)[None, :] * N_PAD + rn[:, None])
+            sh = (4 * (g % 4))[None, :]
+            so = (c * 16 // QG) * N_PAD + rn[:, None]
+            sc = tl.load(s_ptr + so).to(tl.float32)
+            off = tl.load(z_ptr + so).to(tl.float32) if HAS_ZERO else 8.0
+            lo = (((wd >> sh) & 15).to(tl.float32) - off) * sc
+            hi = (((wd >> (sh + 16)) & 15).to(tl.float32) - off) * sc
+        d = tl.where(j == (bits & 3)[:, :, None], lo[:, :, None],
+                     tl.where(j == ((bits >> 2) & 3)[:, :, None], hi[:, :, None], 0.0))
+        tl.store(w_ptr + rn[:, None, None] * K + c * 32 + g[None, :, None] * 4 + j, d.to(tl.float16),
+                 mask=(rn < N)[:, None, None])
+
+
+def fits(k: int, dtype: torch.dtype = torch.float16, group: int = 16) -> bool:
+    """Whether a 2:4 linear over K inputs has the select layout: fp16 kept values, or int4 ones in
+    scale groups of a multiple of 16 kept values (one scale per chunk)."""
+    return k % 32 == 0 and dtype == torch.float16 and group % 16 == 0 and (k // 2) % group == 0
+
+
+def _two_bit_words(index: torch.Tensor, kept: int) -> torch.Tensor:
+    """The graph's 2:4 positions (4-bit packed or one byte each) -> int32 words [N, K/32]."""
+    idx2, bits = pack_nm_index(index, kept, 4)
+    if bits != 2 or idx2.shape[1] * 4 != kept:
+        raise ValueError(f"pack_nm_select: index {tuple(index.shape)} does not hold the 2:4 positions of {kept} "
+                         "kept values")
+    return idx2.contiguous().view(torch.int32)
+
+
+def _plane(t: torch.Tensor) -> torch.Tensor:
+    """[N, X] -> [X, N_pad]: rows padded to ROW_PAD, the row index fastest."""
+    return torch.nn.functional.pad(t, (0, 0, 0, -t.shape[0] % ROW_PAD)).t().contiguous()
+
+
+def pack_nm_select(values: torch.Tensor, index: torch.Tensor) -> NMSelectWeight:
+    """The graph's 2:4 kept values [N, K/2] (fp16) and positions (4-bit packed [N, K/4] or one
+    byte each [N, K/2]) -> the select layout."""
+    N, KV = values.shape
+    if not fits(2 * KV, values.dtype):
+        raise ValueError(f"pack_nm_select: 2:4 values {tuple(values.shape)} {values.dtype} have no select layout "
+                         "(needs fp16 values and K % 32 == 0)")
+    return NMSelectWeight(_plane(values.contiguous().view(torch.int32)), _plane(_two_bit_words(index, KV)),
+                          N, 2 * KV)
+
+
+def pack_nm_select_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
+                        index: torch.Tensor) -> NMSelectWeight:
+    """The graph's int4 kept values [N, KV/2] (two per byte; signed, or unsigned with zero
+    points), their scales [N, KV/group] and 2:4 positions -> the select layout: per chunk two
+    code words, word w holding kept value 8w + i (group i // 2) at bit 4 (i // 2) + 16 (i % 2),
+    so a group's pair sits 16 bits apart; codes stored unsigned (symmetric ones + 8)."""
+    N, KV = codes.shape[0], codes.shape[1] * 2
+    if not fits(2 * KV, torch.float16, group) or tuple(scales.shape) != (N, KV // group):
+        raise ValueError(f"pack_nm_select_int4: {KV} int4 kept values per row with scales {tuple(scales.shape)} "
+                         f"in groups of {group} have no select layout (needs K % 32 == 0 and groups of a multiple "
+                         "of 16 kept values)")
+    c = unpack_int4(codes, signed=False).to(torch.int64)
+    if zeros is None:
+        c = c ^ 8                                          # two's-complement nibble -> c + 8
+    i = torch.arange(8, device=c.device)
+    w = (c.reshape(N, -1, 8) << (4 * (i // 2) + 16 * (i % 2))).sum(-1)                 # [N, KV / 8]
+    w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32).reshape(N, -1, 2)   # [N, chunks, 2]
+    planes = torch.stack([_plane(w[..., h]) for h in range(2)])
+    return NMSelectWeight(planes, _plane(_two_bit_words(index, KV)), N, 2 * KV, INT4,
+                          _plane(scales.half()), None if zeros is None else _plane(zeros.to(torch.uint8)), group)
+
+
+_SELECT_PTX = "{\n        .reg .b32 i, u, T;" + "".join(
+    selector_ptx(8 * w, f"${2 * w}", f"${2 * w + 1}") for w in range(4)).replace("$I", "$8") + "\n        }"
+
+
+def _dot_ptx(with_sum: bool) -> str:
+    """Operands: $0 the fp32 sum of value * selected x (with_sum: $1 that of the selected x); then
+    the value pairs of the chunk's 8 groups, their selectors, and each group's four x as one
+    64-bit word (two fp16 pairs)."""
+    o = 2 if with_sum else 1
+    body = ["{", "        .reg .b32 y, acc, sacc, xa, xb;", "        .reg .b16 lo, hi;", "        .reg .f32 f0, f1;"]
+    for g in range(8):
+        body.append(f"        mov.b64 {{xa, xb}}, ${o + 16 + g};")
+        body.append(f"        prmt.b32 y, xa, xb, ${o + 8 + g};")
+        body.append(f"        mul.rn.f16x2 acc, ${o + g}, y;" if g == 0 else f"        fma.rn.f16x2 acc, ${o + g}, y, acc;")
+        if with_sum:
+            body.append("        mov.b32 sacc, y;" if g == 0 else "        add.rn.f16x2 sacc, sacc, y;")
+    text = "\n".join(body) + pair_sum_ptx("$0")
+    if with_sum:
+        text += "\n        mov.b32 acc, sacc;" + pair_sum_ptx("$1")
+    return text + "\n        }"
+
+
+def _codes_ptx() -> str:
+    """Two code words ($8, $9) -> the 8 groups' exact (c - 8) / 8 fp16 pairs ($0..$7)."""
+    parts = []
+    for h in range(2):
+        outs = [f"${4 * h + j}" for j in range(4)]
+        parts.append("{\n        .reg .b32 a, b, c, d, t, m, s;" + CODE_PAIRS_PTX.replace("$W", f"${8 + h}")
+                     + "".join(f"\n        mov.b32 {o}, {r};" for o, r in zip(outs, "acbd")) + "\n        }")
+    return "{\n" + "\n".join(parts) + "\n        }"
+
+
+_ASM_SELECT = tl.constexpr(_SELECT_PTX)
+_ASM_DOT = tl.constexpr(_dot_ptx(False))
+_ASM_DOT_SUM = tl.constexpr(_dot_ptx(True))
+_ASM_CODES = tl.constexpr(_codes_ptx())
+
+
+@triton.jit
+def chunk_selectors(wi, F16X2: tl.constexpr):
+    """The 8 groups' prmt selectors of a [CPS, BLOCK_N] tile of position words (fp16 path); the
+    plain path selects by gathers and gets the words back unchanged."""
+    if F16X2:
+        return tl.inline_asm_elementwise(asm=_ASM_SELECT, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[wi],
+                                         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return wi, wi, wi, wi, wi, wi, wi, wi
+
+
+@triton.jit
+def chunk_codes(v_ptr, off, CHUNK_PLANE, F16X2: tl.constexpr):
+    """INT4: a chunk's two code words -> its 8 groups' value pairs as fp16x2 bit patterns of the
+    exact (c - 8) / 8 (the scale is applied to the row sums)."""
+    w0 = tl.load(v_ptr + off, eviction_policy="evict_first")
+    w1 = tl.load(v_ptr + CHUNK_PLANE + off, eviction_policy="evict_first")
+    if F16X2:
+        return tl.inline_asm_elementwise(asm=_ASM_CODES, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[w0, w1],
+                                         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return (_code_pair(w0, 0), _code_pair(w0, 1), _code_pair(w0, 2), _code_pair(w0, 3),
+            _code_pair(w1, 0), _code_pair(w1, 1), _code_pair(w1, 2), _code_pair(w1, 3))
+
+
+@triton.jit
+def _code_pair(w, j: tl.constexpr):
+    """Plain path: group j's codes (bits 4j and 4j + 16) as the fp16 pair of (c - 8) / 8."""
+    lo = ((((w >> (4 * j)) & 15) - 8).to(tl.float32) * 0.125).to(tl.float16).to(tl.int16, bitcast=True)
+    hi = ((((w >> (4 * j + 16)) & 15) - 8).to(tl.float32) * 0.125).to(tl.float16).to(tl.int16, bitcast=True)
+    return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+
+
+@triton.jit
+def _half(v, hi: tl.constexpr):
+    """The low (hi = 0) or high fp16 of int32 pairs, as fp32."""
+    return ((v >> (16 * hi)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def row_dot(v0, v1, v2, v3, v4, v5, v6, v7, s0, s1, s2, s3, s4, s5, s6, s7, wi, xw_row, x_row, ch,
+            F16X2: tl.constexpr, WITH_SUM: tl.constexpr):
+    """(sum over each chunk of kept value * selected x, that of the selected x -- or the first
+    again without WITH_SUM) for one row of x: [CPS, BLOCK_N] fp32 each. ``xw_row``: the row as
+    int64 words of four fp16 (fp16 path), ``x_row``: the row itself (plain)."""
+    shape: tl.constexpr = wi.shape
+    if F16X2:
+        xb = xw_row + ch * 8
+        args = [v0, v1, v2, v3, v4, v5, v6, v7, s0, s1, s2, s3, s4, s5, s6, s7,
+                _xgroup(xb, 0, shape), _xgroup(xb, 1, shape), _xgroup(xb, 2, shape), _xgroup(xb, 3, shape),
+                _xgroup(xb, 4, shape), _xgroup(xb, 5, shape), _xgroup(xb, 6, shape), _xgroup(xb, 7, shape)]
+        if WITH_SUM:
+            return tl.inline_asm_elementwise(asm=_ASM_DOT_SUM, constraints="=r,=r" + ",r" * 16 + ",l" * 8,
+                                             args=args, dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        d = tl.inline_asm_elementwise(asm=_ASM_DOT, constraints="=r" + ",r" * 16 + ",l" * 8, args=args,
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return d, d
+    xb = x_row + ch[:, None] * 32
+    d0, t0 = _gathered_group(v0, wi, xb, 0)
+    d1, t1 = _gathered_group(v1, wi, xb, 1)
+    d2, t2 = _gathered_group(v2, wi, xb, 2)
+    d3, t3 = _gathered_group(v3, wi, xb, 3)
+    d4, t4 = _gathered_group(v4, wi, xb, 4)
+    d5, t5 = _gathered_group(v5, wi, xb, 5)
+    d6, t6 = _gathered_group(v6, wi, xb, 6)
+    d7, t7 = _gathered_group(v7, wi, xb, 7)
+    return d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7, t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7
+
+
+@triton.jit
+def _xgroup(xb, g: tl.constexpr, shape: tl.constexpr):
+    """Group g's four fp16 x of each chunk as one int64, broadcast over the tile's rows."""
+    return tl.broadcast_to(tl.load(xb + g)[:, None], shape)
+
+
+@triton.jit
+def _gathered_group(v, wi, xb, g: tl.constexpr):
+    """Plain path: group g's two kept values times their x, gathered by position, and the two x
+    (fp32)."""
+    x0 = tl.load(xb + 4 * g + ((wi >> (4 * g)) & 3)).to(tl.float32)
+    x1 = tl.load(xb + 4 * g + ((wi >> (4 * g + 2)) & 3)).to(tl.float32)
+    return _half(v, 0) * x0 + _half(v, 1) * x1, x0 + x1
+
+
+@triton.jit
+def finish_row(acc, r: tl.constexpr, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS: tl.constexpr,
+               EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+    """Row r of y: the chunk sums added up, bias, epilogue, one store."""
+    out = tl.sum(acc, axis=0)
+    mask = rn < N
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    out = apply_epilogue(out, r * N + rn, rn, mask, e0_ptr, e1_ptr, EPI, E0, E1)
+    tl.store(y_ptr + r * N + rn, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def kernel_source(rows: int, kind: int, has_zero: bool) -> str:
+    """The kernel for ``rows`` rows of x: one accumulator tile per row, unrolled. INT4 scales
+    each row's chunk sums (and adds (8 - zero) * scale * the selected x's sum)."""
+    R = range(rows)
+    vs = ", ".join(f"v{i}" for i in range(8))
+    ss = ", ".join(f"s{i}" for i in range(8))
+    lines = [
+        "import triton", "import triton.language as tl",
+        "from presso.codegen.triton.nm_select import chunk_codes, chunk_selectors, finish_row, row_dot", "", "",
+        "@triton.jit",
+        "def nm_select_kernel(x_ptr, xw_ptr, v_ptr, i_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, N_PAD, K,",
+        "                     stride_xm, QG: tl.constexpr, BLOCK_N: tl.constexpr, CPS: tl.constexpr,",
+        "                     F16X2: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,",
+        "                     E1: tl.constexpr):",
+        "    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)",
+    ]
+    lines += [f"    acc{i} = tl.zeros((CPS, BLOCK_N), dtype=tl.float32)" for i in R]
+    lines += [
+        "    for st in range(K // 32 // CPS):",
+        "        ch = st * CPS + tl.arange(0, CPS)",
+        "        off = ch[:, None] * N_PAD + rn[None, :]",
+        "        wi = tl.load(i_ptr + off, eviction_policy='evict_first')",
+        f"        {ss} = chunk_selectors(wi, F16X2)",
+    ]
+    if kind == F16:
+        lines.append("        vb = v_ptr + 8 * ch[:, None] * N_PAD + rn[None, :]")
+        lines += [f"        v{i} = tl.load(vb + {i} * N_PAD, eviction_policy='evict_first')" for i in range(8)]
+    else:
+        lines += ["        " + vs + " = chunk_codes(v_ptr, off, K // 32 * N_PAD, F16X2)",
+                  "        so = (ch[:, None] * 16 // QG) * N_PAD + rn[None, :]",
+                  "        sc = tl.load(s_ptr + so).to(tl.float32)",
+                  "        s8 = 8.0 * sc"]
+        if has_zero:
+            lines.append("        zs = (8.0 - tl.load(z_ptr + so).to(tl.float32)) * sc")
+    for i in R:
+        call = f"row_dot({vs}, {ss}, wi, xw_ptr + {i} * (stride_xm // 4), x_ptr + {i} * stride_xm, ch, F16X2, "
+        if kind == F16:
+            lines += [f"        d, _ = {call}False)", f"        acc{i} += d"]
+        elif has_zero:
+            lines += [f"        d, t = {call}True)", f"        acc{i} += d * s8 + t * zs"]
+        else:
+            lines += [f"        d, _ = {call}False)", f"        acc{i} += d * s8"]
+    lines += [f"    finish_row(acc{i}, {i}, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
+    return "\n".join(lines) + "\n"
+
+
+def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | None = None, epilogue=None,
+                     extras: tuple = (), block_n: int | None = None, cps: int | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) (-> epilogue) for a ``pack_nm_select`` weight: up to
+    ``MAX_ROWS`` rows of x in one block of the select kernel (the rows share every weight load);
+    more (prefill, compute-bound) through a dense fp16 workspace rebuilt per call and a dense
+    matmul (H100, 64x4096->14336: ~100 us instead of 179 in blocks of 16 rows)."""
+    K, N = w.k, w.n
+    if x.shape[-1] != K:
+        raise ValueError(f"nm_select_linear: x {tuple(x.shape)} must be [..., {K}]")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    if M > MAX_ROWS:
+        y = torch.nn.functional.linear(x2, w.dense().to(x2.dtype), bias)
+        return run_epilogue(y, epilogue, extras).reshape(*x.shape[:-1], N)
+    kernel = load_source(kernel_source(M, w.kind, w.zeros is not None), "nm_select_kernel")
+    y, epi = output_buffer(x, M, N, epilogue, extras)
+    e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
+    chunks = K // 32
+    f16x2 = x2.dtype == torch.float16 and not INTERPRET
+    xw = x2.view(torch.int64) if f16x2 else x2               # a group's four fp16 x as one word
+    sc = w.scales if w.scales is not None else w.values
+
+    def launch(cfg):
+        c = cfg["cps"]                  # a power of two dividing the chunks
+        while chunks % c:
+            c //= 2
+        kernel[(triton.cdiv(N, cfg["block_n"]),)](
+            x2, xw, w.values, w.index, sc, w.zeros if w.zeros is not None else sc,
+            bias if bias is not None else x2, y, e0, e1, N, w.values.shape[-1], K, x2.stride(0),
+            QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, F16X2=f16x2, HAS_BIAS=bias is not None,
+            num_warps=cfg["warps"], **epi)
+    # H100 sweep at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread
+    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else _DEFAULTS[min(_DEFAULTS, key=lambda r: abs(r - M))]
+    if block_n or cps or num_warps:
+        cfg = {"block_n": block_n or default["block_n"], "cps": cps or default["cps"],
+               "warps": num_warps or default["warps"]}
+    else:
+        cfg = choose("nm_select", (M, N, K, w.kind, w.group, w.zeros is not None, x.dtype), x.device,
+                     lambda: [{"block_n": bn, "cps": c, "warps": nw} for bn in (32, 64, 128) for c in (4, 8, 16)
+                              for nw in (4, 8) if bn * c >= 32 * nw], launch, default)
+    launch(cfg)
+    return y.reshape(*x.shape[:-1], N)
+
+
+_DEFAULTS = {1: {"block_n": 32, "cps": 16, "warps": 8}, 2: {"block_n": 32, "cps": 16, "warps": 4},
+             4: {"block_n": 64, "cps": 16, "warps": 4}, 8: {"block_n": 64, "cps": 8, "warps": 8},
+             16: {"block_n": 64, "cps": 8, "warps": 4}}
