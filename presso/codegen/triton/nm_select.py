@@ -56,46 +56,45 @@ class NMSelectWeight:
         return sum(t.numel() * t.element_size() for t in (self.values, self.index, self.scales, self.zeros)
                    if t is not None)
 
-    def dense(self, block_n: int = 64, chunks_per_program: int = 8) -> torch.Tensor:
-        """The fp16 weight [N, K] rebuilt (one kernel): the prefill path's transient workspace."""
-        w = torch.empty(self.n, self.k, dtype=torch.float16, device=self.values.device)
+    def dense_t(self, block_n: int = 256) -> torch.Tensor:
+        """The fp16 weight rebuilt transposed, [K, N_pad] (one kernel; reads and writes run along
+        the rows, as the planes are stored): the prefill path's transient workspace, x @ it[:, :N]."""
+        n_pad = self.values.shape[-1]
+        w = torch.empty(self.k, n_pad, dtype=torch.float16, device=self.values.device)
         sc = self.scales if self.scales is not None else self.values
-        chunks = self.k // 32
-        per = chunks_per_program
-        while chunks % per:
-            per //= 2
-        _densify_kernel[(triton.cdiv(self.n, block_n), chunks // per)](
-            self.values, self.index, sc, self.zeros if self.zeros is not None else sc, w, self.n,
-            self.values.shape[-1], self.k, KIND=self.kind, QG=max(self.group, 1), HAS_ZERO=self.zeros is not None,
-            BLOCK_N=block_n, PER=per)
+        _densify_kernel[(triton.cdiv(n_pad, block_n), self.k // 32)](
+            self.values, self.index, sc, self.zeros if self.zeros is not None else sc, w, n_pad, self.k,
+            KIND=self.kind, QG=max(self.group, 1), HAS_ZERO=self.zeros is not None, BLOCK_N=block_n)
         return w
+
+    def dense(self) -> torch.Tensor:
+        """The fp16 weight [N, K] (tests, inspection)."""
+        return self.dense_t()[:, :self.n].t().contiguous()
 
 
 @triton.jit
-def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N, N_PAD, K, KIND: tl.constexpr, QG: tl.constexpr,
-                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, PER: tl.constexpr):
-    """[BLOCK_N, 32] tiles (chunks) of the dense weight, PER chunks per program: each group's two
-    kept values put at their positions."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.arange(0, 8)
-    j = tl.arange(0, 4)[None, None, :]
-    for c in range(tl.program_id(1) * PER, tl.program_id(1) * PER + PER):
-        bits = tl.load(i_ptr + c * N_PAD + rn)[:, None] >> (4 * g)[None, :]              # [BLOCK_N, 8]
-        if KIND == 0:
-            v = tl.load(v_ptr + (8 * c + g)[None, :] * N_PAD + rn[:, None])
-            lo, hi = _half(v, 0), _half(v, 1)
-        else:
-            wd = tl.load(v_ptr + ((g // 4) * (K // 32) + c)[None, :] * N_PAD + rn[:, None])
-            sh = (4 * (g % 4))[None, :]
-            so = (c * 16 // QG) * N_PAD + rn[:, None]
-            sc = tl.load(s_ptr + so).to(tl.float32)
-            off = tl.load(z_ptr + so).to(tl.float32) if HAS_ZERO else 8.0
-            lo = (((wd >> sh) & 15).to(tl.float32) - off) * sc
-            hi = (((wd >> (sh + 16)) & 15).to(tl.float32) - off) * sc
-        d = tl.where(j == (bits & 3)[:, :, None], lo[:, :, None],
-                     tl.where(j == ((bits >> 2) & 3)[:, :, None], hi[:, :, None], 0.0))
-        tl.store(w_ptr + rn[:, None, None] * K + c * 32 + g[None, :, None] * 4 + j, d.to(tl.float16),
-                 mask=(rn < N)[:, None, None])
+def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N_PAD, K, KIND: tl.constexpr, QG: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows 32c .. 32c + 31 (chunk c) of the transposed dense weight for BLOCK_N of its columns:
+    each group's two kept values put at their positions, zeros elsewhere."""
+    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
+    c = tl.program_id(1)
+    g = tl.arange(0, 8)[:, None, None]
+    j = tl.arange(0, 4)[None, :, None]
+    bits = tl.load(i_ptr + c * N_PAD + rn) >> (4 * g)                                  # [8, 1, BLOCK_N]
+    if KIND == 0:
+        v = tl.load(v_ptr + (8 * c + g) * N_PAD + rn)
+        lo, hi = _half(v, 0), _half(v, 1)
+    else:
+        wd = tl.load(v_ptr + ((g // 4) * (K // 32) + c) * N_PAD + rn)
+        sh = 4 * (g % 4)
+        so = (c * 16 // QG) * N_PAD + rn
+        sc = tl.load(s_ptr + so).to(tl.float32)
+        off = tl.load(z_ptr + so).to(tl.float32) if HAS_ZERO else 8.0
+        lo = (((wd >> sh) & 15).to(tl.float32) - off) * sc
+        hi = (((wd >> (sh + 16)) & 15).to(tl.float32) - off) * sc
+    d = tl.where(j == (bits & 3), lo, tl.where(j == ((bits >> 2) & 3), hi, 0.0))
+    tl.store(w_ptr + (32 * c + 4 * g + j) * N_PAD + rn, d.to(tl.float16))
 
 
 def fits(k: int, dtype: torch.dtype = torch.float16, group: int = 16) -> bool:
@@ -334,15 +333,16 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
                      num_warps: int | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) (-> epilogue) for a ``pack_nm_select`` weight: up to
     ``MAX_ROWS`` rows of x in one block of the select kernel (the rows share every weight load);
-    more (prefill, compute-bound) through a dense fp16 workspace rebuilt per call and a dense
-    matmul (H100, 64x4096->14336: ~100 us instead of 179 in blocks of 16 rows)."""
+    more (prefill, compute-bound) through a dense fp16 workspace rebuilt per call (transposed,
+    N x K x 2 bytes, freed after) and a dense matmul."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"nm_select_linear: x {tuple(x.shape)} must be [..., {K}]")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if M > MAX_ROWS:
-        y = torch.nn.functional.linear(x2, w.dense().to(x2.dtype), bias)
+        wt = w.dense_t()[:, :N].to(x2.dtype)
+        y = torch.addmm(bias.to(x2.dtype), x2, wt) if bias is not None else x2 @ wt
         return run_epilogue(y, epilogue, extras).reshape(*x.shape[:-1], N)
     kernel = load_source(kernel_source(M, w.kind, w.zeros is not None), "nm_select_kernel")
     y, epi = output_buffer(x, M, N, epilogue, extras)
