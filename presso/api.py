@@ -162,8 +162,8 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if target == "cuda":
         from .runtime.cuda import cuda_device
         cuda_device()                 # no GPU (and no interpreter): say so before any work
-        if not any(s.name == "fuse" for s in specs):
-            specs = specs + resolve(["fuse"])
+        names = {s.name for s in specs}       # horizontal, then elementwise fusion, unless the recipe placed them
+        specs = specs + resolve([p for p in ("concat_linears", "fuse") if p not in names])
     if generation and dynamic_shapes is None and isinstance(model, torch.nn.Module):
         from torch.export import Dim
         dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)

@@ -12,3 +12,4 @@ from . import quantize  # noqa: F401,E402
 from . import sparsify  # noqa: F401,E402
 from . import kv_cache  # noqa: F401,E402
 from . import fuse  # noqa: F401,E402
+from . import concat_linears  # noqa: F401,E402

@@ -64,6 +64,7 @@ class CudaRuntime:
         env: dict[Value, torch.Tensor] = dict(self._params)
         for v, a in zip(self.graph.inputs, args):
             env[v] = a.to(self.device)
+        self.program.begin_run()
         with torch.no_grad():
             for i, s in enumerate(self.program.steps):
                 prep = self._prepared[i]

@@ -186,7 +186,26 @@ def _torch_step(n: Node) -> Step:
     return Step(n, "torch", run, list(n.inputs))
 
 
-def _attention_cached_step(n: Node) -> Step:
+class PositionMask:
+    """The decode attention's mask (cache slot j visible to query i when j <= positions[i]),
+    built by the first layer of a run and read by the others (2 launches per layer otherwise).
+    The runtime calls ``Program.begin_run`` before each run (and each CUDA-graph capture, which so
+    records the first layer's launches), so a mask never outlives the run that built it."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._key, self._mask = None, None
+
+    def __call__(self, pos: torch.Tensor, length: int) -> torch.Tensor:
+        if self._key is None or self._key[0] is not pos or self._key[1] != length:
+            self._mask = torch.arange(length, device=pos.device)[None, :] <= pos[:, None]
+            self._key = (pos, length)
+        return self._mask
+
+
+def _attention_cached_step(n: Node, mask: PositionMask) -> Step:
     """Decode attention over the whole preallocated cache with a position mask: the same result as
     the reference (slots past the newest position get zero weight) without reading the positions
     back to the host, so a decode step can be captured as a CUDA graph."""
@@ -194,10 +213,9 @@ def _attention_cached_step(n: Node) -> Step:
     scale = n.attrs["scale"]
 
     def run(q, k, v, pos):
-        mask = torch.arange(k.shape[-2], device=k.device)[None, :] <= pos[:, None]
         gqa = q.shape[-3] != k.shape[-3]
-        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
-                                               enable_gqa=gqa)]
+        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask(pos, k.shape[-2]),
+                                               scale=scale, enable_gqa=gqa)]
     return Step(n, "torch:sdpa_masked", run, list(n.inputs))
 
 
@@ -293,6 +311,12 @@ def _cache_update_step(n: Node) -> Step:
 class Program:
     graph: Graph
     steps: list
+    mask: Optional[PositionMask] = None
+
+    def begin_run(self) -> None:
+        """Forget what the previous run computed once for all steps (the position mask)."""
+        if self.mask is not None:
+            self.mask.reset()
 
     @property
     def kernels(self) -> dict[str, str]:
@@ -303,6 +327,7 @@ def build_program(g: Graph) -> Program:
     users = g.users()
     outputs = set(g.outputs)
     skipped, covered, steps = set(), set(), []     # nodes whose step is dropped / never built
+    mask = PositionMask()
     for n in g.nodes:
         if n in covered:          # run by an earlier node's step
             continue
@@ -331,12 +356,12 @@ def build_program(g: Graph) -> Program:
                 skipped.update(replaced)
                 covered.add(step.node)
             else:
-                step = _attention_cached_step(n)
+                step = _attention_cached_step(n, mask)
         elif n.op == "cache_update" and n.inputs[0].kind == "input" and len(users.get(n.inputs[0], [])) == 1:
             step = _cache_update_step(n)
         steps.append(step or _torch_step(n))
     steps = [s for s in steps if s.node not in skipped]
-    return Program(g, _fold_epilogues(steps, users, outputs))
+    return Program(g, _fold_epilogues(steps, users, outputs), mask)
 
 
 def needs_bindings(step: Step) -> bool:

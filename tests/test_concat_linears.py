@@ -1,0 +1,99 @@
+"""The ``concat_linears`` pass: golden IR before -> after, exact on the reference runtime, for
+dense and compressed (int4 / 2:4 packed) weights; what it must leave alone."""
+import torch
+
+from presso import parse
+from presso.ir import print_graph
+from presso.ir.ops import pack_int4
+from presso.passes.concat_linears import concat_linears
+from presso.runtime import run_graph
+from test_passes import check_golden
+
+
+def test_projections_of_one_input_become_one_linear_and_a_split():
+    before = """
+graph @g(%h: f32[2, 3, 8]) {
+  param %wq: f32[8, 8]
+  param %wk: f32[4, 8]
+  param %wv: f32[4, 8]
+  param %bq: f32[8]
+  param %bk: f32[4]
+  param %bv: f32[4]
+  %q: f32[2, 3, 8] = linear(%h, %wq, %bq)
+  %k: f32[2, 3, 4] = linear(%h, %wk, %bk)
+  %v: f32[2, 3, 4] = linear(%h, %wv, %bv)
+  %kv: f32[2, 3, 8] = concat(%k, %v) {axis=2}
+  return %q, %kv
+}"""
+    after = """
+graph @g(%h: f32[2, 3, 8]) {
+  param %q.stacked.0: f32[16, 8]
+  param %q.stacked.bias: f32[16]
+  %q_k_v: f32[2, 3, 16] = linear(%h, %q.stacked.0, %q.stacked.bias)
+  %q: f32[2, 3, 8], %k: f32[2, 3, 4], %v: f32[2, 3, 4] = split(%q_k_v) {axis=2, sizes=[8, 4, 4]}
+  %kv: f32[2, 3, 8] = concat(%k, %v) {axis=2}
+  return %q, %kv
+}"""
+    w = {n: torch.randn(*s) for n, s in [("wq", (8, 8)), ("wk", (4, 8)), ("wv", (4, 8)), ("bq", (8,)), ("bk", (4,)),
+                                          ("bv", (4,))]}
+    check_golden(before, after, w, (torch.randn(2, 3, 8),), fn=concat_linears, rtol=0)
+
+
+def test_packed_int4_and_2_4_weights_stack_their_storage_and_stay_exact():
+    before = """
+graph @g(%h: f32[3, 64]) {
+  param %qa: i4[32, 64]
+  param %sa: f16[32, 2]
+  param %qb: i4[16, 64]
+  param %sb: f16[16, 2]
+  param %va: f32[8, 32]
+  param %ia: u4[8, 32]
+  param %vb: f32[24, 32]
+  param %ib: u4[24, 32]
+  %wa: f32[32, 64] = dequantize(%qa, %sa) {bits=4, group_size=32, dtype=f32}
+  %a: f32[3, 32] = linear(%h, %wa)
+  %wb: f32[16, 64] = dequantize(%qb, %sb) {bits=4, group_size=32, dtype=f32}
+  %b: f32[3, 16] = linear(%h, %wb)
+  %dc: f32[8, 64] = densify_nm(%va, %ia) {n=2, m=4}
+  %c: f32[3, 8] = linear(%h, %dc)
+  %dd: f32[24, 64] = densify_nm(%vb, %ib) {n=2, m=4}
+  %d: f32[3, 24] = linear(%h, %dd)
+  return %a, %b, %c, %d
+}"""
+    def packed(n, k, signed):
+        codes = torch.randint(-8 if signed else 0, 8 if signed else 16, (n, k), dtype=torch.int16)
+        return pack_int4(codes)
+    w = {"qa": packed(32, 64, True), "sa": torch.rand(32, 2).half(), "qb": packed(16, 64, True),
+         "sb": torch.rand(16, 2).half(), "va": torch.randn(8, 32), "vb": torch.randn(24, 32)}
+    for n, rows in (("ia", 8), ("ib", 24)):      # two kept positions per group of 4, ascending
+        pos = torch.stack([torch.randperm(4)[:2].sort().values for _ in range(rows * 16)]).reshape(rows, 32)
+        w[n] = pack_int4(pos.to(torch.int16))
+    g = parse(before, w)
+    out = concat_linears(g.copy())
+    text = print_graph(out)
+    assert text.count(" = linear(") == 2 and text.count(" = split(") == 2, text
+    assert "param %a.stacked.0: i4[48, 64]" in text and "param %c.stacked.1: u4[32, 32]" in text, text
+    x = torch.randn(3, 64)
+    for want, got in zip(run_graph(g, x), run_graph(out, x)):
+        assert torch.equal(want, got)
+    # the stacked storage is the layers' bytes, not a re-encoding
+    assert torch.equal(out.params["a.stacked.0"].data, torch.cat([w["qa"], w["qb"]]))
+
+
+def test_epilogue_candidates_shared_weights_and_different_inputs_are_left_alone():
+    before = """
+graph @g(%h: f32[2, 8], %x: f32[2, 8]) {
+  param %w1: f32[8, 8]
+  param %w2: f32[8, 8]
+  param %w3: f32[8, 8]
+  %g1: f32[2, 8] = linear(%h, %w1)
+  %u: f32[2, 8] = linear(%h, %w2)
+  %s: f32[2, 8] = silu(%g1)
+  %m: f32[2, 8] = mul(%s, %u)
+  %o: f32[2, 8] = linear(%x, %w3)
+  %o2: f32[2, 8] = linear(%h, %w3)
+  %y: f32[2, 8] = add(%o, %o2)
+  return %m, %y
+}"""
+    g = parse(before, {n: torch.randn(8, 8) for n in ("w1", "w2", "w3")})
+    assert print_graph(concat_linears(g.copy())) == print_graph(g)
