@@ -88,3 +88,27 @@ def test_latent_attention_at_real_sizes(B, L):
     upv = (torch.randn(H, R, 128, device="cuda") / R ** 0.5).half()
     got = latent_decode_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)
     assert rel(got, reference_latent_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)) < 1e-2
+
+
+def test_plain_calls_are_captured_once_a_shape_repeats():
+    """From the third call at one input shape the cuda runtime replays a CUDA graph: each call still
+    equals the reference on its own inputs, an earlier result is not overwritten by a later call,
+    and a new shape runs (and is captured) on its own."""
+    import presso
+    from torch.export import Dim
+    from presso.models import make_llama
+    torch.manual_seed(0)
+    m, ex = make_llama()
+    kw = dict(example_inputs=ex, recipe="quantize{weights=int4,group_size=16}",
+              dynamic_shapes=({0: Dim("batch", min=1, max=8), 1: Dim("seq", min=2, max=64)},))
+    ref = presso.compile(m, **kw)
+    cm = presso.compile(m, target="cuda", **kw)
+    calls = [(torch.randint(0, 256, ex[0].shape),) for _ in range(5)]
+    outs = [cm(*c) for c in calls]
+    assert len(cm._runtime._auto) == 1
+    for c, o in zip(calls, outs):
+        assert rel(o, ref(*c)) < 1e-4
+    short = (torch.randint(0, 256, (1, 7)),)
+    for _ in range(4):
+        assert rel(cm(*short), ref(*short)) < 1e-4
+    assert len(cm._runtime._auto) == 2

@@ -1,6 +1,8 @@
 """The ``cuda`` target's runtime: runs a ``Program`` (``codegen/triton/program.py``) with the
 params resident on the GPU, freeing each intermediate after its last use; ``capture`` records a
-static-shape call (the decode step) as a CUDA graph and replays it with new inputs.
+static-shape call (the decode step) as a CUDA graph and replays it with new inputs. Plain calls
+are captured too once a shape repeats (``auto_graph``): replays cost one launch instead of one
+Python-dispatched launch per node.
 
 With ``TRITON_INTERPRET=1`` the same program runs on CPU tensors through Triton's interpreter:
 slow, exact, and how CI runs whole models through the generated kernels.
@@ -49,6 +51,12 @@ class CudaRuntime:
             if v.kind == "node" and v not in keep:
                 self._free_after[i].append(v)
         self._graph_exec = None
+        # plain calls: a shape seen AUTO_GRAPH_AFTER times is captured and replayed from then on,
+        # unless the program writes into its inputs (a KV cache: the replay would update the
+        # graph's copy, not the caller's tensor)
+        self.auto_graph = not any(n.op == "cache_update" for n in graph.nodes)
+        self._auto: dict[tuple, _CudaGraph] = {}
+        self._seen: dict[tuple, int] = {}
 
     def _prepare(self, step, host: dict) -> dict[int, object]:
         """The step's params in its kernel's layout, computed once on the device."""
@@ -57,10 +65,29 @@ class CudaRuntime:
         return dict(zip(positions, fn(*ins)))
 
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        from ..codegen.triton.program import run_step
-        bindings = bind_inputs(self.graph, args)
         if self._graph_exec is not None and self._graph_exec.matches(args):
             return self._graph_exec.replay(args)
+        if self.auto_graph and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            sig = _signature(args)
+            g = self._auto.get(sig)
+            if g is None:
+                seen = self._seen[sig] = self._seen.get(sig, 0) + 1
+                if seen > AUTO_GRAPH_AFTER and len(self._auto) < MAX_AUTO_GRAPHS:
+                    bind_inputs(self.graph, args)      # bad inputs fail here, as in a plain run
+                    try:
+                        g = self._auto[sig] = _CudaGraph(self, args)
+                    except RuntimeError:               # a step that cannot be captured: stay eager
+                        self._seen[sig] = -(1 << 30)
+            if g is not None:                          # outputs copied out: the next replay rewrites its own
+                return [t.clone() for t in g.replay(args)]
+        return self._run_steps(args)
+
+    __call__ = run
+
+    def _run_steps(self, args) -> list[torch.Tensor]:
+        """One run, step by step (Python launches each kernel)."""
+        from ..codegen.triton.program import run_step
+        bindings = bind_inputs(self.graph, args)
         env: dict[Value, torch.Tensor] = dict(self._params)
         for v, a in zip(self.graph.inputs, args):
             env[v] = a.to(self.device)
@@ -75,8 +102,6 @@ class CudaRuntime:
                     env.pop(v, None)
         return [env[v] for v in self.graph.outputs]
 
-    __call__ = run
-
     def capture(self, *example: torch.Tensor) -> None:
         """Record one call at these input shapes as a CUDA graph; later calls with the same shapes
         and dtypes replay it (inputs are copied into the graph's static buffers)."""
@@ -84,6 +109,14 @@ class CudaRuntime:
             return
         self._graph_exec = None
         self._graph_exec = _CudaGraph(self, example)
+
+
+AUTO_GRAPH_AFTER = 2        # plain calls at one input signature before it is captured
+MAX_AUTO_GRAPHS = 4         # signatures captured per runtime (each holds its own memory pool)
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype) for a in args)
 
 
 class _CudaGraph:
@@ -94,11 +127,11 @@ class _CudaGraph:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):        # warm up: compile kernels, settle the allocator
-                rt.run(*self.static_in)
+                rt._run_steps(self.static_in)
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = rt.run(*self.static_in)
+            self.static_out = rt._run_steps(self.static_in)
 
     def matches(self, args) -> bool:
         return [(a.shape, a.dtype) for a in args] == self.sig
