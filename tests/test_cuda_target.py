@@ -55,9 +55,13 @@ SCRIPT = textwrap.dedent("""
     # generation: prefill + decode steps through the kernels give the reference's tokens
     ids = torch.randint(0, 256, (2, 4))
     kw = dict(example_inputs=(ids,), recipe="quantize{weights=int4,group_size=16}", generation=True, max_len=16)
-    got = presso.compile(m, target="cuda", **kw).generate(ids, 6)
+    cm = presso.compile(m, target="cuda", **kw)
+    got = cm.generate(ids, 6)
     want = presso.compile(m, **kw).generate(ids, 6)
     assert torch.equal(got, want), (got, want)
+    # the step's attention reads only the filled cache slots (GQA decode kernel), no SDPA over the cache
+    step_kernels = set(cm.decode_program().step_rt.program.kernels.values())
+    assert "triton:gqa_decode_attention" in step_kernels and "torch:sdpa_masked" not in step_kernels, step_kernels
     print("generate ok")
     # GPT-2 (no RoPE) with Palu latent caches: the decode step's attention is the latent-attention
     # kernel over the caches as stored ([B, L, groups * rank]), and generation matches the reference

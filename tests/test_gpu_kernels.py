@@ -112,3 +112,16 @@ def test_plain_calls_are_captured_once_a_shape_repeats():
     for _ in range(4):
         assert rel(cm(*short).cpu(), ref(*short)) < 1e-4
     assert len(cm._runtime._auto) == 2
+
+
+@pytest.mark.parametrize("B,L,pos", [(1, 1024, 512), (4, 4096, 4095), (8, 2048, 7)])
+def test_gqa_decode_attention_at_llama_sizes(B, L, pos):
+    from presso.codegen.triton.latent_attention import gqa_decode_attention
+    torch.manual_seed(0)
+    H, HKV, D = 32, 8, 64
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    got = gqa_decode_attention(q, k, v, torch.tensor([pos], device="cuda"), D ** -0.5)
+    kk, vv = (t[:, :, :pos + 1].float().repeat_interleave(H // HKV, 1) for t in (k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv)
+    assert rel(got, want) < 2e-3

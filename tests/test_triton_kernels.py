@@ -165,6 +165,19 @@ SCRIPT = textwrap.dedent("""
         want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, value_groups=Gv, absorb=wq, up_v=upv)
         assert got.shape == (B, H, DV) and torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
         cases += 1
+    # plain decode attention over standard head-major caches [B, Hkv, L, D] (GQA), against SDPA
+    # over the slots up to the position
+    from presso.codegen.triton.latent_attention import gqa_decode_attention
+    for B, H, HKV, D, L, pos, dt in [(2, 8, 2, 16, 40, 33, torch.float32), (1, 4, 4, 32, 64, 0, torch.float32),
+                                     (3, 6, 2, 16, 24, 23, torch.float16)]:
+        q, k, v = torch.randn(B, H, 1, D).to(dt), torch.randn(B, HKV, L, D).to(dt), torch.randn(B, HKV, L, D).to(dt)
+        got = gqa_decode_attention(q, k, v, torch.tensor([pos]), 0.25).float()
+        kk = k[:, :, :pos + 1].float().repeat_interleave(H // HKV, 1)
+        vv = v[:, :, :pos + 1].float().repeat_interleave(H // HKV, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, scale=0.25)
+        tol = 1e-4 if dt == torch.float32 else 2e-3
+        assert got.shape == (B, H, 1, D) and torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+        cases += 1
     # RoPE: cos / sin broadcast (never expanded), strided heads, fp16 rounded once
     from presso.codegen.triton.rotary import rotary
     from presso.ir.ops import rotary as rotary_ref
@@ -186,7 +199,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 51" in r.stdout
+    assert "kernel cases 54" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

@@ -1,5 +1,7 @@
 """Decode attention over a Palu latent KV cache, in one pass over the cache (split over the
-sequence for long contexts).
+sequence for long contexts); a standard GQA cache is the special case R = D with no up-projection
+(its head-major layout read through strides), so plain decode attention runs here too, reading
+only the slots up to the position (no mask over the whole cache).
 
 Per group of ``HPG`` query heads the cache holds a key latent ``hk`` [L, R] and a value latent
 ``hv`` [L, Rv] per token. Keys are never materialized in memory:
@@ -73,7 +75,8 @@ def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, 
 @triton.jit
 def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
                         L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_cl,
-                        stride_kb, stride_kl, stride_vb, stride_vl, stride_ob, stride_oh, stride_os,
+                        stride_kb, stride_kl, stride_kg, stride_vb, stride_vl, stride_vg,
+                        stride_ob, stride_oh, stride_os,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                         SPLIT_LEN):
@@ -98,7 +101,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
     for t0 in range(t_start, t_end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         mt = rt < t_end
-        hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * R + rr[None, :], mask=mt[:, None],
+        hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * stride_kg + rr[None, :], mask=mt[:, None],
                      other=0.0)                                                      # [T, R]
         if ROPE:
             s = tl.zeros((HP, BLOCK_T), tl.float32)
@@ -115,7 +118,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
             s = tl.dot(qa, tl.trans(hk), input_precision="ieee")
         else:
             s = tl.dot(qa, tl.trans(hk)).to(tl.float32)                                # [HP, T]
-        hv = tl.load(hv_ptr + b * stride_vb + rt[:, None] * stride_vl + gv * RV + rv[None, :], mask=mt[:, None],
+        hv = tl.load(hv_ptr + b * stride_vb + rt[:, None] * stride_vl + gv * stride_vg + rv[None, :], mask=mt[:, None],
                      other=0.0)                                                          # [T, RV]
         m_i, l_i, acc = _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE)
     o_off = o_ptr + b * stride_ob + (g * HPG + rh)[:, None] * stride_oh + sp * stride_os + rv[None, :]
@@ -164,7 +167,9 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
-    hv: [B, L, Gv*Rv]; position: i64[1], the newest valid slot; up_k: [G, R, HPG*D] key
+    hv: [B, L, Gv*Rv] (token-major latent caches; or head-major [B, G, L, R] / [B, Gv, L, Rv], as
+    a standard GQA cache is: then plain decode attention, R = Rv = D); position: i64[1], the newest
+    valid slot; up_k: [G, R, HPG*D] key
     up-projection (rope only); cos/sin: [L, D] tables by position (rope only); value_groups: latent
     groups of hv (default G); absorb: [H, D, R], each head's query map into the key latent (no
     rope); up_v: [H, Rv, Dv], each head's value up-projection.
@@ -172,10 +177,15 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     B, H = q.shape[:2]
     rope = up_k is not None
     G = H // heads_per_group
-    R = hk.shape[-1] // G
     Gv = value_groups or G
-    RV = hv.shape[-1] // Gv
-    L = hk.shape[1]
+    if hk.dim() == 4:                      # head-major: [B, G, L, R]
+        R, RV, L = hk.shape[-1], hv.shape[-1], hk.shape[2]
+        k_strides, v_strides = (hk.stride(0), hk.stride(2), hk.stride(1)), (hv.stride(0), hv.stride(2), hv.stride(1))
+    else:
+        R, RV, L = hk.shape[-1] // G, hv.shape[-1] // Gv, hk.shape[1]
+        k_strides, v_strides = (hk.stride(0), hk.stride(1), R), (hv.stride(0), hv.stride(1), RV)
+    if hk.stride(-1) != 1 or hv.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("latent_decode_attention: q and the caches need unit stride in their last dim")
     if absorb is not None and (rope or tuple(absorb.shape) != (H, q.shape[-1], R) or absorb.stride(-1) != 1):
         raise ValueError(f"absorb {tuple(absorb.shape)} must be [H, D, R] = [{H}, {q.shape[-1]}, {R}] "
                          "with unit stride (the absorbed form only: no RoPE key up-projection)")
@@ -212,7 +222,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     _latent_attn_kernel[(B, G, splits)](
         q, up, up_rot, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
-        hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), o.stride(0), o.stride(1), o.stride(2),
+        *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, IEEE=ieee,
         SPLIT_LEN=split, num_warps=num_warps, **stages)
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
@@ -237,6 +247,8 @@ def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k
     G = H // heads_per_group
     n = int(position.item()) + 1
     Gv = value_groups or G
+    if hk.dim() == 4:                                  # head-major caches -> token-major
+        hk, hv = hk.transpose(1, 2).flatten(2), hv.transpose(1, 2).flatten(2)
     hk = hk[:, :n].float().reshape(B, n, G, -1)
     hv = hv[:, :n].float().reshape(B, n, Gv, -1)
     if up_k is not None:
@@ -252,3 +264,12 @@ def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k
     p = torch.softmax(s * scale, dim=-1)
     v = hv.repeat_interleave(H // Gv, dim=2)                               # [B, n, H, Rv]
     return torch.einsum("bhn,bnhr->bhr", p, v).to(q.dtype)
+
+
+def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """One decode token's attention over standard caches: q [B, H, 1, D], k / v [B, Hkv, L, D]
+    (Hkv dividing H), position i64[1] -> [B, H, 1, D]; only slots 0..position are read."""
+    B, H, _, D = q.shape
+    out = latent_decode_attention(q[:, :, 0, :], k, v, position, H // k.shape[1], scale)
+    return out.reshape(B, H, 1, D)

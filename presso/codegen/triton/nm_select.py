@@ -163,7 +163,8 @@ def _dot_ptx(with_sum: bool) -> str:
     for g in range(8):
         body.append(f"        mov.b64 {{xa, xb}}, ${o + 16 + g};")
         body.append(f"        prmt.b32 y, xa, xb, ${o + 8 + g};")
-        body.append(f"        mul.rn.f16x2 acc, ${o + g}, y;" if g == 0 else f"        fma.rn.f16x2 acc, ${o + g}, y, acc;")
+        body.append(f"        mul.rn.f16x2 acc, ${o + g}, y;" if g == 0 else
+                    f"        fma.rn.f16x2 acc, ${o + g}, y, acc;")
         if with_sum:
             body.append("        mov.b32 sacc, y;" if g == 0 else "        add.rn.f16x2 sacc, sacc, y;")
     text = "\n".join(body) + pair_sum_ptx("$0")
@@ -362,7 +363,8 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
             QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, F16X2=f16x2, HAS_BIAS=bias is not None,
             num_warps=cfg["warps"], **epi)
     # H100 sweep at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread
-    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else _DEFAULTS[min(_DEFAULTS, key=lambda r: abs(r - M))]
+    nearest = min(_DEFAULTS, key=lambda r: abs(r - M))
+    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else _DEFAULTS[nearest]
     if block_n or cps or num_warps:
         cfg = {"block_n": block_n or default["block_n"], "cps": cps or default["cps"],
                "warps": num_warps or default["warps"]}

@@ -206,11 +206,23 @@ class PositionMask:
 
 
 def _attention_cached_step(n: Node, mask: PositionMask) -> Step:
-    """Decode attention over the whole preallocated cache with a position mask: the same result as
-    the reference (slots past the newest position get zero weight) without reading the positions
-    back to the host, so a decode step can be captured as a CUDA graph."""
+    """Decode attention over a preallocated cache without reading the positions back to the host
+    (so a decode step can be captured as a CUDA graph): one token over head-major caches runs the
+    latent-attention kernel's plain form (split over the sequence, only slots up to the position
+    read); otherwise SDPA over the whole cache with a position mask (slots past the newest
+    position get zero weight, as in the reference)."""
     import torch.nn.functional as F
     scale = n.attrs["scale"]
+    q, k, v, p = (x.type for x in n.inputs)
+    if (q.rank == 4 and q.shape[2] == 1 and k.rank == 4 and v.shape == k.shape and p.shape == (1,)
+            and q.dtype == k.dtype == v.dtype and _pow2_at_least_16(q.shape[3]) and k.shape[3] == q.shape[3]
+            and isinstance(k.shape[1], int) and isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0):
+        from .latent_attention import gqa_decode_attention
+        sc = scale if scale is not None else q.shape[3] ** -0.5
+
+        def run_kernel(qt, kt, vt, pt):
+            return [gqa_decode_attention(qt, kt, vt, pt, sc)]
+        return Step(n, "triton:gqa_decode_attention", run_kernel, list(n.inputs))
 
     def run(q, k, v, pos):
         gqa = q.shape[-3] != k.shape[-3]
