@@ -57,14 +57,13 @@ def _epilogue_candidate(out: Value, users: dict, outputs: set) -> bool:
 
 
 def _stackable(n: Node, users: dict, outputs: set):
-    """(signature, leaf params, producer nodes) of linear ``n``, or None."""
+    """((weight chain signature, has bias), leaf params) of linear ``n``, or None."""
     if n.meta.get("kv_cache_point") or _epilogue_candidate(n.output, users, outputs):
         return None
     leaves: list[Value] = []
     sig = _chain(n.inputs[1], users, leaves)
     bias = n.inputs[2]
-    if sig is None or n.inputs[1].kind == "input" or (bias is not None and (bias.kind != "param"
-                                                                            or len(users.get(bias, [])) != 1)):
+    if sig is None or (bias is not None and (bias.kind != "param" or len(users.get(bias, [])) != 1)):
         return None
     return (sig, bias is not None), leaves
 

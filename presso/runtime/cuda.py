@@ -122,7 +122,7 @@ def _signature(args) -> tuple:
 class _CudaGraph:
     def __init__(self, rt: CudaRuntime, example):
         self.static_in = [a.to(rt.device).clone() for a in example]
-        self.sig = [(a.shape, a.dtype) for a in example]
+        self.sig = _signature(example)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -134,7 +134,7 @@ class _CudaGraph:
             self.static_out = rt._run_steps(self.static_in)
 
     def matches(self, args) -> bool:
-        return [(a.shape, a.dtype) for a in args] == self.sig
+        return _signature(args) == self.sig
 
     def replay(self, args):
         for buf, a in zip(self.static_in, args):
