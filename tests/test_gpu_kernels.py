@@ -61,13 +61,16 @@ def test_nm_linears_at_llama_sizes(M):
     sel = pack_nm_select(vals.half(), index4)
     assert torch.equal(sel.dense(), dense.half())
     assert rel(nm_select_linear(x, sel), want) < 2e-3
+    xb, selb = x.bfloat16(), pack_nm_select(vals.bfloat16(), index4)        # bf16: fp32 FMAs after prmt
+    assert rel(nm_select_linear(xb, selb), xb.float() @ dense.bfloat16().float().T) < 1e-2
     for sym in (True, False):                       # zero points: the kernel's (8 - z) sum x term
         codes, s, z = rtn(vals, 4, G, sym)
         vq, z8 = pack_codes(codes.to(torch.int16)), None if z is None else z.to(torch.uint8)
         wd = dens.run([deq.run([vq, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0], index4],
                       {"n": 2, "m": 4})[0]
-        got = nm_select_linear(x, pack_nm_select_int4(vq, s.half(), z8, G, index4))
-        assert rel(got, x.float() @ wd.T) < 2e-3
+        w4 = pack_nm_select_int4(vq, s.half(), z8, G, index4)
+        assert rel(nm_select_linear(x, w4), x.float() @ wd.T) < 2e-3
+        assert rel(nm_select_linear(xb, w4), xb.float() @ wd.T) < 1e-2
 
 
 @pytest.mark.parametrize("B,L", [(1, 4096), (1, 16384), (4, 2048)])

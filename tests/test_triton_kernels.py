@@ -83,15 +83,17 @@ SCRIPT = textwrap.dedent("""
     # 2:4 in the select kernel's layout: fp16 kept values, or int4 ones (symmetric or with zero
     # points); up to 16 rows in one block of the generated kernel, more through the dense workspace
     from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4
-    for M, N, K, G, sym, bias in [(1, 37, 128, 0, True, False), (3, 70, 96, 0, True, True),
-                                  (17, 33, 64, 0, True, True), (1, 37, 128, 16, True, False),
-                                  (2, 200, 256, 32, False, True), (5, 130, 512, 64, True, True),
-                                  (18, 20, 64, 16, False, False)]:
-        x, w = torch.randn(M, K).half(), torch.randn(N, K)
-        b = torch.randn(N).half() if bias else None
+    h, bf = torch.half, torch.bfloat16
+    for M, N, K, G, sym, bias, dt in [(1, 37, 128, 0, True, False, h), (3, 70, 96, 0, True, True, h),
+                                      (17, 33, 64, 0, True, True, h), (1, 37, 128, 16, True, False, h),
+                                      (2, 200, 256, 32, False, True, h), (5, 130, 512, 64, True, True, h),
+                                      (18, 20, 64, 16, False, False, h),
+                                      (4, 45, 96, 0, True, True, bf), (3, 20, 64, 32, False, False, bf)]:
+        x, w = torch.randn(M, K).to(dt), torch.randn(N, K)
+        b = torch.randn(N).to(dt) if bias else None
         vals, idx, _ = nm_prune(w, w.abs(), 2, 4)
         if G == 0:
-            v16 = vals.half()
+            v16 = vals.to(dt)
             packed, wd = pack_nm_select(v16, pack_int4(idx)), dens.run([v16, pack_int4(idx)], {"n": 2, "m": 4})[0]
         else:
             codes, s, z = rtn_(vals, 4, G, sym)
@@ -100,10 +102,12 @@ SCRIPT = textwrap.dedent("""
             vq = deq.run([q, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
             packed, wd = pack_nm_select_int4(q, s.half(), z8, G, pack_int4(idx)), dens.run([vq, pack_int4(idx)],
                                                                                            {"n": 2, "m": 4})[0]
-        assert torch.equal(packed.dense(), wd.half()), ("select layout densify", M, N, K, G)
-        want = torch.nn.functional.linear(x.float(), wd.half().float(), None if b is None else b.float())
+        wd = wd.to(packed.dense().dtype)               # (int4 values rebuild in fp16)
+        assert torch.equal(packed.dense(), wd), ("select layout densify", M, N, K, G)
+        want = torch.nn.functional.linear(x.float(), wd.float(), None if b is None else b.float())
         got = nm_select_linear(x, packed, b).float()
-        assert (got - want).abs().max() <= 2e-3 * want.abs().max(), ("nm select", M, N, K, G, (got - want).abs().max())
+        tol = 2e-3 if dt == torch.half else 1e-2        # (bf16 output rounding: 2^-8)
+        assert (got - want).abs().max() <= tol * want.abs().max(), ("nm select", M, N, K, G, (got - want).abs().max())
         cases += 1
     # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
     from presso.codegen.triton import int8_linear
@@ -199,7 +203,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 54" in r.stdout
+    assert "kernel cases 56" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -221,7 +225,7 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
     with pytest.raises(ValueError, match=r"24 int4 kept values per row with scales \(8, 2\) in groups of 16 have no "
                                          r"select layout \(needs K % 32 == 0"):
         pack_nm_select_int4(codes[:, :12], torch.ones(8, 2), None, 16, index[:, :12])
-    with pytest.raises(ValueError, match=r"2:4 values \(8, 32\) torch.float32 have no select layout \(needs fp16"):
+    with pytest.raises(ValueError, match=r"values \(8, 32\) torch.float32 have no select layout \(needs fp16 or bf16"):
         pack_nm_select(torch.zeros(8, 32), index)
     nm4 = pack_nm_select_int4(codes[:, :16], torch.ones(8, 2, dtype=torch.float16), None, 16, index)
     with pytest.raises(ValueError, match=r"x \(1, 32\) must be \[\.\.\., 64\]"):

@@ -55,6 +55,7 @@ class NMSelectWeight:
     scales: Optional[torch.Tensor] = None    # INT4: [KV/group, N_pad] (fp16)
     zeros: Optional[torch.Tensor] = None     # INT4 with zero points: [KV/group, N_pad] (uint8)
     group: int = 0                           # INT4: kept values per scale
+    bf16: bool = False                       # F16: the pairs are bf16 (else fp16)
 
     @property
     def nbytes(self) -> int:
@@ -62,24 +63,25 @@ class NMSelectWeight:
                    if t is not None)
 
     def dense_t(self, block_n: int = 256) -> torch.Tensor:
-        """The fp16 weight rebuilt transposed, [K, N_pad] (one kernel; reads and writes run along
-        the rows, as the planes are stored): the prefill path's transient workspace, x @ it[:, :N]."""
+        """The weight (fp16; bf16 for bf16 values) rebuilt transposed, [K, N_pad] (one kernel; reads
+        and writes run along the rows, as the planes are stored): the prefill path's transient
+        workspace, x @ it[:, :N]."""
         n_pad = self.values.shape[-1]
-        w = torch.empty(self.k, n_pad, dtype=torch.float16, device=self.values.device)
+        w = torch.empty(self.k, n_pad, dtype=torch.bfloat16 if self.bf16 else torch.float16, device=self.values.device)
         sc = self.scales if self.scales is not None else self.values
         _densify_kernel[(triton.cdiv(n_pad, block_n), self.k // 32)](
             self.values, self.index, sc, self.zeros if self.zeros is not None else sc, w, n_pad, self.k,
-            KIND=self.kind, QG=max(self.group, 1), HAS_ZERO=self.zeros is not None, BLOCK_N=block_n)
+            KIND=self.kind, QG=max(self.group, 1), HAS_ZERO=self.zeros is not None, VBF=self.bf16, BLOCK_N=block_n)
         return w
 
     def dense(self) -> torch.Tensor:
-        """The fp16 weight [N, K] (tests, inspection)."""
+        """The weight [N, K] (tests, inspection)."""
         return self.dense_t()[:, :self.n].t().contiguous()
 
 
 @triton.jit
 def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N_PAD, K, KIND: tl.constexpr, QG: tl.constexpr,
-                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_ZERO: tl.constexpr, VBF: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows 32c .. 32c + 31 (chunk c) of the transposed dense weight for BLOCK_N of its columns:
     each group's two kept values put at their positions, zeros elsewhere."""
     rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
@@ -89,7 +91,7 @@ def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N_PAD, K, KIND: tl.conste
     bits = tl.load(i_ptr + c * N_PAD + rn) >> (4 * g)                                  # [8, 1, BLOCK_N]
     if KIND == 0:
         v = tl.load(v_ptr + (8 * c + g) * N_PAD + rn)
-        lo, hi = _half(v, 0), _half(v, 1)
+        lo, hi = _half(v, 0, VBF), _half(v, 1, VBF)
     else:
         wd = tl.load(v_ptr + ((g // 4) * (K // 32) + c) * N_PAD + rn)
         sh = 4 * (g % 4)
@@ -99,13 +101,14 @@ def _densify_kernel(v_ptr, i_ptr, s_ptr, z_ptr, w_ptr, N_PAD, K, KIND: tl.conste
         lo = (((wd >> sh) & 15).to(tl.float32) - off) * sc
         hi = (((wd >> (sh + 16)) & 15).to(tl.float32) - off) * sc
     d = tl.where(j == (bits & 3), lo, tl.where(j == ((bits >> 2) & 3), hi, 0.0))
-    tl.store(w_ptr + (32 * c + 4 * g + j) * N_PAD + rn, d.to(tl.float16))
+    tl.store(w_ptr + (32 * c + 4 * g + j) * N_PAD + rn, d.to(w_ptr.dtype.element_ty))
 
 
 def fits(k: int, dtype: torch.dtype = torch.float16, group: int = 16) -> bool:
-    """Whether a 2:4 linear over K inputs has the select layout: fp16 kept values, or int4 ones in
-    scale groups of a multiple of 16 kept values (one scale per chunk)."""
-    return k % 32 == 0 and dtype == torch.float16 and group % 16 == 0 and (k // 2) % group == 0
+    """Whether a 2:4 linear over K inputs has the select layout: fp16 or bf16 kept values, or int4
+    ones in scale groups of a multiple of 16 kept values (one scale per chunk)."""
+    return (k % 32 == 0 and dtype in (torch.float16, torch.bfloat16) and group % 16 == 0
+            and (k // 2) % group == 0)
 
 
 def _two_bit_words(index: torch.Tensor, kept: int) -> torch.Tensor:
@@ -128,9 +131,9 @@ def pack_nm_select(values: torch.Tensor, index: torch.Tensor) -> NMSelectWeight:
     N, KV = values.shape
     if not fits(2 * KV, values.dtype):
         raise ValueError(f"pack_nm_select: 2:4 values {tuple(values.shape)} {values.dtype} have no select layout "
-                         "(needs fp16 values and K % 32 == 0)")
+                         "(needs fp16 or bf16 values and K % 32 == 0)")
     return NMSelectWeight(_plane(values.contiguous().view(torch.int32)), _plane(_two_bit_words(index, KV)),
-                          N, 2 * KV)
+                          N, 2 * KV, bf16=values.dtype == torch.bfloat16)
 
 
 def pack_nm_select_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
@@ -178,6 +181,35 @@ def _dot_ptx(with_sum: bool) -> str:
     return text + "\n        }"
 
 
+def _dot_f32_ptx(with_sum: bool, values_bf16: bool) -> str:
+    """``_dot_ptx`` for bf16 activations, in fp32: the selected pair of bf16 x and the value pair
+    (bf16, or the int4 path's exact fp16 codes) widened to fp32 (a bf16 is the top half of an fp32:
+    a shift or a mask), two fp32 FMAs per group (bf16 products summed in bf16 would lose too much)."""
+    o = 2 if with_sum else 1
+    body = ["{", "        .reg .b32 y, t, xa, xb;", "        .reg .b16 lo, hi;",
+            "        .reg .f32 acc, sacc, xl, xh, vl, vh;"]
+    for g in range(8):
+        body += [f"        mov.b64 {{xa, xb}}, ${o + 16 + g};", f"        prmt.b32 y, xa, xb, ${o + 8 + g};",
+                 "        shl.b32 t, y, 16;", "        mov.b32 xl, t;",
+                 "        and.b32 t, y, 0xFFFF0000;", "        mov.b32 xh, t;"]
+        if values_bf16:
+            body += [f"        shl.b32 t, ${o + g}, 16;", "        mov.b32 vl, t;",
+                     f"        and.b32 t, ${o + g}, 0xFFFF0000;", "        mov.b32 vh, t;"]
+        else:
+            body += [f"        mov.b32 {{lo, hi}}, ${o + g};", "        cvt.f32.f16 vl, lo;",
+                     "        cvt.f32.f16 vh, hi;"]
+        body += ["        mul.rn.f32 acc, vl, xl;" if g == 0 else "        fma.rn.f32 acc, vl, xl, acc;",
+                 "        fma.rn.f32 acc, vh, xh, acc;"]
+        if with_sum:
+            body += ["        add.f32 sacc, xl, xh;" if g == 0 else "        add.f32 sacc, sacc, xl;"]
+            if g:
+                body.append("        add.f32 sacc, sacc, xh;")
+    body.append("        mov.b32 $0, acc;")
+    if with_sum:
+        body.append("        mov.b32 $1, sacc;")
+    return "\n".join(body) + "\n        }"
+
+
 def _codes_ptx() -> str:
     """Two code words ($8, $9) -> the 8 groups' exact (c - 8) / 8 fp16 pairs ($0..$7)."""
     parts = []
@@ -192,25 +224,29 @@ _ASM_SELECT = tl.constexpr(_SELECT_PTX)
 _ASM_DOT = tl.constexpr(_dot_ptx(False))
 _ASM_DOT_SUM = tl.constexpr(_dot_ptx(True))
 _ASM_CODES = tl.constexpr(_codes_ptx())
+_ASM_DOT_BF = tl.constexpr(_dot_f32_ptx(False, True))            # bf16 x, bf16 values
+_ASM_DOT_BF_F16 = tl.constexpr(_dot_f32_ptx(False, False))       # bf16 x, int4 codes as fp16 pairs
+_ASM_DOT_BF_F16_SUM = tl.constexpr(_dot_f32_ptx(True, False))
+PLAIN, F16X2, BF16_F32 = 0, 1, 2      # how the kernel computes (``PTX``): gathers / fp16x2 / bf16 in fp32
 
 
 @triton.jit
-def chunk_selectors(wi, F16X2: tl.constexpr):
-    """The 8 groups' prmt selectors of a [CPS, BLOCK_N] tile of position words (fp16 path); the
+def chunk_selectors(wi, PTX: tl.constexpr):
+    """The 8 groups' prmt selectors of a [CPS, BLOCK_N] tile of position words (PTX paths); the
     plain path selects by gathers and gets the words back unchanged."""
-    if F16X2:
+    if PTX > 0:
         return tl.inline_asm_elementwise(asm=_ASM_SELECT, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[wi],
                                          dtype=(tl.int32,) * 8, is_pure=True, pack=1)
     return wi, wi, wi, wi, wi, wi, wi, wi
 
 
 @triton.jit
-def chunk_codes(v_ptr, off, CHUNK_PLANE, F16X2: tl.constexpr):
+def chunk_codes(v_ptr, off, CHUNK_PLANE, PTX: tl.constexpr):
     """INT4: a chunk's two code words -> its 8 groups' value pairs as fp16x2 bit patterns of the
     exact (c - 8) / 8 (the scale is applied to the row sums)."""
     w0 = tl.load(v_ptr + off, eviction_policy="evict_first")
     w1 = tl.load(v_ptr + CHUNK_PLANE + off, eviction_policy="evict_first")
-    if F16X2:
+    if PTX > 0:
         return tl.inline_asm_elementwise(asm=_ASM_CODES, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[w0, w1],
                                          dtype=(tl.int32,) * 8, is_pure=True, pack=1)
     return (_code_pair(w0, 0), _code_pair(w0, 1), _code_pair(w0, 2), _code_pair(w0, 3),
@@ -226,38 +262,52 @@ def _code_pair(w, j: tl.constexpr):
 
 
 @triton.jit
-def _half(v, hi: tl.constexpr):
-    """The low (hi = 0) or high fp16 of int32 pairs, as fp32."""
-    return ((v >> (16 * hi)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _half(v, hi: tl.constexpr, VBF: tl.constexpr = False):
+    """The low (hi = 0) or high fp16 (bf16 with VBF) of int32 pairs, as fp32."""
+    h = ((v >> (16 * hi)) & 0xFFFF).to(tl.int16)
+    if VBF:
+        return h.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    return h.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def row_dot(v0, v1, v2, v3, v4, v5, v6, v7, s0, s1, s2, s3, s4, s5, s6, s7, wi, xw_row, x_row, ch,
-            F16X2: tl.constexpr, WITH_SUM: tl.constexpr):
+            PTX: tl.constexpr, VBF: tl.constexpr, WITH_SUM: tl.constexpr):
     """(sum over each chunk of kept value * selected x, that of the selected x -- or the first
     again without WITH_SUM) for one row of x: [CPS, BLOCK_N] fp32 each. ``xw_row``: the row as
-    int64 words of four fp16 (fp16 path), ``x_row``: the row itself (plain)."""
+    int64 words of four 16-bit x (PTX paths), ``x_row``: the row itself (plain); VBF: the value
+    pairs are bf16 (else fp16)."""
     shape: tl.constexpr = wi.shape
-    if F16X2:
+    if PTX > 0:
         xb = xw_row + ch * 8
         args = [v0, v1, v2, v3, v4, v5, v6, v7, s0, s1, s2, s3, s4, s5, s6, s7,
                 _xgroup(xb, 0, shape), _xgroup(xb, 1, shape), _xgroup(xb, 2, shape), _xgroup(xb, 3, shape),
                 _xgroup(xb, 4, shape), _xgroup(xb, 5, shape), _xgroup(xb, 6, shape), _xgroup(xb, 7, shape)]
-        if WITH_SUM:
-            return tl.inline_asm_elementwise(asm=_ASM_DOT_SUM, constraints="=r,=r" + ",r" * 16 + ",l" * 8,
+        if WITH_SUM:          # (int4 values with zero points)
+            if PTX == 1:
+                return tl.inline_asm_elementwise(asm=_ASM_DOT_SUM, constraints="=r,=r" + ",r" * 16 + ",l" * 8,
+                                                 args=args, dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(asm=_ASM_DOT_BF_F16_SUM, constraints="=r,=r" + ",r" * 16 + ",l" * 8,
                                              args=args, dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        d = tl.inline_asm_elementwise(asm=_ASM_DOT, constraints="=r" + ",r" * 16 + ",l" * 8, args=args,
-                                      dtype=tl.float32, is_pure=True, pack=1)
+        if PTX == 1:
+            d = tl.inline_asm_elementwise(asm=_ASM_DOT, constraints="=r" + ",r" * 16 + ",l" * 8, args=args,
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        elif VBF:
+            d = tl.inline_asm_elementwise(asm=_ASM_DOT_BF, constraints="=r" + ",r" * 16 + ",l" * 8, args=args,
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            d = tl.inline_asm_elementwise(asm=_ASM_DOT_BF_F16, constraints="=r" + ",r" * 16 + ",l" * 8, args=args,
+                                          dtype=tl.float32, is_pure=True, pack=1)
         return d, d
     xb = x_row + ch[:, None] * 32
-    d0, t0 = _gathered_group(v0, wi, xb, 0)
-    d1, t1 = _gathered_group(v1, wi, xb, 1)
-    d2, t2 = _gathered_group(v2, wi, xb, 2)
-    d3, t3 = _gathered_group(v3, wi, xb, 3)
-    d4, t4 = _gathered_group(v4, wi, xb, 4)
-    d5, t5 = _gathered_group(v5, wi, xb, 5)
-    d6, t6 = _gathered_group(v6, wi, xb, 6)
-    d7, t7 = _gathered_group(v7, wi, xb, 7)
+    d0, t0 = _gathered_group(v0, wi, xb, 0, VBF)
+    d1, t1 = _gathered_group(v1, wi, xb, 1, VBF)
+    d2, t2 = _gathered_group(v2, wi, xb, 2, VBF)
+    d3, t3 = _gathered_group(v3, wi, xb, 3, VBF)
+    d4, t4 = _gathered_group(v4, wi, xb, 4, VBF)
+    d5, t5 = _gathered_group(v5, wi, xb, 5, VBF)
+    d6, t6 = _gathered_group(v6, wi, xb, 6, VBF)
+    d7, t7 = _gathered_group(v7, wi, xb, 7, VBF)
     return d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7, t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7
 
 
@@ -268,12 +318,12 @@ def _xgroup(xb, g: tl.constexpr, shape: tl.constexpr):
 
 
 @triton.jit
-def _gathered_group(v, wi, xb, g: tl.constexpr):
+def _gathered_group(v, wi, xb, g: tl.constexpr, VBF: tl.constexpr):
     """Plain path: group g's two kept values times their x, gathered by position, and the two x
     (fp32)."""
     x0 = tl.load(xb + 4 * g + ((wi >> (4 * g)) & 3)).to(tl.float32)
     x1 = tl.load(xb + 4 * g + ((wi >> (4 * g + 2)) & 3)).to(tl.float32)
-    return _half(v, 0) * x0 + _half(v, 1) * x1, x0 + x1
+    return _half(v, 0, VBF) * x0 + _half(v, 1, VBF) * x1, x0 + x1
 
 
 @triton.jit
@@ -300,8 +350,8 @@ def kernel_source(rows: int, kind: int, has_zero: bool) -> str:
         "@triton.jit",
         "def nm_select_kernel(x_ptr, xw_ptr, v_ptr, i_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, N_PAD, K,",
         "                     stride_xm, QG: tl.constexpr, BLOCK_N: tl.constexpr, CPS: tl.constexpr,",
-        "                     F16X2: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr,",
-        "                     E1: tl.constexpr):",
+        "                     PTX: tl.constexpr, VBF: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,",
+        "                     E0: tl.constexpr, E1: tl.constexpr):",
         "    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)",
     ]
     lines += [f"    acc{i} = tl.zeros((CPS, BLOCK_N), dtype=tl.float32)" for i in R]
@@ -310,20 +360,20 @@ def kernel_source(rows: int, kind: int, has_zero: bool) -> str:
         "        ch = st * CPS + tl.arange(0, CPS)",
         "        off = ch[:, None] * N_PAD + rn[None, :]",
         "        wi = tl.load(i_ptr + off, eviction_policy='evict_first')",
-        f"        {ss} = chunk_selectors(wi, F16X2)",
+        f"        {ss} = chunk_selectors(wi, PTX)",
     ]
     if kind == F16:
         lines.append("        vb = v_ptr + 8 * ch[:, None] * N_PAD + rn[None, :]")
         lines += [f"        v{i} = tl.load(vb + {i} * N_PAD, eviction_policy='evict_first')" for i in range(8)]
     else:
-        lines += ["        " + vs + " = chunk_codes(v_ptr, off, K // 32 * N_PAD, F16X2)",
+        lines += ["        " + vs + " = chunk_codes(v_ptr, off, K // 32 * N_PAD, PTX)",
                   "        so = (ch[:, None] * 16 // QG) * N_PAD + rn[None, :]",
                   "        sc = tl.load(s_ptr + so).to(tl.float32)",
                   "        s8 = 8.0 * sc"]
         if has_zero:
             lines.append("        zs = (8.0 - tl.load(z_ptr + so).to(tl.float32)) * sc")
     for i in R:
-        call = f"row_dot({vs}, {ss}, wi, xw_ptr + {i} * (stride_xm // 4), x_ptr + {i} * stride_xm, ch, F16X2, "
+        call = f"row_dot({vs}, {ss}, wi, xw_ptr + {i} * (stride_xm // 4), x_ptr + {i} * stride_xm, ch, PTX, VBF, "
         if kind == F16:
             lines += [f"        d, _ = {call}False)", f"        acc{i} += d"]
         elif has_zero:
@@ -354,8 +404,12 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
     y, epi = output_buffer(x, M, N, epilogue, extras)
     e0, e1 = epi.pop("e0_ptr"), epi.pop("e1_ptr")
     chunks = K // 32
-    f16x2 = x2.dtype == torch.float16 and not INTERPRET
-    xw = x2.view(torch.int64) if f16x2 else x2               # a group's four fp16 x as one word
+    ptx = PLAIN
+    if not INTERPRET and x2.dtype == torch.float16 and not w.bf16:
+        ptx = F16X2
+    elif not INTERPRET and x2.dtype == torch.bfloat16 and (w.bf16 or w.kind == INT4):
+        ptx = BF16_F32
+    xw = x2.view(torch.int64) if ptx else x2                 # a group's four 16-bit x as one word
     sc = w.scales if w.scales is not None else w.values
 
     def launch(cfg):
@@ -365,7 +419,7 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
         kernel[(triton.cdiv(N, cfg["block_n"]),)](
             x2, xw, w.values, w.index, sc, w.zeros if w.zeros is not None else sc,
             bias if bias is not None else x2, y, e0, e1, N, w.values.shape[-1], K, x2.stride(0),
-            QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, F16X2=f16x2, HAS_BIAS=bias is not None,
+            QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, PTX=ptx, VBF=w.bf16, HAS_BIAS=bias is not None,
             num_warps=cfg["warps"], **epi)
     # H100 sweep at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread
     nearest = min(_DEFAULTS, key=lambda r: abs(r - M))

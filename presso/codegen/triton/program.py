@@ -63,7 +63,7 @@ def _linear_step(n: Node, p: Node) -> Step:
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
-    if (nn, m) == (2, 4) and vals.type.dtype == DType.f16 and select_fits(vals.type.shape[1] * 2):
+    if (nn, m) == (2, 4) and vals.type.dtype in (DType.f16, DType.bf16) and select_fits(vals.type.shape[1] * 2):
         def run_select(xt, w, _i, bt, **epilogue):
             return [nm_select_linear(xt, w, bt, **epilogue)]
         return Step(n, "triton:nm_select_2_4", run_select, [x, vals, idx, b],
