@@ -1,5 +1,5 @@
-"""2:4 sparse linears at decode (up to 16 rows of x per call), kept values fp16 or int4: y = x W^T
-+ b with each kept value's input *selected* among its group's four, never gathered.
+"""2:4 sparse linears at decode (up to 16 rows of x per call), kept values fp16 / bf16 or int4:
+y = x W^T + b with each kept value's input *selected* among its group's four, never gathered.
 
 The graph's kept values and 2-bit positions become, once at load (``pack_nm_select`` /
 ``pack_nm_select_int4``), planes of int32 words stored transposed (row index fastest), so a tile
@@ -19,9 +19,10 @@ products are summed in fp16x2, then in fp32. The weights are read once per call 
 rows. The kernel is generated per number of rows (one fp32 accumulator tile per row of x, all in
 registers). H100, 4096 -> 14336: 1 row fp16 values 23.5 us (1.77x dense fp16, 92% of copy
 bandwidth), int4 values 12.6 us (3.3x); 4 rows 1.44x / 2.04x; 16 rows 0.69x / 0.72x (ALU-bound).
-More rows (prefill) rebuild the dense weight transposed into a transient workspace (copy-bound)
-for one cuBLAS matmul. The interpreter and non-fp16 activations run the same layout with the
-selection done by gathers.
+bf16 models select the same way, then widen x and values to fp32 (a shift or a mask) for fp32
+FMAs (1 row 1.59x dense bf16). More rows (prefill) rebuild the dense weight transposed into a
+transient workspace (copy-bound) for one cuBLAS matmul. The interpreter and other activation
+dtypes run the same layout with the selection done by gathers.
 """
 from __future__ import annotations
 
