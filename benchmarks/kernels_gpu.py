@@ -57,6 +57,25 @@ def measure(workload, fn, torch_fn, nbytes, dense_bytes, config, err, peer=""):
     return r
 
 
+def select_rows(label, w, wdense, K, N, peer=lambda M, x: ""):
+    """Rows for the 2:4 select kernel (the cuda target's) at 1, 4 and 16 rows of x, checked against
+    x @ wdense^T, timed beside F.linear(x, wdense); ``label`` has a ``{shape}`` field."""
+    rows = []
+    for M in (1, 4, 16):
+        x = torch.randn(M, K, device=wdense.device, dtype=torch.float16)
+        want = F.linear(x.float(), wdense.float())
+
+        def run():
+            return nm_select_linear(x, w)
+        cfg = tuned_config(run, "nm_select", M, N)
+        err = rel_err(run(), want)
+        assert err < 2e-2, f"{label}: select kernel wrong at M={M}: rel err {err}"
+        name = label.format(shape=f"{M}x{K}->{N}") + ", select kernel (the cuda target's)"
+        rows.append(measure(name, run, lambda: F.linear(x, wdense), w.nbytes, N * K * 2, cfg, err,
+                            peer(M, x)))
+    return rows
+
+
 def main():
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     os.environ["PRESSO_CACHE_DIR"] = tempfile.mkdtemp(prefix="presso-tune-")
@@ -87,26 +106,17 @@ def main():
     vals, idx, dense = nm_prune(Wd.float(), Wd.float().abs(), 2, 4)
     vals, index4, dense = vals.half(), pack_codes(idx), dense.half()
     index2, _ = pack_nm_index(index4, vals.shape[1], 4)          # 2-bit metadata, the gather kernel's form
-    sel = pack_nm_select(vals, index4)                          # the layout the cuda target repacks to at load
-    for M in (1, 4, 16):
-        x = torch.randn(M, K, device=dev, dtype=torch.float16)
-        want = F.linear(x.float(), dense.float())
-
-        def run():
-            return nm_select_linear(x, sel)
-        cfg = tuned_config(run, "nm_select", M, N)
-        err = rel_err(run(), want)
-        assert err < 2e-2, f"2:4 select kernel wrong at M={M}: rel err {err}"
+    def semi_structured(M, x):
         try:
             from torch.sparse import to_sparse_semi_structured
             ws = to_sparse_semi_structured(dense)
             xp = torch.zeros(max(M, 32), K, device=dev, dtype=torch.float16)
             xp[:M] = x
-            peer = f"semi-structured {graph_us(lambda: F.linear(xp, ws)):.1f} us (graph)"
+            return f"semi-structured {graph_us(lambda: F.linear(xp, ws)):.1f} us (graph)"
         except Exception as e:  # noqa: BLE001 - reported, not fatal: the peer may not run on this GPU
-            peer = f"semi-structured ERR {type(e).__name__}: {str(e)[:80]}"
-        rows.append(measure(f"2:4 sparse linear {M}x{K}->{N} fp16, select kernel (the cuda target's)", run,
-                            lambda: F.linear(x, dense), sel.nbytes, N * K * 2, cfg, err, peer))
+            return f"semi-structured ERR {type(e).__name__}: {str(e)[:80]}"
+    # the layout the cuda target repacks to at load
+    rows += select_rows("2:4 sparse linear {shape} fp16", pack_nm_select(vals, index4), dense, K, N, semi_structured)
     x = torch.randn(1, K, device=dev, dtype=torch.float16)
 
     def run_gather():
@@ -130,18 +140,8 @@ def main():
     assert err < 2e-2, f"2:4 int4-values kernel wrong: rel err {err}"
     rows.append(measure(f"2:4 + int4 g{G} values linear 1x{K}->{N}, gather kernel (other N:M)", run_q,
                         lambda: F.linear(x, vdense), vq.numel() + vs.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
-    w24 = pack_nm_select_int4(vq, vs.half(), None, G, index4)        # the layout the cuda target repacks to at load
-    for M in (1, 4, 16):
-        x = torch.randn(M, K, device=dev, dtype=torch.float16)
-        want = F.linear(x.float(), vdense.float())
-
-        def run_select():
-            return nm_select_linear(x, w24)
-        cfg = tuned_config(run_select, "nm_select", M, N)
-        err = rel_err(run_select(), want)
-        assert err < 2e-2, f"2:4 int4-values select kernel wrong at M={M}: rel err {err}"
-        rows.append(measure(f"2:4 + int4 g{G} values linear {M}x{K}->{N}, select kernel (the cuda target's)",
-                            run_select, lambda: F.linear(x, vdense), w24.nbytes, N * K * 2, cfg, err))
+    rows += select_rows(f"2:4 + int4 g{G} values linear {{shape}}", pack_nm_select_int4(vq, vs.half(), None, G, index4),
+                        vdense, K, N)
     print("| workload | presso µs kernel / graph | torch fp16 µs kernel / graph | speedup kernel / graph | "
           "presso TB/s (of copy) | torch TB/s | other peer | config |")
     print("|---|---|---|---|---|---|---|---|")
