@@ -36,7 +36,9 @@ graph @g(%h: f32[2, 3, 8]) {
 }"""
     w = {n: torch.randn(*s) for n, s in [("wq", (8, 8)), ("wk", (4, 8)), ("wv", (4, 8)), ("bq", (8,)), ("bk", (4,)),
                                           ("bv", (4,))]}
-    check_golden(before, after, w, (torch.randn(2, 3, 8),), fn=concat_linears, rtol=0)
+    # (equal up to float rounding: the stacked matmul may block its sums differently: ~2% of random
+    # draws differ by an ulp or two at rtol=0)
+    check_golden(before, after, w, (torch.randn(2, 3, 8),), fn=concat_linears)
 
 
 def test_packed_int4_and_2_4_weights_stack_their_storage_and_stay_exact():
