@@ -58,7 +58,7 @@ def measure(workload, fn, torch_fn, nbytes, dense_bytes, config, err, peer=""):
 
 
 def select_rows(label, w, wdense, K, N, peer=lambda M, x: ""):
-    """Rows for the 2:4 select kernel (the cuda target's) at 1, 4 and 16 rows of x, checked against
+    """Rows for the N:M select kernel (the cuda target's) at 1, 4 and 16 rows of x, checked against
     x @ wdense^T, timed beside F.linear(x, wdense); ``label`` has a ``{shape}`` field."""
     rows = []
     for M in (1, 4, 16):
@@ -142,6 +142,25 @@ def main():
                         lambda: F.linear(x, vdense), vq.numel() + vs.numel() * 2 + index2.numel(), N * K * 2, cfg, err))
     rows += select_rows(f"2:4 + int4 g{G} values linear {{shape}}", pack_nm_select_int4(vq, vs.half(), None, G, index4),
                         vdense, K, N)
+    # 4:8: the same select kernel (three prmt per pair of kept values), and the kernels 4:8 ran before
+    vals8, idx8, dense8 = nm_prune(Wd.float(), Wd.float().abs(), 4, 8)
+    vals8, index8, dense8 = vals8.half(), pack_codes(idx8), dense8.half()
+    rows += select_rows("4:8 sparse linear {shape} fp16", pack_nm_select(vals8, index8, 8), dense8, K, N)
+    for M in (1, 4):
+        x = torch.randn(M, K, device=dev, dtype=torch.float16)
+
+        def run_old():
+            return nm_linear(x, vals8, index8, 4, 8)
+        err = rel_err(run_old(), F.linear(x.float(), dense8.float()))
+        kind = "gather" if M <= 2 else "dense-tile tl.dot"
+        rows.append(measure(f"4:8 sparse linear {M}x{K}->{N} fp16, {kind} kernel (before)", run_old,
+                            lambda: F.linear(x, dense8), vals8.numel() * 2 + index8.numel(), N * K * 2, None, err))
+    vcodes8, vs8, _ = rtn(vals8.float(), 4, G, True)
+    vq8 = pack_codes(vcodes8.to(torch.int16))
+    vdq8 = get_op("dequantize").run([vq8, vs8.half(), None], {"bits": 4, "group_size": G, "dtype": "f16"})[0]
+    rows += select_rows(f"4:8 + int4 g{G} values linear {{shape}}", pack_nm_select_int4(vq8, vs8.half(), None, G,
+                                                                                       index8, 8),
+                        get_op("densify_nm").run([vdq8, index8], {"n": 4, "m": 8})[0], K, N)
     print("| workload | presso µs kernel / graph | torch fp16 µs kernel / graph | speedup kernel / graph | "
           "presso TB/s (of copy) | torch TB/s | other peer | config |")
     print("|---|---|---|---|---|---|---|---|")

@@ -36,10 +36,12 @@ SCRIPT = textwrap.dedent("""
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)
-    # fp16 2:4 linears (fp16 or int4 kept values) run the select kernel on its layout (5 rows: one block)
+    # fp16 2:4 and 4:8 linears (fp16 or int4 kept values) run the select kernel on its layout (5 rows: one block)
     m16 = make_llama(batch=1, seq=5)[0].half()
     for recipe, kernel in [("sparsify{pattern=2:4}", "triton:nm_select_2_4"),
-                           ("sparsify{pattern=2:4},quantize{weights=int4,group_size=16}", "triton:nm_select_int4_2_4")]:
+                           ("sparsify{pattern=2:4},quantize{weights=int4,group_size=16}", "triton:nm_select_int4_2_4"),
+                           ("sparsify{pattern=4:8}", "triton:nm_select_4_8"),
+                           ("sparsify{pattern=4:8},quantize{weights=int4,group_size=16}", "triton:nm_select_int4_4_8")]:
         cm = presso.compile(m16, example_inputs=ex, target="cuda", recipe=recipe)
         assert kernel in cm._runtime.program.kernels.values(), cm._runtime.program.kernels
         err = rel(cm(*ex), presso.compile(m16, example_inputs=ex, recipe=recipe)(*ex))
@@ -92,7 +94,7 @@ def test_whole_models_run_through_the_kernels_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("zoo ") == 6 and r.stdout.count("\nrecipe ") == 6 and "generate ok" in r.stdout
-    assert r.stdout.count("fp16 recipe ") == 2
+    assert r.stdout.count("fp16 recipe ") == 4
     assert "artifact ok" in r.stdout and "latent attention ok" in r.stdout
     assert "triton:fused_elementwise" in r.stdout and "triton:rms_norm" in r.stdout
 

@@ -71,6 +71,18 @@ def test_nm_linears_at_llama_sizes(M):
         w4 = pack_nm_select_int4(vq, s.half(), z8, G, index4)
         assert rel(nm_select_linear(x, w4), x.float() @ wd.T) < 2e-3
         assert rel(nm_select_linear(xb, w4), xb.float() @ wd.T) < 1e-2
+    vals8, idx8, dense8 = nm_prune(w, w.abs(), 4, 8)            # 4:8: three prmt per pair of kept values
+    sel8 = pack_nm_select(vals8.half(), pack_codes(idx8), 8)
+    assert torch.equal(sel8.dense(), dense8.half())
+    assert rel(nm_select_linear(x, sel8), x.float() @ dense8.half().float().T) < 2e-3
+    sel8b = pack_nm_select(vals8.bfloat16(), pack_codes(idx8), 8)
+    assert rel(nm_select_linear(xb, sel8b), xb.float() @ dense8.bfloat16().float().T) < 1e-2
+    codes, s, z = rtn(vals8, 4, G, False)
+    vq, z8 = pack_codes(codes.to(torch.int16)), z.to(torch.uint8)
+    wd = dens.run([deq.run([vq, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0], pack_codes(idx8)],
+                  {"n": 4, "m": 8})[0]
+    w48 = pack_nm_select_int4(vq, s.half(), z8, G, pack_codes(idx8), 8)
+    assert rel(nm_select_linear(x, w48), x.float() @ wd.T) < 2e-3
 
 
 @pytest.mark.parametrize("B,L", [(1, 4096), (1, 16384), (4, 2048)])

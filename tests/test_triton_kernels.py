@@ -80,34 +80,40 @@ SCRIPT = textwrap.dedent("""
                         value_zeros=z8, value_group=G)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("nm int4", M, N, K, (got - want).abs().max())
         cases += 1
-    # 2:4 in the select kernel's layout: fp16 kept values, or int4 ones (symmetric or with zero
-    # points); up to 16 rows in one block of the generated kernel, more through the dense workspace
+    # 2:4 and 4:8 in the select kernel's layout: fp16 kept values, or int4 ones (symmetric or with
+    # zero points); up to 16 rows in one block of the generated kernel, more through the dense workspace
     from presso.codegen.triton.nm_select import nm_select_linear, pack_nm_select, pack_nm_select_int4
     h, bf = torch.half, torch.bfloat16
-    for M, N, K, G, sym, bias, dt in [(1, 37, 128, 0, True, False, h), (3, 70, 96, 0, True, True, h),
-                                      (17, 33, 64, 0, True, True, h), (1, 37, 128, 16, True, False, h),
-                                      (2, 200, 256, 32, False, True, h), (5, 130, 512, 64, True, True, h),
-                                      (18, 20, 64, 16, False, False, h),
-                                      (4, 45, 96, 0, True, True, bf), (3, 20, 64, 32, False, False, bf)]:
+    for M, N, K, G, sym, bias, dt, (nn, mm) in [
+            (1, 37, 128, 0, True, False, h, (2, 4)), (3, 70, 96, 0, True, True, h, (2, 4)),
+            (17, 33, 64, 0, True, True, h, (2, 4)), (1, 37, 128, 16, True, False, h, (2, 4)),
+            (2, 200, 256, 32, False, True, h, (2, 4)), (5, 130, 512, 64, True, True, h, (2, 4)),
+            (18, 20, 64, 16, False, False, h, (2, 4)),
+            (4, 45, 96, 0, True, True, bf, (2, 4)), (3, 20, 64, 32, False, False, bf, (2, 4)),
+            (1, 37, 128, 0, True, False, h, (4, 8)), (3, 70, 96, 16, True, True, h, (4, 8)),
+            (2, 45, 64, 32, False, True, h, (4, 8)), (17, 33, 64, 0, True, True, h, (4, 8)),
+            (4, 45, 96, 0, True, False, bf, (4, 8))]:
         x, w = torch.randn(M, K).to(dt), torch.randn(N, K)
         b = torch.randn(N).to(dt) if bias else None
-        vals, idx, _ = nm_prune(w, w.abs(), 2, 4)
+        vals, idx, _ = nm_prune(w, w.abs(), nn, mm)
         if G == 0:
             v16 = vals.to(dt)
-            packed, wd = pack_nm_select(v16, pack_int4(idx)), dens.run([v16, pack_int4(idx)], {"n": 2, "m": 4})[0]
+            packed = pack_nm_select(v16, pack_int4(idx), mm)
+            wd = dens.run([v16, pack_int4(idx)], {"n": nn, "m": mm})[0]
         else:
             codes, s, z = rtn_(vals, 4, G, sym)
             z8 = None if z is None else z.to(torch.uint8)
             q = pack_int4(codes.to(torch.int16))
             vq = deq.run([q, s.half(), z8], {"bits": 4, "group_size": G, "dtype": "f32"})[0]
-            packed, wd = pack_nm_select_int4(q, s.half(), z8, G, pack_int4(idx)), dens.run([vq, pack_int4(idx)],
-                                                                                           {"n": 2, "m": 4})[0]
+            packed = pack_nm_select_int4(q, s.half(), z8, G, pack_int4(idx), mm)
+            wd = dens.run([vq, pack_int4(idx)], {"n": nn, "m": mm})[0]
         wd = wd.to(packed.dense().dtype)               # (int4 values rebuild in fp16)
-        assert torch.equal(packed.dense(), wd), ("select layout densify", M, N, K, G)
+        assert torch.equal(packed.dense(), wd), ("select layout densify", M, N, K, G, mm)
         want = torch.nn.functional.linear(x.float(), wd.float(), None if b is None else b.float())
         got = nm_select_linear(x, packed, b).float()
         tol = 2e-3 if dt == torch.half else 1e-2        # (bf16 output rounding: 2^-8)
-        assert (got - want).abs().max() <= tol * want.abs().max(), ("nm select", M, N, K, G, (got - want).abs().max())
+        assert (got - want).abs().max() <= tol * want.abs().max(), ("nm select", M, N, K, G, mm,
+                                                                    (got - want).abs().max())
         cases += 1
     # epilogues folded into the linears: full-shaped and row-vector operands around the accumulator
     from presso.codegen.triton import int8_linear
@@ -203,7 +209,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 56" in r.stdout
+    assert "kernel cases 61" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

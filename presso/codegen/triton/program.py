@@ -42,6 +42,9 @@ def _nm_index_packer(kept: int, m: int):
     return pack_index, bits
 
 
+SELECT_PATTERNS = ((2, 4), (4, 8))      # N:M patterns the select kernel runs (nm_select.py)
+
+
 def _linear_step(n: Node, p: Node) -> Step:
     from .int4 import int4_linear, int4_linear_tiled, pack_int4, tiled_layout_fits
     from .linear import int8_linear, nm_linear
@@ -63,11 +66,11 @@ def _linear_step(n: Node, p: Node) -> Step:
         return Step(n, f"triton:int{a['bits']}_linear", run, [x, q, s, z, b])
     vals, idx = p.inputs
     nn, m = a["n"], a["m"]
-    if (nn, m) == (2, 4) and vals.type.dtype in (DType.f16, DType.bf16) and select_fits(vals.type.shape[1] * 2):
+    if (nn, m) in SELECT_PATTERNS and vals.type.dtype in (DType.f16, DType.bf16) and select_fits(vals.type.shape[1] * 2):
         def run_select(xt, w, _i, bt, **epilogue):
             return [nm_select_linear(xt, w, bt, **epilogue)]
-        return Step(n, "triton:nm_select_2_4", run_select, [x, vals, idx, b],
-                    prepare=((1, 2), lambda vt, it: (pack_nm_select(vt, it), None)))
+        return Step(n, f"triton:nm_select_{nn}_{m}", run_select, [x, vals, idx, b],
+                    prepare=((1, 2), lambda vt, it: (pack_nm_select(vt, it, m), None)))
     pack_index, bits = _nm_index_packer(vals.type.shape[1], m)
 
     def run_nm(xt, vt, it, bt, **epilogue):
@@ -76,7 +79,7 @@ def _linear_step(n: Node, p: Node) -> Step:
 
 
 def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
-    """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): 2:4 runs the select
+    """linear(x, densify_nm(dequantize(codes, scales[, zeros]), index)): 2:4 and 4:8 run the select
     kernel of nm_select.py on its layout (repacked once at load); other N:M the gather kernel,
     which reads the int4 codes of the kept values and their scales, dequantizing in registers."""
     from .linear import nm_linear
@@ -84,11 +87,11 @@ def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
     x, b = n.inputs[0], n.inputs[2]
     codes, scales, zeros = q.inputs
     nn, m, gs = d.attrs["n"], d.attrs["m"], q.attrs["group_size"]
-    if (nn, m) == (2, 4) and fits(codes.type.shape[1] * 2, group=gs):
+    if (nn, m) in SELECT_PATTERNS and fits(codes.type.shape[1] * 2, group=gs):
         def run_select(xt, w, _s, _z, _i, bt, **epilogue):
             return [nm_select_linear(xt, w, bt, **epilogue)]
-        return Step(n, "triton:nm_select_int4_2_4", run_select, [x, codes, scales, zeros, d.inputs[1], b],
-                    prepare=((1, 2, 3, 4), lambda ct, st, zt, it: (pack_nm_select_int4(ct, st, zt, gs, it),
+        return Step(n, f"triton:nm_select_int4_{nn}_{m}", run_select, [x, codes, scales, zeros, d.inputs[1], b],
+                    prepare=((1, 2, 3, 4), lambda ct, st, zt, it: (pack_nm_select_int4(ct, st, zt, gs, it, m),
                                                                    None, None, None)))
     pack_index, bits = _nm_index_packer(codes.type.shape[1], m)        # (logical) kept values per row
 
