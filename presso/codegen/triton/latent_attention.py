@@ -158,6 +158,15 @@ def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, str
         tl.store(out_ptr + b * stride_yb + h * stride_yh + rv, y.to(out_ptr.dtype.element_ty))
 
 
+def default_split(sequences: int, L: int, device) -> int:
+    """Tokens per program: about one program per SM over all ``sequences`` (batch rows x groups), in
+    [256, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
+    the cache faster (B=1 L=64k: 4096 tokens 188 us vs 2048 193 us; B=16 L=16k: 8192 717 us vs 1024
+    734 us) until the programs no longer fill the machine (B=1 L=16k: 1024 best, 2048 slower)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(256, min(8192, triton.next_power_of_2(triton.cdiv(sequences * L, sms))))
+
+
 def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor, position: torch.Tensor,
                             heads_per_group: int, scale: float, up_k: torch.Tensor | None = None,
                             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
@@ -215,7 +224,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     else:
         up = up_rot = q
         cos = sin = q
-    split = split_len or (L if INTERPRET else max(256, min(2048, triton.next_power_of_2(L) // 16)))
+    split = split_len or (L if INTERPRET else default_split(B * G, L, q.device))
     splits = triton.cdiv(L, split)
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
