@@ -242,6 +242,8 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 32, 16))
     with pytest.raises(ValueError, match=r"up_v \(8, 16, 16\) must be \[H, Rv, Dv\] = \[8, 32, \.\.\.\]"):
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 16, 32), up_v=torch.zeros(8, 16, 16))
+    with pytest.raises(ValueError, match=r"up_k \(2, 32, 40\) must be \[G, R, HPG\*D\] = \[2, 32, 64\]"):
+        latent_decode_attention(q, hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 40), torch.zeros(8, 16), torch.zeros(8, 16))
     with pytest.raises(ValueError, match="q and the caches need unit stride in their last dim"):
         latent_decode_attention(q, torch.zeros(1, 64, 8).transpose(1, 2), hk, pos, 4, 1.0)
     from presso.codegen.triton.rotary import rotary

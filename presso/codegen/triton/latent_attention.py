@@ -7,8 +7,10 @@ Per group of ``HPG`` query heads the cache holds a key latent ``hk`` [L, R] and 
 ``hv`` [L, Rv] per token. Keys are never materialized in memory:
 
 * ``rope=False`` (absorbed): scores are ``(q B_k^T) . hk_t``;
-* ``rope=True`` (rebuilt): each key tile is rebuilt in registers, ``k = hk B`` (tensor cores),
-  rotated with the cached cos/sin of its positions, and dotted with ``q``;
+* ``rope=True`` (rebuilt): each key tile is rebuilt in registers as its two halves,
+  ``k_lo = hk B[:, :D/2]`` and ``k_hi = hk B[:, D/2:]`` (tensor cores), so the rotation is
+  elementwise on the halves (``k_lo cos_lo - k_hi sin_lo``, ``k_hi cos_hi + k_lo sin_hi``: the
+  rotate-half form of RoPE) and each key costs one R x D product, then dotted with ``q``;
 
 values stay latent: the attention produces ``o' = softmax(s) hv`` [H, Rv] per split, and the
 splits are merged by their softmax maxima and sums. Heads are padded to 16 rows so scores and
@@ -73,7 +75,7 @@ def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, 
 
 
 @triton.jit
-def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
+def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
                         L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_cl,
                         stride_kb, stride_kl, stride_kg, stride_vb, stride_vl, stride_vg,
                         stride_ob, stride_oh, stride_os,
@@ -94,7 +96,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
     l_i = tl.zeros((HP,), tl.float32)
     acc = tl.zeros((HP, RV), tl.float32)
     if ROPE:
-        rd = tl.arange(0, D)
+        rd = tl.arange(0, D // 2)            # one half of a head's dims
     else:
         qa = tl.load(q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :],
                      mask=mh[:, None], other=0.0)                                   # [HP, R]
@@ -105,14 +107,19 @@ def _latent_attn_kernel(q_ptr, b_ptr, br_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, 
                      other=0.0)                                                      # [T, R]
         if ROPE:
             s = tl.zeros((HP, BLOCK_T), tl.float32)
-            cs = tl.load(cos_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-            sn = tl.load(sin_ptr + rt[:, None] * stride_cl + rd[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
+            trig = rt[:, None] * stride_cl + rd[None, :]
+            c_lo = tl.load(cos_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)              # [T, D/2]
+            c_hi = tl.load(cos_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
+            s_lo = tl.load(sin_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
+            s_hi = tl.load(sin_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
             for h in range(HPG):          # a loop, not unrolled: one head's up-projection tiles at a time
-                bh = tl.load(b_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :])      # [R, D]
-                brh = tl.load(br_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :])
-                k = tl.dot(hk, bh) * cs + tl.dot(hk, brh) * sn                                         # [T, D]
-                qh = tl.load(q_ptr + b * stride_qb + (g * HPG + h) * stride_qh + rd).to(tl.float32)
-                sh = tl.sum(k * qh[None, :], axis=1)
+                bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :]
+                k_lo = tl.dot(hk, tl.load(bp))                                                   # [T, D/2]
+                k_hi = tl.dot(hk, tl.load(bp + D // 2))
+                qp = q_ptr + b * stride_qb + (g * HPG + h) * stride_qh + rd
+                q_lo, q_hi = tl.load(qp).to(tl.float32), tl.load(qp + D // 2).to(tl.float32)
+                sh = tl.sum((k_lo * c_lo - k_hi * s_lo) * q_lo[None, :] + (k_hi * c_hi + k_lo * s_hi) * q_hi[None, :],
+                            axis=1)
                 s = tl.where(rh[:, None] == h, sh[None, :], s)
         elif IEEE:        # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
             s = tl.dot(qa, tl.trans(hk), input_precision="ieee")
@@ -201,12 +208,13 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     if up_v is not None and (up_v.shape[:2] != (H, RV) or up_v.stride(-1) != 1):
         raise ValueError(f"up_v {tuple(up_v.shape)} must be [H, Rv, Dv] = [{H}, {RV}, ...] with unit stride")
     hp = max(16, triton.next_power_of_2(heads_per_group))
-    bt = block_t or (16 if INTERPRET else 64)
-    # RoPE: the up-projection tiles are re-read per key tile (L2-bound): 64-token tiles and 8 warps
-    # measured 3.4x faster than 16 x 4 on the H100 (B=1, L=4k: 156 vs 1003 us; still ~0.2x SDPA)
+    # RoPE: the up-projection tiles are re-read per key tile: 128-token tiles, 8 warps, 2 stages
+    # (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as 16 x 4 before the
+    # half-split rotation)
+    bt = block_t or (16 if INTERPRET else 128 if rope else 64)
     num_warps = num_warps or (8 if rope else 4)
     ieee = hk.dtype == torch.float32
-    stages = {"num_stages": 1} if rope else {} if num_stages is None else {"num_stages": num_stages}
+    stages = {"num_stages": num_stages or 2} if rope else {} if num_stages is None else {"num_stages": num_stages}
     dv = RV if up_v is None else up_v.shape[-1]
     out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
     if absorb is not None:
@@ -219,20 +227,20 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         q = qa
     D = q.shape[-1]
     if rope:
-        # rotate_half(k) = k @ P: fold P into a second up-projection so rotation is two dots
-        half = D // 2
-        ub = up_k.reshape(G, R, heads_per_group, D)
-        up_rot = torch.cat((-ub[..., half:], ub[..., :half]), dim=-1).reshape(G, R, heads_per_group * D).contiguous()
-        up = up_k.contiguous()
+        half = D // 2                       # a tensor-core dot per half: a power of two, >= 16 on a GPU
+        if (up_k.stride(-1) != 1 or tuple(up_k.shape) != (G, R, heads_per_group * D) or D % 2 or half & (half - 1)
+                or (half < 16 and not INTERPRET)):
+            raise ValueError(f"up_k {tuple(up_k.shape)} must be [G, R, HPG*D] = [{G}, {R}, {heads_per_group * D}] "
+                             "with unit stride, D / 2 a power of two >= 16 (RoPE rotates the halves of a head)")
+        up = up_k
     else:
-        up = up_rot = q
-        cos = sin = q
+        up = cos = sin = q
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device))
     splits = triton.cdiv(L, split)
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
     _latent_attn_kernel[(B, G, splits)](
-        q, up, up_rot, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
+        q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, IEEE=ieee,
