@@ -520,9 +520,10 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
             bias if bias is not None else x2, y, e0, e1, N, w.values.shape[-1], K, x2.stride(0),
             QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, PTX=ptx, VBF=w.bf16, HAS_BIAS=bias is not None,
             num_warps=cfg["warps"], **epi)
-    # H100 sweep at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread
-    nearest = min(_DEFAULTS, key=lambda r: abs(r - M))
-    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else _DEFAULTS[nearest]
+    # H100 sweeps at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread;
+    # the selects that cost more ALU per weight (bf16's fp32 FMAs, 4:8's three prmt) shorter steps at 2-4
+    table = _DEFAULTS_HEAVY if (w.m == 8 or x2.dtype == torch.bfloat16) else _DEFAULTS
+    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else table[min(table, key=lambda r: abs(r - M))]
     if block_n or cps or num_warps:
         cfg = {"block_n": block_n or default["block_n"], "cps": cps or default["cps"],
                "warps": num_warps or default["warps"]}
@@ -538,3 +539,4 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
 _DEFAULTS = {1: {"block_n": 32, "cps": 16, "warps": 8}, 2: {"block_n": 32, "cps": 16, "warps": 4},
              4: {"block_n": 64, "cps": 16, "warps": 4}, 8: {"block_n": 64, "cps": 8, "warps": 8},
              16: {"block_n": 64, "cps": 8, "warps": 4}}
+_DEFAULTS_HEAVY = {**_DEFAULTS, 2: {"block_n": 32, "cps": 8, "warps": 8}, 4: {"block_n": 64, "cps": 8, "warps": 8}}
