@@ -54,8 +54,9 @@ def annotation(g: Graph, n: Node) -> str:
     """rank / bits / N:M of a compressed layer, from the graph's compression records."""
     recs = g.meta.get("compression", {})
     origin = g.meta.get("param_origin", {})
+    parts = g.meta.get("param_parts", {})
     for v in _weight_params(n):
-        key = v.name
+        key = parts[v.name][0][0] if v.name in parts else v.name      # a stacked param: its first part's layer
         while key in origin and origin[key] != key:
             key = origin[key]
         rec = recs.get(key)

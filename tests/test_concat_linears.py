@@ -99,3 +99,23 @@ graph @g(%h: f32[2, 8], %x: f32[2, 8]) {
 }"""
     g = parse(before, {n: torch.randn(8, 8) for n in ("w1", "w2", "w3")})
     assert print_graph(concat_linears(g.copy())) == print_graph(g)
+
+
+def test_stacked_params_keep_each_layers_bytes_in_the_compression_report():
+    """Stacking q/k/v's packed int4 params must not move their bytes out of the report: every
+    original layer keeps the bytes of its rows of the stacked params (found a q_proj reported at
+    0 bytes, ratio 16384, on the cuda target before the pass recorded the parts)."""
+    import presso
+    from presso.ir.analysis import compression_report
+    from presso.models.llama import make_llama
+    m, ex = make_llama(batch=1, seq=5)
+    cm = presso.compile(m, example_inputs=ex, recipe="quantize{weights=int4,group_size=16}")
+    want = compression_report(cm.graph)["layers"]
+    g = concat_linears(cm.graph.copy())
+    assert sum(n.op == "split" for n in g.nodes) == 2             # q/k/v of both layers stacked
+    got = compression_report(g)["layers"]
+    assert [(l["layer"], l["bytes_after"], l["ratio"]) for l in got] == \
+        [(l["layer"], l["bytes_after"], l["ratio"]) for l in want]
+    q = next(l for l in got if l["layer"] == "layers.0.self_attn.q_proj.weight")
+    assert sorted(q["params"].values()) == ["f16[128, 4] rows 0:64", "i4[128, 64] rows 0:64"], q["params"]
+    assert compression_report(g)["model_bytes"] == compression_report(cm.graph)["model_bytes"]

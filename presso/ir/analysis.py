@@ -125,15 +125,24 @@ def compression_report(g: Graph, original_bytes: int | None = None) -> dict:
             name = origin[name]
         return name
 
-    current: dict[str, list[str]] = {}
-    for name in g.params:
-        current.setdefault(root(name), []).append(name)
+    stacked = g.meta.get("param_parts", {})
+    current: dict[str, list[tuple[str, int, str]]] = {}     # layer -> (param, its bytes, what of it)
+    for name, p in g.params.items():
+        nbytes, typ = p.value.type.nbytes(), str(p.value.type)
+        if name not in stacked:
+            current.setdefault(root(name), []).append((name, nbytes, typ))
+            continue
+        total, start = sum(rows for _, rows in stacked[name]), 0      # rows of equal bytes each
+        for part, rows in stacked[name]:
+            current.setdefault(root(part), []).append(
+                (name, nbytes * rows // total, f"{typ} rows {start}:{start + rows}"))
+            start += rows
     layers = []
     for key, rec in g.meta.get("compression", {}).items():
         names = current.get(key, [])
-        after = sum(g.params[n].value.type.nbytes() for n in names)
+        after = sum(b for _, b, _ in names)
         entry = {"layer": key, **{k: v for k, v in rec.items() if not k.startswith("_")},
-                 "bytes_after": after, "params": {n: str(g.params[n].value.type) for n in names}}
+                 "bytes_after": after, "params": {n: what for n, _, what in names}}
         if entry.get("bytes_before"):
             entry["ratio"] = round(entry["bytes_before"] / max(after, 1), 3)
         layers.append(entry)

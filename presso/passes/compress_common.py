@@ -75,6 +75,12 @@ def derive(g: Graph, new_param: str, from_param: str) -> None:
     g.meta.setdefault("param_origin", {})[new_param] = origin(g, from_param)
 
 
+def derive_stacked(g: Graph, new_param: str, parts: list[tuple[str, int]]) -> None:
+    """``new_param`` stacks params by rows: ``parts`` are (param it took rows from, how many rows),
+    in order; each part keeps its original layer, so reports attribute the stacked bytes by rows."""
+    g.meta.setdefault("param_parts", {})[new_param] = [[origin(g, p), rows] for p, rows in parts]
+
+
 def record(g: Graph, weight_name: str, **info) -> None:
     """Merge what a pass did to a layer into ``graph.meta['compression'][original weight]``."""
     key = origin(g, weight_name)

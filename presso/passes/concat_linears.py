@@ -15,6 +15,9 @@ Left alone: a linear whose output is an epilogue candidate (its only user elemen
 target folds it into the linear's kernel, so stacking would not save a launch), one whose
 producer nodes or parameters are shared, and the ``kv_cache`` pass's cache points (the decode
 program finds them by node).
+
+Each stacked parameter records which parameters' rows it holds (``graph.meta['param_parts']``), so
+the compression report still gives every original layer its bytes.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from ..ir.expr import FUSABLE
 from ..ir.graph import Graph, Node, Value
+from .compress_common import derive_stacked
 from .manager import register_pass
 
 _ROW_WISE = ("dequantize", "densify_nm")       # weight producers whose output row n reads only row n
@@ -92,11 +96,13 @@ def _stack(g: Graph, group: list[Node], leaves: list[list[Value]]) -> None:
         rows = sum(v.type.shape[0] for v in column)
         t = column[0].type.with_shape((rows,) + tuple(column[0].type.shape[1:]))
         leaf_map[column[0]] = g.add_param(g.fresh_name(f"{first.name}.stacked.{i}"), data, type=t)
+        derive_stacked(g, leaf_map[column[0]].name, [(v.name, v.type.shape[0]) for v in column])
     w = _rebuild(g, first.inputs[1], leaf_map, first)
     bias = None
     if first.inputs[2] is not None:
         bias = g.add_param(g.fresh_name(f"{first.name}.stacked.bias"),
                            torch.cat([g.const(n.inputs[2]) for n in group], dim=0))
+        derive_stacked(g, bias.name, [(n.inputs[2].name, n.inputs[2].type.shape[0]) for n in group])
     y = g.op("linear", first.inputs[0], w, bias, before=first, name=g.fresh_name("_".join(n.name for n in group)))
     sizes = [n.output.type.shape[-1] for n in group]
     split = g.add_node("split", [y], {"axis": y.type.rank - 1, "sizes": sizes}, before=first)
