@@ -64,6 +64,9 @@ SCRIPT = textwrap.dedent("""
     # the step's attention reads only the filled cache slots (GQA decode kernel), no SDPA over the cache
     step_kernels = set(cm.decode_program().step_rt.program.kernels.values())
     assert "triton:gqa_decode_attention" in step_kernels and "torch:sdpa_masked" not in step_kernels, step_kernels
+    # each layer's q / k RoPE and its two cache writes are one launch
+    assert "triton:rotary_cache_write" in step_kernels and not {"triton:rotary", "torch:index_copy_"} & step_kernels, \
+        step_kernels
     print("generate ok")
     # GPT-2 (no RoPE) with Palu latent caches: the decode step's attention is the latent-attention
     # kernel over the caches as stored ([B, L, groups * rank]), and generation matches the reference

@@ -201,6 +201,23 @@ SCRIPT = textwrap.dedent("""
         got = rotary(x, c, sn, want.dtype)
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-2), xs
         cases += 1
+    # a decode layer's q / k RoPE and both cache writes in one launch: strided q / k / v (views of one
+    # projection), slots written at arbitrary positions, the rest of each cache untouched
+    from presso.codegen.triton.rotary import rotary_into_caches
+    for B, H, HKV, S, D, L, dt in [(2, 4, 2, 1, 16, 10, torch.float32), (1, 6, 3, 3, 32, 8, torch.float16)]:
+        qkv = torch.randn(B, S, H + 2 * HKV, D).to(dt).transpose(1, 2)
+        q, k, v = qkv[:, :H], qkv[:, H:H + HKV], qkv[:, H + HKV:]
+        c, sn = torch.randn(S, D).to(dt), torch.randn(S, D).to(dt)
+        kc, vc = torch.randn(B, HKV, L, D).to(dt), torch.randn(B, HKV, L, D).to(dt)
+        pos = torch.randperm(L)[:S]
+        want_k, want_v = kc.clone(), vc.clone()
+        want_k[:, :, pos] = rotary_ref(k.float(), c.float(), sn.float()).to(dt)
+        want_v[:, :, pos] = v
+        got = rotary_into_caches(q, k, v, c, sn, kc, vc, pos, dt)
+        tol = 1e-5 if dt == torch.float32 else 2e-3
+        assert torch.allclose(got.float(), rotary_ref(q.float(), c.float(), sn.float()), rtol=tol, atol=tol), (B, H)
+        assert torch.allclose(kc.float(), want_k.float(), rtol=tol, atol=tol) and torch.equal(vc, want_v), (B, H)
+        cases += 1
     print("kernel cases", cases)
 """)
 
@@ -209,7 +226,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 61" in r.stdout
+    assert "kernel cases 63" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -246,6 +263,11 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 40), torch.zeros(8, 16), torch.zeros(8, 16))
     with pytest.raises(ValueError, match="q and the caches need unit stride in their last dim"):
         latent_decode_attention(q, torch.zeros(1, 64, 8).transpose(1, 2), hk, pos, 4, 1.0)
-    from presso.codegen.triton.rotary import rotary
+    from presso.codegen.triton.rotary import rotary, rotary_into_caches
+    with pytest.raises(ValueError, match=r"rotary_into_caches: q \(1, 4, 1, 16\), k \(1, 2, 1, 16\), v \(1, 2, 1, 16\), "
+                                         r"caches \(1, 4, 8, 16\)"):
+        z = torch.zeros(1, 2, 1, 16)
+        rotary_into_caches(torch.zeros(1, 4, 1, 16), z, z, torch.zeros(1, 16), torch.zeros(1, 16),
+                           torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16), torch.tensor([0]), torch.float32)
     with pytest.raises(ValueError, match=r"rotary: x \(2, 3, 5\) must have rank <= 4 and an even last dim"):
         rotary(torch.zeros(2, 3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.float32)

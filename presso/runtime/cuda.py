@@ -96,7 +96,7 @@ class CudaRuntime:
             for i, s in enumerate(self.program.steps):
                 prep = self._prepared[i]
                 ins = [prep[j] if j in prep else None if v is None else env[v] for j, v in enumerate(s.inputs)]
-                for v, t in zip(s.node.outputs, run_step(s, ins, bindings)):
+                for v, t in zip(s.outputs, run_step(s, ins, bindings)):
                     env[v] = t
                 for v in self._free_after[i]:
                     env.pop(v, None)

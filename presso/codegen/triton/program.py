@@ -28,6 +28,12 @@ class Step:
     # params the kernel reads in its own layout: (input positions, fn(those tensors) -> the
     # kernel's forms); the runtime applies it once, at load, and keeps only the result
     prepare: Optional[tuple[tuple[int, ...], Callable]] = None
+    # the Values its run returns, when they are not ``node``'s outputs (a step covering several nodes)
+    produces: Optional[list] = None
+
+    @property
+    def outputs(self) -> list:
+        return self.produces if self.produces is not None else self.node.outputs
 
 
 def _nm_index_packer(kept: int, m: int):
@@ -118,7 +124,7 @@ def _fold_epilogues(steps: list, users: dict, outputs: set) -> list:
     of the linear's output, provided the node's other operands (at most two, full-shaped or one
     row) are computed before the linear."""
     from .epilogue import MAX_EXTRA, Epilogue
-    produced_at = {v: i for i, st in enumerate(steps) for v in st.node.outputs}
+    produced_at = {v: i for i, st in enumerate(steps) for v in st.outputs}
     folded: dict[int, Step] = {}
     dropped = set()
     for i, st in enumerate(steps):
@@ -178,6 +184,51 @@ def _rotary_step(n: Node) -> Step | None:
         return None
     out = n.outputs[0].type.dtype.torch
     return Step(n, "triton:rotary", lambda xt, c, s_: [rotary(xt, c, s_, out)], list(n.inputs))
+
+
+def _rotary_cache_groups(g: Graph, users: dict) -> dict[Node, tuple]:
+    """Decode layers whose attention reads rotary(q) and caches just written with rotary(k) and v:
+    attention_cached(rotary(q), cache_update(Kc, rotary(k), pos), cache_update(Vc, v, pos)), both
+    rotations by the same cos / sin, each cache an input written only here. Returns, keyed by the
+    last of the four nodes in graph order (where one step runs them), (rotary q, rotary k, cache
+    update k, cache update v); every reader of their outputs comes later."""
+    from .rotary import fits as fits_rotary
+    order = {n: i for i, n in enumerate(g.nodes)}
+    groups = {}
+    for n in g.nodes:
+        if n.op != "attention_cached":
+            continue
+        rq, ck, cv = (v.node for v in n.inputs[:3])
+        if rq is None or ck is None or cv is None or rq.op != "rotary" or ck.op != "cache_update" or cv.op != "cache_update":
+            continue
+        rk = ck.inputs[1].node
+        if (rk is None or rk.op != "rotary" or users.get(rk.outputs[0]) != [ck] or rk.inputs[1:] != rq.inputs[1:]
+                or ck.inputs[2] is not cv.inputs[2] or ck.attrs["axis"] != 2 or cv.attrs["axis"] != 2):
+            continue
+        if any(c.inputs[0].kind != "input" or len(users.get(c.inputs[0], [])) != 1 or c.inputs[0].type.rank != 4
+               or c.inputs[0].type.dtype != c.inputs[1].type.dtype for c in (ck, cv)):
+            continue
+        if (rq.inputs[0].type.rank != 4 or not fits_rotary(rq.inputs[0].type.shape)
+                or any(v.type.rank > 2 for v in rq.inputs[1:]) or not rq.outputs[0].type.dtype.is_float):
+            continue
+        four = (rq, rk, ck, cv)
+        last = max(four, key=order.get)
+        if all(order[u] > order[last] for x in (rq, ck, cv) for u in users.get(x.outputs[0], [])):
+            groups[last] = four
+    return groups
+
+
+def _rotary_cache_step(anchor: Node, four: tuple) -> Step:
+    """One launch for a decode layer's q / k RoPE and its two cache writes (``rotary_into_caches``)."""
+    from .rotary import rotary_into_caches
+    rq, rk, ck, cv = four
+    out = rq.outputs[0].type.dtype.torch
+
+    def run(q, k, v, cos, sin, kc, vc, pos):
+        return [rotary_into_caches(q, k, v, cos, sin, kc, vc, pos, out), kc, vc]
+    return Step(anchor, "triton:rotary_cache_write", run,
+                [rq.inputs[0], rk.inputs[0], cv.inputs[1], rq.inputs[1], rq.inputs[2], ck.inputs[0], cv.inputs[0],
+                 ck.inputs[2]], produces=[rq.outputs[0], ck.outputs[0], cv.outputs[0]])
 
 
 def _torch_step(n: Node) -> Step:
@@ -343,8 +394,14 @@ def build_program(g: Graph) -> Program:
     outputs = set(g.outputs)
     skipped, covered, steps = set(), set(), []     # nodes whose step is dropped / never built
     mask = PositionMask()
+    rope_caches = _rotary_cache_groups(g, users)
+    for anchor, four in rope_caches.items():
+        covered.update(x for x in four if x is not anchor)
     for n in g.nodes:
-        if n in covered:          # run by an earlier node's step
+        if n in covered:          # run by another node's step
+            continue
+        if n in rope_caches:
+            steps.append(_rotary_cache_step(n, rope_caches[n]))
             continue
         if n.op == "linear":
             p = packed_weight_producer(n.inputs[1], users)

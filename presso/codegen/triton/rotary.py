@@ -1,4 +1,6 @@
-"""RoPE (the ``rotary`` op, half-split convention: x cos + rotate_half(x) sin) in one kernel.
+"""RoPE (the ``rotary`` op, half-split convention: x cos + rotate_half(x) sin) in one kernel;
+and a decode layer's q / k rotations with its two cache writes as one launch
+(``rotary_into_caches``).
 
 The op's torch reference is six kernels (two slices, a negation, a concatenation, two multiplies
 and an add); at decode each of a layer's two rotations is a few hundred elements, so those were
@@ -14,26 +16,61 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, c_ptr, s_ptr, y_ptr, ROWS, S1, S2, HALF, sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2,
-                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _rotate_rows(x_ptr, c_ptr, s_ptr, y_ptr, pos_ptr, r, ROWS, S1, S2, HALF, sx0, sx1, sx2, sc0, sc1, sc2,
+                 ss0, ss1, ss2, sy0, sy1, sy2, ROTATE: tl.constexpr, AT_POS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows r of a rank-4 x (row = (i0, i1, i2), D = 2 HALF contiguous) rotated by cos / sin (read
+    through their broadcast strides) -- or copied, without ROTATE -- into y at (i0, i1, i2), or at
+    (i0, i1, positions[i2]) with AT_POS (a cache write); fp32 arithmetic, one rounding."""
     i2 = r % S2
     i1 = (r // S2) % S1
     i0 = r // (S1 * S2)
     d = tl.arange(0, BLOCK_H)
     m = (r < ROWS)[:, None] & (d < HALF)[None, :]
     xo = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + d[None, :]
-    co = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + d[None, :]
-    so = (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + d[None, :]
     x1 = tl.load(x_ptr + xo, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + xo + HALF, mask=m, other=0.0).to(tl.float32)
-    c1 = tl.load(c_ptr + co, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + co + HALF, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + so, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + so + HALF, mask=m, other=0.0).to(tl.float32)
-    yo = r[:, None] * (2 * HALF) + d[None, :]
-    tl.store(y_ptr + yo, (x1 * c1 - x2 * s1).to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(y_ptr + yo + HALF, (x2 * c2 + x1 * s2).to(y_ptr.dtype.element_ty), mask=m)
+    if ROTATE:
+        co = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + d[None, :]
+        so = (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + d[None, :]
+        c1 = tl.load(c_ptr + co, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(c_ptr + co + HALF, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + so, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(s_ptr + so + HALF, mask=m, other=0.0).to(tl.float32)
+        x1, x2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    if AT_POS:
+        i2 = tl.load(pos_ptr + i2, mask=r < ROWS, other=0)
+    yo = (i0 * sy0 + i1 * sy1 + i2 * sy2)[:, None] + d[None, :]
+    tl.store(y_ptr + yo, x1.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + yo + HALF, x2.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, c_ptr, s_ptr, y_ptr, ROWS, S1, S2, HALF, sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2,
+                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _rotate_rows(x_ptr, c_ptr, s_ptr, y_ptr, x_ptr, r, ROWS, S1, S2, HALF, sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1,
+                 ss2, S1 * S2 * 2 * HALF, S2 * 2 * HALF, 2 * HALF, True, False, BLOCK_H)
+
+
+@triton.jit
+def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, QROWS, KROWS, H, HKV, S,
+                         HALF, PQ, PK, sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2, sc0, sc1, sc2, ss0, ss1, ss2,
+                         skc0, skc1, skc2, svc0, svc1, svc2, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Programs [0, PQ) rotate q into a new tensor, [PQ, PQ + PK) rotate k into its cache at the
+    positions, the rest copy v into its cache: a decode layer's four small launches as one."""
+    pid = tl.program_id(0)
+    if pid < PQ:
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        _rotate_rows(q_ptr, c_ptr, s_ptr, qo_ptr, pos_ptr, r, QROWS, H, S, HALF, sq0, sq1, sq2, sc0, sc1, sc2, ss0,
+                     ss1, ss2, H * S * 2 * HALF, S * 2 * HALF, 2 * HALF, True, False, BLOCK_H)
+    elif pid < PQ + PK:
+        r = (pid - PQ) * BLOCK_R + tl.arange(0, BLOCK_R)
+        _rotate_rows(k_ptr, c_ptr, s_ptr, kc_ptr, pos_ptr, r, KROWS, HKV, S, HALF, sk0, sk1, sk2, sc0, sc1, sc2, ss0,
+                     ss1, ss2, skc0, skc1, skc2, True, True, BLOCK_H)
+    else:
+        r = (pid - PQ - PK) * BLOCK_R + tl.arange(0, BLOCK_R)
+        _rotate_rows(v_ptr, c_ptr, s_ptr, vc_ptr, pos_ptr, r, KROWS, HKV, S, HALF, sv0, sv1, sv2, sc0, sc1, sc2, ss0,
+                     ss1, ss2, svc0, svc1, svc2, False, True, BLOCK_H)
 
 
 def _as_4d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -68,3 +105,41 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: tor
         x4, c4, s4, y, rows, S1, S2, half, *x4.stride()[:3], *c4.stride()[:3], *s4.stride()[:3],
         BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
     return y
+
+
+def rotary_into_caches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                       q_dtype: torch.dtype) -> torch.Tensor:
+    """One launch for a decode layer's RoPE and cache writes: q [B, H, S, D] rotated into a new
+    tensor (returned, ``q_dtype``); k [B, Hkv, S, D] rotated and v copied into k_cache / v_cache
+    [B, Hkv, L, D] at slots positions[s] (in place). cos / sin broadcast to [..., S, D]."""
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    if (q.dim() != 4 or D % 2 or tuple(k.shape) != (B, Hkv, S, D) or tuple(v.shape) != (B, Hkv, S, D)
+            or k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (B, Hkv) or k_cache.shape[3] != D
+            or v_cache.shape != k_cache.shape or positions.shape != (S,)
+            or any(t.dim() > 4 or (t.dim() >= 3 and t.shape[-3] != 1) for t in (cos, sin))):
+        raise ValueError(f"rotary_into_caches: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, caches "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}, positions {tuple(positions.shape)} must be "
+                         "[B, H, S, D], [B, Hkv, S, D] twice, [B, Hkv, L, D] twice and [S] with D even (cos / sin "
+                         "the same for every head)")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("rotary_into_caches: the caches need unit stride in their last dim")
+    c4, s4 = _as_4d(cos, k.shape), _as_4d(sin, k.shape)       # (heads broadcast: k's shape serves q too)
+    if c4.stride(-1) != 1 or s4.stride(-1) != 1:
+        c4, s4 = c4.contiguous(), s4.contiguous()
+    out = torch.empty(q.shape, dtype=q_dtype, device=q.device)
+    half = D // 2
+    block_h = triton.next_power_of_2(half)
+    block_r = max(1, min(64, 4096 // block_h))
+    qrows, krows = B * H * S, B * Hkv * S
+    pq, pk = triton.cdiv(qrows, block_r), triton.cdiv(krows, block_r)
+    sc, ss = list(c4.stride()[:3]), list(s4.stride()[:3])
+    sc[1] = ss[1] = 0                                          # cos / sin never vary by head
+    _rotary_cache_kernel[(pq + 2 * pk,)](
+        q, k, v, c4, s4, out, k_cache, v_cache, positions, qrows, krows, H, Hkv, S, half, pq, pk, *q.stride()[:3],
+        *k.stride()[:3], *v.stride()[:3], *sc, *ss, *k_cache.stride()[:3], *v_cache.stride()[:3],
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+    return out
+
