@@ -261,6 +261,9 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 16, 32), up_v=torch.zeros(8, 16, 16))
     with pytest.raises(ValueError, match=r"up_k \(2, 32, 40\) must be \[G, R, HPG\*D\] = \[2, 32, 64\]"):
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 40), torch.zeros(8, 16), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match=r"cos / sin \(8, 32\) / \(4, 32\) must both be \[>= L, D\] = \[>= 8, 32\]"):
+        latent_decode_attention(torch.zeros(1, 8, 32), hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 128), torch.zeros(8, 32),
+                                torch.zeros(4, 32))
     with pytest.raises(ValueError, match="q and the caches need unit stride in their last dim"):
         latent_decode_attention(q, torch.zeros(1, 64, 8).transpose(1, 2), hk, pos, 4, 1.0)
     from presso.codegen.triton.rotary import rotary, rotary_into_caches

@@ -232,7 +232,10 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                 or (half < 16 and not INTERPRET)):
             raise ValueError(f"up_k {tuple(up_k.shape)} must be [G, R, HPG*D] = [{G}, {R}, {heads_per_group * D}] "
                              "with unit stride, D / 2 a power of two >= 16 (RoPE rotates the halves of a head)")
-        up = up_k
+        if cos is None or sin is None or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[0] < L or cos.shape[1] != D:
+            raise ValueError(f"cos / sin {None if cos is None else tuple(cos.shape)} / "
+                             f"{None if sin is None else tuple(sin.shape)} must both be [>= L, D] = [>= {L}, {D}]")
+        up, cos, sin = up_k, cos.contiguous(), sin.contiguous()     # (the kernel reads both with one row stride)
     else:
         up = cos = sin = q
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device))
