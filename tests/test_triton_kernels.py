@@ -272,5 +272,8 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
         z = torch.zeros(1, 2, 1, 16)
         rotary_into_caches(torch.zeros(1, 4, 1, 16), z, z, torch.zeros(1, 16), torch.zeros(1, 16),
                            torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16), torch.tensor([0]), torch.float32)
+    with pytest.raises(ValueError, match=r"rotary_into_caches: q \(4, 16\), k \(1, 2, 1, 16\)"):
+        rotary_into_caches(torch.zeros(4, 16), z, z, torch.zeros(1, 16), torch.zeros(1, 16),
+                           torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), torch.tensor([0]), torch.float32)
     with pytest.raises(ValueError, match=r"rotary: x \(2, 3, 5\) must have rank <= 4 and an even last dim"):
         rotary(torch.zeros(2, 3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.float32)

@@ -113,8 +113,8 @@ def rotary_into_caches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     """One launch for a decode layer's RoPE and cache writes: q [B, H, S, D] rotated into a new
     tensor (returned, ``q_dtype``); k [B, Hkv, S, D] rotated and v copied into k_cache / v_cache
     [B, Hkv, L, D] at slots positions[s] (in place). cos / sin broadcast to [..., S, D]."""
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
+    B, H, S, D = q.shape if q.dim() == 4 else (0, 0, 0, 1)
+    Hkv = k.shape[1] if k.dim() == 4 else 0
     if (q.dim() != 4 or D % 2 or tuple(k.shape) != (B, Hkv, S, D) or tuple(v.shape) != (B, Hkv, S, D)
             or k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (B, Hkv) or k_cache.shape[3] != D
             or v_cache.shape != k_cache.shape or positions.shape != (S,)
