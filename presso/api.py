@@ -22,7 +22,9 @@ class CompiledModel:
         self.graph = graph
         self.target = target
         self.pass_records = list(records)
-        self._bindings = bind_inputs(graph, example_inputs) if example_inputs is not None else {}
+        if example_inputs is not None:    # kept in the graph's meta: a loaded artifact reports at the same shapes
+            graph.meta["example_bindings"] = bind_inputs(graph, example_inputs)
+        self._bindings = dict(graph.meta.get("example_bindings", {}))
         self._build = code
         if target == "reference":
             self._runtime = ReferenceRuntime(graph, device)

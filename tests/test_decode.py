@@ -100,6 +100,32 @@ def test_kv_cache_half_rank_halves_the_cache():
     assert cm.kv_cache_bytes_per_token == rep["kv_cache"]["kv_cache_bytes_per_token"]
 
 
+@pytest.mark.parametrize("then", ["quantize{weights=int4,group_size=16,skip=palu_b}", "sparsify{pattern=2:4}",
+                                  "quantize{weights=int8,activations=int8}"])
+def test_kv_cache_stays_latent_when_later_passes_rewrite_the_projections(then, tmp_path):
+    """Passes after kv_cache rebuild the latent's linear (packed weights); the decode program must
+    still cache the latent (it cached full keys and values once that mark was lost), also after an
+    artifact round trip."""
+    m, ins, _ = llama()
+    _, _, half = llama("kv_cache{rank_ratio=0.5}")
+    _, _, cm = llama("kv_cache{rank_ratio=0.5}," + then)
+    want = half.report()["kv_cache"]["kv_cache_bytes_per_token"]
+    assert cm.report()["kv_cache"]["kv_cache_bytes_per_token"] == want
+    assert [tuple(s.type.shape[1:]) for s in cm.decode_program().specs] == [(MAX_LEN, 16)] * 4     # [B, L, G*r]
+    loaded = presso.load(cm.save(tmp_path / "m.presso"))
+    assert loaded.report()["kv_cache"]["kv_cache_bytes_per_token"] == want
+    prompt = ins[0][:, :8]
+    assert torch.equal(loaded.generate(prompt, 8), cm.generate(prompt, 8))
+    # a graph whose latents lost the mark is refused, not silently decoded with full caches
+    g = cm.graph.copy()
+    for n in g.nodes:
+        n.meta.pop("kv_cache_point", None)
+    from presso.passes.decode import build_decode_graph
+    with pytest.raises(DecodeError, match=r"compressed 4 K/V projections but only 0 of their latents are still "
+                                          r"marked as cache points"):
+        build_decode_graph(g, MAX_LEN)
+
+
 def test_kv_cache_on_the_real_minilm():
     from presso.models.minilm import Tokenizer
     from presso.models.sentences import CALIBRATION, EVALUATION

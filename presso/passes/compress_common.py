@@ -81,6 +81,14 @@ def derive_stacked(g: Graph, new_param: str, parts: list[tuple[str, int]]) -> No
     g.meta.setdefault("param_parts", {})[new_param] = [[origin(g, p), rows] for p, rows in parts]
 
 
+def replace_linear(g: Graph, old: Node, new: Value) -> None:
+    """Reroute the readers of linear ``old`` to its compressed form ``new``, which inherits what
+    earlier passes noted on ``old`` (the kv_cache pass's cache point: without it the decode program
+    would cache full keys and values instead of the latent)."""
+    new.node.meta = {**old.meta, **new.node.meta}
+    g.replace_uses(old.output, new)
+
+
 def record(g: Graph, weight_name: str, **info) -> None:
     """Merge what a pass did to a layer into ``graph.meta['compression'][original weight]``."""
     key = origin(g, weight_name)

@@ -92,6 +92,13 @@ def build_decode_graph(g: Graph, max_len: int) -> tuple[Graph, list[CacheSpec]]:
         if not a.attrs["causal"] or a.inputs[3] is not None:
             raise DecodeError(f"attention %{a.name} is not plain causal attention (causal={a.attrs['causal']}, "
                               f"mask={'yes' if a.inputs[3] is not None else 'no'}); only causal decoders get a KV cache")
+    latents = sum("kv_rank" in r for r in g.meta.get("compression", {}).values())
+    marked = sum(bool(n.meta.get("kv_cache_point")) for n in g.nodes)
+    if marked < latents:
+        raise DecodeError(f"graph @{g.name}: the kv_cache pass compressed {latents} K/V projections but only {marked} "
+                          "of their latents are still marked as cache points (a later rewrite or an artifact saved "
+                          "by an older presso dropped the mark); the decode program would cache full keys and "
+                          "values: compile the model again")
     positions = g.add_input("positions", TensorType((SEQ,), DType.i64))
     _positions_from_input(g, positions)
     specs = []
@@ -132,6 +139,13 @@ def _positions_from_input(g: Graph, positions: Value) -> None:
     dce(g)
 
 
+# ops between a cache point and the attention that act on each token on its own (walked through
+# to find the point; recomputed over the whole cache): the kv_cache pass's key rebuild and RoPE,
+# and the forms later passes give its linear (W8A8's per-token activation codes, Hadamard rotation)
+_PER_TOKEN_OPS = ("rotary", "reshape", "transpose", "expand", "linear", "cast", "linear_int8", "quantize_per_token",
+                  "hadamard")
+
+
 def _cache_point(v: Value) -> Value:
     """The value the kv_cache pass marked upstream of ``v`` (through per-token ops), else ``v``."""
     cur = v
@@ -141,7 +155,7 @@ def _cache_point(v: Value) -> Value:
         if cur.node.meta.get("kv_cache_point"):
             return cur
         data = [u for u in cur.node.inputs if u is not None and u.kind != "param"]
-        if cur.node.op not in ("rotary", "reshape", "transpose", "expand", "linear", "cast") or not data:
+        if cur.node.op not in _PER_TOKEN_OPS or not data:
             break
         cur = data[0]
     return v

@@ -19,7 +19,7 @@ import torch
 from ..errors import PipelineError
 from ..ir.graph import Graph
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, match_patterns,
-                              output_error, record)
+                              output_error, record, replace_linear)
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -135,5 +135,5 @@ def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams) -> No
         record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), rank=r,
                shared_down_projection=len(grp) > 1, rel_error=err,
                error_basis="calibration" if grams is not None else "weights")
-        g.replace_uses(l.node.output, g.op("linear", h, b, l.node.inputs[2], before=l.node))
+        replace_linear(g, l.node, g.op("linear", h, b, l.node.inputs[2], before=l.node))
         row += out

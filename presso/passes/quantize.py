@@ -29,7 +29,8 @@ from ..errors import PipelineError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import hadamard_matrix, pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import calibration_stats, dense_linears, derive, origin, output_error, record
+from .compress_common import (calibration_stats, dense_linears, derive, origin, output_error, record,
+                              replace_linear)
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -207,7 +208,7 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
         else:
             wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, bits, group, l.weight.type.dtype)
             out = g.op("linear", x, wd, l.node.inputs[2], before=l.node)
-        g.replace_uses(l.node.output, out)
+        replace_linear(g, l.node, out)
         record(g, l.weight.name, bytes_before=_bytes_before(g, l.weight), bits=bits, group_size=group,
                symmetric=symmetric, method=method, rotate=rotate, activations=activations, rel_error=err,
                error_basis="calibration" if gram is not None else "weights")
@@ -256,7 +257,7 @@ def requantize_layers(g: Graph, settings: dict[str, dict]) -> None:
             continue
         codes, scales, zeros = rtn(l.tensor, st["bits"], group, st["symmetric"])
         wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, st["bits"], group, l.weight.type.dtype)
-        g.replace_uses(l.node.output, g.op("linear", l.node.inputs[0], wd, l.node.inputs[2], before=l.node))
+        replace_linear(g, l.node, g.op("linear", l.node.inputs[0], wd, l.node.inputs[2], before=l.node))
     for n in [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None]:
         st = settings.get(origin(g, _nm_values(g, n).name))
         if st is not None:

@@ -21,7 +21,7 @@ from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
-                              output_error, record)
+                              output_error, record, replace_linear)
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -138,6 +138,6 @@ def _rewrite(g: Graph, l: Linear, nm, vals, idx, err, method: str, basis: str) -
     derive(g, vname, l.weight.name)
     derive(g, iname, l.weight.name)
     w = g.op("densify_nm", v, i, n=n, m=m, before=l.node)
-    g.replace_uses(l.node.output, g.op("linear", l.node.inputs[0], w, l.node.inputs[2], before=l.node))
+    replace_linear(g, l.node, g.op("linear", l.node.inputs[0], w, l.node.inputs[2], before=l.node))
     record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), nm=f"{n}:{m}", sparsity_method=method,
            rel_error=err, error_basis=basis)

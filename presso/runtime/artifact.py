@@ -26,6 +26,9 @@ from ..errors import PressoError
 
 FORMAT = "presso-artifact"
 FORMAT_VERSION = 1
+# node annotations an artifact keeps: the kv_cache pass's cache points (what the decode program
+# caches: the latent, not full keys and values)
+PERSISTED_NODE_NOTES = ("kv_cache_point",)
 
 
 class ArtifactError(PressoError):
@@ -66,6 +69,7 @@ def save_artifact(model, path, overwrite: bool = False) -> Path:
             "graph_hash": hashlib.sha256(text.encode()).hexdigest(),
             "files": {f: sha256_file(tmp / f) for f in files},
             "graph_meta": _jsonable(g.meta),
+            "node_notes": _node_notes(g),
         }
         build = getattr(model, "_build", None)
         if build is not None:
@@ -82,6 +86,13 @@ def save_artifact(model, path, overwrite: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _node_notes(g) -> dict:
+    """Pass annotations that later stages read (the IR text does not print node meta), by the
+    name of the node's result."""
+    return {n.name: {k: n.meta[k] for k in PERSISTED_NODE_NOTES if k in n.meta}
+            for n in g.nodes if any(k in n.meta for k in PERSISTED_NODE_NOTES)}
 
 
 def _jsonable(obj):
@@ -134,6 +145,12 @@ def load_artifact(path, device: str = "cpu"):
         raise ArtifactError(f"{path}: weights.safetensors cannot be read ({e})") from None
     g = parse(text, weights)
     g.meta.update(manifest.get("graph_meta") or {})
+    by_name = {v.name: v for v in g.values()}
+    for name, notes in (manifest.get("node_notes") or {}).items():
+        v = by_name.get(name)
+        if v is None or v.node is None:
+            raise ArtifactError(f"{path}: the manifest annotates %{name}, which the graph does not compute")
+        v.node.meta.update({k: notes[k] for k in PERSISTED_NODE_NOTES if k in notes})
     code = None
     if target == "cuda":
         from .cuda import cuda_device
