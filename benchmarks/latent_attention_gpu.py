@@ -7,7 +7,8 @@ its absorb and merge kernels, so both sides produce the same [B, H, 128] attenti
 Checks against a torch reference first.
 Times: CUDA-graph replays and kernel device time (benchmarks/gpu_timing.py), L2 flushed by a read.
 
-    python benchmarks/latent_attention_gpu.py
+    python benchmarks/latent_attention_gpu.py            # the table below
+    python benchmarks/latent_attention_gpu.py --llama    # Llama-1B's GQA + RoPE attention, RoPE form
 """
 import itertools
 import os
@@ -118,6 +119,50 @@ def main():
         torch.cuda.empty_cache()
 
 
+def llama():
+    """Llama-3.2-1B's attention (32 query heads, 8 KV heads of 64 dims, RoPE) under kv_cache 0.5 with
+    4-head groups (2 latent groups of rank 128 for K and for V): presso's RoPE form (keys rebuilt per
+    KV head and rotated inside the kernel, each serving 4 query heads; value up-projection in the
+    merge) vs SDPA with GQA over the full fp16 caches, as the model runs without Palu."""
+    dev, (H, HKV, D, G) = "cuda", (32, 8, 64, 2)
+    R = int(RATIO * HKV // G * D)
+    torch.manual_seed(0)
+    print(f"\nLlama-1B attention: {H} query heads, {HKV} KV heads x {D}, {G} latent groups of rank {R}; "
+          f"{torch.cuda.get_device_name()}")
+    print("| batch | L | SDPA GQA fp16 µs (graph) | presso RoPE latent µs (graph) | speedup | kernel µs SDPA / presso | "
+          "speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for B, L in itertools.product((1, 16), (4096, 16384, 65536)):
+        q = torch.randn(B, H, D, device=dev, dtype=torch.float16)
+        hk = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
+        hv = torch.randn(B, L, G * R, device=dev, dtype=torch.float16)
+        up_k = (torch.randn(G, R, HKV // G * D, device=dev) / R ** 0.5).half()
+        up_v = (torch.randn(H, R, D, device=dev) / R ** 0.5).half()
+        ang = torch.arange(L, device=dev)[:, None] * 0.9 ** torch.arange(D // 2, device=dev)
+        cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+        pos = torch.tensor([L - 1], device=dev)
+
+        def rebuilt():
+            return latent_decode_attention(q, hk, hv, pos, H // G, D ** -0.5, up_k, cos, sin, up_v=up_v)
+
+        if B == 1 and L <= 16384:
+            want = reference_latent_attention(q, hk, hv, pos, H // G, D ** -0.5, up_k, cos, sin, up_v=up_v)
+            err = ((rebuilt().float() - want.float()).abs().max() / want.float().abs().max()).item()
+            print(f"check rope gqa B={B} L={L}: rel err {err:.1e}")
+            assert err < 2e-2, err
+        k = torch.randn(B, HKV, L, D, device=dev, dtype=torch.float16)
+        v = torch.randn(B, HKV, L, D, device=dev, dtype=torch.float16)
+        qq = q[:, :, None, :]
+
+        def sdpa():
+            return F.scaled_dot_product_attention(qq, k, v, enable_gqa=True)
+        t_sdpa, t_presso = bench(sdpa), bench(rebuilt)
+        k_sdpa, k_presso = kernel_us(sdpa), kernel_us(rebuilt)
+        print(f"| {B} | {L} | {t_sdpa:.1f} | {t_presso:.1f} | {t_sdpa / t_presso:.2f}x | {k_sdpa:.1f} / {k_presso:.1f} | "
+              f"{k_sdpa / k_presso:.2f}x |", flush=True)
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     import sys
-    sweep() if "--sweep" in sys.argv else main()
+    sweep() if "--sweep" in sys.argv else llama() if "--llama" in sys.argv else main()

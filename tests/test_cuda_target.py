@@ -88,6 +88,19 @@ SCRIPT = textwrap.dedent("""
     assert not any(k.startswith("triton:latent") for k in step_kernels) and "torch:sdpa_masked" in step_kernels, \
         step_kernels
     assert torch.equal(cm.generate(gin[0][:, :8], 12), presso.compile(g2, **kw).generate(gin[0][:, :8], 12))
+    # Llama (RoPE, GQA: 4 query heads, 2 KV heads of 32 dims) with Palu latent caches: keys are
+    # rebuilt and rotated tile by tile inside the kernel (no linear / rotary over the whole cache);
+    # one latent group for both KV heads, or one per head
+    from presso.models import LlamaConfig
+    lm, lex = make_llama(batch=2, seq=8, config=LlamaConfig(dim=128, heads=4, kv_heads=2))
+    for gs in (2, 1):
+        kw = dict(example_inputs=lex, generation=True, max_len=32, calibration=[lex],
+                  recipe=f"kv_cache{{rank_ratio=0.5,group_size={gs}}}")
+        cm = presso.compile(lm, target="cuda", **kw)
+        kernels = list(cm.decode_program().step_rt.program.kernels.values())
+        assert kernels.count("triton:latent_attention+rope+up_v") == 2, kernels
+        assert kernels.count("triton:rotary") == 2, kernels      # the queries' only: keys rotate in the kernel
+        assert torch.equal(cm.generate(lex[0][:, :5], 12), presso.compile(lm, **kw).generate(lex[0][:, :5], 12))
     print("latent attention ok")
 """)
 

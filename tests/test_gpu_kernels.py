@@ -105,6 +105,26 @@ def test_latent_attention_at_real_sizes(B, L):
     assert rel(got, reference_latent_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)) < 1e-2
 
 
+@pytest.mark.parametrize("B,L,pos", [(1, 1024, 512), (4, 4096, 4095)])
+def test_rope_latent_attention_at_llama_sizes(B, L, pos):
+    """Llama-3.2-1B's attention under kv_cache 0.5 (32 query heads, 8 KV heads of 64 dims, 2 latent
+    groups of rank 128): keys rebuilt per KV head and rotated inside the kernel, each serving 4
+    query heads; the value up-projection in the merge."""
+    from presso.codegen.triton.latent_attention import latent_decode_attention, reference_latent_attention
+    torch.manual_seed(0)
+    H, HKV, G, D, R = 32, 8, 2, 64, 128
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+    hk = torch.randn(B, L, G * R, device="cuda", dtype=torch.float16)
+    hv = torch.randn(B, L, G * R, device="cuda", dtype=torch.float16)
+    upk = (torch.randn(G, R, HKV // G * D, device="cuda") / R ** 0.5).half()
+    upv = (torch.randn(H, R, D, device="cuda") / R ** 0.5).half()
+    ang = torch.arange(L, device="cuda")[:, None] * 0.9 ** torch.arange(D // 2, device="cuda")
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+    p = torch.tensor([pos], device="cuda")
+    got = latent_decode_attention(q, hk, hv, p, H // G, D ** -0.5, upk, cos, sin, up_v=upv)
+    assert rel(got, reference_latent_attention(q, hk, hv, p, H // G, D ** -0.5, upk, cos, sin, up_v=upv)) < 1e-2
+
+
 def test_plain_calls_are_captured_once_a_shape_repeats():
     """From the third call at one input shape the cuda runtime replays a CUDA graph: each call still
     equals the reference on its own inputs, an earlier result is not overwritten by a later call,

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     from presso.ir.registry import get_op
     from presso.passes.quantize import rtn
     from presso.passes.sparsify import nm_prune
-    from presso.ir.ops import pack_int4
+    from presso.ir.ops import pack_int4, rotary as rotary_ref
     torch.manual_seed(0)
     deq, dens = get_op("dequantize"), get_op("densify_nm")
     def ref_int4(x, w, group, symmetric, bias):
@@ -164,6 +164,27 @@ SCRIPT = textwrap.dedent("""
             want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (rope, B, L, (got - want).abs().max())
             cases += 1
+    # RoPE under GQA: each group's key up-projection rebuilds KPG key heads, each read by HPG / KPG
+    # query heads; up_k is a strided view of the kv_cache pass's block-diagonal [Hkv*D, G*R] weight
+    # (the last case rebuilds its 8 key heads in two chunks of 4)
+    for B, H, HKV, G, D, R, L, pos, split in [(1, 8, 4, 2, 16, 16, 40, 33, None), (2, 8, 2, 1, 32, 16, 50, 49, 16),
+                                              (1, 4, 2, 2, 16, 16, 24, 5, 16), (1, 16, 8, 1, 64, 16, 20, 19, None)]:
+        kd = HKV // G * D
+        bk = torch.block_diag(*[torch.randn(kd, R) * 0.2 for _ in range(G)])                     # [HKV*D, G*R]
+        upk = bk.as_strided((G, R, kd), (kd * bk.stride(0) + R, 1, bk.stride(0)))
+        q, hk, hv = torch.randn(B, H, D), torch.randn(B, L, G * R), torch.randn(B, L, G * 16)
+        ang = torch.randn(L, D // 2)
+        cos, sin, p = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1), torch.tensor([pos])
+        got = latent_decode_attention(q, hk, hv, p, H // G, 0.3, upk, cos, sin, split_len=split)
+        # the oracle: full keys per KV head (block-diagonal linear), rotated, repeated per query head
+        k = (hk[:, :pos + 1] @ bk.T).reshape(B, pos + 1, HKV, D).transpose(1, 2)
+        k = rotary_ref(k, cos[:pos + 1], sin[:pos + 1]).repeat_interleave(H // HKV, 1)
+        v = hv[:, :pos + 1].reshape(B, pos + 1, G, 16).transpose(1, 2).repeat_interleave(H // G, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.3)[:, :, 0]
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("rope gqa", B, H, HKV, G, (got - want).abs().max())
+        assert torch.allclose(reference_latent_attention(q, hk, hv, p, H // G, 0.3, upk, cos, sin), want,
+                              rtol=1e-4, atol=1e-4)
+        cases += 1
     # the absorbed form with the query's absorption and the value up-projection in its kernels
     # (head dim 24 and output dim 40: not powers of two, masked)
     for B, H, HPG, D, R, RV, DV, L, pos, Gv, split in [(1, 8, 4, 24, 16, 16, 40, 40, 33, None, None),
@@ -190,7 +211,6 @@ SCRIPT = textwrap.dedent("""
         cases += 1
     # RoPE: cos / sin broadcast (never expanded), strided heads, fp16 rounded once
     from presso.codegen.triton.rotary import rotary
-    from presso.ir.ops import rotary as rotary_ref
     for xs, cs, dt, strided in [((2, 4, 5, 16), (1, 1, 5, 16), torch.float32, False), ((3, 7, 12), (7, 12), torch.float32,
                                  False), ((2, 5, 4, 16), (1, 1, 5, 16), torch.float32, True),
                                 ((1, 8, 1, 64), (1, 1, 1, 64), torch.float16, False)]:
@@ -226,7 +246,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 63" in r.stdout
+    assert "kernel cases 67" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -259,8 +279,10 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 32, 16))
     with pytest.raises(ValueError, match=r"up_v \(8, 16, 16\) must be \[H, Rv, Dv\] = \[8, 32, \.\.\.\]"):
         latent_decode_attention(q, hk, hk, pos, 4, 1.0, absorb=torch.zeros(8, 16, 32), up_v=torch.zeros(8, 16, 16))
-    with pytest.raises(ValueError, match=r"up_k \(2, 32, 40\) must be \[G, R, HPG\*D\] = \[2, 32, 64\]"):
-        latent_decode_attention(q, hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 40), torch.zeros(8, 16), torch.zeros(8, 16))
+    for bad in ((2, 32, 40), (2, 32, 48)):    # 40: not a multiple of D = 16; 48: 3 key heads for 4 query heads
+        with pytest.raises(ValueError, match=r"up_k \(2, 32, %d\) must be \[G, R, KPG\*D\] = \[2, 32, KPG\*16\], "
+                                             r"KPG \(key heads per group\) dividing the 4 query heads" % bad[2]):
+            latent_decode_attention(q, hk, hk, pos, 4, 1.0, torch.zeros(bad), torch.zeros(8, 16), torch.zeros(8, 16))
     with pytest.raises(ValueError, match=r"cos / sin \(8, 32\) / \(4, 32\) must both be \[>= L, D\] = \[>= 8, 32\]"):
         latent_decode_attention(torch.zeros(1, 8, 32), hk, hk, pos, 4, 1.0, torch.zeros(2, 32, 128), torch.zeros(8, 32),
                                 torch.zeros(4, 32))

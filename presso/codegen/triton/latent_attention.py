@@ -10,7 +10,8 @@ Per group of ``HPG`` query heads the cache holds a key latent ``hk`` [L, R] and 
 * ``rope=True`` (rebuilt): each key tile is rebuilt in registers as its two halves,
   ``k_lo = hk B[:, :D/2]`` and ``k_hi = hk B[:, D/2:]`` (tensor cores), so the rotation is
   elementwise on the halves (``k_lo cos_lo - k_hi sin_lo``, ``k_hi cos_hi + k_lo sin_hi``: the
-  rotate-half form of RoPE) and each key costs one R x D product, then dotted with ``q``;
+  rotate-half form of RoPE) and each key costs one R x D product; a rebuilt key head's scores
+  for the query heads that read it (one, or several under GQA) are one ``tl.dot`` per half;
 
 values stay latent: the attention produces ``o' = softmax(s) hv`` [H, Rv] per split, and the
 splits are merged by their softmax maxima and sums. Heads are padded to 16 rows so scores and
@@ -36,6 +37,48 @@ _MERGE_BLOCK_D = 32       # output columns per merge-and-up-project work item
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32; exact for fp32 operands (tl.dot would round them to tf32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b).to(tl.float32)
+
+
+@triton.jit
+def _trig_tiles(cos_ptr, sin_ptr, trig, mt, D: tl.constexpr):
+    """cos / sin of each token's slot for the low and high halves of a head (fp32; 0 where masked)."""
+    c_lo = tl.load(cos_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
+    c_hi = tl.load(cos_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
+    s_lo = tl.load(sin_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
+    s_hi = tl.load(sin_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
+    return c_lo, c_hi, s_lo, s_hi
+
+
+@triton.jit
+def _gqa_rope_operands(b_ptr, q_ptr, b, g, jc, hc, dd, rr, rh, mh, stride_bg, stride_br, stride_bc, stride_qb,
+                       stride_qh, HPG: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr, D: tl.constexpr):
+    """Chunk ``jc``'s up-projection halves [R, KC*D/2] (its KC key heads side by side) and the
+    query blocks [HP, KC*D/2]: each query head's row holds its half-query in the columns of the key
+    head it reads, zeros elsewhere, so one dot per half scores every key head of the chunk."""
+    kv = jc * KC + hc                                                      # each column's key head
+    bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + (kv * D + dd)[None, :] * stride_bc
+    mq = mh[:, None] & (rh[:, None] // (HPG // KPG) == kv[None, :])
+    qp = q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + dd[None, :]
+    return (tl.load(bp), tl.load(bp + (D // 2) * stride_bc), tl.load(qp, mask=mq, other=0.0),
+            tl.load(qp + D // 2, mask=mq, other=0.0))
+
+
+@triton.jit
+def _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE: tl.constexpr):
+    """Scores [HP, T] of a chunk's key heads, rebuilt from the latent tile hk [T, R] and rotated
+    (rotate-half RoPE on the halves), rounded to the cache dtype as stored keys would be."""
+    k_lo, k_hi = _dot(hk, b_lo, IEEE), _dot(hk, b_hi, IEEE)                          # [T, KC*D/2]
+    r_lo = (k_lo * c_lo - k_hi * s_lo).to(hk.dtype)
+    r_hi = (k_hi * c_hi + k_lo * s_hi).to(hk.dtype)
+    return _dot(q_lo.to(hk.dtype), tl.trans(r_lo), IEEE) + _dot(q_hi.to(hk.dtype), tl.trans(r_hi), IEEE)
+
+
+@triton.jit
 def _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE: tl.constexpr):
     """Online softmax over one tile: scores s [HP, T] (heads x tokens), values hv [T, RV]."""
     s = s * scale
@@ -45,11 +88,7 @@ def _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE: tl.constexpr):
     p = tl.exp(s - m_safe[:, None])                                                    # [HP, T]
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if IEEE:          # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
-        pv = tl.dot(p.to(hv.dtype), hv, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(hv.dtype), hv).to(tl.float32)
-    return m_new, l_i, acc * alpha[:, None] + pv
+    return m_new, l_i, acc * alpha[:, None] + _dot(p.to(hv.dtype), hv, IEEE)
 
 
 @triton.jit
@@ -66,22 +105,19 @@ def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, 
     w = tl.load(w_ptr + h * stride_wh + rd[:, None] * stride_wd + rr[None, :], mask=md[:, None], other=0.0)
     q = tl.load(q_ptr + rbat[:, None] * stride_qb + h * stride_qh + rd[None, :], mask=mb[:, None] & md[None, :],
                 other=0.0)
-    if IEEE:
-        qa = tl.dot(q, w.to(q.dtype), input_precision="ieee")
-    else:
-        qa = tl.dot(q, w.to(q.dtype))
+    qa = _dot(q, w.to(q.dtype), IEEE)
     tl.store(qa_ptr + rbat[:, None] * stride_ab + h * stride_ah + rr[None, :], qa.to(qa_ptr.dtype.element_ty),
              mask=mb[:, None])
 
 
 @triton.jit
 def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
-                        L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_cl,
+                        L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_bc, stride_cl,
                         stride_kb, stride_kl, stride_kg, stride_vb, stride_vl, stride_vg,
                         stride_ob, stride_oh, stride_os,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
-                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
-                        SPLIT_LEN):
+                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr, BLOCK_T: tl.constexpr,
+                        IEEE: tl.constexpr, SPLIT_LEN):
     """One split of one group's sequence; partial outputs and softmax statistics to o / ml."""
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr).to(tl.int32)      # an i32 loop: Triton pipelines only i32 induction variables
@@ -96,7 +132,12 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
     l_i = tl.zeros((HP,), tl.float32)
     acc = tl.zeros((HP, RV), tl.float32)
     if ROPE:
-        rd = tl.arange(0, D // 2)            # one half of a head's dims
+        rd = tl.arange(0, D // 2)                        # one half of a head's dims
+        hc = tl.arange(0, KC * (D // 2)) // (D // 2)    # GQA: a chunk of KC key heads' half-dims, [KC * D/2]:
+        dd = tl.arange(0, KC * (D // 2)) % (D // 2)     # each column's head within the chunk, dim within the half
+        if HPG != KPG and KPG == KC:
+            b_lo, b_hi, q_lo, q_hi = _gqa_rope_operands(b_ptr, q_ptr, b, g, 0, hc, dd, rr, rh, mh, stride_bg,
+                                                        stride_br, stride_bc, stride_qb, stride_qh, HPG, KPG, KC, D)
     else:
         qa = tl.load(q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :],
                      mask=mh[:, None], other=0.0)                                   # [HP, R]
@@ -105,26 +146,33 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         mt = rt < t_end
         hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * stride_kg + rr[None, :], mask=mt[:, None],
                      other=0.0)                                                      # [T, R]
-        if ROPE:
+        if ROPE and HPG == KPG:       # one query head per key head: rotate and score elementwise
             s = tl.zeros((HP, BLOCK_T), tl.float32)
             trig = rt[:, None] * stride_cl + rd[None, :]
-            c_lo = tl.load(cos_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)              # [T, D/2]
-            c_hi = tl.load(cos_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
-            s_lo = tl.load(sin_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
-            s_hi = tl.load(sin_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
+            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D)
             for h in range(HPG):          # a loop, not unrolled: one head's up-projection tiles at a time
-                bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + h * D + rd[None, :]
-                k_lo = tl.dot(hk, tl.load(bp))                                                   # [T, D/2]
-                k_hi = tl.dot(hk, tl.load(bp + D // 2))
+                bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + (h * D + rd)[None, :] * stride_bc
+                k_lo = _dot(hk, tl.load(bp), IEEE)                                                # [T, D/2]
+                k_hi = _dot(hk, tl.load(bp + (D // 2) * stride_bc), IEEE)
                 qp = q_ptr + b * stride_qb + (g * HPG + h) * stride_qh + rd
                 q_lo, q_hi = tl.load(qp).to(tl.float32), tl.load(qp + D // 2).to(tl.float32)
                 sh = tl.sum((k_lo * c_lo - k_hi * s_lo) * q_lo[None, :] + (k_hi * c_hi + k_lo * s_hi) * q_hi[None, :],
                             axis=1)
                 s = tl.where(rh[:, None] == h, sh[None, :], s)
-        elif IEEE:        # fp32 caches: exact products (tl.dot would round fp32 inputs to tf32)
-            s = tl.dot(qa, tl.trans(hk), input_precision="ieee")
+        elif ROPE:                    # GQA: KC key heads per dot, each serving HPG / KPG query heads
+            trig = rt[:, None] * stride_cl + dd[None, :]
+            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D)
+            if KPG == KC:             # operands loaded once per split, before the loop
+                s = _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE)
+            else:
+                s = tl.zeros((HP, BLOCK_T), tl.float32)
+                for jc in range(KPG // KC):   # a loop, not unrolled: KC key heads' tiles at a time
+                    b_lo, b_hi, q_lo, q_hi = _gqa_rope_operands(b_ptr, q_ptr, b, g, jc, hc, dd, rr, rh, mh,
+                                                                stride_bg, stride_br, stride_bc, stride_qb,
+                                                                stride_qh, HPG, KPG, KC, D)
+                    s += _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE)
         else:
-            s = tl.dot(qa, tl.trans(hk)).to(tl.float32)                                # [HP, T]
+            s = _dot(qa, tl.trans(hk), IEEE)                                             # [HP, T]
         hv = tl.load(hv_ptr + b * stride_vb + rt[:, None] * stride_vl + gv * stride_vg + rv[None, :], mask=mt[:, None],
                      other=0.0)                                                          # [T, RV]
         m_i, l_i, acc = _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE)
@@ -165,13 +213,13 @@ def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, str
         tl.store(out_ptr + b * stride_yb + h * stride_yh + rv, y.to(out_ptr.dtype.element_ty))
 
 
-def default_split(sequences: int, L: int, device) -> int:
+def default_split(sequences: int, L: int, device, least: int = 256) -> int:
     """Tokens per program: about one program per SM over all ``sequences`` (batch rows x groups), in
     [256, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
     the cache faster (B=1 L=64k: 4096 tokens 188 us vs 2048 193 us; B=16 L=16k: 8192 717 us vs 1024
     734 us) until the programs no longer fill the machine (B=1 L=16k: 1024 best, 2048 slower)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(256, min(8192, triton.next_power_of_2(triton.cdiv(sequences * L, sms))))
+    return max(least, min(8192, triton.next_power_of_2(triton.cdiv(sequences * L, sms))))
 
 
 def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor, position: torch.Tensor,
@@ -185,8 +233,9 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
     hv: [B, L, Gv*Rv] (token-major latent caches; or head-major [B, G, L, R] / [B, Gv, L, Rv], as
     a standard GQA cache is: then plain decode attention, R = Rv = D); position: i64[1], the newest
-    valid slot; up_k: [G, R, HPG*D] key
-    up-projection (rope only); cos/sin: [L, D] tables by position (rope only); value_groups: latent
+    valid slot; up_k: [G, R, KPG*D], each group's key up-projection for its KPG key heads (rope
+    only; any strides; KPG < heads_per_group is GQA: each rebuilt key head serves
+    heads_per_group / KPG query heads); cos/sin: [L, D] tables by position (rope only); value_groups: latent
     groups of hv (default G); absorb: [H, D, R], each head's query map into the key latent (no
     rope); up_v: [H, Rv, Dv], each head's value up-projection.
     Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
@@ -208,13 +257,17 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     if up_v is not None and (up_v.shape[:2] != (H, RV) or up_v.stride(-1) != 1):
         raise ValueError(f"up_v {tuple(up_v.shape)} must be [H, Rv, Dv] = [{H}, {RV}, ...] with unit stride")
     hp = max(16, triton.next_power_of_2(heads_per_group))
-    # RoPE: the up-projection tiles are re-read per key tile: 128-token tiles, 8 warps, 2 stages
-    # (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as 16 x 4 before the
-    # half-split rotation)
-    bt = block_t or (16 if INTERPRET else 128 if rope else 64)
-    num_warps = num_warps or (8 if rope else 4)
+    gqa_rope = rope and up_k.dim() == 3 and up_k.shape[-1] < heads_per_group * q.shape[-1]
+    # RoPE, one query head per key head: the up-projection tiles are re-read per key tile: 128-token
+    # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
+    # 16 x 4 before the half-split rotation). GQA RoPE: 32-token tiles (each tile's rebuild is a
+    # chain of dependent dots and layout conversions), 4 warps, 3 stages, and splits down to 64
+    # tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
+    bt = block_t or (16 if INTERPRET else 32 if gqa_rope else 128 if rope else 64)
+    num_warps = num_warps or (8 if rope and not gqa_rope else 4)
     ieee = hk.dtype == torch.float32
-    stages = {"num_stages": num_stages or 2} if rope else {} if num_stages is None else {"num_stages": num_stages}
+    stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
+              {} if num_stages is None else {"num_stages": num_stages})
     dv = RV if up_v is None else up_v.shape[-1]
     out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
     if absorb is not None:
@@ -228,25 +281,31 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     D = q.shape[-1]
     if rope:
         half = D // 2                       # a tensor-core dot per half: a power of two, >= 16 on a GPU
-        if (up_k.stride(-1) != 1 or tuple(up_k.shape) != (G, R, heads_per_group * D) or D % 2 or half & (half - 1)
+        kpg = up_k.shape[-1] // D if up_k.dim() == 3 else 0     # key heads per group
+        if (kpg == 0 or tuple(up_k.shape) != (G, R, kpg * D) or heads_per_group % kpg or D % 2 or half & (half - 1)
                 or (half < 16 and not INTERPRET)):
-            raise ValueError(f"up_k {tuple(up_k.shape)} must be [G, R, HPG*D] = [{G}, {R}, {heads_per_group * D}] "
-                             "with unit stride, D / 2 a power of two >= 16 (RoPE rotates the halves of a head)")
+            raise ValueError(f"up_k {tuple(up_k.shape)} must be [G, R, KPG*D] = [{G}, {R}, KPG*{D}], KPG (key heads "
+                             f"per group) dividing the {heads_per_group} query heads per group, D / 2 a power of two "
+                             ">= 16 (RoPE rotates the halves of a head)")
         if cos is None or sin is None or cos.dim() != 2 or cos.shape != sin.shape or cos.shape[0] < L or cos.shape[1] != D:
             raise ValueError(f"cos / sin {None if cos is None else tuple(cos.shape)} / "
                              f"{None if sin is None else tuple(sin.shape)} must both be [>= L, D] = [>= {L}, {D}]")
         up, cos, sin = up_k, cos.contiguous(), sin.contiguous()     # (the kernel reads both with one row stride)
+        up_strides = up_k.stride()
+        # key heads rebuilt per dot: their half-dims side by side, at most 128 columns
+        kc = max(c for c in (1, 2, 4, 8, 16) if kpg % c == 0 and c * half <= max(128, half))
     else:
         up = cos = sin = q
-    split = split_len or (L if INTERPRET else default_split(B * G, L, q.device))
+        kpg, kc, up_strides = 1, 1, (0, 0, 0)
+    split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
     splits = triton.cdiv(L, split)
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
     _latent_attn_kernel[(B, G, splits)](
         q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
-        up.stride(0) if rope else 0, up.stride(1) if rope else 0, cos.stride(0) if rope else 0,
+        *up_strides, cos.stride(0) if rope else 0,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
-        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, BLOCK_T=bt, IEEE=ieee,
+        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc, BLOCK_T=bt, IEEE=ieee,
         SPLIT_LEN=split, num_warps=num_warps, **stages)
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o
@@ -276,7 +335,8 @@ def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k
     hv = hv[:, :n].float().reshape(B, n, Gv, -1)
     if up_k is not None:
         D = q.shape[-1]
-        k = torch.einsum("bngr,grd->bngd", hk, up_k.float()).reshape(B, n, H, D)
+        k = torch.einsum("bngr,grd->bngd", hk, up_k.float()).reshape(B, n, -1, D)   # [B, n, G*KPG, D]
+        k = k.repeat_interleave(H // k.shape[2], dim=2)
         half = D // 2
         rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
         k = k * cos[:n, None, :].float() + rot * sin[:n, None, :].float()

@@ -16,7 +16,7 @@ from ...ir.analysis import packed_weight_producer, quantized_nm_producers
 from ...ir.expr import node_expr
 from ...ir.graph import Graph, Node, Value
 from ...ir.registry import get_op
-from ...ir.types import DType
+from ...ir.types import DType, dims_product
 
 
 @dataclass
@@ -287,8 +287,18 @@ def _attention_cached_step(n: Node, mask: PositionMask) -> Step:
 
 def _latent_cache(v: Value) -> Optional[tuple[Value, int, int]]:
     """v = transpose(reshape(c, [B, L, G, r]), perm=[0, 2, 1, 3]) of a [B, L, G*r] cache c (how
-    the kv_cache pass's absorbed form reads a latent cache per group): (c, G, r)."""
+    the kv_cache pass's absorbed form reads a latent cache per group), or that view's groups each
+    repeated for several KV heads (reshape -> expand -> reshape: the RoPE form's values): (c, G, r)."""
     t = v.node
+    if t is not None and t.op == "reshape" and t.inputs[0].node is not None and t.inputs[0].node.op == "expand":
+        e = t.inputs[0].node
+        r5 = e.inputs[0].node
+        if r5 is None or r5.op != "reshape" or e.output.type.rank != 5 or r5.output.type.shape[2] != 1:
+            return None
+        B, G, rep, L, r = e.output.type.shape
+        if list(t.output.type.shape) != [B, dims_product([G, rep]), L, r]:
+            return None
+        t = r5.inputs[0].node
     if t is None or t.op != "transpose" or list(t.attrs["perm"]) != [0, 2, 1, 3]:
         return None
     r = t.inputs[0].node
@@ -299,6 +309,58 @@ def _latent_cache(v: Value) -> Optional[tuple[Value, int, int]]:
     if not (isinstance(G, int) and isinstance(rank, int)) or tuple(c.type.shape) != (B, L, G * rank):
         return None
     return c, G, rank
+
+
+def _rope_latent_keys(k: Value, groups: int, params: dict) -> Optional[tuple]:
+    """k = rotary(transpose(reshape(linear(c, W), [B, L, Hkv, D]), perm=[0, 2, 1, 3]), cos, sin): keys
+    rebuilt from a latent cache c [B, L, G*R] and rotated (the kv_cache pass's RoPE form), W a
+    param [Hkv*D, G*R] block-diagonal over ``groups`` (each group's latent rebuilds only its own
+    KV heads; checked on the data), cos / sin params [L, D] by cache slot. Returns
+    (c, W, cos, sin, Hkv, D) or None."""
+    rot = k.node
+    if rot is None or rot.op != "rotary":
+        return None
+    t = rot.inputs[0].node
+    if t is None or t.op != "transpose" or list(t.attrs["perm"]) != [0, 2, 1, 3]:
+        return None
+    rs = t.inputs[0].node
+    lin = rs.inputs[0].node if rs is not None and rs.op == "reshape" else None
+    if lin is None or lin.op != "linear" or lin.inputs[2] is not None or lin.inputs[1].kind != "param":
+        return None
+    c, w = lin.inputs[0], lin.inputs[1]
+    B, L, hkv, D = rs.output.type.shape
+    cos, sin = rot.inputs[1:]
+    if (c.type.rank != 3 or tuple(c.type.shape[:2]) != (B, L) or not isinstance(hkv, int) or hkv % groups
+            or any(x.kind != "param" or tuple(x.type.shape) != (L, D) for x in (cos, sin))):
+        return None
+    data = params[w.name].data
+    width, kd = c.type.shape[2], hkv // groups * D
+    if tuple(data.shape) != (hkv * D, width) or width % groups:
+        return None
+    r = width // groups
+    blocks = torch.block_diag(*[data[i * kd:(i + 1) * kd, i * r:(i + 1) * r] for i in range(groups)])
+    if not torch.equal(blocks, data):
+        return None
+    return c, w, cos, sin, hkv, D
+
+
+def _group_blocks(groups: int, r: int, kd: int):
+    """A ``prepare`` function: the block-diagonal [Hkv*D, G*R] key up-projection -> its diagonal
+    blocks, transposed, [G, R, Hkv/G*D] (what the latent-attention kernel reads; zeros dropped)."""
+    def blocks(w):
+        return (torch.stack([w[i * kd:(i + 1) * kd, i * r:(i + 1) * r].T for i in range(groups)]).contiguous(),)
+    return blocks
+
+
+def _private_chain(v: Value, stop: Value, reader: Node, users: dict, outputs: set) -> list[Node]:
+    """The nodes computing v from stop, walked back from v while each result is read only by the
+    next node (and is no graph output): none of them is needed once ``reader`` reads stop."""
+    chain = []
+    while v is not stop and v.node is not None and v not in outputs and users.get(v, []) == [reader]:
+        reader = v.node
+        chain.append(reader)
+        v = reader.inputs[0]
+    return chain
 
 
 def _pow2_at_least_16(v) -> bool:
@@ -330,37 +392,65 @@ def _param_matmul_from(o: Value, users: dict, outputs: set) -> Optional[tuple[No
     return us[0], w
 
 
-def _latent_attention_step(n: Node, users: dict, outputs: set) -> Optional[tuple[Step, list]]:
-    """A decode step's attention over Palu latent caches in the absorbed form (no RoPE: the query
-    was multiplied into the key latent space, values stay latent): the latent-attention kernel
-    reads the caches as they are stored, [B, L, G*r], instead of SDPA over per-group views. The
-    query's absorption before it and the value up-projection after it, when they are the kv_cache
-    pass's per-head param matmuls, run inside its kernels. Returns the step (attached to the last
-    node it covers: the up-projection's matmul, or the attention) and the earlier nodes it replaces."""
+def _latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> Optional[tuple[Step, list]]:
+    """A decode step's attention over Palu latent caches: the latent-attention kernel reads the
+    caches as they are stored, [B, L, G*r], instead of SDPA over per-group views.
+
+    * absorbed form (no RoPE): the query was multiplied into the key latent space; that absorption
+      before the attention, when it is the kv_cache pass's per-head param matmul, runs in its kernels;
+    * RoPE form: the keys the graph rebuilds over the whole cache (linear, reshape, transpose,
+      rotary) are rebuilt tile by tile inside the kernel, only for the slots up to the position;
+      under GQA each rebuilt key head serves its query heads.
+
+    Values stay latent in both; the value up-projection after the attention, when it is the pass's
+    per-head param matmul, runs in the kernel's merge. Returns the step (attached to the last node
+    it covers: the up-projection's matmul, or the attention) and the earlier nodes it replaces."""
     from .latent_attention import latent_decode_attention
     q = n.inputs[0]
-    k, v = _latent_cache(n.inputs[1]), _latent_cache(n.inputs[2])
-    if k is None or v is None or q.type.rank != 4 or q.type.shape[2] != 1:
+    v = _latent_cache(n.inputs[2])
+    if v is None or q.type.rank != 4 or q.type.shape[2] != 1 or not q.type.dtype.is_float:
         return None
-    (hk, G, R), (hv, Gv, RV) = k, v
+    hv, Gv, RV = v
     H = q.type.shape[1]
-    if not (isinstance(H, int) and H % G == 0 and G % Gv == 0 and q.type.shape[3] == R
-            and _pow2_at_least_16(R) and _pow2_at_least_16(RV) and q.type.dtype.is_float):
+    k = _latent_cache(n.inputs[1])
+    rope = None if k is not None else _rope_latent_keys(n.inputs[1], Gv, params)
+    if k is not None:
+        hk, G, R = k
+        ok = q.type.shape[3] == R
+    elif rope is not None:
+        hk, w, cos, sin, hkv, D = rope
+        G, R = Gv, hk.type.shape[2] // Gv
+        ok = (q.type.shape[3] == D and isinstance(H, int) and H % hkv == 0 and _pow2_at_least_16(D // 2)
+              and q.type.dtype == hk.type.dtype == w.type.dtype)
+    else:
+        return None
+    if not (ok and isinstance(H, int) and H % G == 0 and G % Gv == 0 and _pow2_at_least_16(R)
+            and _pow2_at_least_16(RV)):
         return None
     scale, hpg = n.attrs["scale"], H // G
-    replaced = [view.node for view in n.inputs[1:3]   # the per-group views, when nothing else reads them
-                if [u for u in users.get(view, []) if u is not n] == [] and users.get(view.node.inputs[0], []) == [view.node]]
-    replaced += [view.node.inputs[0].node for view in n.inputs[1:3] if view.node in replaced]
-    absorb, up = _param_matmul_into(q, users), _param_matmul_from(n.outputs[0], users, outputs)
-    ins = [absorb[1] if absorb else q, hk, hv, n.inputs[3], absorb[2] if absorb else None, up[1] if up else None]
+    replaced = [x for view, cache in ((n.inputs[1], hk), (n.inputs[2], hv))
+                for x in _private_chain(view, cache, n, users, outputs)]
+    up = _param_matmul_from(n.outputs[0], users, outputs)
+    wv = up[1] if up else None
+    kernel = "triton:latent_attention" + ("+rope" if rope else "")
+    if rope:
+        def run_rope(qt, kc, vc, pos, upk, ct, st, wvt):
+            o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, upk, ct, st,
+                                        value_groups=Gv, up_v=wvt)
+            return [o.unsqueeze(2)]
+        step = Step(up[0] if up else n, kernel + ("+up_v" if up else ""), run_rope,
+                    [q, hk, hv, n.inputs[3], w, cos, sin, wv], prepare=((4,), _group_blocks(G, R, hkv // G * D)))
+        return step, replaced
+    absorb = _param_matmul_into(q, users)
     replaced += [absorb[0]] if absorb else []
 
-    def run(qt, kc, vc, pos, wq, wv):
+    def run(qt, kc, vc, pos, wq, wvt):
         o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, value_groups=Gv,
-                                    absorb=wq, up_v=wv)
+                                    absorb=wq, up_v=wvt)
         return [o.unsqueeze(2)]
-    kernel = "triton:latent_attention" + ("+absorb" if absorb else "") + ("+up_v" if up else "")
-    return Step(up[0] if up else n, kernel, run, ins), replaced
+    kernel += ("+absorb" if absorb else "") + ("+up_v" if up else "")
+    return Step(up[0] if up else n, kernel, run, [absorb[1] if absorb else q, hk, hv, n.inputs[3],
+                                                   absorb[2] if absorb else None, wv]), replaced
 
 
 def _cache_update_step(n: Node) -> Step:
@@ -422,7 +512,7 @@ def build_program(g: Graph) -> Program:
         elif n.op == "rotary":
             step = _rotary_step(n)
         elif n.op == "attention_cached":
-            latent = _latent_attention_step(n, users, outputs)
+            latent = _latent_attention_step(n, users, outputs, g.params)
             if latent is not None:
                 step, replaced = latent
                 skipped.update(replaced)
