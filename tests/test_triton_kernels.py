@@ -173,9 +173,11 @@ SCRIPT = textwrap.dedent("""
         bk = torch.block_diag(*[torch.randn(kd, R) * 0.2 for _ in range(G)])                     # [HKV*D, G*R]
         upk = bk.as_strided((G, R, kd), (kd * bk.stride(0) + R, 1, bk.stride(0)))
         q, hk, hv = torch.randn(B, H, D), torch.randn(B, L, G * R), torch.randn(B, L, G * 16)
-        ang = torch.randn(L, D // 2)
-        cos, sin, p = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1), torch.tensor([pos])
-        got = latent_decode_attention(q, hk, hv, p, H // G, 0.3, upk, cos, sin, split_len=split)
+        # standard tables repeat their first half (the kernel may then read half); others need not
+        equal = split is None
+        ang = torch.randn(L, D // 2 if equal else D)
+        cos, sin, p = ang.cos().repeat(1, 1 + equal), ang.sin().repeat(1, 1 + equal), torch.tensor([pos])
+        got = latent_decode_attention(q, hk, hv, p, H // G, 0.3, upk, cos, sin, split_len=split, rope_halves_equal=equal)
         # the oracle: full keys per KV head (block-diagonal linear), rotated, repeated per query head
         k = (hk[:, :pos + 1] @ bk.T).reshape(B, pos + 1, HKV, D).transpose(1, 2)
         k = rotary_ref(k, cos[:pos + 1], sin[:pos + 1]).repeat_interleave(H // HKV, 1)

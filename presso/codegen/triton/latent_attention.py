@@ -45,11 +45,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _trig_tiles(cos_ptr, sin_ptr, trig, mt, D: tl.constexpr):
-    """cos / sin of each token's slot for the low and high halves of a head (fp32; 0 where masked)."""
+def _trig_tiles(cos_ptr, sin_ptr, trig, mt, D: tl.constexpr, HALVES_EQUAL: tl.constexpr):
+    """cos / sin of each token's slot for the low and high halves of a head (fp32; 0 where
+    masked). Standard RoPE tables repeat their first half (``HALVES_EQUAL``): two loads, not four."""
     c_lo = tl.load(cos_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
-    c_hi = tl.load(cos_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
     s_lo = tl.load(sin_ptr + trig, mask=mt[:, None], other=0.0).to(tl.float32)
+    if HALVES_EQUAL:
+        return c_lo, c_lo, s_lo, s_lo
+    c_hi = tl.load(cos_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
     s_hi = tl.load(sin_ptr + trig + D // 2, mask=mt[:, None], other=0.0).to(tl.float32)
     return c_lo, c_hi, s_lo, s_hi
 
@@ -58,12 +61,13 @@ def _trig_tiles(cos_ptr, sin_ptr, trig, mt, D: tl.constexpr):
 def _gqa_rope_operands(b_ptr, q_ptr, b, g, jc, hc, dd, rr, rh, mh, stride_bg, stride_br, stride_bc, stride_qb,
                        stride_qh, HPG: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr, D: tl.constexpr):
     """Chunk ``jc``'s up-projection halves [R, KC*D/2] (its KC key heads side by side) and the
-    query blocks [HP, KC*D/2]: each query head's row holds its half-query in the columns of the key
-    head it reads, zeros elsewhere, so one dot per half scores every key head of the chunk."""
+    query blocks, transposed, [KC*D/2, HP]: each query head's column holds its half-query in the
+    rows of the key head it reads, zeros elsewhere, so one dot per half scores every key head of
+    the chunk."""
     kv = jc * KC + hc                                                      # each column's key head
     bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + (kv * D + dd)[None, :] * stride_bc
-    mq = mh[:, None] & (rh[:, None] // (HPG // KPG) == kv[None, :])
-    qp = q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + dd[None, :]
+    mq = mh[None, :] & (rh[None, :] // (HPG // KPG) == kv[:, None])
+    qp = q_ptr + b * stride_qb + (g * HPG + rh)[None, :] * stride_qh + dd[:, None]
     return (tl.load(bp), tl.load(bp + (D // 2) * stride_bc), tl.load(qp, mask=mq, other=0.0),
             tl.load(qp + D // 2, mask=mq, other=0.0))
 
@@ -71,11 +75,13 @@ def _gqa_rope_operands(b_ptr, q_ptr, b, g, jc, hc, dd, rr, rh, mh, stride_bg, st
 @triton.jit
 def _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE: tl.constexpr):
     """Scores [HP, T] of a chunk's key heads, rebuilt from the latent tile hk [T, R] and rotated
-    (rotate-half RoPE on the halves), rounded to the cache dtype as stored keys would be."""
+    (rotate-half RoPE on the halves), rounded to the cache dtype as stored keys would be. The
+    rotated keys stay the dots' left operand (registers, as the rebuild dots left them) and the
+    small [T, HP] result is transposed, not the [T, KC*D/2] keys."""
     k_lo, k_hi = _dot(hk, b_lo, IEEE), _dot(hk, b_hi, IEEE)                          # [T, KC*D/2]
     r_lo = (k_lo * c_lo - k_hi * s_lo).to(hk.dtype)
     r_hi = (k_hi * c_hi + k_lo * s_hi).to(hk.dtype)
-    return _dot(q_lo.to(hk.dtype), tl.trans(r_lo), IEEE) + _dot(q_hi.to(hk.dtype), tl.trans(r_hi), IEEE)
+    return tl.trans(_dot(r_lo, q_lo.to(hk.dtype), IEEE) + _dot(r_hi, q_hi.to(hk.dtype), IEEE))
 
 
 @triton.jit
@@ -116,7 +122,8 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                         stride_kb, stride_kl, stride_kg, stride_vb, stride_vl, stride_vg,
                         stride_ob, stride_oh, stride_os,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
-                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr, BLOCK_T: tl.constexpr,
+                        GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr,
+                        HALVES_EQUAL: tl.constexpr, BLOCK_T: tl.constexpr,
                         IEEE: tl.constexpr, SPLIT_LEN):
     """One split of one group's sequence; partial outputs and softmax statistics to o / ml."""
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -149,7 +156,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         if ROPE and HPG == KPG:       # one query head per key head: rotate and score elementwise
             s = tl.zeros((HP, BLOCK_T), tl.float32)
             trig = rt[:, None] * stride_cl + rd[None, :]
-            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D)
+            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D, HALVES_EQUAL)
             for h in range(HPG):          # a loop, not unrolled: one head's up-projection tiles at a time
                 bp = b_ptr + g * stride_bg + rr[:, None] * stride_br + (h * D + rd)[None, :] * stride_bc
                 k_lo = _dot(hk, tl.load(bp), IEEE)                                                # [T, D/2]
@@ -161,7 +168,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                 s = tl.where(rh[:, None] == h, sh[None, :], s)
         elif ROPE:                    # GQA: KC key heads per dot, each serving HPG / KPG query heads
             trig = rt[:, None] * stride_cl + dd[None, :]
-            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D)
+            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D, HALVES_EQUAL)
             if KPG == KC:             # operands loaded once per split, before the loop
                 s = _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE)
             else:
@@ -227,7 +234,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                             value_groups: int | None = None, split_len: int | None = None,
                             block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                            absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None):
+                            absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None,
+                            rope_halves_equal: bool = False):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
@@ -238,6 +246,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     heads_per_group / KPG query heads); cos/sin: [L, D] tables by position (rope only); value_groups: latent
     groups of hv (default G); absorb: [H, D, R], each head's query map into the key latent (no
     rope); up_v: [H, Rv, Dv], each head's value up-projection.
+    rope_halves_equal: the caller knows each cos / sin row repeats its first half (standard RoPE
+    tables; checked on the data by the cuda program): the kernel reads half of them.
     Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
     B, H = q.shape[:2]
     rope = up_k is not None
@@ -305,7 +315,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
         *up_strides, cos.stride(0) if rope else 0,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
-        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc, BLOCK_T=bt, IEEE=ieee,
+        HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc,
+        HALVES_EQUAL=rope_halves_equal, BLOCK_T=bt, IEEE=ieee,
         SPLIT_LEN=split, num_warps=num_warps, **stages)
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o

@@ -434,9 +434,11 @@ def _latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> 
     wv = up[1] if up else None
     kernel = "triton:latent_attention" + ("+rope" if rope else "")
     if rope:
+        halves_equal = all(torch.equal(t[:, :D // 2], t[:, D // 2:]) for t in (params[cos.name].data, params[sin.name].data))
+
         def run_rope(qt, kc, vc, pos, upk, ct, st, wvt):
             o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, upk, ct, st,
-                                        value_groups=Gv, up_v=wvt)
+                                        value_groups=Gv, up_v=wvt, rope_halves_equal=halves_equal)
             return [o.unsqueeze(2)]
         step = Step(up[0] if up else n, kernel + ("+up_v" if up else ""), run_rope,
                     [q, hk, hv, n.inputs[3], w, cos, sin, wv], prepare=((4,), _group_blocks(G, R, hkv // G * D)))
