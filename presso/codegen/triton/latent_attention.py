@@ -58,6 +58,14 @@ def _trig_tiles(cos_ptr, sin_ptr, trig, mt, D: tl.constexpr, HALVES_EQUAL: tl.co
 
 
 @triton.jit
+def _per_head(t, KC: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """[T, D/2] -> [T, KC*D/2]: one token's half-dims repeated for each key head of a chunk."""
+    if KC == 1:
+        return t
+    return tl.reshape(tl.broadcast_to(t[:, None, :], (BLOCK_T, KC, D // 2)), (BLOCK_T, KC * (D // 2)))
+
+
+@triton.jit
 def _gqa_rope_operands(b_ptr, q_ptr, b, g, jc, hc, dd, rr, rh, mh, stride_bg, stride_br, stride_bc, stride_qb,
                        stride_qh, HPG: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr, D: tl.constexpr):
     """Chunk ``jc``'s up-projection halves [R, KC*D/2] (its KC key heads side by side) and the
@@ -167,8 +175,10 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                             axis=1)
                 s = tl.where(rh[:, None] == h, sh[None, :], s)
         elif ROPE:                    # GQA: KC key heads per dot, each serving HPG / KPG query heads
-            trig = rt[:, None] * stride_cl + dd[None, :]
-            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D, HALVES_EQUAL)
+            trig = rt[:, None] * stride_cl + rd[None, :]
+            c_lo, c_hi, s_lo, s_hi = _trig_tiles(cos_ptr, sin_ptr, trig, mt, D, HALVES_EQUAL)     # [T, D/2]
+            c_lo, c_hi = _per_head(c_lo, KC, BLOCK_T, D), _per_head(c_hi, KC, BLOCK_T, D)      # [T, KC*D/2]
+            s_lo, s_hi = _per_head(s_lo, KC, BLOCK_T, D), _per_head(s_hi, KC, BLOCK_T, D)
             if KPG == KC:             # operands loaded once per split, before the loop
                 s = _gqa_rope_scores(hk, b_lo, b_hi, q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, IEEE)
             else:
@@ -270,10 +280,10 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     gqa_rope = rope and up_k.dim() == 3 and up_k.shape[-1] < heads_per_group * q.shape[-1]
     # RoPE, one query head per key head: the up-projection tiles are re-read per key tile: 128-token
     # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
-    # 16 x 4 before the half-split rotation). GQA RoPE: 32-token tiles (each tile's rebuild is a
-    # chain of dependent dots and layout conversions), 4 warps, 3 stages, and splits down to 64
-    # tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
-    bt = block_t or (16 if INTERPRET else 32 if gqa_rope else 128 if rope else 64)
+    # 16 x 4 before the half-split rotation). GQA RoPE: 64-token tiles, 4 warps, 3 stages (more
+    # warps or 128-token tiles spill: each tile's rebuilt keys live in registers), and splits down
+    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
+    bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else 64)
     num_warps = num_warps or (8 if rope and not gqa_rope else 4)
     ieee = hk.dtype == torch.float32
     stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
