@@ -240,6 +240,22 @@ SCRIPT = textwrap.dedent("""
         assert torch.allclose(got.float(), rotary_ref(q.float(), c.float(), sn.float()), rtol=tol, atol=tol), (B, H)
         assert torch.allclose(kc.float(), want_k.float(), rtol=tol, atol=tol) and torch.equal(vc, want_v), (B, H)
         cases += 1
+    # Palu latents (keys rotate after their rebuild): k / v latents of different widths copied into
+    # token-major caches [B, L, W] at the positions, slices of one stacked projection (strided)
+    for B, H, S, D, WK, WV, L, dt in [(2, 4, 1, 16, 24, 40, 10, torch.float32), (1, 8, 2, 32, 64, 32, 6, torch.float16)]:
+        x = torch.randn(B, S, H * D + WK + WV).to(dt)
+        q = x[..., :H * D].reshape(B, S, H, D).transpose(1, 2)
+        k, v = x[..., H * D:H * D + WK], x[..., H * D + WK:]
+        c, sn = torch.randn(S, D).to(dt), torch.randn(S, D).to(dt)
+        kc, vc = torch.randn(B, L, WK).to(dt), torch.randn(B, L, WV).to(dt)
+        pos = torch.randperm(L)[:S]
+        want_k, want_v = kc.clone(), vc.clone()
+        want_k[:, pos], want_v[:, pos] = k, v
+        got = rotary_into_caches(q, k, v, c, sn, kc, vc, pos, dt, rotate_k=False)
+        tol = 1e-5 if dt == torch.float32 else 2e-3
+        assert torch.allclose(got.float(), rotary_ref(q.float(), c.float(), sn.float()), rtol=tol, atol=tol), (B, H)
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), (B, H)
+        cases += 1
     print("kernel cases", cases)
 """)
 
@@ -248,7 +264,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 67" in r.stdout
+    assert "kernel cases 69" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

@@ -186,49 +186,86 @@ def _rotary_step(n: Node) -> Step | None:
     return Step(n, "triton:rotary", lambda xt, c, s_: [rotary(xt, c, s_, out)], list(n.inputs))
 
 
+def _cache_write_under(v: Value) -> Optional[Node]:
+    """The cache_update whose result v reads through a chain of per-token ops (views, the key
+    rebuild's linear, its rotary): how a Palu attention reads its latent caches."""
+    for _ in range(8):
+        n = v.node
+        if n is None:
+            return None
+        if n.op == "cache_update":
+            return n
+        if n.op not in ("reshape", "transpose", "expand", "linear", "rotary"):
+            return None
+        v = n.inputs[0]
+    return None
+
+
 def _rotary_cache_groups(g: Graph, users: dict) -> dict[Node, tuple]:
-    """Decode layers whose attention reads rotary(q) and caches just written with rotary(k) and v:
-    attention_cached(rotary(q), cache_update(Kc, rotary(k), pos), cache_update(Vc, v, pos)), both
-    rotations by the same cos / sin, each cache an input written only here. Returns, keyed by the
-    last of the four nodes in graph order (where one step runs them), (rotary q, rotary k, cache
-    update k, cache update v); every reader of their outputs comes later."""
+    """Decode layers whose attention reads rotary(q) and caches just written, both written only
+    here from caches that are inputs, the positions shared:
+
+    * attention_cached(rotary(q), cache_update(Kc, rotary(k), pos), cache_update(Vc, v, pos)), the
+      two rotations by the same cos / sin, head-major caches [B, Hkv, L, D];
+    * Palu latents: the attention reads token-major caches [B, L, W] written with the k / v
+      latents, through the kv_cache pass's views and key rebuild (keys rotate after it).
+
+    Returns, keyed by the node where one step runs them all (the earliest of them in graph order
+    after every input is computed and before any reader of their results), (rotary q, rotary k or
+    None for latents, cache update k, cache update v)."""
     from .rotary import fits as fits_rotary
     order = {n: i for i, n in enumerate(g.nodes)}
     groups = {}
     for n in g.nodes:
         if n.op != "attention_cached":
             continue
-        rq, ck, cv = (v.node for v in n.inputs[:3])
-        if rq is None or ck is None or cv is None or rq.op != "rotary" or ck.op != "cache_update" or cv.op != "cache_update":
+        rq, ck, cv = n.inputs[0].node, _cache_write_under(n.inputs[1]), _cache_write_under(n.inputs[2])
+        if rq is None or ck is None or cv is None or rq.op != "rotary" or ck is cv:
             continue
         rk = ck.inputs[1].node
-        if (rk is None or rk.op != "rotary" or users.get(rk.outputs[0]) != [ck] or rk.inputs[1:] != rq.inputs[1:]
-                or ck.inputs[2] is not cv.inputs[2] or ck.attrs["axis"] != 2 or cv.attrs["axis"] != 2):
+        if n.inputs[1].node is ck:                    # full keys, rotated before the cache
+            if (rk is None or rk.op != "rotary" or users.get(rk.outputs[0]) != [ck] or rk.inputs[1:] != rq.inputs[1:]
+                    or n.inputs[2].node is not cv or ck.attrs["axis"] != 2 or cv.attrs["axis"] != 2
+                    or any(c.inputs[0].type.rank != 4 for c in (ck, cv))):
+                continue
+        elif any(c.inputs[0].type.rank != 3 or c.attrs["axis"] != 1 for c in (ck, cv)):
             continue
-        if any(c.inputs[0].kind != "input" or len(users.get(c.inputs[0], [])) != 1 or c.inputs[0].type.rank != 4
-               or c.inputs[0].type.dtype != c.inputs[1].type.dtype for c in (ck, cv)):
+        else:
+            rk = None
+        if (ck.inputs[2] is not cv.inputs[2] or
+                any(c.inputs[0].kind != "input" or len(users.get(c.inputs[0], [])) != 1
+                    or c.inputs[0].type.dtype != c.inputs[1].type.dtype for c in (ck, cv))):
             continue
         if (rq.inputs[0].type.rank != 4 or not fits_rotary(rq.inputs[0].type.shape)
                 or any(v.type.rank > 2 for v in rq.inputs[1:]) or not rq.outputs[0].type.dtype.is_float):
             continue
+        if rk is None and any(not isinstance(c.inputs[0].type.shape[-1], int) or c.inputs[0].type.shape[-1] % 2
+                              for c in (ck, cv)):
+            continue
         four = (rq, rk, ck, cv)
-        last = max(four, key=order.get)
-        if all(order[u] > order[last] for x in (rq, ck, cv) for u in users.get(x.outputs[0], [])):
-            groups[last] = four
+        ins = [rq.inputs[0], (rk or ck).inputs[0 if rk else 1], cv.inputs[1], *rq.inputs[1:3], ck.inputs[2]]
+        ready = max((order[v.node] for v in ins if v.node is not None), default=-1)
+        for at in sorted((x for x in four if x is not None), key=order.get):
+            if order[at] > ready and all(order[u] > order[at] for x in (rq, ck, cv) for u in users.get(x.outputs[0], [])
+                                         if u not in four):
+                groups[at] = four       # the earliest node where every input is ready and no reader has run
+                break
     return groups
 
 
 def _rotary_cache_step(anchor: Node, four: tuple) -> Step:
-    """One launch for a decode layer's q / k RoPE and its two cache writes (``rotary_into_caches``)."""
+    """One launch for a decode layer's q / k RoPE and its two cache writes (``rotary_into_caches``;
+    Palu latents are copied, their keys rotate inside the attention)."""
     from .rotary import rotary_into_caches
     rq, rk, ck, cv = four
     out = rq.outputs[0].type.dtype.torch
+    rotate_k = rk is not None
 
     def run(q, k, v, cos, sin, kc, vc, pos):
-        return [rotary_into_caches(q, k, v, cos, sin, kc, vc, pos, out), kc, vc]
+        return [rotary_into_caches(q, k, v, cos, sin, kc, vc, pos, out, rotate_k=rotate_k), kc, vc]
     return Step(anchor, "triton:rotary_cache_write", run,
-                [rq.inputs[0], rk.inputs[0], cv.inputs[1], rq.inputs[1], rq.inputs[2], ck.inputs[0], cv.inputs[0],
-                 ck.inputs[2]], produces=[rq.outputs[0], ck.outputs[0], cv.outputs[0]])
+                [rq.inputs[0], (rk or ck).inputs[0 if rotate_k else 1], cv.inputs[1], rq.inputs[1], rq.inputs[2],
+                 ck.inputs[0], cv.inputs[0], ck.inputs[2]], produces=[rq.outputs[0], ck.outputs[0], cv.outputs[0]])
 
 
 def _torch_step(n: Node) -> Step:
@@ -488,7 +525,7 @@ def build_program(g: Graph) -> Program:
     mask = PositionMask()
     rope_caches = _rotary_cache_groups(g, users)
     for anchor, four in rope_caches.items():
-        covered.update(x for x in four if x is not anchor)
+        covered.update(x for x in four if x is not None and x is not anchor)
     for n in g.nodes:
         if n in covered:          # run by another node's step
             continue
