@@ -461,8 +461,9 @@ def _latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> 
               and q.type.dtype == hk.type.dtype == w.type.dtype)
     else:
         return None
+    # (the kv_cache pass states the scale: a latent's width is not the head dim SDPA's default uses)
     if not (ok and isinstance(H, int) and H % G == 0 and G % Gv == 0 and _pow2_at_least_16(R)
-            and _pow2_at_least_16(RV)):
+            and _pow2_at_least_16(RV) and n.attrs["scale"] is not None):
         return None
     scale, hpg = n.attrs["scale"], H // G
     replaced = [x for view, cache in ((n.inputs[1], hk), (n.inputs[2], hv))
