@@ -101,7 +101,8 @@ def test_kv_cache_half_rank_halves_the_cache():
 
 
 @pytest.mark.parametrize("then", ["quantize{weights=int4,group_size=16,skip=palu_b}", "sparsify{pattern=2:4}",
-                                  "quantize{weights=int8,activations=int8}"])
+                                  "quantize{weights=int8,activations=int8}",
+                                  "quantize{weights=int4,group_size=16,skip=palu_b},concat_linears"])
 def test_kv_cache_stays_latent_when_later_passes_rewrite_the_projections(then, tmp_path):
     """Passes after kv_cache rebuild the latent's linear (packed weights); the decode program must
     still cache the latent (it cached full keys and values once that mark was lost), also after an
@@ -111,6 +112,9 @@ def test_kv_cache_stays_latent_when_later_passes_rewrite_the_projections(then, t
     _, _, cm = llama("kv_cache{rank_ratio=0.5}," + then)
     want = half.report()["kv_cache"]["kv_cache_bytes_per_token"]
     assert cm.report()["kv_cache"]["kv_cache_bytes_per_token"] == want
+    if "concat_linears" in then:     # q and both latents are one stacked linear; its split names the latents
+        marks = [n.meta.get("kv_cache_points") for n in cm.graph.nodes if n.op == "split"]
+        assert len(marks) == 2 and all(sorted(m.values()) == ["k", "v"] for m in marks), marks
     assert [tuple(s.type.shape[1:]) for s in cm.decode_program().specs] == [(MAX_LEN, 16)] * 4     # [B, L, G*r]
     loaded = presso.load(cm.save(tmp_path / "m.presso"))
     assert loaded.report()["kv_cache"]["kv_cache_bytes_per_token"] == want
@@ -120,6 +124,7 @@ def test_kv_cache_stays_latent_when_later_passes_rewrite_the_projections(then, t
     g = cm.graph.copy()
     for n in g.nodes:
         n.meta.pop("kv_cache_point", None)
+        n.meta.pop("kv_cache_points", None)
     from presso.passes.decode import build_decode_graph
     with pytest.raises(DecodeError, match=r"compressed 4 K/V projections but only 0 of their latents are still "
                                           r"marked as cache points"):

@@ -12,9 +12,10 @@ weight's rows: each parameter is concatenated along its first axis, so the packe
 reused as is (same bytes, no requantization) and the result is exact.
 
 Left alone: a linear whose output is an epilogue candidate (its only user elementwise: the cuda
-target folds it into the linear's kernel, so stacking would not save a launch), one whose
-producer nodes or parameters are shared, and the ``kv_cache`` pass's cache points (the decode
-program finds them by node).
+target folds it into the linear's kernel, so stacking would not save a launch), and one whose
+producer nodes or parameters are shared. The ``kv_cache`` pass's cache points (Palu latents, read
+from the layer's normed input like q) stack too: the split notes which of its parts they are
+(``meta['kv_cache_points']``, by result name), where the decode program looks for them.
 
 Each stacked parameter records which parameters' rows it holds (``graph.meta['param_parts']``), so
 the compression report still gives every original layer its bytes.
@@ -62,7 +63,7 @@ def _epilogue_candidate(out: Value, users: dict, outputs: set) -> bool:
 
 def _stackable(n: Node, users: dict, outputs: set):
     """((weight chain signature, has bias), leaf params) of linear ``n``, or None."""
-    if n.meta.get("kv_cache_point") or _epilogue_candidate(n.output, users, outputs):
+    if _epilogue_candidate(n.output, users, outputs):
         return None
     leaves: list[Value] = []
     sig = _chain(n.inputs[1], users, leaves)
@@ -106,6 +107,9 @@ def _stack(g: Graph, group: list[Node], leaves: list[list[Value]]) -> None:
     y = g.op("linear", first.inputs[0], w, bias, before=first, name=g.fresh_name("_".join(n.name for n in group)))
     sizes = [n.output.type.shape[-1] for n in group]
     split = g.add_node("split", [y], {"axis": y.type.rank - 1, "sizes": sizes}, before=first)
+    marks = {n.output.name: n.meta["kv_cache_point"] for n in group if n.meta.get("kv_cache_point")}
+    if marks:      # the kv_cache pass's latents: the decode program caches these parts
+        split.meta["kv_cache_points"] = marks
     old_names = [n.output.name for n in group]
     for n, part in zip(group, split.outputs):
         g.replace_uses(n.output, part)

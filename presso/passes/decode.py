@@ -93,7 +93,7 @@ def build_decode_graph(g: Graph, max_len: int) -> tuple[Graph, list[CacheSpec]]:
             raise DecodeError(f"attention %{a.name} is not plain causal attention (causal={a.attrs['causal']}, "
                               f"mask={'yes' if a.inputs[3] is not None else 'no'}); only causal decoders get a KV cache")
     latents = sum("kv_rank" in r for r in g.meta.get("compression", {}).values())
-    marked = sum(bool(n.meta.get("kv_cache_point")) for n in g.nodes)
+    marked = sum(bool(n.meta.get("kv_cache_point")) + len(n.meta.get("kv_cache_points", ())) for n in g.nodes)
     if marked < latents:
         raise DecodeError(f"graph @{g.name}: the kv_cache pass compressed {latents} K/V projections but only {marked} "
                           "of their latents are still marked as cache points (a later rewrite or an artifact saved "
@@ -152,8 +152,8 @@ def _cache_point(v: Value) -> Value:
     for _ in range(8):
         if cur.node is None:
             break
-        if cur.node.meta.get("kv_cache_point"):
-            return cur
+        if cur.node.meta.get("kv_cache_point") or cur.name in cur.node.meta.get("kv_cache_points", {}):
+            return cur     # (the second: one part of linears stacked by concat_linears)
         data = [u for u in cur.node.inputs if u is not None and u.kind != "param"]
         if cur.node.op not in _PER_TOKEN_OPS or not data:
             break

@@ -27,8 +27,8 @@ from ..errors import PressoError
 FORMAT = "presso-artifact"
 FORMAT_VERSION = 1
 # node annotations an artifact keeps: the kv_cache pass's cache points (what the decode program
-# caches: the latent, not full keys and values)
-PERSISTED_NODE_NOTES = ("kv_cache_point",)
+# caches: the latent, not full keys and values), on a linear or on the split of stacked linears
+PERSISTED_NODE_NOTES = ("kv_cache_point", "kv_cache_points")
 
 
 class ArtifactError(PressoError):
