@@ -232,7 +232,7 @@ def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, str
 
 def default_split(sequences: int, L: int, device, least: int = 256) -> int:
     """Tokens per program: about one program per SM over all ``sequences`` (batch rows x groups), in
-    [256, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
+    [least, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
     the cache faster (B=1 L=64k: 4096 tokens 188 us vs 2048 193 us; B=16 L=16k: 8192 717 us vs 1024
     734 us) until the programs no longer fill the machine (B=1 L=16k: 1024 best, 2048 slower)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -277,17 +277,6 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     if up_v is not None and (up_v.shape[:2] != (H, RV) or up_v.stride(-1) != 1):
         raise ValueError(f"up_v {tuple(up_v.shape)} must be [H, Rv, Dv] = [{H}, {RV}, ...] with unit stride")
     hp = max(16, triton.next_power_of_2(heads_per_group))
-    gqa_rope = rope and up_k.dim() == 3 and up_k.shape[-1] < heads_per_group * q.shape[-1]
-    # RoPE, one query head per key head: the up-projection tiles are re-read per key tile: 128-token
-    # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
-    # 16 x 4 before the half-split rotation). GQA RoPE: 64-token tiles, 4 warps, 3 stages (more
-    # warps or 128-token tiles spill: each tile's rebuilt keys live in registers), and splits down
-    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
-    bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else 64)
-    num_warps = num_warps or (8 if rope and not gqa_rope else 4)
-    ieee = hk.dtype == torch.float32
-    stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
-              {} if num_stages is None else {"num_stages": num_stages})
     dv = RV if up_v is None else up_v.shape[-1]
     out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
     if absorb is not None:
@@ -317,6 +306,17 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     else:
         up = cos = sin = q
         kpg, kc, up_strides = 1, 1, (0, 0, 0)
+    gqa_rope = rope and kpg < heads_per_group
+    # RoPE, one query head per key head: the up-projection tiles are re-read per key tile: 128-token
+    # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
+    # 16 x 4 before the half-split rotation). GQA RoPE: 64-token tiles, 4 warps, 3 stages (more
+    # warps or 128-token tiles spill: each tile's rebuilt keys live in registers), and splits down
+    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
+    bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else 64)
+    num_warps = num_warps or (8 if rope and not gqa_rope else 4)
+    ieee = hk.dtype == torch.float32
+    stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
+              {} if num_stages is None else {"num_stages": num_stages})
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
     splits = triton.cdiv(L, split)
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
