@@ -9,5 +9,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [[ $parts == *zoo* ]] && python benchmarks/zoo_cuda.py
 [[ $parts == *kernels* ]] && python benchmarks/kernels_gpu.py
 [[ $parts == *attention* ]] && python benchmarks/latent_attention_gpu.py
+[[ $parts == *attention* ]] && python benchmarks/latent_attention_gpu.py --llama
 [[ $parts == *decode* ]] && python benchmarks/decode_gpu.py
 exit 0
