@@ -71,14 +71,21 @@ def rotary_cache_groups(g: Graph, users: dict) -> dict[Node, tuple]:
                               for c in (ck, cv)):
             continue
         four = (rq, rk, ck, cv)
-        ins = [rq.inputs[0], (rk or ck).inputs[0 if rk else 1], cv.inputs[1], *rq.inputs[1:3], ck.inputs[2]]
-        ready = max((order[v.node] for v in ins if v.node is not None), default=-1)
+        ready = max((order[v.node] for v in _rotary_cache_inputs(four) if v.node is not None), default=-1)
         for at in sorted((x for x in four if x is not None), key=order.get):
             if order[at] > ready and all(order[u] > order[at] for x in (rq, ck, cv) for u in users.get(x.outputs[0], [])
                                          if u not in four):
                 groups[at] = four       # the earliest node where every input is ready and no reader has run
                 break
     return groups
+
+
+def _rotary_cache_inputs(four: tuple) -> list:
+    """What the fused step reads: q, the new k (before its rotation) and v, cos, sin, both caches,
+    the positions."""
+    rq, rk, ck, cv = four
+    k = rk.inputs[0] if rk is not None else ck.inputs[1]
+    return [rq.inputs[0], k, cv.inputs[1], rq.inputs[1], rq.inputs[2], ck.inputs[0], cv.inputs[0], ck.inputs[2]]
 
 
 def rotary_cache_step(anchor: Node, four: tuple) -> Step:
@@ -91,9 +98,8 @@ def rotary_cache_step(anchor: Node, four: tuple) -> Step:
 
     def run(q, k, v, cos, sin, kc, vc, pos):
         return [rotary_into_caches(q, k, v, cos, sin, kc, vc, pos, out, rotate_k=rotate_k), kc, vc]
-    return Step(anchor, "triton:rotary_cache_write", run,
-                [rq.inputs[0], (rk or ck).inputs[0 if rotate_k else 1], cv.inputs[1], rq.inputs[1], rq.inputs[2],
-                 ck.inputs[0], cv.inputs[0], ck.inputs[2]], produces=[rq.outputs[0], ck.outputs[0], cv.outputs[0]])
+    return Step(anchor, "triton:rotary_cache_write", run, _rotary_cache_inputs(four),
+                produces=[rq.outputs[0], ck.outputs[0], cv.outputs[0]])
 
 
 class PositionMask:
@@ -193,18 +199,21 @@ def _rope_latent_keys(k: Value, groups: int, params: dict) -> Optional[tuple]:
     width, kd = c.type.shape[2], hkv // groups * D
     if tuple(data.shape) != (hkv * D, width) or width % groups:
         return None
-    r = width // groups
-    blocks = torch.block_diag(*[data[i * kd:(i + 1) * kd, i * r:(i + 1) * r] for i in range(groups)])
-    if not torch.equal(blocks, data):
+    if not torch.equal(torch.block_diag(*_diagonal_blocks(data, groups, width // groups, kd)), data):
         return None
     return c, w, cos, sin, hkv, D
+
+
+def _diagonal_blocks(w: torch.Tensor, groups: int, r: int, kd: int) -> list[torch.Tensor]:
+    """The ``groups`` diagonal blocks [kd, r] of a block-diagonal [groups*kd, groups*r] weight."""
+    return [w[i * kd:(i + 1) * kd, i * r:(i + 1) * r] for i in range(groups)]
 
 
 def _group_blocks(groups: int, r: int, kd: int):
     """A ``prepare`` function: the block-diagonal [Hkv*D, G*R] key up-projection -> its diagonal
     blocks, transposed, [G, R, Hkv/G*D] (what the latent-attention kernel reads; zeros dropped)."""
     def blocks(w):
-        return (torch.stack([w[i * kd:(i + 1) * kd, i * r:(i + 1) * r].T for i in range(groups)]).contiguous(),)
+        return (torch.stack([b.T for b in _diagonal_blocks(w, groups, r, kd)]).contiguous(),)
     return blocks
 
 
