@@ -103,6 +103,17 @@ def test_latent_attention_at_real_sizes(B, L):
     upv = (torch.randn(H, R, 128, device="cuda") / R ** 0.5).half()
     got = latent_decode_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)
     assert rel(got, reference_latent_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)) < 1e-2
+    # dependent launches (Hopper): replayed in a CUDA graph with a new query each time, the
+    # attention must read this replay's absorbed query and the merge this replay's partials (a
+    # stale read is off by O(1); the two compilations' roundings differ by ~1e-4)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = latent_decode_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv)
+    for _ in range(3):
+        qh.copy_(torch.randn_like(qh))
+        graph.replay()
+        want = latent_decode_attention(qh, hk, hv, pos, HPG, 0.05, absorb=wq, up_v=upv, dependent_launch=False)
+        assert rel(out, want) < 1e-3
 
 
 @pytest.mark.parametrize("B,L,pos", [(1, 1024, 512), (4, 4096, 4095)])

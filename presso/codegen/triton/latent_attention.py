@@ -21,8 +21,11 @@ The absorbed form's two small per-head matmuls around the attention (``absorb``:
 before, ``up_v``: o' -> o' B_v after) are fused in when the caller passes them: a small kernel
 absorbs every head's query (each weight tile read once for the whole batch) and the merge kernel
 applies the value up-projection, so a decode step's attention is three kernels and no torch
-matmul. (A single cooperative kernel that did all three phases with group barriers measured
-slower on the H100: the barriers serialize what kernel boundaries overlap; benchmarks/RESULTS.md.)
+matmul. On Hopper the attention and merge kernels are programmatic dependent launches: each
+starts while the kernel before it drains (the merge loads its weight slice then) and waits
+in-kernel for that kernel's output. (One cooperative kernel doing all three phases with group
+barriers measured slower on the H100, in sessions 8 and 10: the in-kernel absorb and merge phases
+cost more than the separate kernels; benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -34,6 +37,17 @@ from .linear import INTERPRET
 
 _ABSORB_BLOCK_R = 32      # latent columns per absorb program: 8 KB of a head's map at D=128
 _MERGE_BLOCK_D = 32       # output columns per merge-and-up-project work item
+
+
+@triton.jit
+def _wait_for_previous_kernel():
+    """``griddepcontrol.wait`` (a programmatic dependent launch waits here for the kernel before it
+    and sees its writes); returns 0, to be added to the addresses of every load of that kernel's
+    output. The data dependency is what orders those loads after the wait, whatever the compiler
+    makes of the asm statement (Triton 3.6's ``gdc_wait`` is an asm statement with no memory
+    clobber: nothing stops a load being scheduled above it)."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit
@@ -107,9 +121,12 @@ def _softmax_step(s, hv, mt, mh, scale, m_i, l_i, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, stride_wd, stride_ab, stride_ah,
-                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                   GDC: tl.constexpr):
     """qa[b-block, h, r-block] = q[b-block, h] @ w[h][:, r-block]: one dot for up to BLOCK_B batch rows
-    (rows past B are masked: no bytes read)."""
+    (rows past B are masked: no bytes read). With ``GDC`` the attention kernel may launch at once."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     h, rb, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rd = tl.arange(0, BLOCK_D)
     md = rd < D
@@ -132,8 +149,13 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr,
                         HALVES_EQUAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                        IEEE: tl.constexpr, SPLIT_LEN):
-    """One split of one group's sequence; partial outputs and softmax statistics to o / ml."""
+                        IEEE: tl.constexpr, SPLIT_LEN, GDC: tl.constexpr):
+    """One split of one group's sequence; partial outputs and softmax statistics to o / ml. With
+    ``GDC`` (grid dependency control) the merge kernel may launch at once, and an absorbed query is
+    read only once the absorb kernel before it has finished (the caches and the position were
+    written before that kernel started)."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr).to(tl.int32)      # an i32 loop: Triton pipelines only i32 induction variables
     t_start = sp * SPLIT_LEN
@@ -154,8 +176,11 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
             b_lo, b_hi, q_lo, q_hi = _gqa_rope_operands(b_ptr, q_ptr, b, g, 0, hc, dd, rr, rh, mh, stride_bg,
                                                         stride_br, stride_bc, stride_qb, stride_qh, HPG, KPG, KC, D)
     else:
-        qa = tl.load(q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :],
-                     mask=mh[:, None], other=0.0)                                   # [HP, R]
+        qa_ptrs = q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :]
+        after = 0
+        if GDC:               # the absorb kernel's output
+            after = _wait_for_previous_kernel()
+        qa = tl.load(qa_ptrs + after, mask=mh[:, None], other=0.0)                     # [HP, R]
     for t0 in range(t_start, t_end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         mt = rt < t_end
@@ -203,9 +228,10 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
 @triton.jit
 def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, stride_oh, stride_os, stride_wh, stride_wr,
                     stride_yb, stride_yh, HPG: tl.constexpr, HP: tl.constexpr, RV: tl.constexpr,
-                    BLOCK_S: tl.constexpr, UP: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_S: tl.constexpr, UP: tl.constexpr, BLOCK_D: tl.constexpr, GDC: tl.constexpr):
     """One head's splits merged by their softmax maxima and sums; with ``UP`` the merged latent
-    output times the head's value up-projection ([RV, DV], a BLOCK_D slice per program)."""
+    output times the head's value up-projection ([RV, DV], a BLOCK_D slice per program). With
+    ``GDC`` the weight slice is loaded while the attention kernel still runs."""
     bh, db = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rs = tl.arange(0, BLOCK_S)
@@ -216,11 +242,15 @@ def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, str
         md = rd < DV
         w = tl.load(w_ptr + h * stride_wh + rv[:, None] * stride_wr + rd[None, :], mask=md[None, :], other=0.0)
     base = ((b * (H // HPG) + h // HPG) * SPLITS + rs) * (2 * HP)
+    after = 0
+    if GDC:
+        after = _wait_for_previous_kernel()
+    base += after
     m = tl.load(ml_ptr + base + h % HPG, mask=ms, other=float("-inf"))
     lsum = tl.load(ml_ptr + base + HP + h % HPG, mask=ms, other=0.0)
     mx = tl.max(m, axis=0)
     wt = tl.where(ms & (m > float("-inf")), tl.exp(m - mx), 0.0)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rs[:, None] * stride_os + rv[None, :],
+    o = tl.load(o_ptr + after + b * stride_ob + h * stride_oh + rs[:, None] * stride_os + rv[None, :],
                 mask=ms[:, None], other=0.0)
     y = tl.sum(o * wt[:, None], axis=0) / tl.sum(wt * lsum, axis=0)                  # [RV]
     if UP:
@@ -228,6 +258,14 @@ def _combine_kernel(o_ptr, ml_ptr, w_ptr, out_ptr, H, SPLITS, DV, stride_ob, str
                  tl.sum(y[:, None] * w.to(tl.float32), axis=0).to(out_ptr.dtype.element_ty), mask=md)
     else:
         tl.store(out_ptr + b * stride_yb + h * stride_yh + rv, y.to(out_ptr.dtype.element_ty))
+
+
+def has_dependent_launch(device) -> bool:
+    """Programmatic dependent launch: CUDA GPUs of compute capability 9.0 (Hopper) and later; not
+    under the Triton interpreter."""
+    if INTERPRET or getattr(device, "type", "cpu") != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def default_split(sequences: int, L: int, device, least: int = 256) -> int:
@@ -245,7 +283,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             value_groups: int | None = None, split_len: int | None = None,
                             block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None,
-                            rope_halves_equal: bool = False):
+                            rope_halves_equal: bool = False, dependent_launch: bool | None = None):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
@@ -258,6 +296,9 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     rope); up_v: [H, Rv, Dv], each head's value up-projection.
     rope_halves_equal: the caller knows each cos / sin row repeats its first half (standard RoPE
     tables; checked on the data by the cuda program): the kernel reads half of them.
+    dependent_launch: launch the attention (after an absorb) and the merge kernel as programmatic
+    dependent launches (Hopper and later; default: where the GPU has them), so each starts while
+    the kernel before it drains and waits in-kernel for the data it needs.
     Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
     B, H = q.shape[:2]
     rope = up_k is not None
@@ -277,6 +318,13 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     if up_v is not None and (up_v.shape[:2] != (H, RV) or up_v.stride(-1) != 1):
         raise ValueError(f"up_v {tuple(up_v.shape)} must be [H, Rv, Dv] = [{H}, {RV}, ...] with unit stride")
     hp = max(16, triton.next_power_of_2(heads_per_group))
+    gdc = dependent_launch is not False and has_dependent_launch(q.device)
+
+    def dependent(after_own_kernel: bool) -> dict:
+        """Launch options: a dependent launch only right after one of this call's kernels (an
+        attention after the absorb: a kernel before this call may still be writing the caches)."""
+        return {"launch_pdl": True} if gdc and after_own_kernel else {}
+
     dv = RV if up_v is None else up_v.shape[-1]
     out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
     if absorb is not None:
@@ -285,7 +333,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         _absorb_kernel[(H, R // br, triton.cdiv(B, 16))](
             q, absorb, qa, B, q.shape[-1], q.stride(0), q.stride(1), absorb.stride(0), absorb.stride(1), qa.stride(0),
             qa.stride(1), BLOCK_B=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_R=br,
-            IEEE=q.dtype == torch.float32)
+            IEEE=q.dtype == torch.float32, GDC=gdc)
         q = qa
     D = q.shape[-1]
     if rope:
@@ -327,14 +375,14 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc,
         HALVES_EQUAL=rope_halves_equal, BLOCK_T=bt, IEEE=ieee,
-        SPLIT_LEN=split, num_warps=num_warps, **stages)
+        SPLIT_LEN=split, num_warps=num_warps, GDC=gdc, **stages, **dependent(absorb is not None))
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o
     _combine_kernel[(B * H, triton.cdiv(dv, bd))](o, ml, w, out, H, splits, dv, o.stride(0), o.stride(1), o.stride(2),
                                                   w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                                                   HPG=heads_per_group, HP=hp, RV=RV,
                                                   BLOCK_S=triton.next_power_of_2(splits), UP=up_v is not None,
-                                                  BLOCK_D=bd)
+                                                  BLOCK_D=bd, GDC=gdc, **dependent(True))
     return out
 
 
