@@ -6,7 +6,7 @@ The torch baselines run the *dequantized* int4 weights in fp16 (what a user with
 dense fp16), with the same static KV cache (index_copy at the position, masked SDPA over the
 cache), so the logits of every side are compared before timing.
 
-    python benchmarks/decode_gpu.py [--layers 16] [--max-len 1024] [--pos 512] [--batch 1] [--recipe ...]
+    python benchmarks/decode_gpu.py [--layers 16] [--max-len 1024] [--pos 512] [--batch 1] [--recipe ...] [--profile]
 """
 import argparse
 import time
@@ -72,6 +72,59 @@ def timed(fn, iters=50):
     return ts[len(ts) // 2] * 1e3
 
 
+def profile_step(fn, step_ms, calls=20):
+    """Device time per step by kernel (CUPTI) against the step's wall time: the rest is the gaps
+    between dependent launches inside the graph."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    by_name, launches = {}, 0
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            launches += 1
+            by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / calls / 1e3
+    total = sum(by_name.values())
+    print(f"\nprofile: {launches / calls:.0f} kernels / step, kernel time {total:.3f} ms of {step_ms:.3f} ms "
+          f"({step_ms - total:.3f} ms between kernels)")
+    for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {ms:.3f} ms  {name}")
+
+
+def torch_ops_in_step(fn):
+    """The torch ops a plain step runs besides presso's kernels (copies, fills, casts), each with
+    the presso line that asked for it: what the graph replays as extra kernels."""
+    import collections
+    import traceback
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not any(v in name for v in ("view", "empty", "_unsafe", "as_strided", "detach", "alias", "select",
+                                           "slice", "split", "transpose", "unsqueeze", "squeeze", "expand",
+                                           "permute", "t.default", "_reshape_alias", "lift_fresh")):
+                frames = [f for f in traceback.extract_stack() if "/presso/" in f.filename]
+                where = f"{frames[-1].filename.split('/presso/')[-1]}:{frames[-1].lineno}" if frames else "?"
+                shapes = [tuple(x.shape) for x in args if isinstance(x, torch.Tensor)][:2]
+                self.seen[(name, where, str(shapes))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        fn()
+    sync()
+    print("\ntorch ops in one plain step (count, op, where, first shapes):")
+    for (name, where, shapes), n in log.seen.most_common(15):
+        print(f"  {n:4d}  {name}  {where}  {shapes}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
@@ -81,6 +134,7 @@ def main():
     ap.add_argument("--recipe", default="quantize{weights=int4,group_size=128}")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--profile", action="store_true", help="the captured step's kernel time by kernel, and the gaps")
     a = ap.parse_args()
     dev = "cpu" if a.smoke else "cuda"
     base = LlamaConfig(vocab=256, dim=64, layers=2, heads=4, kv_heads=2, hidden=160) if a.smoke else LlamaConfig.llama_1b()
@@ -144,7 +198,11 @@ def main():
         if dev == "cuda":
             step_rt.capture(ids, pos, *caches)
             static = step_rt._graph_exec.static_in
-            row(f"presso cuda, {a.recipe}, CUDA graph", timed(lambda: step_rt.run(ids, pos, *static[2:])))
+            t_graph = timed(lambda: step_rt.run(ids, pos, *static[2:]))
+            row(f"presso cuda, {a.recipe}, CUDA graph", t_graph)
+            if a.profile:
+                profile_step(lambda: step_rt.run(ids, pos, *static[2:]), t_graph)
+                torch_ops_in_step(lambda: step_rt._run_steps([ids, pos, *static[2:]]))
         if not a.no_compile:
             for mode in ("default", "reduce-overhead"):
                 try:

@@ -147,6 +147,41 @@ graph @g(%x: f32[2, 4, 8]) {
     check_golden(before, after, {"w": torch.rand(8) + 0.5, "b": torch.randn(8)}, (torch.randn(2, 4, 8),))
 
 
+LLAMA_NORM = """
+graph @g(%x: f16[2, 4, 8]) {
+  param %w: f16[8]
+  %xf: f32[2, 4, 8] = cast(%x) {dtype=f32}
+  %two: f32[] = full() {value=2.0}
+  %sq: f32[2, 4, 8] = pow(%xf, %two)
+  %ms: f32[2, 4, 1] = reduce_mean(%sq) {axes=[2], keepdim=true}
+  %eps: f32[] = full() {value=1e-06}
+  %ad: f32[2, 4, 1] = add(%ms, %eps)
+  %sd: f32[2, 4, 1] = sqrt(%ad)
+  %inv: f32[2, 4, 1] = reciprocal(%sd)
+  %n: f32[2, 4, 8] = mul(%xf, %inv)
+  %nh: DT[2, 4, 8] = cast(%n) {dtype=DT}
+  %y: DT[2, 4, 8] = mul(%w, %nh)
+  return %y
+}"""
+
+
+def test_rms_norm_in_float32_between_casts_is_one_norm():
+    """Llama's spelling: widen, normalize in fp32, round back, then the weight. The same bits as
+    rms_norm on the fp16 input (checked on the reference runtime with equality)."""
+    after = """
+graph @g(%x: f16[2, 4, 8]) {
+  param %w: f16[8]
+  %rms_norm_1: f16[2, 4, 8] = rms_norm(%x, %w)
+  return %rms_norm_1
+}"""
+    x, w = torch.randn(2, 4, 8).half() * 3, (torch.rand(8) + 0.5).half()
+    check_golden(LLAMA_NORM.replace("DT", "f16"), after, {"w": w}, (x,), rtol=0)
+    # rounded to another dtype than the input's: the casts stay
+    kept = parse(LLAMA_NORM.replace("DT", "bf16").replace("param %w: f16", "param %w: bf16"), {"w": w.bfloat16()})
+    ops = [n.op for n in canonicalize(kept).nodes]
+    assert ops.count("cast") == 2 and "rms_norm" in ops, ops
+
+
 def test_gqa_repeat_kv_folds_into_attention():
     before = """
 graph @g(%q: f32[1, 4, 3, 8], %k: f32[1, 2, 3, 8], %v: f32[1, 2, 3, 8]) {

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..ir.graph import Node, Value
-from ..ir.types import dims_product, eval_dim
+from ..ir.types import DType, dims_product, eval_dim
 from .rewrite import Rewriter, pattern_table
 
 
@@ -130,6 +130,22 @@ def norm_core(rw: Rewriter, n: Node) -> bool:
             return rw.replace(n, rw.op("layer_norm", src, None, None, eps=eps, ndim=k, before=n))
         return rw.replace(n, rw.op("rms_norm", x, None, eps=eps, ndim=k, before=n))
     return False
+
+
+def norm_in_float32(rw: Rewriter, n: Node) -> bool:
+    """cast_T(rms_norm(cast_f32(x))) -> rms_norm(x), x of a 16-bit float dtype T: Llama's spelling
+    (statistics in fp32, the result rounded back to the input dtype) is what ``rms_norm`` computes
+    on a T input, bit for bit; the weight multiply after it (in T) then folds in (``norm_affine``).
+    A compiled decode step was paying two extra launches per norm for the casts."""
+    norm = rw.producer(n.inputs[0], "rms_norm")
+    widen = rw.producer(norm.inputs[0], "cast") if norm is not None else None
+    if widen is None or norm.inputs[1] is not None or not rw.single_use(n.inputs[0]):
+        return False
+    x = widen.inputs[0]
+    dtype = x.type.dtype
+    if dtype not in (DType.f16, DType.bf16) or norm.output.type.dtype != DType.f32 or n.output.type.dtype != dtype:
+        return False
+    return rw.replace(n, rw.op("rms_norm", x, None, before=n, **norm.attrs))
 
 
 def norm_affine(rw: Rewriter, n: Node) -> bool:
@@ -333,7 +349,7 @@ def rotary(rw: Rewriter, n: Node) -> bool:
 
 PATTERNS = pattern_table(
     ("matmul", matmul_to_linear), ("add", linear_bias), ("linear", unwrap_linear),
-    ("mul", norm_core), ("div", norm_core),
+    ("mul", norm_core), ("div", norm_core), ("cast", norm_in_float32),
     ("mul", norm_affine), ("add", norm_affine),
     ("matmul", attention), ("attention", fold_repeat_kv),
     ("add", rotary),
