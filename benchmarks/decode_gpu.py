@@ -92,6 +92,9 @@ def profile_step(fn, step_ms, calls=20):
           f"({step_ms - total:.3f} ms between kernels)")
     for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {ms:.3f} ms  {name}")
+    step = [e for e in prof.events() if e.device_type.name == "CUDA"][-launches // calls:]
+    print("one step's first kernels in launch order (us):", ", ".join(f"{e.name[:18]} {e.device_time:.1f}"
+                                                               for e in step[:24]))
 
 
 def torch_ops_in_step(fn):

@@ -91,14 +91,53 @@ graph @g(%h: f32[2, 8], %x: f32[2, 8]) {
   %g1: f32[2, 8] = linear(%h, %w1)
   %u: f32[2, 8] = linear(%h, %w2)
   %s: f32[2, 8] = silu(%g1)
-  %m: f32[2, 8] = mul(%s, %u)
+  %m: f32[2, 8] = mul(%s, %x)
+  %r: f32[2, 8] = add(%u, %x)
   %o: f32[2, 8] = linear(%x, %w3)
   %o2: f32[2, 8] = linear(%h, %w3)
   %y: f32[2, 8] = add(%o, %o2)
-  return %m, %y
+  return %m, %r, %y
 }"""
     g = parse(before, {n: torch.randn(8, 8) for n in ("w1", "w2", "w3")})
     assert print_graph(concat_linears(g.copy())) == print_graph(g)
+
+
+def test_a_gated_pair_stacks_although_its_outputs_feed_an_epilogue():
+    """SwiGLU's gate and up projections meet in one elementwise expression: stacked as a pair (not
+    with the third projection of the same input), so the cuda target runs both halves and the
+    gate in one kernel."""
+    before = """
+graph @g(%h: f32[2, 8]) {
+  param %wg: f32[8, 8]
+  param %wu: f32[8, 8]
+  param %wq: f32[4, 8]
+  param %wk: f32[4, 8]
+  %gate: f32[2, 8] = linear(%h, %wg)
+  %up: f32[2, 8] = linear(%h, %wu)
+  %q: f32[2, 4] = linear(%h, %wq)
+  %k: f32[2, 4] = linear(%h, %wk)
+  %half: f32[] = full() {value=0.5}
+  %s: f32[2, 8] = silu(%gate)
+  %sh: f32[2, 8] = mul(%s, %half)
+  %m: f32[2, 8] = mul(%up, %sh)
+  return %m, %q, %k
+}"""
+    after = """
+graph @g(%h: f32[2, 8]) {
+  param %gate.stacked.0: f32[16, 8]
+  param %q.stacked.0: f32[8, 8]
+  %gate_up: f32[2, 16] = linear(%h, %gate.stacked.0, _)
+  %gate: f32[2, 8], %up: f32[2, 8] = split(%gate_up) {axis=1, sizes=[8, 8]}
+  %q_k: f32[2, 8] = linear(%h, %q.stacked.0, _)
+  %q: f32[2, 4], %k: f32[2, 4] = split(%q_k) {axis=1, sizes=[4, 4]}
+  %half: f32[] = full() {value=0.5}
+  %s: f32[2, 8] = silu(%gate)
+  %sh: f32[2, 8] = mul(%s, %half)
+  %m: f32[2, 8] = mul(%up, %sh)
+  return %m, %q, %k
+}"""
+    w = {n: torch.randn(*s) for n, s in [("wg", (8, 8)), ("wu", (8, 8)), ("wq", (4, 8)), ("wk", (4, 8))]}
+    check_golden(before, after, w, (torch.randn(2, 8),), fn=concat_linears)
 
 
 def test_stacked_params_keep_each_layers_bytes_in_the_compression_report():
@@ -112,7 +151,7 @@ def test_stacked_params_keep_each_layers_bytes_in_the_compression_report():
     cm = presso.compile(m, example_inputs=ex, recipe="quantize{weights=int4,group_size=16}")
     want = compression_report(cm.graph)["layers"]
     g = concat_linears(cm.graph.copy())
-    assert sum(n.op == "split" for n in g.nodes) == 2             # q/k/v of both layers stacked
+    assert sum(n.op == "split" for n in g.nodes) == 4     # q/k/v and the gate/up pair of both layers stacked
     got = compression_report(g)["layers"]
     assert [(l["layer"], l["bytes_after"], l["ratio"]) for l in got] == \
         [(l["layer"], l["bytes_after"], l["ratio"]) for l in want]

@@ -31,8 +31,12 @@ SCRIPT = textwrap.dedent("""
             tiled = [w for p in rt._prepared for w in p.values() if isinstance(w, Int4Weight)]
             assert tiled and all(w.q.dtype == torch.int32 for w in tiled)
             assert not any(v.name.endswith(".q") for v in rt._params), [v.name for v in rt._params]
-        # residual adds and SwiGLU's silu-mul run as the linears' epilogues (2 layers x 3)
-        assert sum(k.endswith("+epilogue") for k in rt.program.kernels.values()) == 6, rt.program.kernels
+        # residual adds run as the linears' epilogues (2 layers x 2); the gate / up pair is stacked:
+        # with int4 in the tiled layout one kernel computes both halves and SwiGLU, else the
+        # stacked linear's halves meet in one elementwise kernel
+        kernels = list(rt.program.kernels.values())
+        assert kernels.count("triton:int4_linear+glu") == (2 if "group_size=32" in recipe else 0), kernels
+        assert sum(k.endswith("+epilogue") for k in kernels) == 4, kernels
         err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
         assert err < 1e-5, (recipe, err)
         print("recipe", recipe)
@@ -56,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     print("artifact ok")
     # generation: prefill + decode steps through the kernels give the reference's tokens
     ids = torch.randint(0, 256, (2, 4))
-    kw = dict(example_inputs=(ids,), recipe="quantize{weights=int4,group_size=16}", generation=True, max_len=16)
+    kw = dict(example_inputs=(ids,), recipe="quantize{weights=int4,group_size=32}", generation=True, max_len=16)
     cm = presso.compile(m, target="cuda", **kw)
     got = cm.generate(ids, 6)
     want = presso.compile(m, **kw).generate(ids, 6)
@@ -64,6 +68,8 @@ SCRIPT = textwrap.dedent("""
     # the step's attention reads only the filled cache slots (GQA decode kernel), no SDPA over the cache
     step_kernels = set(cm.decode_program().step_rt.program.kernels.values())
     assert "triton:gqa_decode_attention" in step_kernels and "torch:sdpa_masked" not in step_kernels, step_kernels
+    # (the prefill runs the gate / up pair as its stacked GEMM and SwiGLU's kernel, the steps as one GEMV)
+    assert "triton:int4_linear+glu" in step_kernels, step_kernels
     # each layer's q / k RoPE and its two cache writes are one launch
     assert "triton:rotary_cache_write" in step_kernels and not {"triton:rotary", "torch:index_copy_"} & step_kernels, \
         step_kernels

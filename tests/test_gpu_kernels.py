@@ -39,6 +39,29 @@ def test_int4_linear_at_llama_sizes(M, symmetric, N, K, G):
     assert rel(got, x.float() @ wd.float().T) < 2e-3
 
 
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_gated_pair_at_llama_1b_sizes(M, symmetric):
+    """Llama-3.2-1B's gate and up projections stacked (2048 -> 2 x 8192), SwiGLU in the kernel."""
+    from presso.codegen.triton.epilogue import Epilogue
+    from presso.codegen.triton.int4 import int4_linear_tiled, pack_int4
+    from presso.ir.ops import pack_int4 as pack_codes
+    from presso.passes.quantize import rtn
+    deq, _ = ops()
+    torch.manual_seed(0)
+    N, K, G = 8192, 2048, 128
+    w = torch.randn(2 * N, K, device="cuda") * 0.02
+    codes, s, z = rtn(w, 4, G, symmetric)
+    q, s16 = pack_codes(codes.to(torch.int16)), s.half()
+    z8 = None if z is None else z.to(torch.uint8)
+    wd = deq.run([q, s16, z8], {"bits": 4, "group_size": G, "dtype": "f16"})[0].float()
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    glu = Epilogue("mul(silu(%0),%1)", 0, (1,), torch.float16)
+    got = int4_linear_tiled(x, pack_int4(q, s16, z8, G), epilogue=glu, pair=True)
+    lin = x.float() @ wd.T
+    assert rel(got, torch.nn.functional.silu(lin[:, :N]) * lin[:, N:]) < 3e-3
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 16, 40])
 def test_nm_linears_at_llama_sizes(M):
     from presso.codegen.triton import nm_linear

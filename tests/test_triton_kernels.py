@@ -129,6 +129,21 @@ SCRIPT = textwrap.dedent("""
         got = int4_linear(x, q, s, z, None, 32, epilogue=epi, extras=extras)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("int4 epilogue", M, (got - want).abs().max())
         cases += 1
+    # paired halves (gate and up stacked, SwiGLU as the epilogue): one GEMV for both halves at
+    # M <= 2 (split-K and not; fp32 and fp16 x; with a bias), the stacked product + the
+    # epilogue's kernel at M > 2; rows per half a multiple of 16 but not of the default block
+    glu = Epilogue("mul(silu(%0),%1)", 0, (1,), torch.float32)
+    for M, H2, K, G, split, bias, dt in [(1, 48, 128, 32, 2, True, torch.float32), (2, 80, 256, 64, 1, False, torch.float32),
+                                         (1, 64, 512, 128, None, False, torch.float16), (5, 48, 128, 32, None, True, torch.float32)]:
+        x, w = torch.randn(M, K), torch.randn(2 * H2, K)
+        b = torch.randn(2 * H2) if bias else None
+        q, s, z, lin = ref_int4(x.to(dt).float(), w, G, True, b)
+        want = torch.nn.functional.silu(lin[:, :H2]) * lin[:, H2:]
+        g = glu if dt == torch.float32 else Epilogue("mul(silu(%0),%1)", 0, (1,), dt)
+        got = int4_linear_tiled(x.to(dt), pack_tiled(q, s, z, G), b, split=split, epilogue=g, pair=True).float()
+        assert got.shape == (M, H2) and (got - want).abs().max() <= (1e-4 if dt == torch.float32 else 4e-3) * (
+            1 + want.abs().max()), ("int4 pair", M, H2, (got - want).abs().max())
+        cases += 1
     x, w = torch.randn(2, 64), torch.randn(40, 64)
     vals, idx, dense = nm_prune(w, w.abs(), 2, 4)
     extras, want = folded(x @ dense.T, 2)
@@ -264,7 +279,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 69" in r.stdout
+    assert "kernel cases 73" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():
@@ -278,6 +293,8 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
     w = pack_int4(codes, torch.ones(8, 2, dtype=torch.float16), None, 32)
     with pytest.raises(ValueError, match=r"x \[\.\.\., 48\] does not fit a weight of K=64"):
         int4_linear_tiled(torch.zeros(1, 48), w)
+    with pytest.raises(ValueError, match=r"int4_linear\(pair=True\): needs an epilogue of the two halves"):
+        int4_linear_tiled(torch.zeros(1, 64), w, pair=True)
     with pytest.raises(ValueError, match="group size 48 with K=64 has no tiled layout"):
         pack_int4(codes, torch.ones(8, 1, dtype=torch.float16), None, 48)
     index = torch.zeros(8, 16, dtype=torch.uint8)                   # 32 kept positions, 4 bits each

@@ -13,7 +13,9 @@ reused as is (same bytes, no requantization) and the result is exact.
 
 Left alone: a linear whose output is an epilogue candidate (its only user elementwise: the cuda
 target folds it into the linear's kernel, so stacking would not save a launch), and one whose
-producer nodes or parameters are shared. The ``kv_cache`` pass's cache points (Palu latents, read
+producer nodes or parameters are shared. Except a gated pair: two linears over the same input
+whose outputs are the two operands of one elementwise node (SwiGLU's ``mul(silu(gate), up)``)
+stack as a pair, so the cuda target runs both halves and the gate in one kernel. The ``kv_cache`` pass's cache points (Palu latents, read
 from the layer's normed input like q) stack too: the split notes which of its parts they are
 (``meta['kv_cache_points']``, by result name), where the decode program looks for them.
 
@@ -89,7 +91,8 @@ def _rebuild(g: Graph, v: Value, leaf_map: dict, before: Node) -> Value:
     return g.add_node(n.op, [_rebuild(g, u, leaf_map, before) for u in n.inputs], n.attrs, before=before).output
 
 
-def _stack(g: Graph, group: list[Node], leaves: list[list[Value]]) -> None:
+def _stack(g: Graph, group: list[Node], leaves: list[list[Value]]) -> Node:
+    """The group as one linear over stacked weights and a split of its output (returned: the linear)."""
     first = group[0]
     leaf_map = {}
     for i, column in enumerate(zip(*leaves)):            # the i-th leaf of every linear
@@ -121,14 +124,69 @@ def _stack(g: Graph, group: list[Node], leaves: list[list[Value]]) -> None:
         g.remove_param(v.name)
     for part, name in zip(split.outputs, old_names):      # the parts keep the names of what they compute
         g.rename(part, name)
+    return y.node
+
+
+def _gate_partner(n: Node, users: dict, outputs: set) -> Optional[Node]:
+    """The other linear of a gated pair with ``n``, or None: from ``n``'s output, a chain of
+    single-use elementwise nodes (each reading only the chain and constants: ``silu``, a scaled
+    ``gelu``) reaches a node whose other operand is a linear over the same input, used only there
+    (SwiGLU: ``mul(silu(gate), up)``)."""
+    v = n.output
+    while True:
+        us = users.get(v, [])
+        if v in outputs or len(us) != 1 or not (us[0].op in FUSABLE or us[0].op == "fused_elementwise"):
+            return None
+        f = us[0]
+        rest = [u for u in f.inputs if u is not v and u is not None and not _constant(u)]
+        if not rest:
+            v = f.output
+            continue
+        if len(rest) != 1 or rest[0].node is None:
+            return None
+        other, m = rest[0], rest[0].node
+        if (m is n or m.op != "linear" or m.inputs[0] is not n.inputs[0] or other in outputs
+                or len(users.get(other, [])) != 1 or other.type.shape != n.output.type.shape):
+            return None
+        return m
+
+
+def _constant(v: Value) -> bool:
+    return v.kind == "param" or (v.node is not None and v.node.op == "full")
+
+
+def _gated_pairs(g: Graph, users: dict, outputs: set) -> list[tuple[Node, Node, list, list]]:
+    """Gated pairs whose weights stack: (first, second in graph order, their leaf params)."""
+    pairs, taken = [], set()
+    for n in g.nodes:
+        if n.op != "linear" or n.inputs[0] is None or n in taken:
+            continue
+        m = _gate_partner(n, users, outputs)
+        if m is None or m in taken:
+            continue
+        sig = []
+        for x in (n, m):
+            leaves: list[Value] = []
+            chain = _chain(x.inputs[1], users, leaves)
+            bias = x.inputs[2]
+            ok = chain is not None and (bias is None or (bias.kind == "param" and len(users.get(bias, [])) == 1))
+            sig.append(((chain, bias is not None), leaves) if ok else None)
+        if sig[0] is None or sig[1] is None or sig[0][0] != sig[1][0]:
+            continue
+        taken.update((n, m))
+        pairs.append((n, m, sig[0][1], sig[1][1]))
+    return pairs
 
 
 def concat_linears(g: Graph) -> Graph:
     users = g.users()
     outputs = set(g.outputs)
+    paired = {_stack(g, [first, second], [leaves1, leaves2])
+              for first, second, leaves1, leaves2 in _gated_pairs(g, users, outputs)}
+    users = g.users()
     groups: dict[tuple, list[tuple[Node, list[Value]]]] = {}
     for n in g.nodes:
-        if n.op != "linear" or n.inputs[0] is None:
+        if n.op != "linear" or n.inputs[0] is None or n in paired:     # (a pair stays a pair)
             continue
         st = _stackable(n, users, outputs)
         if st is not None:

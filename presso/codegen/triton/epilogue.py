@@ -80,6 +80,16 @@ def run_epilogue(y: torch.Tensor, epilogue: "Epilogue | None", extras) -> torch.
     return out
 
 
+def run_pair_epilogue(y: torch.Tensor, epilogue: "Epilogue") -> torch.Tensor:
+    """y [..., 2N] (two stacked linears' outputs) -> the epilogue of its halves, [..., N]: the
+    paired kernels' fallback where no paired kernel runs (one elementwise kernel)."""
+    from .elementwise import fused_elementwise
+    n = y.shape[-1] // 2
+    ops = [None, None]
+    ops[epilogue.acc_index], ops[epilogue.extra_indices[0]] = y[..., :n], y[..., n:]
+    return fused_elementwise(epilogue.expr, ops, tuple(y.shape[:-1]) + (n,), epilogue.out_dtype)
+
+
 def epilogue_source(expr: str, acc_index: int, extra_indices: tuple[int, ...]) -> str:
     lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit",
              "def epilogue(acc, e0, e1):", f"    x{acc_index} = acc"]

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ...ir.ops import unpack_int4
 from .autotune import choose
-from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
+from .epilogue import Epilogue, apply_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
 
@@ -144,20 +144,62 @@ def _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g0, m, stride_xm, HW: 
 def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, e0_ptr, e1_ptr, N, K,
                       stride_xm, HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
                       SPLIT: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+                      F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr,
+                      PAIR: tl.constexpr = False):
     """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
     PER steps, unrolled, so all its weight loads are issued before the first is used; PER = 0: a
     loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
     arrive adds (an atomic counter it resets for the next call and CUDA-graph replays); wide
-    steps (GPS groups of few rows) keep SPLIT at 1 for large N, so no program waits on others."""
+    steps (GPS groups of few rows) keep SPLIT at 1 for large N, so no program waits on others.
+    PAIR: the weight is two stacked halves of N rows each (a gate and an up projection); the
+    program also computes rows N + its rows, and the epilogue combines the two (``EPI(a, b)``,
+    e.g. SwiGLU's silu(a) * b) into N outputs: one launch, x read once, no [2N] round trip."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G: tl.constexpr = 8 * HW
-    NS = K // G // GPS
     rows = tl.arange(0, BLOCK_N)
     rn = pid_n * BLOCK_N + rows
     mn = rn < N
+    acc = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, pid_k, m, K, stride_xm, HW, TILE,
+                         BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2)
+    W: tl.constexpr = 2 if PAIR else 1          # partial sums per output
+    if PAIR:          # the second half's rows (N is a multiple of BLOCK_N: the block lies in one tile)
+        acc2 = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N + N, pid_k, m, K, stride_xm, HW,
+                              TILE, BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2)
+    else:
+        acc2 = acc
+    if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
+        tl.store(ws_ptr + (m * SPLIT + pid_k) * (W * N) + rn, acc, mask=mn)
+        if PAIR:
+            tl.store(ws_ptr + (m * SPLIT + pid_k) * (W * N) + N + rn, acc2, mask=mn)
+        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            tot2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in tl.static_range(SPLIT):
+                tot += tl.load(ws_ptr + (m * SPLIT + k) * (W * N) + rn, mask=mn, other=0.0, cache_modifier=".cg")
+                if PAIR:
+                    tot2 += tl.load(ws_ptr + (m * SPLIT + k) * (W * N) + N + rn, mask=mn, other=0.0,
+                                    cache_modifier=".cg")
+            tl.store(cnt, 0)
+            if PAIR:
+                _store_pair(tot, tot2, b_ptr, y_ptr, m * N + rn, rn, mn, N, HAS_BIAS, EPI)
+            else:
+                _store_row(tot, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+    elif PAIR:
+        _store_pair(acc, acc2, b_ptr, y_ptr, m * N + rn, rn, mn, N, HAS_BIAS, EPI)
+    else:
+        _store_row(acc, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+
+
+@triton.jit
+def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, r0, pid_k, m, K, stride_xm, HW: tl.constexpr,
+                   TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                   PER: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_N - 1 (one tile's) times x over this program's share of the K steps."""
+    G: tl.constexpr = 8 * HW
+    NS = K // G // GPS
+    rows = tl.arange(0, BLOCK_N)
     # a row block lies inside one tile; its group g is TILE rows further per group
-    tile0 = (pid_n * BLOCK_N // TILE) * (K // G) * TILE + (pid_n * BLOCK_N) % TILE + rows
+    tile0 = (r0 // TILE) * (K // G) * TILE + r0 % TILE + rows
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
     if PER > 0:
@@ -173,18 +215,16 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                                    BLOCK_N, GPS, HAS_ZERO, F16X2)
             acc3 += tile
             acc += row
-    acc += tl.sum(tl.sum(acc3, axis=2), axis=1)
-    if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
-        tl.store(ws_ptr + (m * SPLIT + pid_k) * N + rn, acc, mask=mn)
-        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in tl.static_range(SPLIT):
-                tot += tl.load(ws_ptr + (m * SPLIT + k) * N + rn, mask=mn, other=0.0, cache_modifier=".cg")
-            tl.store(cnt, 0)
-            _store_row(tot, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
-    else:
-        _store_row(acc, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+    return acc + tl.sum(tl.sum(acc3, axis=2), axis=1)
+
+
+@triton.jit
+def _store_pair(acc, acc2, b_ptr, y_ptr, offs, rn, mn, N, HAS_BIAS: tl.constexpr, EPI: tl.constexpr):
+    """A paired row block: each half's bias, then EPI(first half, second half), one store."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        acc2 += tl.load(b_ptr + N + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, EPI(acc, acc2, 0.0).to(y_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -283,15 +323,28 @@ def _split(tiles: int, groups: int, per_sm: int, device) -> int:
 
 def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
                       split: Optional[int] = None, num_warps: Optional[int] = None,
-                      epilogue: Optional[Epilogue] = None, extras: tuple = ()) -> torch.Tensor:
+                      epilogue: Optional[Epilogue] = None, extras: tuple = (), pair: bool = False) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``).
-    Launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py)."""
+    Launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py).
+    ``pair``: W stacks two halves of N/2 rows and ``epilogue`` combines them (its accumulator is the
+    first half's, its one extra operand the second half's): [..., N/2] out, in one launch at decode
+    (M <= 2), else the stacked product and then the epilogue over its halves."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x [..., {x.shape[-1]}] does not fit a weight of K={K}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y, epi = output_buffer(x, M, N, epilogue, extras)
+    if pair:
+        if epilogue is None or len(epilogue.extra_indices) != 1 or extras or N % 32:
+            raise ValueError(f"int4_linear(pair=True): needs an epilogue of the two halves and no other operand, "
+                             f"and N={N} a multiple of 32")
+        if M > 2:          # (prefill: no paired GEMM kernel)
+            return run_pair_epilogue(int4_linear_tiled(x, w, bias, split, num_warps), epilogue)
+        N //= 2
+    y, epi = output_buffer(x, M, N, epilogue if not pair else None, extras)
+    if pair:
+        epi.update(EPI=epilogue.fn, E0=0, E1=0)
+        y = torch.empty(M, N, dtype=epilogue.out_dtype, device=x.device)
     hw = w.group_size // 8
     z = w.zeros if w.zeros is not None else w.scales
     b = bias if bias is not None else w.scales
@@ -301,25 +354,28 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
 
         def launch(cfg):
             bn = cfg["block_n"]
+            while pair and N % bn:                # a paired row block must not cross a half
+                bn //= 2
             gps = cfg.get("gps", 1)               # a power of two dividing the group count
             while groups % gps:
                 gps //= 2
             blocks, steps = triton.cdiv(N, bn), groups // gps
             sp = min(cfg["split"], steps) if cfg["split"] else _split(blocks, steps, 6, x.device)
-            ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
+            ws = torch.empty(M * sp, 2 * N if pair else N, dtype=torch.float32, device=x.device) if sp > 1 else y
             f16x2 = x.dtype == torch.float16 and cfg.get("f16x2", True)
             _int4_gemv_kernel[(blocks, sp, M)](x2, x2.view(torch.int32) if f16x2 else x2, w.q, w.scales, z, b, y,
                                                ws, _zeroed_counters(M * blocks, x.device), e0, e1, N, K,
                                                x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, GPS=gps, SPLIT=sp,
                                                PER=steps // sp if steps % sp == 0 and steps // sp <= 8 else 0,
                                                HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                               F16X2=f16x2, num_warps=cfg["warps"], **epi)
+                                               F16X2=f16x2, PAIR=pair, num_warps=cfg["warps"], **epi)
         # 16 rows x 4 groups per step: the best of the sweep at 1x4096->14336 on the H100 (RESULTS.md)
         default = {"block_n": 16, "gps": 4, "split": None, "warps": 4}
         if split is not None or num_warps is not None:
             cfg = dict(default, split=split, warps=num_warps or 4)
         else:
-            cfg = choose("int4_gemv", (M, N, K, w.group_size, w.zeros is not None, x.dtype), x.device,
+            cfg = choose("int4_gemv" + ("_pair" if pair else ""), (M, N, K, w.group_size, w.zeros is not None, x.dtype),
+                         x.device,
                          lambda: [{"block_n": bn, "gps": gps, "split": sp, "warps": nw} for bn in (16, 32, 64)
                           for gps in (1, 4, 8) if bn * gps <= 256 for sp in (None, 1, 4) for nw in (4, 8)],
                          launch, default)

@@ -50,6 +50,7 @@ def _linear_step(n: Node, p: Node) -> Step:
         if a["bits"] == 4 and tiled_layout_fits(gs, q.type.shape[1]):      # (the type's shape is logical)
             def run_tiled(xt, w, _s, _z, bt, **epilogue):
                 return [int4_linear_tiled(xt, w, bt, **epilogue)]
+            run_tiled.pairs = True          # takes pair=True (a gated pair's halves: _gated_pair)
             return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b],
                         prepare=((1, 2, 3), lambda qt, st, zt: (pack_int4(qt, st, zt, gs), None, None)))
         kern = int4_linear if a["bits"] == 4 else int8_linear
@@ -105,17 +106,53 @@ def _epilogue_operand_fits(v: Value, out: Value) -> bool:
     return t.rank >= 1 and t.rank <= o.rank and t.shape[-1] == o.shape[-1] and all(d == 1 for d in t.shape[:-1])
 
 
+def _gated_pair(st: Step, users: dict, outputs: set):
+    """(split, elementwise node, epilogue) when an int4 linear's output is two stacked halves
+    (``concat_linears``' gated pair) whose only user is one elementwise node of exactly those two:
+    the kernel then computes both halves and the node in one launch (``int4_linear_tiled(pair=True)``)."""
+    from .epilogue import Epilogue
+    out = st.node.outputs[0]
+    us = users.get(out, [])
+    if not getattr(st.run, "pairs", False) or out in outputs or len(us) != 1 or us[0].op != "split":
+        return None
+    sp = us[0]
+    sizes = sp.attrs["sizes"]
+    if (len(sp.outputs) != 2 or sp.attrs["axis"] != out.type.rank - 1 or sizes[0] != sizes[1]
+            or not isinstance(sizes[0], int) or sizes[0] % 16 or sp.meta.get("kv_cache_points")):
+        return None
+    fs = [users.get(h, []) for h in sp.outputs]
+    if any(h in outputs or len(u) != 1 for h, u in zip(sp.outputs, fs)) or fs[0][0] is not fs[1][0]:
+        return None
+    f = fs[0][0]
+    expr, fout = node_expr(f), f.outputs[0]
+    where = [[j for j, v in enumerate(f.inputs) if v is h] for h in sp.outputs]
+    if (expr is None or len(f.inputs) != 2 or any(len(w) != 1 for w in where)
+            or fout.type.shape != sp.outputs[0].type.shape or not fout.type.dtype.is_float):
+        return None
+    return sp, f, Epilogue(expr, where[0][0], (where[1][0],), fout.type.dtype.torch)
+
+
 def _fold_epilogues(steps: list, users: dict, outputs: set) -> list:
     """A compressed linear whose output's only user is an elementwise node (a fused region or one
     fusable op) takes that node's computation as its kernel epilogue: one launch and no round trip
     of the linear's output, provided the node's other operands (at most two, full-shaped or one
-    row) are computed before the linear."""
+    row) are computed before the linear. A gated pair's stacked int4 linear takes the node of its
+    two halves (``_gated_pair``)."""
     from .epilogue import MAX_EXTRA, Epilogue
     produced_at = {v: i for i, st in enumerate(steps) for v in st.outputs}
     folded: dict[int, Step] = {}
     dropped = set()
     for i, st in enumerate(steps):
         if st.node.op != "linear" or not st.kernel.startswith("triton:"):
+            continue
+        pair = _gated_pair(st, users, outputs)
+        if pair is not None:
+            sp, f, epi = pair
+
+            def run_pair(*ins, _run=st.run, _epi=epi):
+                return _run(*ins, epilogue=_epi, extras=(), pair=True)
+            folded[i] = Step(f, st.kernel + "+glu", run_pair, st.inputs, st.prepare)
+            dropped.update((sp, f))
             continue
         out = st.node.outputs[0]
         us = users.get(out, [])
