@@ -15,8 +15,8 @@ Left alone: a linear whose output is an epilogue candidate (its only user elemen
 target folds it into the linear's kernel, so stacking would not save a launch), and one whose
 producer nodes or parameters are shared. Except a gated pair: two linears over the same input
 whose outputs are the two operands of one elementwise node (SwiGLU's ``mul(silu(gate), up)``)
-stack as a pair, so the cuda target runs both halves and the gate in one kernel. The ``kv_cache`` pass's cache points (Palu latents, read
-from the layer's normed input like q) stack too: the split notes which of its parts they are
+stack as a pair, so the cuda target runs both halves and the gate in one kernel. The
+``kv_cache`` pass's cache points (Palu latents, read from the layer's normed input like q) stack too: the split notes which of its parts they are
 (``meta['kv_cache_points']``, by result name), where the decode program looks for them.
 
 Each stacked parameter records which parameters' rows it holds (``graph.meta['param_parts']``), so
@@ -67,6 +67,12 @@ def _stackable(n: Node, users: dict, outputs: set):
     """((weight chain signature, has bias), leaf params) of linear ``n``, or None."""
     if _epilogue_candidate(n.output, users, outputs):
         return None
+    return _weight_signature(n, users)
+
+
+def _weight_signature(n: Node, users: dict):
+    """((weight chain signature, has bias), leaf params) of linear ``n`` when its weight and bias
+    can be stacked with another's, else None."""
     leaves: list[Value] = []
     sig = _chain(n.inputs[1], users, leaves)
     bias = n.inputs[2]
@@ -156,7 +162,7 @@ def _constant(v: Value) -> bool:
 
 
 def _gated_pairs(g: Graph, users: dict, outputs: set) -> list[tuple[Node, Node, list, list]]:
-    """Gated pairs whose weights stack: (first, second in graph order, their leaf params)."""
+    """Gated pairs whose weights stack: (the gate-side linear, its partner, their leaf params)."""
     pairs, taken = [], set()
     for n in g.nodes:
         if n.op != "linear" or n.inputs[0] is None or n in taken:
@@ -164,17 +170,11 @@ def _gated_pairs(g: Graph, users: dict, outputs: set) -> list[tuple[Node, Node, 
         m = _gate_partner(n, users, outputs)
         if m is None or m in taken:
             continue
-        sig = []
-        for x in (n, m):
-            leaves: list[Value] = []
-            chain = _chain(x.inputs[1], users, leaves)
-            bias = x.inputs[2]
-            ok = chain is not None and (bias is None or (bias.kind == "param" and len(users.get(bias, [])) == 1))
-            sig.append(((chain, bias is not None), leaves) if ok else None)
-        if sig[0] is None or sig[1] is None or sig[0][0] != sig[1][0]:
+        a, b = _weight_signature(n, users), _weight_signature(m, users)
+        if a is None or b is None or a[0] != b[0]:
             continue
         taken.update((n, m))
-        pairs.append((n, m, sig[0][1], sig[1][1]))
+        pairs.append((n, m, a[1], b[1]))
     return pairs
 
 

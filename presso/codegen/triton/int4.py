@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ...ir.ops import unpack_int4
 from .autotune import choose
-from .epilogue import Epilogue, apply_epilogue, output_buffer, run_pair_epilogue, store_tile
+from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
 
@@ -341,10 +341,10 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
         if M > 2:          # (prefill: no paired GEMM kernel)
             return run_pair_epilogue(int4_linear_tiled(x, w, bias, split, num_warps), epilogue)
         N //= 2
-    y, epi = output_buffer(x, M, N, epilogue if not pair else None, extras)
-    if pair:
-        epi.update(EPI=epilogue.fn, E0=0, E1=0)
         y = torch.empty(M, N, dtype=epilogue.out_dtype, device=x.device)
+        epi = dict(no_epilogue(y), EPI=epilogue.fn)      # (the kernel calls it with the two halves)
+    else:
+        y, epi = output_buffer(x, M, N, epilogue, extras)
     hw = w.group_size // 8
     z = w.zeros if w.zeros is not None else w.scales
     b = bias if bias is not None else w.scales
