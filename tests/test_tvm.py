@@ -40,6 +40,17 @@ def test_compressed_llama_matches_the_reference_on_llvm(recipe):
     assert max_rel_err(cm(*inputs), ref(*inputs)) < 1e-5
 
 
+def test_fp16_llama_matches_the_reference_on_llvm():
+    """fp16 weights and activations: Llama's norm spelling (widen, normalize, round back) is one
+    ``rms_norm`` on the fp16 input after canonicalization, lowered to TVM's ``nn.rms_norm``."""
+    model, inputs = make_llama(batch=1, seq=5)
+    model = model.half()
+    ref = presso.compile(model, example_inputs=inputs)
+    cm = presso.compile(model, example_inputs=inputs, target="llvm")
+    assert any(n.op == "rms_norm" and n.inputs[0].type.dtype.name == "f16" for n in cm.graph.nodes)
+    assert max_rel_err(cm(*inputs), ref(*inputs)) < 2e-3
+
+
 def test_compressed_weights_are_read_packed_not_densified():
     """The TVM kernels take the int4 codes two per byte and the 2:4 indices four bits each."""
     from presso.codegen.tvm.lower import Lowering
