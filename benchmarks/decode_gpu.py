@@ -82,17 +82,16 @@ def profile_step(fn, step_ms, calls=20):
         for _ in range(calls):
             fn()
         sync()
-    by_name, launches = {}, 0
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            launches += 1
-            by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / calls / 1e3
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    launches, by_name = len(kernels), {}
+    for e in kernels:
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / calls / 1e3
     total = sum(by_name.values())
     print(f"\nprofile: {launches / calls:.0f} kernels / step, kernel time {total:.3f} ms of {step_ms:.3f} ms "
           f"({step_ms - total:.3f} ms between kernels)")
     for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {ms:.3f} ms  {name}")
-    step = [e for e in prof.events() if e.device_type.name == "CUDA"][-launches // calls:]
+    step = kernels[-launches // calls:]
     print("one step's first kernels in launch order (us):", ", ".join(f"{e.name[:18]} {e.device_time:.1f}"
                                                                for e in step[:24]))
 
