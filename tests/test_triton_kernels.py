@@ -175,10 +175,13 @@ SCRIPT = textwrap.dedent("""
             ang = torch.randn(L, D // 2)
             cos, sin = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)) if rope else (None, None)
             p = torch.tensor([pos])
-            got = latent_decode_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv, split_len=split)
             want = reference_latent_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv)
-            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (rope, B, L, (got - want).abs().max())
-            cases += 1
+            # splits of consecutive tokens, or (the default) tiles dealt round-robin to the splits
+            for interleave in (True, False) if split else (True,):
+                got = latent_decode_attention(q, hk, hv, p, HPG, 0.3, upk, cos, sin, value_groups=Gv, split_len=split,
+                                              interleave=interleave)
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (rope, B, L, interleave, (got - want).abs().max())
+                cases += 1
     # RoPE under GQA: each group's key up-projection rebuilds KPG key heads, each read by HPG / KPG
     # query heads; up_k is a strided view of the kv_cache pass's block-diagonal [Hkv*D, G*R] weight
     # (the last case rebuilds its 8 key heads in two chunks of 4)
@@ -279,7 +282,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 73" in r.stdout
+    assert "kernel cases 77" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

@@ -14,7 +14,10 @@ Per group of ``HPG`` query heads the cache holds a key latent ``hk`` [L, R] and 
   for the query heads that read it (one, or several under GQA) are one ``tl.dot`` per half;
 
 values stay latent: the attention produces ``o' = softmax(s) hv`` [H, Rv] per split, and the
-splits are merged by their softmax maxima and sums. Heads are padded to 16 rows so scores and
+splits are merged by their softmax maxima and sums. The sequence's tiles are dealt to the splits
+round-robin, so at any moment every program reads near the others (and, with RoPE, the same
+cos / sin rows, from L2): measured faster than consecutive-token splits on the H100, most with
+rebuilt keys (benchmarks/RESULTS.md, session 11). Heads are padded to 16 rows so scores and
 probabilities x values are each one ``tl.dot``.
 
 The absorbed form's two small per-head matmuls around the attention (``absorb``: q -> q B_k^T
@@ -48,6 +51,17 @@ def _wait_for_previous_kernel():
     clobber: nothing stops a load being scheduled above it)."""
     return tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                      pack=1)
+
+
+@triton.jit
+def _prefetch_rows(base, t_start, t_end, stride_l, ROWS: tl.constexpr, COLS: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for rows t_start .. t_start + ROWS (clamped to t_end - 1) of a [L, COLS] slice whose
+    row stride is stride_l: one ``prefetch.global.L2`` per 128-byte line (LINE elements), no
+    registers held while the lines arrive."""
+    rt = tl.minimum(t_start + tl.arange(0, ROWS), t_end - 1)
+    ptrs = base + rt[:, None] * stride_l + (tl.arange(0, COLS // LINE) * LINE)[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -149,7 +163,8 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr,
                         HALVES_EQUAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                        IEEE: tl.constexpr, SPLIT_LEN, GDC: tl.constexpr):
+                        IEEE: tl.constexpr, SPLIT_LEN, INTERLEAVE: tl.constexpr, GDC: tl.constexpr,
+                        PREFETCH_LINE: tl.constexpr):
     """One split of one group's sequence; partial outputs and softmax statistics to o / ml. With
     ``GDC`` (grid dependency control) the merge kernel may launch at once, and an absorbed query is
     read only once the absorb kernel before it has finished (the caches and the position were
@@ -158,8 +173,11 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         tl.extra.cuda.gdc_launch_dependents()
     b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr).to(tl.int32)      # an i32 loop: Triton pipelines only i32 induction variables
-    t_start = sp * SPLIT_LEN
-    t_end = tl.minimum(t_start + SPLIT_LEN, pos + 1)
+    if INTERLEAVE:        # tiles dealt round-robin: this split takes tiles sp, sp + splits, ...
+        t_start, t_end, t_step = sp * BLOCK_T, pos + 1, tl.num_programs(2) * BLOCK_T
+    else:                 # SPLIT_LEN consecutive tokens
+        t_start, t_step = sp * SPLIT_LEN, BLOCK_T
+        t_end = tl.minimum(t_start + SPLIT_LEN, pos + 1)
     rh = tl.arange(0, HP)
     mh = rh < HPG
     rr = tl.arange(0, R)
@@ -179,9 +197,14 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         qa_ptrs = q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :]
         after = 0
         if GDC:               # the absorb kernel's output
+            if PREFETCH_LINE > 0:    # this split's first tile on its way to L2 while the absorb finishes
+                _prefetch_rows(hk_ptr + b * stride_kb + g * stride_kg, t_start, t_end, stride_kl, BLOCK_T, R,
+                               PREFETCH_LINE)
+                _prefetch_rows(hv_ptr + b * stride_vb + gv * stride_vg, t_start, t_end, stride_vl, BLOCK_T, RV,
+                               PREFETCH_LINE)
             after = _wait_for_previous_kernel()
         qa = tl.load(qa_ptrs + after, mask=mh[:, None], other=0.0)                     # [HP, R]
-    for t0 in range(t_start, t_end, BLOCK_T):
+    for t0 in range(t_start, t_end, t_step):
         rt = t0 + tl.arange(0, BLOCK_T)
         mt = rt < t_end
         hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * stride_kg + rr[None, :], mask=mt[:, None],
@@ -283,7 +306,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             value_groups: int | None = None, split_len: int | None = None,
                             block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None,
-                            rope_halves_equal: bool = False, dependent_launch: bool | None = None):
+                            rope_halves_equal: bool = False, dependent_launch: bool | None = None,
+                            interleave: bool = True):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
@@ -298,7 +322,11 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     tables; checked on the data by the cuda program): the kernel reads half of them.
     dependent_launch: launch the attention (after an absorb) and the merge kernel as programmatic
     dependent launches (Hopper and later; default: where the GPU has them), so each starts while
-    the kernel before it drains and waits in-kernel for the data it needs.
+    the kernel before it drains and waits in-kernel for the data it needs; the attention first
+    asks L2 for its first cache tile, so the cache streams while the absorb finishes.
+    interleave: deal the sequence's tiles to the splits round-robin (split s takes tiles s,
+    s + splits, ...), so that at any moment all programs read neighbouring tiles; False: each split
+    is ``split_len`` consecutive tokens.
     Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
     B, H = q.shape[:2]
     rope = up_k is not None
@@ -359,15 +387,22 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
     # 16 x 4 before the half-split rotation). GQA RoPE: 64-token tiles, 4 warps, 3 stages (more
     # warps or 128-token tiles spill: each tile's rebuilt keys live in registers), and splits down
-    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9)
-    bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else 64)
+    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9).
+    # Absorbed latent caches (rows of >= 512 bytes) in one wave of programs: 32-token tiles, the
+    # pipeline fills and drains sooner (B=1 L=16k 54.8 us vs 55.9 at 64); several waves (B=16,
+    # L >= 16k) and plain GQA caches (64-dim heads): 64 (session 11)
+    split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
+    splits = triton.cdiv(L, split)
+    one_wave = not INTERPRET and B * G * splits <= torch.cuda.get_device_properties(q.device).multi_processor_count
+    bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else
+                     32 if one_wave and R * hk.element_size() >= 512 else 64)
     num_warps = num_warps or (8 if rope and not gqa_rope else 4)
     ieee = hk.dtype == torch.float32
     stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
               {} if num_stages is None else {"num_stages": num_stages})
-    split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
-    splits = triton.cdiv(L, split)
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
+    line = 128 // hk.element_size()            # elements per 128-byte line
+    prefetch_line = line if gdc and absorb is not None and min(R, RV) >= line else 0
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
     _latent_attn_kernel[(B, G, splits)](
         q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
@@ -375,7 +410,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc,
         HALVES_EQUAL=rope_halves_equal, BLOCK_T=bt, IEEE=ieee,
-        SPLIT_LEN=split, num_warps=num_warps, GDC=gdc, **stages, **dependent(absorb is not None))
+        SPLIT_LEN=split, INTERLEAVE=interleave, GDC=gdc, PREFETCH_LINE=prefetch_line, num_warps=num_warps, **stages,
+        **dependent(absorb is not None))
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o
     _combine_kernel[(B * H, triton.cdiv(dv, bd))](o, ml, w, out, H, splits, dv, o.stride(0), o.stride(1), o.stride(2),
