@@ -307,7 +307,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None,
                             rope_halves_equal: bool = False, dependent_launch: bool | None = None,
-                            interleave: bool = True):
+                            interleave: bool | None = None):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
@@ -326,7 +326,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     asks L2 for its first cache tile, so the cache streams while the absorb finishes.
     interleave: deal the sequence's tiles to the splits round-robin (split s takes tiles s,
     s + splits, ...), so that at any moment all programs read neighbouring tiles; False: each split
-    is ``split_len`` consecutive tokens.
+    is ``split_len`` consecutive tokens. Default: round-robin where the programs run in one wave or
+    keys are rebuilt (RoPE); several waves of absorbed splits measured ~0.5-1.5% faster consecutive.
     Returns o' [B, H, Rv] (value latent space), or [B, H, Dv] with ``up_v``."""
     B, H = q.shape[:2]
     rope = up_k is not None
@@ -394,6 +395,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
     splits = triton.cdiv(L, split)
     one_wave = not INTERPRET and B * G * splits <= torch.cuda.get_device_properties(q.device).multi_processor_count
+    interleave = one_wave or rope or INTERPRET if interleave is None else interleave
     bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else
                      32 if one_wave and R * hk.element_size() >= 512 else 64)
     num_warps = num_warps or (8 if rope and not gqa_rope else 4)
