@@ -54,17 +54,6 @@ def _wait_for_previous_kernel():
 
 
 @triton.jit
-def _prefetch_rows(base, t_start, t_end, stride_l, ROWS: tl.constexpr, COLS: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for rows t_start .. t_start + ROWS (clamped to t_end - 1) of a [L, COLS] slice whose
-    row stride is stride_l: one ``prefetch.global.L2`` per 128-byte line (LINE elements), no
-    registers held while the lines arrive."""
-    rt = tl.minimum(t_start + tl.arange(0, ROWS), t_end - 1)
-    ptrs = base + rt[:, None] * stride_l + (tl.arange(0, COLS // LINE) * LINE)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b in fp32; exact for fp32 operands (tl.dot would round them to tf32)."""
     if IEEE:
@@ -163,8 +152,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr,
                         HALVES_EQUAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                        IEEE: tl.constexpr, SPLIT_LEN, INTERLEAVE: tl.constexpr, GDC: tl.constexpr,
-                        PREFETCH_LINE: tl.constexpr):
+                        IEEE: tl.constexpr, SPLIT_LEN, INTERLEAVE: tl.constexpr, GDC: tl.constexpr):
     """One split of one group's sequence; partial outputs and softmax statistics to o / ml. With
     ``GDC`` (grid dependency control) the merge kernel may launch at once, and an absorbed query is
     read only once the absorb kernel before it has finished (the caches and the position were
@@ -197,11 +185,6 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         qa_ptrs = q_ptr + b * stride_qb + (g * HPG + rh)[:, None] * stride_qh + rr[None, :]
         after = 0
         if GDC:               # the absorb kernel's output
-            if PREFETCH_LINE > 0:    # this split's first tile on its way to L2 while the absorb finishes
-                _prefetch_rows(hk_ptr + b * stride_kb + g * stride_kg, t_start, t_end, stride_kl, BLOCK_T, R,
-                               PREFETCH_LINE)
-                _prefetch_rows(hv_ptr + b * stride_vb + gv * stride_vg, t_start, t_end, stride_vl, BLOCK_T, RV,
-                               PREFETCH_LINE)
             after = _wait_for_previous_kernel()
         qa = tl.load(qa_ptrs + after, mask=mh[:, None], other=0.0)                     # [HP, R]
     for t0 in range(t_start, t_end, t_step):
@@ -322,8 +305,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     tables; checked on the data by the cuda program): the kernel reads half of them.
     dependent_launch: launch the attention (after an absorb) and the merge kernel as programmatic
     dependent launches (Hopper and later; default: where the GPU has them), so each starts while
-    the kernel before it drains and waits in-kernel for the data it needs; the attention first
-    asks L2 for its first cache tile, so the cache streams while the absorb finishes.
+    the kernel before it drains and waits in-kernel for the data it needs.
     interleave: deal the sequence's tiles to the splits round-robin (split s takes tiles s,
     s + splits, ...), so that at any moment all programs read neighbouring tiles; False: each split
     is ``split_len`` consecutive tokens. Default: round-robin where the programs run in one wave or
@@ -403,8 +385,6 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     stages = ({"num_stages": num_stages or (3 if gqa_rope else 2)} if rope else
               {} if num_stages is None else {"num_stages": num_stages})
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
-    line = 128 // hk.element_size()            # elements per 128-byte line
-    prefetch_line = line if gdc and absorb is not None and min(R, RV) >= line else 0
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
     _latent_attn_kernel[(B, G, splits)](
         q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
@@ -412,7 +392,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc,
         HALVES_EQUAL=rope_halves_equal, BLOCK_T=bt, IEEE=ieee,
-        SPLIT_LEN=split, INTERLEAVE=interleave, GDC=gdc, PREFETCH_LINE=prefetch_line, num_warps=num_warps, **stages,
+        SPLIT_LEN=split, INTERLEAVE=interleave, GDC=gdc, num_warps=num_warps, **stages,
         **dependent(absorb is not None))
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o
