@@ -55,6 +55,21 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+_SMS: dict = {}
+
+
+def sm_count(device) -> int:
+    """The GPU's multiprocessor count (launch grids are sized by it), asked of the driver once per
+    device: a plain decode step sizes ~100 launches by it, and each query costs ~15 us of host time."""
+    import torch
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[index]
+
+
 _FLUSH: dict = {}
 
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import unpack_int4
-from .autotune import choose
+from .autotune import choose, sm_count
 from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
@@ -314,7 +314,7 @@ def _zeroed_counters(n: int, device) -> torch.Tensor:
 def _split(tiles: int, groups: int, per_sm: int, device) -> int:
     """Split-K factor: double it (never past one group per program) until there are ``per_sm``
     programs per SM (GEMV: 6, small-M GEMM: 2)."""
-    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 4 if INTERPRET else sm_count(device)
     split = 1
     while split * 2 <= groups and tiles * split < per_sm * sms:
         split *= 2

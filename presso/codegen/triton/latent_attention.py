@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import sm_count
 from .linear import INTERPRET
 
 _ABSORB_BLOCK_R = 32      # latent columns per absorb program: 8 KB of a head's map at D=128
@@ -279,7 +280,7 @@ def default_split(sequences: int, L: int, device, least: int = 256) -> int:
     [least, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
     the cache faster (B=1 L=64k: 4096 tokens 188 us vs 2048 193 us; B=16 L=16k: 8192 717 us vs 1024
     734 us) until the programs no longer fill the machine (B=1 L=16k: 1024 best, 2048 slower)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(least, min(8192, triton.next_power_of_2(triton.cdiv(sequences * L, sms))))
 
 
@@ -376,7 +377,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     # L >= 16k) and plain GQA caches (64-dim heads): 64 (session 11)
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
     splits = triton.cdiv(L, split)
-    one_wave = not INTERPRET and B * G * splits <= torch.cuda.get_device_properties(q.device).multi_processor_count
+    one_wave = not INTERPRET and B * G * splits <= sm_count(q.device)
     interleave = one_wave or rope or INTERPRET if interleave is None else interleave
     bt = block_t or (16 if INTERPRET else 64 if gqa_rope else 128 if rope else
                      32 if one_wave and R * hk.element_size() >= 512 else 64)
