@@ -127,6 +127,25 @@ def torch_ops_in_step(fn):
         print(f"  {n:4d}  {name}  {where}  {shapes}")
 
 
+def generate_rows(cm, cfg, row, new_tokens=256):
+    """What a user of ``cm.generate`` gets per new token, end to end (greedy pick, position, graph
+    replay, the loop's host work): the time of a call making 2 + new_tokens tokens minus one
+    making 2 (both after a warm-up call), over new_tokens. Printed as a ms / step row."""
+    prompt = torch.randint(0, cfg.vocab, (1, 8))
+
+    def gen_ms(n):
+        sync()
+        t = time.perf_counter()
+        cm.generate(prompt, n)
+        sync()
+        return (time.perf_counter() - t) * 1e3
+    gen_ms(2 + new_tokens)                     # warm-up: the step graph is captured here
+    short = min(gen_ms(2) for _ in range(3))
+    long = min(gen_ms(2 + new_tokens) for _ in range(3))
+    row(f"presso generate(), per new token (greedy, end to end; prefill + first step {short:.1f} ms)",
+        (long - short) / new_tokens)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
@@ -205,6 +224,8 @@ def main():
             if a.profile:
                 profile_step(lambda: step_rt.run(ids, pos, *static[2:]), t_graph)
                 torch_ops_in_step(lambda: step_rt._run_steps([ids, pos, *static[2:]]))
+            if B == 1:
+                generate_rows(cm, cfg, row)
         if not a.no_compile:
             for mode in ("default", "reduce-overhead"):
                 try:

@@ -77,6 +77,30 @@ def test_sampling_is_seeded_and_bounded():
         cm.generate(prompt, 200)
 
 
+def test_generation_stops_at_the_eos_token_of_every_sequence():
+    _, ins, cm = llama()
+    prompt = ins[0][:, :8]
+    full = cm.generate(prompt, 12)
+    new = full[:, 8:]
+    eos = int(new[0, 3])          # a token the first sequence emits (its first emission ends it)
+
+    def expected():
+        out, firsts = new.clone(), []
+        for r in range(new.shape[0]):
+            hits = (new[r] == eos).nonzero()
+            firsts.append(int(hits[0]) if len(hits) else None)
+            if firsts[-1] is not None:
+                out[r, firsts[-1] + 1:] = eos          # a finished sequence is padded with eos
+        stop = max(f for f in firsts) if all(f is not None for f in firsts) else new.shape[1] - 1
+        return torch.cat([prompt, out[:, :stop + 1]], 1)
+    got = cm.generate(prompt, 12, eos_token_id=eos)
+    assert torch.equal(got, expected()), (got, full)
+    assert got.shape[1] < full.shape[1] or (new[1] != eos).all()
+    one = cm.generate(prompt[:1], 12, eos_token_id=eos)     # a lone sequence stops at its eos
+    first = int((new[0] == eos).nonzero()[0])
+    assert torch.equal(one, full[:1, :8 + first + 1])
+
+
 def test_kv_cache_full_rank_is_exact():
     m, ins, base = llama()
     _, _, cm = llama("kv_cache{rank_ratio=1.0}")

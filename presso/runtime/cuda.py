@@ -102,6 +102,10 @@ class CudaRuntime:
                     env.pop(v, None)
         return [env[v] for v in self.graph.outputs]
 
+    def captured(self, *args: torch.Tensor) -> bool:
+        """Whether a call with these arguments' shapes and dtypes replays the recorded graph."""
+        return self._graph_exec is not None and self._graph_exec.matches(args)
+
     def capture(self, *example: torch.Tensor) -> None:
         """Record one call at these input shapes as a CUDA graph; later calls with the same shapes
         and dtypes replay it (inputs are copied into the graph's static buffers)."""

@@ -42,29 +42,33 @@ class Generator:
         caches = self.new_caches({"batch": batch})
         self.last_cache_bytes_per_token = self.cache_bytes_per_token(caches, batch)
         outs = self.prefill_rt.run(input_ids, torch.arange(prompt), *caches)
-        logits, caches = outs[0].cpu(), outs[1:]
-        tokens = [input_ids]
-        done = torch.zeros(batch, dtype=torch.bool)
+        # tokens, positions and logits stay where the runtime left them (the GPU for the cuda
+        # target): a step costs no logits copy to the host and no wait for the GPU, except to
+        # test for the end of every sequence when eos_token_id is given, or to sample
+        logits, caches = outs[0], outs[1:]
+        dev = logits.device
+        tokens = [input_ids.to(dev)]
+        done = torch.zeros(batch, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            nxt = self._pick(logits[:, -1, :], do_sample, temperature, top_k, gen)
+            nxt = self._pick(logits[:, -1, :], do_sample, temperature, top_k, gen).to(dev)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
             tokens.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            args = (nxt[:, None], torch.tensor([prompt + step]), *caches)
-            if step == 0 and hasattr(self.step_rt, "capture"):
-                self.step_rt.capture(*args)     # the cuda runtime records the step as a CUDA graph
+            args = (nxt[:, None], torch.full((1,), prompt + step, dtype=torch.int64, device=dev), *caches)
+            if step == 0 and hasattr(self.step_rt, "capture") and not self.step_rt.captured(*args):
+                self.step_rt.capture(*args)     # the cuda runtime records the step as a CUDA graph, once
             outs = self.step_rt.run(*args)
-            logits, caches = outs[0].cpu(), outs[1:]
-        return torch.cat(tokens, dim=1)
+            logits, caches = outs[0], outs[1:]
+        return torch.cat(tokens, dim=1).to(input_ids.device)
 
     @staticmethod
     def _pick(logits, do_sample, temperature, top_k, gen):
         if not do_sample:
             return logits.argmax(-1)
-        logits = logits.float() / max(temperature, 1e-6)
+        logits = logits.float().cpu() / max(temperature, 1e-6)     # the seeded generator is a CPU one
         if top_k:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
