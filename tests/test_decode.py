@@ -77,6 +77,23 @@ def test_sampling_is_seeded_and_bounded():
         cm.generate(prompt, 200)
 
 
+def test_generate_rejects_bad_arguments_by_name():
+    _, ins, cm = llama()
+    prompt = ins[0][:, :8]
+    bad = [(dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
+           (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0, got 2.5"),
+           (dict(max_new_tokens=3, eos_token_id=-5), "eos_token_id must be a token id"),
+           (dict(max_new_tokens=3, do_sample=True, top_k=-2), "top_k must be an int >= 0 (0 keeps every token), got -2"),
+           (dict(max_new_tokens=3, do_sample=True, temperature=-0.5), "temperature must be a number >= 0"),
+           (dict(max_new_tokens=3, do_sample=True, temperature=float("nan")), "temperature must be a number >= 0")]
+    for kw, message in bad:
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            cm.generate(prompt, **kw)
+    with pytest.raises(InputError, match=r"at least one prompt token"):
+        cm.generate(prompt[:, :0], 3)
+    assert cm.generate(prompt, 0).shape == prompt.shape      # zero new tokens: the prompt back
+
+
 def test_generation_stops_at_the_eos_token_of_every_sequence():
     _, ins, cm = llama()
     prompt = ins[0][:, :8]

@@ -35,6 +35,7 @@ class Generator:
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise InputError(f"input_ids must be i64[batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
         batch, prompt = input_ids.shape
+        _check_arguments(prompt, max_new_tokens, do_sample, temperature, top_k, eos_token_id)
         if prompt + max_new_tokens > self.max_len:
             raise InputError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the cache length "
                              f"{self.max_len}; compile with a larger max_len")
@@ -73,3 +74,21 @@ class Generator:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+
+
+def _check_arguments(prompt: int, max_new_tokens, do_sample: bool, temperature, top_k, eos_token_id) -> None:
+    """Typed errors for arguments torch would otherwise reject deep inside (or take silently: a
+    negative token count, a negative temperature that inverts the distribution)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if prompt == 0:
+        raise InputError("input_ids needs at least one prompt token per sequence, got [batch, 0]")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if eos_token_id is not None and (not is_int(eos_token_id) or eos_token_id < 0):
+        raise InputError(f"eos_token_id must be a token id (an int >= 0) or None, got {eos_token_id!r}")
+    if do_sample:
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise InputError(f"temperature must be a number >= 0 (0 samples the most likely token), got {temperature!r}")
+        if not is_int(top_k) or top_k < 0:
+            raise InputError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
