@@ -83,7 +83,8 @@ def test_generate_rejects_bad_arguments_by_name():
     bad = [(dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
            (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0, got 2.5"),
            (dict(max_new_tokens=3, eos_token_id=-5), "eos_token_id must be a token id"),
-           (dict(max_new_tokens=3, do_sample=True, top_k=-2), "top_k must be an int >= 0 (0 keeps every token), got -2"),
+           (dict(max_new_tokens=3, do_sample=True, top_k=-2),
+            "top_k must be an int >= 0 (0 keeps every token), got -2"),
            (dict(max_new_tokens=3, do_sample=True, temperature=-0.5), "temperature must be a number >= 0"),
            (dict(max_new_tokens=3, do_sample=True, temperature=float("nan")), "temperature must be a number >= 0")]
     for kw, message in bad:

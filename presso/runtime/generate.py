@@ -89,6 +89,7 @@ def _check_arguments(prompt: int, max_new_tokens, do_sample: bool, temperature, 
         raise InputError(f"eos_token_id must be a token id (an int >= 0) or None, got {eos_token_id!r}")
     if do_sample:
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise InputError(f"temperature must be a number >= 0 (0 samples the most likely token), got {temperature!r}")
+            raise InputError(f"temperature must be a number >= 0 (0 samples the most likely token), "
+                             f"got {temperature!r}")
         if not is_int(top_k) or top_k < 0:
             raise InputError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
