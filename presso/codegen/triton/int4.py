@@ -38,10 +38,11 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import unpack_int4
-from .autotune import choose, sm_count
+from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
+from .splitk import split_factor, zeroed_counters
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILE_ROWS = 128
@@ -298,29 +299,6 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
-_counters: dict = {}
-
-
-def _zeroed_counters(n: int, device) -> torch.Tensor:
-    """Split-K arrival counters: zero at rest (the last program of each row block resets its own),
-    so one buffer per device serves every call, CUDA-graph replays included."""
-    key = str(device)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
-def _split(tiles: int, groups: int, per_sm: int, device) -> int:
-    """Split-K factor: double it (never past one group per program) until there are ``per_sm``
-    programs per SM (GEMV: 6, small-M GEMM: 2)."""
-    sms = 4 if INTERPRET else sm_count(device)
-    split = 1
-    while split * 2 <= groups and tiles * split < per_sm * sms:
-        split *= 2
-    return split
-
-
 def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
                       split: Optional[int] = None, num_warps: Optional[int] = None,
                       epilogue: Optional[Epilogue] = None, extras: tuple = (), pair: bool = False) -> torch.Tensor:
@@ -360,11 +338,11 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             while groups % gps:
                 gps //= 2
             blocks, steps = triton.cdiv(N, bn), groups // gps
-            sp = min(cfg["split"], steps) if cfg["split"] else _split(blocks, steps, 6, x.device)
+            sp = min(cfg["split"], steps) if cfg["split"] else split_factor(blocks, steps, 6, x.device)
             ws = torch.empty(M * sp, 2 * N if pair else N, dtype=torch.float32, device=x.device) if sp > 1 else y
             f16x2 = x.dtype == torch.float16 and cfg.get("f16x2", True)
             _int4_gemv_kernel[(blocks, sp, M)](x2, x2.view(torch.int32) if f16x2 else x2, w.q, w.scales, z, b, y,
-                                               ws, _zeroed_counters(M * blocks, x.device), e0, e1, N, K,
+                                               ws, zeroed_counters(M * blocks, x.device), e0, e1, N, K,
                                                x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, GPS=gps, SPLIT=sp,
                                                PER=steps // sp if steps % sp == 0 and steps // sp <= 8 else 0,
                                                HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
@@ -393,14 +371,14 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             bn, sp = cfg["block_n"], cfg["split"]
             blocks = triton.cdiv(N, bn)
             ws = torch.empty(sp * M * N, dtype=torch.float32, device=x.device) if sp > 1 else y
-            cnt = _zeroed_counters(m_blocks * blocks, x.device)
+            cnt = zeroed_counters(m_blocks * blocks, x.device)
             _int4_gemm_kernel[(blocks, sp, m_blocks)](
                 x2, w.q, w.scales, z, b, y, ws, cnt, e0, e1, M, N, K, x2.stride(0), HW=hw, TILE=TILE_ROWS,
                 BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                 IEEE=x.dtype == torch.float32, F16X2=f16x2 and cfg.get("f16x2", True), num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **epi)
         # the sweep's best at 16 / 64 x 4096 -> 14336 on the H100 (RESULTS.md)
-        default = {"block_n": 128, "split": _split(triton.cdiv(N, 128) * m_blocks, groups, 2, x.device) if M <= 16
+        default = {"block_n": 128, "split": split_factor(triton.cdiv(N, 128) * m_blocks, groups, 2, x.device) if M <= 16
                    else (2 if M <= 64 else 1), "warps": 4, "stages": 2 if M <= 16 else 3}
         if split is not None or num_warps is not None:
             cfg = dict(default, split=split or default["split"], warps=num_warps or 4)

@@ -46,6 +46,7 @@ from .epilogue import apply_epilogue, output_buffer, run_epilogue
 from .linear import INTERPRET, pack_nm_index
 from .nibbles import CODE_PAIRS_PTX, pair_sum_ptx, selector_ptx
 from .source import load_source
+from .splitk import split_factor, zeroed_counters
 
 ROW_PAD = 256          # rows padded to the largest row block: the weight loads need no masks
 MAX_ROWS = 16          # rows of x per program; more rows (prefill) densify into a workspace instead
@@ -420,7 +421,28 @@ def _gathered_pair(v, wi, wh, xb, g: tl.constexpr, VBF: tl.constexpr, M8: tl.con
 def finish_row(acc, r: tl.constexpr, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS: tl.constexpr,
                EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
     """Row r of y: the chunk sums added up, bias, epilogue, one store."""
-    out = tl.sum(acc, axis=0)
+    store_sum(tl.sum(acc, axis=0), r, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
+
+
+@triton.jit
+def split_partial(acc, r: tl.constexpr, rn, N, ws_ptr, SPLIT: tl.constexpr):
+    """Split-K: this program's chunk sums of row r to its slot of the fp32 workspace [rows, SPLIT, N]."""
+    tl.store(ws_ptr + (r * SPLIT + tl.program_id(1)) * N + rn, tl.sum(acc, axis=0), mask=rn < N)
+
+
+@triton.jit
+def split_total(r: tl.constexpr, rn, N, ws_ptr, SPLIT: tl.constexpr):
+    """Split-K: row r's SPLIT partial sums added (read past L1: other programs wrote them)."""
+    tot = tl.load(ws_ptr + r * SPLIT * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+    for k in tl.static_range(1, SPLIT):
+        tot += tl.load(ws_ptr + (r * SPLIT + k) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+    return tot
+
+
+@triton.jit
+def store_sum(out, r: tl.constexpr, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS: tl.constexpr,
+              EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
+    """Row r of y from its fp32 sums: bias, epilogue, one store."""
     mask = rn < N
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
@@ -438,18 +460,22 @@ def kernel_source(rows: int, kind: int, has_zero: bool, m: int = 4) -> str:
     ms = ", ".join(f"m{i}" for i in range(8))
     lines = [
         "import triton", "import triton.language as tl",
-        "from presso.codegen.triton.nm_select import chunk_codes, chunk_merges, chunk_selectors, finish_row, row_dot",
+        "from presso.codegen.triton.nm_select import (chunk_codes, chunk_merges, chunk_selectors, finish_row, row_dot,",
+        "                                             split_partial, split_total, store_sum)",
         "", "",
         "@triton.jit",
-        "def nm_select_kernel(x_ptr, xw_ptr, v_ptr, i_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, N, N_PAD, K,",
-        "                     stride_xm, QG: tl.constexpr, BLOCK_N: tl.constexpr, CPS: tl.constexpr,",
-        "                     PTX: tl.constexpr, VBF: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,",
-        "                     E0: tl.constexpr, E1: tl.constexpr):",
+        "def nm_select_kernel(x_ptr, xw_ptr, v_ptr, i_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, ws_ptr,",
+        "                     cnt_ptr, N, N_PAD, K, stride_xm, QG: tl.constexpr, BLOCK_N: tl.constexpr,",
+        "                     CPS: tl.constexpr, PTX: tl.constexpr, VBF: tl.constexpr, HAS_BIAS: tl.constexpr,",
+        "                     EPI: tl.constexpr,",
+        "                     E0: tl.constexpr, E1: tl.constexpr, SPLIT: tl.constexpr):",
         "    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "    steps = K // 32 // CPS",
+        "    per = tl.cdiv(steps, SPLIT)          # this program's share of the steps (split-K)",
     ]
     lines += [f"    acc{i} = tl.zeros((CPS, BLOCK_N), dtype=tl.float32)" for i in R]
     lines += [
-        "    for st in range(K // 32 // CPS):",
+        "    for st in range(tl.program_id(1) * per, tl.minimum(tl.program_id(1) * per + per, steps)):",
         "        ch = st * CPS + tl.arange(0, CPS)",
         "        off = ch[:, None] * N_PAD + rn[None, :]",
         "        wi = tl.load(i_ptr + off, eviction_policy='evict_first')",
@@ -479,17 +505,26 @@ def kernel_source(rows: int, kind: int, has_zero: bool, m: int = 4) -> str:
             lines += [f"        d, t = {call}True)", f"        acc{i} += d * s8 + t * zs"]
         else:
             lines += [f"        d, _ = {call}False)", f"        acc{i} += d * s8"]
-    lines += [f"    finish_row(acc{i}, {i}, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
+    lines.append("    if SPLIT == 1:")
+    lines += [f"        finish_row(acc{i}, {i}, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
+    lines.append("    else:             # partial sums out; the last program of this row block adds them")
+    lines += [f"        split_partial(acc{i}, {i}, rn, N, ws_ptr, SPLIT)" for i in R]
+    lines += ["        cnt = cnt_ptr + tl.program_id(0)",
+              "        if tl.atomic_add(cnt, 1, sem='acq_rel') == SPLIT - 1:"]
+    lines += [f"            store_sum(split_total({i}, rn, N, ws_ptr, SPLIT), {i}, rn, N, b_ptr, y_ptr, e0_ptr, "
+              "e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
+    lines.append("            tl.store(cnt, 0)")
     return "\n".join(lines) + "\n"
 
 
 def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | None = None, epilogue=None,
                      extras: tuple = (), block_n: int | None = None, cps: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, split: int | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) (-> epilogue) for a ``pack_nm_select`` weight: up to
     ``MAX_ROWS`` rows of x in one block of the select kernel (the rows share every weight load);
     more (prefill, compute-bound) through a dense fp16 workspace rebuilt per call (transposed,
-    N x K x 2 bytes, freed after) and a dense matmul."""
+    N x K x 2 bytes, freed after) and a dense matmul. Few row blocks (N small against the SMs)
+    split K over up to ``split`` programs each (default: until two programs per SM; splitk.py)."""
     K, N = w.k, w.n
     if x.shape[-1] != K:
         raise ValueError(f"nm_select_linear: x {tuple(x.shape)} must be [..., {K}]")
@@ -515,23 +550,28 @@ def nm_select_linear(x: torch.Tensor, w: NMSelectWeight, bias: torch.Tensor | No
         c = cfg["cps"]                  # a power of two dividing the chunks
         while chunks % c:
             c //= 2
-        kernel[(triton.cdiv(N, cfg["block_n"]),)](
+        blocks, steps = triton.cdiv(N, cfg["block_n"]), chunks // c
+        sp = min(cfg["split"], steps) if cfg["split"] else split_factor(blocks, steps, 2, x.device)
+        ws = torch.empty(M * sp, N, dtype=torch.float32, device=x.device) if sp > 1 else y
+        kernel[(blocks, sp)](
             x2, xw, w.values, w.index, sc, w.zeros if w.zeros is not None else sc,
-            bias if bias is not None else x2, y, e0, e1, N, w.values.shape[-1], K, x2.stride(0),
-            QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, PTX=ptx, VBF=w.bf16, HAS_BIAS=bias is not None,
-            num_warps=cfg["warps"], **epi)
+            bias if bias is not None else x2, y, e0, e1, ws, zeroed_counters(blocks, x.device), N,
+            w.values.shape[-1], K, x2.stride(0), QG=max(w.group, 1), BLOCK_N=cfg["block_n"], CPS=c, PTX=ptx,
+            VBF=w.bf16, HAS_BIAS=bias is not None, SPLIT=sp, num_warps=cfg["warps"], **epi)
     # H100 sweeps at 4096 -> 14336 (RESULTS.md): few rows want long steps, 16 rows 4 rows per thread;
     # the selects that cost more ALU per weight (bf16's fp32 FMAs, 4:8's three prmt) shorter steps at 2-4
     table = _DEFAULTS_HEAVY if (w.m == 8 or x2.dtype == torch.bfloat16) else _DEFAULTS
-    default = {"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else table[min(table, key=lambda r: abs(r - M))]
-    if block_n or cps or num_warps:
+    default = dict({"block_n": 32, "cps": 8, "warps": 4} if INTERPRET else table[min(table, key=lambda r: abs(r - M))],
+                   split=None)
+    if block_n or cps or num_warps or split:
         cfg = {"block_n": block_n or default["block_n"], "cps": cps or default["cps"],
-               "warps": num_warps or default["warps"]}
+               "warps": num_warps or default["warps"], "split": split}
     else:
         cfg = choose("nm_select", (M, N, K, w.kind, w.group, w.zeros is not None, x.dtype) + ((8,) if w.m == 8 else ()),
                      x.device,
-                     lambda: [{"block_n": bn, "cps": c, "warps": nw} for bn in (32, 64, 128) for c in (4, 8, 16)
-                              for nw in (4, 8) if bn * c >= 32 * nw], launch, default)
+                     lambda: [{"block_n": bn, "cps": c, "warps": nw, "split": sp} for bn in (32, 64, 128)
+                              for c in (4, 8, 16) for nw in (4, 8) if bn * c >= 32 * nw for sp in (None, 1)],
+                     launch, default)
     launch(cfg)
     return y.reshape(*x.shape[:-1], N)
 
