@@ -42,7 +42,7 @@ from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
-from .splitk import split_factor, zeroed_counters
+from .splitk import split_factor, split_sum, zeroed_counters
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILE_ROWS = 128
@@ -173,15 +173,10 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
             tl.store(ws_ptr + (m * SPLIT + pid_k) * (W * N) + N + rn, acc2, mask=mn)
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
         if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            tot2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in tl.static_range(SPLIT):
-                tot += tl.load(ws_ptr + (m * SPLIT + k) * (W * N) + rn, mask=mn, other=0.0, cache_modifier=".cg")
-                if PAIR:
-                    tot2 += tl.load(ws_ptr + (m * SPLIT + k) * (W * N) + N + rn, mask=mn, other=0.0,
-                                    cache_modifier=".cg")
+            tot = split_sum(ws_ptr + m * SPLIT * (W * N) + rn, W * N, mn, SPLIT)
             tl.store(cnt, 0)
             if PAIR:
+                tot2 = split_sum(ws_ptr + m * SPLIT * (W * N) + N + rn, W * N, mn, SPLIT)
                 _store_pair(tot, tot2, b_ptr, y_ptr, m * N + rn, rn, mn, N, HAS_BIAS, EPI)
             else:
                 _store_row(tot, b_ptr, y_ptr, m * N + rn, rn, mn, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
@@ -290,9 +285,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
         cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
-            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in tl.static_range(SPLIT):
-                tot += tl.load(ws_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tot = split_sum(ws_ptr + offs, M * N, mask, SPLIT)
             tl.store(cnt, 0)
             store_tile(tot, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
     else:

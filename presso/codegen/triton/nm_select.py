@@ -431,15 +431,6 @@ def split_partial(acc, r: tl.constexpr, rn, N, ws_ptr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def split_total(r: tl.constexpr, rn, N, ws_ptr, SPLIT: tl.constexpr):
-    """Split-K: row r's SPLIT partial sums added (read past L1: other programs wrote them)."""
-    tot = tl.load(ws_ptr + r * SPLIT * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
-    for k in tl.static_range(1, SPLIT):
-        tot += tl.load(ws_ptr + (r * SPLIT + k) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
-    return tot
-
-
-@triton.jit
 def store_sum(out, r: tl.constexpr, rn, N, b_ptr, y_ptr, e0_ptr, e1_ptr, HAS_BIAS: tl.constexpr,
               EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr):
     """Row r of y from its fp32 sums: bias, epilogue, one store."""
@@ -461,7 +452,8 @@ def kernel_source(rows: int, kind: int, has_zero: bool, m: int = 4) -> str:
     lines = [
         "import triton", "import triton.language as tl",
         "from presso.codegen.triton.nm_select import (chunk_codes, chunk_merges, chunk_selectors, finish_row, row_dot,",
-        "                                             split_partial, split_total, store_sum)",
+        "                                             split_partial, store_sum)",
+        "from presso.codegen.triton.splitk import split_sum",
         "", "",
         "@triton.jit",
         "def nm_select_kernel(x_ptr, xw_ptr, v_ptr, i_ptr, s_ptr, z_ptr, b_ptr, y_ptr, e0_ptr, e1_ptr, ws_ptr,",
@@ -511,8 +503,8 @@ def kernel_source(rows: int, kind: int, has_zero: bool, m: int = 4) -> str:
     lines += [f"        split_partial(acc{i}, {i}, rn, N, ws_ptr, SPLIT)" for i in R]
     lines += ["        cnt = cnt_ptr + tl.program_id(0)",
               "        if tl.atomic_add(cnt, 1, sem='acq_rel') == SPLIT - 1:"]
-    lines += [f"            store_sum(split_total({i}, rn, N, ws_ptr, SPLIT), {i}, rn, N, b_ptr, y_ptr, e0_ptr, "
-              "e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
+    lines += [f"            store_sum(split_sum(ws_ptr + {i} * SPLIT * N + rn, N, rn < N, SPLIT), {i}, rn, N, b_ptr, "
+              "y_ptr, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)" for i in R]
     lines.append("            tl.store(cnt, 0)")
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,8 @@ them, applies bias and epilogue, and resets its counter."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from .autotune import sm_count
 from .linear import INTERPRET
@@ -31,3 +33,13 @@ def split_factor(tiles: int, steps: int, per_sm: int, device) -> int:
     while split * 2 <= steps and tiles * split < per_sm * sms:
         split *= 2
     return split
+
+
+@triton.jit
+def split_sum(ptrs, stride, mask, SPLIT: tl.constexpr):
+    """The SPLIT partial sums at ``ptrs``, ``ptrs + stride``, ... added (read past L1: other
+    programs wrote them)."""
+    tot = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for k in tl.static_range(1, SPLIT):
+        tot += tl.load(ptrs + k * stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return tot
