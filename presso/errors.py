@@ -8,12 +8,13 @@ class PressoError(Exception):
 class UnsupportedOpError(PressoError):
     """A frontend met an op it cannot lower. Names the op, the node, where it came from, and what is supported."""
 
-    def __init__(self, op: str, node: str, location: str, supported):
+    def __init__(self, op: str, node: str, location: str, supported, reason: str = ""):
         self.op, self.node, self.location = op, node, location
         self.supported = sorted(supported)
+        self.reason = reason
         super().__init__(
-            f"unsupported op '{op}' at node '{node}' ({location}); "
-            f"supported ops: {', '.join(self.supported)}"
+            f"unsupported op '{op}' at node '{node}' ({location})" + (f": {reason}" if reason else "")
+            + f"\nsupported ops: {', '.join(self.supported)}"
         )
 
 

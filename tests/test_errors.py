@@ -72,16 +72,43 @@ def test_data_dependent_control_flow_is_a_frontend_error():
     assert "torch.export" in msg and "torch.fx" in msg and "control flow" in msg
 
 
-class UsesCumsum(torch.nn.Module):
+@torch.library.custom_op("presso_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_opaque.register_fake
+def _opaque_fake(x):
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(torch.nn.Module):
     def forward(self, x):
-        return torch.cumsum(x, dim=0) + 1
+        return torch.ops.presso_test.opaque(x) + 1
 
 
 def test_unsupported_torch_op_names_op_and_source_line():
+    """A user's custom op is neither ATen nor decomposable: the error names it, its node and line;
+    the supported list comes after the first line."""
     with pytest.raises(UnsupportedOpError) as e:
-        from_torch(UsesCumsum(), (torch.randn(3),))
-    msg = str(e.value)
-    assert "aten.cumsum" in msg and "test_errors.py" in msg and "supported ops:" in msg and "linear" in msg
+        from_torch(UsesCustomOp(), (torch.randn(3),))
+    first, rest = str(e.value).split("\n", 1)
+    assert "presso_test.opaque" in first and "test_errors.py" in first and "not a core ATen op" in first
+    assert "supported ops:" not in first and "supported ops:" in rest and "linear" in rest and "acos" in rest
+
+
+class UsesCumsum(torch.nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=0) + torch.special.bessel_j0(x)
+
+
+def test_core_aten_and_leaf_aten_ops_import_as_generic_ops():
+    """cumsum (core ATen) and bessel_j0 (no decomposition) become ``aten.*`` ops run by ATen."""
+    x = torch.randn(5)
+    g = from_torch(UsesCumsum(), (x,))
+    assert {"aten.cumsum", "aten.special_bessel_j0"} <= set(g.op_histogram())
+    got = presso.compile(UsesCumsum(), example_inputs=(x,))(x)
+    torch.testing.assert_close(got, UsesCumsum()(x))
 
 
 def test_wrong_inputs_at_call_time():

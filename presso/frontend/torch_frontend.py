@@ -18,6 +18,8 @@ import torch.fx as fx
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import SYMBOL_RE, DType, TensorType, dims_product
+from ..ir import aten_ops
+from . import aten_generic
 from .common import GraphBuilder, registrar, check_type, clean_name
 
 aten = torch.ops.aten
@@ -97,7 +99,9 @@ class _Importer:
                 return lines[-1]
         return f"fx node {n.name}"
 
-    def run(self, gm: fx.GraphModule, inputs: dict, consts: dict):
+    def run(self, gm: fx.GraphModule, inputs: dict, consts: dict, outputs: Optional[list] = None):
+        """Import ``gm``; ``outputs`` picks the positions of its output tuple that are the model's
+        (torch.export also returns effect tokens there)."""
         live = _live_nodes(gm.graph)
         for n in gm.graph.nodes:
             if n.op == "call_function" and n not in live:
@@ -117,7 +121,10 @@ class _Importer:
             elif n.op == "output":
                 outs = n.args[0]
                 outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                vals = [self.env[o] for o in outs]
+                if outputs is not None:
+                    outs = [outs[i] for i in outputs]
+                vals = [self.t(o) if isinstance(o, fx.Node) and isinstance(self.env[o], torch.Tensor)
+                        else self.env.get(o, o) for o in outs]  # a folded constant is returned as a param
                 if not all(isinstance(v, Value) for v in vals):
                     raise FrontendError("the model must return tensors (a tensor or a tuple/list of tensors)")
                 self.g.outputs = vals
@@ -152,6 +159,11 @@ class _Importer:
         if target is operator.getitem:
             return self.env[n.args[0]][n.args[1]]
         name = getattr(target, "__name__", "")
+        if name == "with_effects":  # (token, op, *args): checks such as _linalg_check_errors
+            returns = getattr(n.args[1], "_schema", None)
+            if returns is not None and not returns.returns:
+                return [None]
+            raise UnsupportedOpError(f"{n.args[1]} with side effects", n.name, self.location(n), supported_torch_ops())
         if name in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
             nctx = 1 if name == "wrap_with_set_grad_enabled" else 4
             return self.inline(self.env[n.args[nctx]], list(n.args[nctx + 1:]))
@@ -163,10 +175,19 @@ class _Importer:
         handler = ATEN.get(target)
         if handler is None and hasattr(target, "overloadpacket"):
             handler = ATEN.get(target.overloadpacket)
-        if handler is None:
-            raise UnsupportedOpError(str(target), n.name, self.location(n), supported_torch_ops())
+        if handler is None and not aten_generic.importable(target):
+            raise UnsupportedOpError(str(target), n.name, self.location(n), supported_torch_ops(),
+                                     "not a core ATen op, and torch has no decomposition of it to core ATen")
         try:
-            out = handler(self, *n.args, **n.kwargs)
+            try:
+                if handler is None:
+                    raise UnsupportedOpError(str(target), n.name, self.location(n), ())
+                out = handler(self, *n.args, **n.kwargs)
+            except (UnsupportedOpError, IRError, ZeroDivisionError):
+                # a form presso's typed op does not cover (extra arguments, 0-d operands): the generic ATen op does
+                if not aten_generic.importable(target):
+                    raise
+                out = aten_generic.import_node(self, n, _dim)
         except (UnsupportedOpError, FrontendError):
             raise
         except IRError as e:
@@ -207,7 +228,11 @@ def _live_nodes(graph: fx.Graph) -> set:
 
 
 def supported_torch_ops() -> list[str]:
-    return sorted({str(getattr(t, "overloadpacket", t)).replace("aten.", "") for t in ATEN})
+    """What the torch frontend imports: every core ATen op (as presso's typed op where one matches,
+    else as the generic ``aten.*`` op), and every op torch decomposes to them."""
+    from ..ir.aten_ops import core_aten_names
+    typed = {str(getattr(t, "overloadpacket", t)).replace("aten.", "") for t in ATEN}
+    return sorted(typed | {n[len("aten."):] for n in core_aten_names()})
 
 
 # ---- handlers ----------------------------------------------------------------------------
@@ -249,7 +274,7 @@ def _rsub(im, a, b, alpha=1):
 @handles(aten.clamp, aten.clamp_min, aten.clamp_max)
 def _clamp(im, x, lo=None, hi=None):
     out = im.t(x)
-    if im.node.target is aten.clamp_max.default:
+    if im.node.target.overloadpacket is aten.clamp_max:
         lo, hi = None, lo
     if lo is not None:
         out = im.op("maximum", out, im.op("cast", im.t(lo), dtype=out.type.dtype.value))
@@ -468,13 +493,23 @@ def _conv2d(im, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gr
                  padding=two(padding), dilation=two(dilation), groups=groups)
 
 
+def _plain_pool(im, dilation=(1, 1), ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """presso's pool ops are the default forms; others go to the generic ATen op."""
+    if list(two(dilation)) != [1, 1] or ceil_mode or not count_include_pad or divisor_override is not None:
+        raise UnsupportedOpError("pooling with dilation, ceil_mode or a custom divisor", im.node.name,
+                                 im.location(im.node), supported_torch_ops())
+
+
 @handles(aten.max_pool2d)
 def _max_pool(im, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    _plain_pool(im, dilation, ceil_mode)
     return im.op("max_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
 
 
 @handles(aten.avg_pool2d)
-def _avg_pool(im, x, kernel, stride=(), padding=(0, 0), *a):
+def _avg_pool(im, x, kernel, stride=(), padding=(0, 0), ceil_mode=False, count_include_pad=True,
+              divisor_override=None):
+    _plain_pool(im, ceil_mode=ceil_mode, count_include_pad=count_include_pad, divisor_override=divisor_override)
     return im.op("avg_pool2d", im.t(x), kernel=two(kernel), stride=two(stride or kernel), padding=two(padding))
 
 
@@ -569,6 +604,31 @@ def _first_line(e: Exception) -> str:
 
 
 def _import_exported(ep, name: str) -> Graph:
+    """Import ``ep``; an op that is neither handled nor core ATen is decomposed with torch's table
+    and the import retried (decompositions can produce more such ops, hence the loop)."""
+    decomposed: set = set()
+    while True:
+        try:
+            return _import_exported_once(ep, name)
+        except UnsupportedOpError as e:
+            target = _decomposable(ep, e.node, decomposed)
+            if target is None:
+                raise
+            decomposed.add(target)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = ep.run_decompositions(aten_ops.decomposition_table(decomposed))
+
+
+def _decomposable(ep, node_name: str, done: set):
+    node = next((n for n in ep.graph.nodes if n.name == node_name), None)
+    target = getattr(node, "target", None)
+    if target is None or target in done or not aten_generic.decomposable(target):
+        return None
+    return target
+
+
+def _import_exported_once(ep, name: str) -> Graph:
     sig = ep.graph_signature
     state = dict(ep.state_dict)
     state.update(ep.constants)
@@ -579,14 +639,30 @@ def _import_exported(ep, name: str) -> Graph:
         if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             t = state[spec.target]
             consts[pname] = imp.g.add_param(clean_name(spec.target), t.detach().contiguous())
+        elif spec.kind.name == "TOKEN":
+            consts[pname] = None   # an effect token orders side effects; presso's graphs have none
         elif spec.kind.name == "USER_INPUT":
             if isinstance(spec.arg, torch.export.graph_signature.TensorArgument):
                 inputs[pname] = pname
         else:
             raise FrontendError(f"unsupported exported input kind {spec.kind.name}")
-    g = imp.run(ep.graph_module, inputs, consts)
+    g = imp.run(ep.graph_module, inputs, consts, _user_outputs(sig))
     _drop_unused_params(g)
     return g
+
+
+def _user_outputs(sig) -> list[int]:
+    """Positions of the model's own outputs; an in-place update of an input or a buffer is refused
+    (the compiled model would silently not perform it)."""
+    keep = []
+    for i, spec in enumerate(sig.output_specs):
+        kind = spec.kind.name
+        if kind in ("USER_INPUT_MUTATION", "BUFFER_MUTATION", "PARAMETER_MUTATION"):
+            raise FrontendError(f"the model updates {spec.target!r} in place ({kind.lower()}); presso compiles "
+                                "functional models: return the new value instead")
+        if kind == "USER_OUTPUT":
+            keep.append(i)
+    return keep
 
 
 def _import_fx(module, example_inputs, name: str) -> Graph:

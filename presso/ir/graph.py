@@ -128,7 +128,7 @@ class Graph:
             raise IRError(f"op '{op}' yields {len(out_types)} results, {len(names)} names given")
         outs = []
         for i, t in enumerate(out_types):
-            outs.append(Value(self._claim(names[i] if names else self.fresh_name(op)), t, "node"))
+            outs.append(Value(self._claim(names[i] if names else self.fresh_name(_value_hint(op))), t, "node"))
         node = Node(op, inputs, attrs, outs)
         for v in outs:
             v.node = node
@@ -216,3 +216,8 @@ class Graph:
 
     def param_bytes(self) -> int:
         return sum(p.value.type.nbytes() for p in self.params.values())
+
+
+def _value_hint(op: str) -> str:
+    """A result's default name: the op's, without the ``aten.`` prefix and overload."""
+    return op.split(".")[1] if op.startswith("aten.") else op

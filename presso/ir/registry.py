@@ -18,7 +18,7 @@ from ..errors import IRError
 from .types import DType, TensorType, dims_product, eval_dim
 
 REQUIRED = object()
-ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "shape", "dim", "dtype")
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "bools", "shape", "dim", "dtype", "scalar")
 _PRIMES = (100003, 100019, 100043, 100049, 100057, 100069, 100103, 100109, 100129, 100151,
            100153, 100169, 100183, 100189, 100193, 100207, 100213, 100237, 100267, 100271)
 
@@ -40,6 +40,8 @@ class Attr:
             "str": lambda v: isinstance(v, str),
             "ints": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
             "floats": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v),
+            "bools": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, bool) for x in v),
+            "scalar": lambda v: isinstance(v, (int, float, bool)),
             "shape": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v),
             "dim": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
             "dtype": lambda v: isinstance(v, str) and v in DType.__members__,
@@ -50,7 +52,7 @@ class Attr:
             raise IRError(f"{where}: attribute '{name}' of op '{op}' must be one of {list(self.choices)}, got {value!r}")
         if self.kind == "float":
             return float(value)
-        if self.kind in ("ints", "shape"):
+        if self.kind in ("ints", "shape", "bools"):
             return list(value)
         if self.kind == "floats":
             return [float(x) for x in value]
@@ -84,7 +86,7 @@ class OpDef:
             raise IRError(f"{where}: op '{self.name}' takes operands ({', '.join(self.operands)}), "
                           f"got {len(inputs)}")
         for spec, v in zip(self.operands, inputs):
-            if v is None and not spec.endswith("?"):
+            if v is None and "?" not in spec:
                 raise IRError(f"{where}: operand '{spec}' of op '{self.name}' is required")
 
     def complete_attrs(self, attrs: Mapping, where: str) -> dict:
@@ -144,7 +146,8 @@ def meta_infer(opdef: OpDef, types: Sequence[Optional[TensorType]], attrs: Mappi
     metas = [None if t is None else torch.empty(t.storage_shape(bind), dtype=t.dtype.torch, device="meta")
              for t in types]
     try:
-        outs = opdef.run(metas, attrs, bind)
+        with torch.device("meta"):  # creation ops (no tensor operand) allocate nothing either
+            outs = opdef.run(metas, attrs, bind)
     except IRError:
         raise
     except Exception as e:  # the reference rejected the operand types: report it as a typing error
@@ -183,13 +186,22 @@ def defop(name: str, operands: Sequence[str], attrs: Optional[dict] = None, cate
 
 
 def get_op(name: str) -> OpDef:
+    """The op called ``name``: one of presso's own, or a core ATen op (``aten.<op>[.<overload>]``),
+    whose definition is generated from torch's schema on first use."""
     from . import ops  # noqa: F401  (populate the registry)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise IRError(f"unknown op '{name}'; known ops: {', '.join(sorted(_REGISTRY))}") from None
+    from .aten_ops import opdef_for
+    op = _REGISTRY.get(name) or opdef_for(name)
+    if op is None:
+        raise IRError(f"unknown op '{name}': not one of presso's {len(_REGISTRY)} ops (presso.ir.all_ops()) "
+                      "and not a core ATen op such as 'aten.acos' or 'aten.add.Tensor'")
+    return op
 
 
-def all_ops() -> dict[str, OpDef]:
+def all_ops(include_aten: bool = False) -> dict[str, OpDef]:
+    """presso's own ops; with ``include_aten``, every core ATen op too."""
     from . import ops  # noqa: F401
-    return dict(_REGISTRY)
+    out = dict(_REGISTRY)
+    if include_aten:
+        from .aten_ops import core_aten_names
+        out.update({n: get_op(n) for n in core_aten_names()})
+    return out

@@ -78,7 +78,7 @@ _TOKEN = re.compile(r"""
   | (?P<gname>@[A-Za-z0-9_][A-Za-z0-9_.\-]*)
   | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf\b))
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
   | (?P<punct>[()\[\]{},:=*])
 """, re.VERBOSE)
 
