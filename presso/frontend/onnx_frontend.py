@@ -1,4 +1,4 @@
-"""Import an ONNX model (opsets 13-21) into presso IR.
+"""Import an ONNX model into presso IR (opsets 13-23 directly, others through onnx's version converter).
 
 Constant sub-graphs (initializers, ``Constant`` nodes, shape arithmetic on static shapes) are
 evaluated at import, so reshape targets and masks arrive as attributes and params. ``Shape`` of a
@@ -20,7 +20,7 @@ from ..ir.graph import Graph, Value
 from ..ir.types import DType, TensorType, dims_product
 from .common import GraphBuilder, registrar, clean_name
 
-OPSETS = range(13, 22)
+OPSETS = range(13, 24)
 ONNX_OPS: dict[str, Callable] = {}
 
 
@@ -468,11 +468,33 @@ def load_onnx(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.Mo
         raise FrontendError(f"invalid ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if len(proto.graph.node) == 0:
         raise FrontendError("invalid ONNX model: the graph has no nodes (empty or truncated file?)")
+    return upgrade(proto)
+
+
+def upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Bring the default-domain opset into ``OPSETS`` with onnx's own version converter.
+
+    The handlers are written against opsets 13..23 (later opsets change no semantics they rely on
+    but add types); an older model is upgraded to 13, a newer one that onnx knows is converted down
+    to 23. A model the converter cannot bring across (an op with no adapter) is a FrontendError.
+    """
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or opset not in OPSETS:
-        raise FrontendError(f"ONNX default-domain opset {opset} is not supported; supported: "
-                            f"{OPSETS.start}..{OPSETS.stop - 1}")
-    return proto
+    allowed = f"opsets {OPSETS.start}..{OPSETS.stop - 1} import directly, 1..{OPSETS.start - 1} and " \
+              f"{OPSETS.stop}..{onnx.defs.onnx_opset_version()} are converted with onnx.version_converter"
+    if opset is None:
+        raise FrontendError(f"the ONNX model imports no default-domain (ai.onnx) opset; {allowed}")
+    if opset in OPSETS:
+        return proto
+    if not 1 <= opset <= onnx.defs.onnx_opset_version():
+        raise FrontendError(f"ONNX default-domain opset {opset} is not supported: {allowed}")
+    target = OPSETS.start if opset < OPSETS.start else OPSETS.stop - 1
+    try:
+        from onnx import version_converter
+        return version_converter.convert_version(proto, target)
+    except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError/IndexError/... per adapter
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FrontendError(f"ONNX default-domain opset {opset} could not be converted to opset {target} "
+                            f"by onnx.version_converter ({msg}); {allowed}") from None
 
 
 def from_onnx(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> Graph:
