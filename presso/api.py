@@ -9,6 +9,7 @@ import torch
 from .errors import PressoError, TargetUnavailableError
 from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
+from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
@@ -43,7 +44,7 @@ class CompiledModel:
         if self._runtime is None:
             raise TargetUnavailableError(f"a model compiled for target {self.target!r} cannot run on this machine; "
                                          "save() it and load it on a 64-bit Arm Linux machine")
-        outs = self._runtime.run(*inputs)
+        outs = apply_input_mutations(self.graph.meta, inputs, self._runtime.run(*inputs))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _export_code(self, code_dir) -> list[str]:

@@ -203,6 +203,8 @@ class _Importer:
         """True for a pure ATen op that reads no graph input and no parameter (creation ops,
         masks and tables built from them): it is evaluated now, at import."""
         schema = getattr(n.target, "_schema", None)
+        if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
+            return False  # random numbers are drawn at every run, not once at import
         return (schema is not None and not schema.is_mutable and isinstance(_val(n), torch.Tensor)
                 and all(isinstance(self.env.get(a), torch.Tensor) for a in n.all_input_nodes))
 
@@ -215,9 +217,12 @@ class _Importer:
 
 
 def _live_nodes(graph: fx.Graph) -> set:
-    """Nodes the outputs depend on (through higher-order op bodies' operands too)."""
+    """Nodes the outputs depend on (through higher-order op bodies' operands too), and every
+    in-place op: its effect is not visible in the data flow until functionalization returns it."""
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, stack = set(), [out]
+    roots = [out] + [n for n in graph.nodes if n.op == "call_function"
+                     and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
+    live, stack = set(), roots
     while stack:
         n = stack.pop()
         if n in live:
@@ -647,22 +652,35 @@ def _import_exported_once(ep, name: str) -> Graph:
         else:
             raise FrontendError(f"unsupported exported input kind {spec.kind.name}")
     g = imp.run(ep.graph_module, inputs, consts, _user_outputs(sig))
+    _record_input_mutations(g, sig)
     _drop_unused_params(g)
     return g
 
 
 def _user_outputs(sig) -> list[int]:
-    """Positions of the model's own outputs; an in-place update of an input or a buffer is refused
-    (the compiled model would silently not perform it)."""
-    keep = []
+    """Positions of the model's outputs, then of the new values of inputs it updates in place
+    (``graph.meta["input_mutations"]`` says which; the runtime writes them back). An in-place
+    update of a buffer or parameter is refused: the compiled model would silently not perform it."""
+    keep, mutated = [], []
     for i, spec in enumerate(sig.output_specs):
         kind = spec.kind.name
-        if kind in ("USER_INPUT_MUTATION", "BUFFER_MUTATION", "PARAMETER_MUTATION"):
+        if kind in ("BUFFER_MUTATION", "PARAMETER_MUTATION"):
             raise FrontendError(f"the model updates {spec.target!r} in place ({kind.lower()}); presso compiles "
                                 "functional models: return the new value instead")
         if kind == "USER_OUTPUT":
             keep.append(i)
-    return keep
+        elif kind == "USER_INPUT_MUTATION":
+            mutated.append(i)
+    return keep + mutated
+
+
+def _record_input_mutations(g: Graph, sig) -> None:
+    """``meta["input_mutations"]``: [graph output index, graph input index] per updated input."""
+    names = [v.name for v in g.inputs]
+    specs = [s for s in sig.output_specs if s.kind.name == "USER_INPUT_MUTATION"]
+    n_user = len(g.outputs) - len(specs)
+    if specs:
+        g.meta["input_mutations"] = [[n_user + k, names.index(clean_name(s.target))] for k, s in enumerate(specs)]
 
 
 def _import_fx(module, example_inputs, name: str) -> Graph:

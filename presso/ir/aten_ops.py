@@ -154,7 +154,9 @@ def opdef_for(name: str) -> Optional[OpDef]:
     attrs = {a.name: _attr_of(a) for a in schema.arguments if not _is_tensor(_type(a)) and not _dropped(a)}
     ref = _reference(overload, [a.name for a in tensors], attrs)
     doc = f"ATen ``{schema}`` (core ATen; reference: the ATen op itself)."
-    return OpDef(name, tuple(operands), attrs, ref, "aten", doc)
+    # a seeded-random op is never folded or merged: each run draws new numbers, as in eager torch
+    category = "random" if torch.Tag.nondeterministic_seeded in overload.tags else "aten"
+    return OpDef(name, tuple(operands), attrs, ref, category, doc)
 
 
 def _reference(overload, tensor_names: list[str], attrs: dict[str, Attr]):

@@ -30,9 +30,14 @@ class DType(enum.Enum):
     i16 = "i16"
     i8 = "i8"
     u8 = "u8"
+    u64 = "u64"
+    u32 = "u32"
+    u16 = "u16"
     i4 = "i4"
     u4 = "u4"
     bool = "bool"
+    c64 = "c64"
+    c128 = "c128"
 
     @property
     def bits(self) -> int:
@@ -66,12 +71,15 @@ class DType(enum.Enum):
 
 _BITS = {DType.f64: 64, DType.f32: 32, DType.f16: 16, DType.bf16: 16, DType.f8e4m3: 8,
          DType.f8e5m2: 8, DType.i64: 64, DType.i32: 32, DType.i16: 16, DType.i8: 8, DType.u8: 8,
-         DType.i4: 4, DType.u4: 4, DType.bool: 8}
+         DType.i4: 4, DType.u4: 4, DType.bool: 8, DType.u64: 64, DType.u32: 32, DType.u16: 16,
+         DType.c64: 64, DType.c128: 128}
 _TORCH = {DType.f64: torch.float64, DType.f32: torch.float32, DType.f16: torch.float16,
           DType.bf16: torch.bfloat16, DType.f8e4m3: torch.float8_e4m3fn,
           DType.f8e5m2: torch.float8_e5m2, DType.i64: torch.int64, DType.i32: torch.int32,
           DType.i16: torch.int16, DType.i8: torch.int8, DType.u8: torch.uint8,
-          DType.i4: torch.uint8, DType.u4: torch.uint8, DType.bool: torch.bool}
+          DType.i4: torch.uint8, DType.u4: torch.uint8, DType.bool: torch.bool, DType.u64: torch.uint64,
+          DType.u32: torch.uint32, DType.u16: torch.uint16, DType.c64: torch.complex64,
+          DType.c128: torch.complex128}
 _FROM_TORCH = {v: k for k, v in _TORCH.items() if k not in (DType.i4, DType.u4)}
 
 

@@ -1,7 +1,8 @@
 """Constant folding: a node whose operands are all constants (params or ``full``) is evaluated
 with the reference runtime and replaced by a param (or a ``full`` when it holds one number).
 Scalar ``full`` nodes themselves stay: they are the readable form of a literal. Weight producers
-(``compressed`` ops: dequantize, densify_nm) never fold: folding would densify compressed storage."""
+(``compressed`` ops: dequantize, densify_nm) never fold: folding would densify compressed storage;
+nor do seeded-random ops (``random``): each run must draw new numbers."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ def fold_constants(g: Graph) -> Graph:
     for node in list(g.nodes):
         if node.op in ("full",) or not node.inputs and node.op != "arange":
             continue
-        if get_op(node.op).category == "compressed":
+        if get_op(node.op).category in ("compressed", "random"):
             continue
         if not all(_is_const(v) for v in node.inputs):
             continue

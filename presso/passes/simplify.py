@@ -131,14 +131,15 @@ def silu(rw: Rewriter, n: Node) -> bool:
 
 
 def scalar_operands(rw: Rewriter, n: Node) -> bool:
-    """A ``full`` of shape [1]/[1,1] feeding an elementwise op whose result keeps its shape becomes 0-d."""
+    """A ``full`` of shape [1]/[1,1] feeding an elementwise op whose result keeps its shape becomes 0-d
+    (only beside an operand of its dtype: a 0-d operand no longer takes part in type promotion)."""
     changed = False
     for i, v in enumerate(n.inputs):
         f = rw.producer(v, "full")
         if f is None or not v.type.shape or any(d != 1 for d in v.type.shape):
             continue
         others = [u for j, u in enumerate(n.inputs) if j != i and u is not None]
-        if not any(u.type.rank >= v.type.rank for u in others):
+        if not any(u.type.rank >= v.type.rank and u.type.dtype == v.type.dtype for u in others):
             continue
         n.inputs[i] = rw.op("full", value=f.attrs["value"], dtype=f.attrs["dtype"], before=n)
         changed = True
