@@ -31,6 +31,10 @@ class SymShape(list):
     """A shape known at import as dims (ints and symbols): the value of ``Shape(x)``."""
 
 
+class Seq(list):
+    """An ONNX sequence, which exists only at import: the list of the values it holds, in order."""
+
+
 _ONNX_DTYPE = {1: DType.f32, 10: DType.f16, 16: DType.bf16, 11: DType.f64, 7: DType.i64, 6: DType.i32,
                5: DType.i16, 3: DType.i8, 2: DType.u8, 9: DType.bool}
 
@@ -97,6 +101,24 @@ class _Importer:
     def op(self, name, *ins, **attrs) -> Value:
         return self.g.op(name, *ins, **attrs)
 
+    def aten(self, name, *ins, **attrs) -> Value:
+        """The first result of the generic ``aten.<name>`` op (see presso/ir/aten_ops.py)."""
+        return self.g.add_node(f"aten.{name}", list(ins), attrs).outputs[0]
+
+    def aten_n(self, name, *ins, **attrs) -> list:
+        return list(self.g.add_node(f"aten.{name}", list(ins), attrs).outputs)
+
+    def like(self, value, x: Value) -> Value:
+        """A 0-d constant of ``x``'s dtype (ONNX ops never mix dtypes, torch would promote)."""
+        return self.op("full", value=float(value), shape=[], dtype=x.type.dtype.value)
+
+    def axis(self, a: int, rank: int, what: str = "axis") -> int:
+        """An ONNX axis in [-rank, rank) as a non-negative dim, or a FrontendError naming it."""
+        if not -rank <= a < rank:
+            raise FrontendError(f"{self.where}: attribute '{what}' = {a} is out of range for rank {rank} "
+                                f"(allowed: {-rank}..{rank - 1})")
+        return a % rank
+
     def unsupported(self, what: str):
         raise UnsupportedOpError(what, self.node.name or self.node.output[0], f"ONNX node '{self.node.name}'",
                                  sorted(ONNX_OPS))
@@ -123,7 +145,7 @@ class _Importer:
             if handler is None:
                 self.unsupported(node.op_type)
             try:
-                if self._all_const(node) and node.op_type not in ("Shape",):
+                if self._all_const(node) and node.op_type not in ("Shape",) and "Sequence" not in node.op_type:
                     outs = self._fold(node)
                 else:
                     outs = handler(self)
@@ -131,7 +153,7 @@ class _Importer:
                 raise
             except (IRError, ValueError, RuntimeError, TypeError, IndexError) as e:
                 raise FrontendError(f"{self.where}: {e}") from None
-            outs = outs if isinstance(outs, (list, tuple)) and not isinstance(outs, SymShape) else [outs]
+            outs = outs if isinstance(outs, (list, tuple)) and not isinstance(outs, (SymShape, Seq)) else [outs]
             for name, v in zip(node.output, outs):
                 if name:
                     self.env[name] = v
@@ -142,6 +164,8 @@ class _Importer:
             v = self.env[o.name]
             if isinstance(v, SymShape):
                 raise FrontendError(f"graph output '{o.name}' is a symbolic shape, not a tensor")
+            if isinstance(v, Seq):
+                raise FrontendError(f"graph output '{o.name}' is an ONNX sequence; presso graphs return tensors")
             outs.append(self.b.const(o.name, v) if isinstance(v, torch.Tensor) else v)
         self.g.outputs = outs
         return self.g
@@ -230,71 +254,11 @@ def _softmax(im):
     return im.op("softmax", x, axis=im.attr("axis", -1) % x.type.rank)
 
 
-@handles("Gemm")
-def _gemm(im):
-    a, b = im.t(0), im.t(1)
-    if im.attr("alpha", 1.0) != 1.0 or im.attr("beta", 1.0) != 1.0:
-        im.unsupported("Gemm with alpha/beta != 1")
-    if im.attr("transA", 0):
-        a = im.op("transpose", a, perm=[1, 0])
-    if im.attr("transB", 0):
-        out = im.op("linear", a, b, im.t(2))
-        return out
-    out = im.op("matmul", a, b)
-    return im.op("add", out, im.t(2)) if im.has(2) else out
-
-
-@handles("Conv")
-def _conv(im):
-    x, w = im.t(0), im.t(1)
-    if w.type.rank != 4:
-        im.unsupported(f"Conv with {w.type.rank - 2} spatial dims (only 2-D)")
-    if im.attr("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
-        im.unsupported("Conv with auto_pad SAME_*")
-    pads = list(im.attr("pads", [0, 0, 0, 0]))
-    if pads[:2] != pads[2:]:
-        im.unsupported("Conv with asymmetric pads")
-    return im.op("conv2d", x, w, im.t(2), stride=list(im.attr("strides", [1, 1])), padding=pads[:2],
-                 dilation=list(im.attr("dilations", [1, 1])), groups=im.attr("group", 1))
-
-
-@handles("MaxPool", "AveragePool")
-def _pool(im):
-    pads = list(im.attr("pads", [0, 0, 0, 0]))
-    if pads[:2] != pads[2:] or im.attr("ceil_mode", 0):
-        im.unsupported(f"{im.node.op_type} with asymmetric pads or ceil_mode")
-    if im.node.op_type == "AveragePool" and any(pads) and not im.attr("count_include_pad", 0):
-        im.unsupported("AveragePool with padding and count_include_pad=0")
-    k = list(im.attr("kernel_shape"))
-    op = "max_pool2d" if im.node.op_type == "MaxPool" else "avg_pool2d"
-    out = im.op(op, im.t(0), kernel=k, stride=list(im.attr("strides", k)), padding=pads[:2])
-    return [out, None] if im.node.op_type == "MaxPool" else out
-
-
-@handles("GlobalAveragePool")
-def _gap(im):
-    return im.op("reduce_mean", im.t(0), axes=[2, 3], keepdim=True)
-
-
 @handles("LayerNormalization")
 def _layer_norm(im):
     x = im.t(0)
     axis = im.attr("axis", -1) % x.type.rank
     return [im.op("layer_norm", x, im.t(1), im.t(2), eps=im.attr("epsilon", 1e-5), ndim=x.type.rank - axis), None, None]
-
-
-@handles("ReduceMean", "ReduceSum", "ReduceMax")
-def _reduce(im):
-    x = im.t(0)
-    axes = im.attr("axes")
-    if axes is None:
-        axes = im.ints(1, "axes")
-    if not axes:
-        if im.attr("noop_with_empty_axes", 0):
-            return x
-        axes = list(range(x.type.rank))
-    op = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max"}[im.node.op_type]
-    return im.op(op, x, axes=sorted(a % x.type.rank for a in axes), keepdim=bool(im.attr("keepdims", 1)))
 
 
 @handles("Reshape")
@@ -304,13 +268,6 @@ def _reshape(im):
     if not im.attr("allowzero", 0):
         shape = [x.type.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return im.op("reshape", x, shape=shape)
-
-
-@handles("Flatten")
-def _flatten(im):
-    x = im.t(0)
-    axis = im.attr("axis", 1) % max(x.type.rank, 1)
-    return im.op("reshape", x, shape=[dims_product(x.type.shape[:axis]), -1] if axis else [1, -1])
 
 
 @handles("Unsqueeze")
@@ -344,37 +301,6 @@ def _transpose(im):
     return im.op("transpose", x, perm=list(perm))
 
 
-@handles("Slice")
-def _slice(im):
-    v = im.env[im.node.input[0]]
-    starts, ends = im.ints(1, "Slice's starts"), im.ints(2, "Slice's ends")
-    axes = im.ints(3, "Slice's axes") or list(range(len(starts)))
-    steps = im.ints(4, "Slice's steps") or [1] * len(starts)
-    if isinstance(v, SymShape):
-        if len(axes) != 1 or steps[0] != 1:
-            raise FrontendError(f"{im.where}: unsupported slice of a symbolic shape")
-        return SymShape(v[starts[0]:min(ends[0], len(v))])
-    x = im.t(0)
-    for a, s, e, st in zip(axes, starts, ends, steps):
-        x = im.op("slice", x, axis=a % x.type.rank, start=s, end=min(e, 2 ** 63 - 1) if isinstance(e, int) else e,
-                  step=st)
-    return x
-
-
-@handles("Concat")
-def _concat(im):
-    vals = [im.env[i] for i in im.node.input]
-    if any(isinstance(v, SymShape) for v in vals):
-        out = SymShape()
-        for v in vals:
-            if isinstance(v, Value):
-                raise FrontendError(f"{im.where}: cannot concatenate a symbolic shape with computed values")
-            out += list(v) if isinstance(v, SymShape) else [int(x) for x in v.reshape(-1).tolist()]
-        return out
-    xs = [im.t(i) for i in range(len(im.node.input))]
-    return im.g.add_node("concat", xs, {"axis": im.attr("axis") % xs[0].type.rank}).output
-
-
 @handles("Split")
 def _split(im):
     x = im.t(0)
@@ -388,17 +314,6 @@ def _split(im):
         chunk = -(-dim // n)
         sizes = [min(chunk, dim - i * chunk) for i in range(n)]
     return list(im.g.add_node("split", [x], {"axis": axis, "sizes": list(sizes)}).outputs)
-
-
-@handles("Gather")
-def _gather(im):
-    v = im.env[im.node.input[0]]
-    if isinstance(v, SymShape):
-        idx = im.c(1, "Gather index into a shape")
-        picked = [v[int(i)] for i in idx.reshape(-1).tolist()]
-        return SymShape(picked) if idx.dim() else (picked[0] if isinstance(picked[0], int) else SymShape(picked))
-    x = im.t(0)
-    return im.op("gather", x, im.t(1), axis=im.attr("axis", 0) % x.type.rank)
 
 
 @handles("Expand")
@@ -444,9 +359,12 @@ def _constant(im):
     return torch.tensor(v)
 
 
-@handles("Range", "Trilu", "CumSum", "Sign")
+@handles("Range")
 def _const_only(im):
-    raise FrontendError(f"{im.where}: {im.node.op_type} is supported only on constant inputs")
+    raise FrontendError(f"{im.where}: Range is supported only on constant inputs (its length is data)")
+
+
+from . import onnx_ops_math, onnx_ops_nn, onnx_ops_shape  # noqa: E402,F401  (they register handlers)
 
 
 # ---- entry point -------------------------------------------------------------------------
