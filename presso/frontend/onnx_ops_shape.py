@@ -256,11 +256,26 @@ def _concat(im):
 
 
 # ---- sequences ---------------------------------------------------------------------------
+class RuntimeSized:
+    """A sequence element whose shape is data (a split by run-time sizes): the sequence's length
+    is still known, but the element cannot be used as a tensor."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
 def _seq(im, i) -> Seq:
     v = im.env[im.node.input[i]]
     if not isinstance(v, Seq):
         raise FrontendError(f"{im.where}: input '{im.node.input[i]}' is not a sequence")
     return v
+
+
+def _elements(im, s) -> list:
+    for x in s:
+        if isinstance(x, RuntimeSized):
+            raise FrontendError(f"{im.where}: a sequence element's shape is run-time data ({x.why})")
+    return list(s)
 
 
 def _position(im, i, n, insert=False):
@@ -318,7 +333,8 @@ def _seq_at(im):
     s = _seq(im, 0)
     p = _position(im, 1, len(s))
     if p is not None:
-        return s[p]
+        return _elements(im, [s[p]])[0]
+    s = _elements(im, s)
     if len({x.type for x in s}) != 1:
         raise FrontendError(f"{im.where}: SequenceAt at a run-time position over elements of different "
                             f"types {sorted({str(x.type) for x in s})}")
@@ -342,6 +358,12 @@ def _split_to_seq(im):
     x = im.t(0)
     axis = im.axis(im.attr("axis", 0), x.type.rank)
     d = x.type.shape[axis]
+    if im.has(1) and not isinstance(im.env[im.node.input[1]], torch.Tensor):
+        sizes = im.t(1)
+        if sizes.type.rank != 1 or not isinstance(sizes.type.shape[0], int):
+            raise FrontendError(f"{im.where}: run-time split sizes need a static count, got {sizes.type}")
+        return Seq(RuntimeSized(f"split by the run-time sizes '{im.node.input[1]}'")
+                   for _ in range(sizes.type.shape[0]))
     if im.has(1):
         split = im.ints(1, "SplitToSequence's split")
         if len(split) == 1 and im.c(1, "split").dim() == 0:
@@ -361,7 +383,7 @@ def _split_to_seq(im):
 
 @handles("ConcatFromSequence")
 def _concat_from_seq(im):
-    s = list(_seq(im, 0))
+    s = _elements(im, _seq(im, 0))
     if not s:
         raise FrontendError(f"{im.where}: ConcatFromSequence of an empty sequence")
     r = s[0].type.rank
