@@ -117,3 +117,23 @@ def test_one_element_constant_keeps_type_promotion():
     out = cm(x)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, PromotesThroughOneElement()(x))
+
+
+class Selects(torch.nn.Module):
+    def forward(self, x):
+        picked = torch.masked_select(x, x > 0)        # as many elements as x has positives
+        return picked * 2, torch.nonzero(x).float().sum(0)
+
+
+def test_value_dependent_sizes_are_symbols_bound_at_run_time():
+    x = torch.randn(4, 5)
+    cm = presso.compile(Selects(), example_inputs=(x,))
+    sel = next(n for n in cm.graph.nodes if n.op == "aten.masked_select")
+    (size,) = sel.output.type.shape
+    assert isinstance(size, str)                       # a symbol, not the example's count
+    reparsed = presso.parse(str(cm.graph), weights={k: p.data for k, p in cm.graph.params.items()})
+    assert str(reparsed) == str(cm.graph)
+    for trial in (x, torch.randn(4, 5), torch.full((4, 5), -1.0)):
+        got, want = cm(trial), Selects()(trial)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])

@@ -14,7 +14,7 @@ import torch.fx as fx
 from ..errors import FrontendError
 from ..ir import aten_ops
 from ..ir.registry import get_op
-from ..ir.types import DType
+from ..ir.types import DType, TensorType
 
 
 def importable(target) -> bool:
@@ -46,7 +46,11 @@ def import_node(im, n: fx.Node, as_dim: Callable):
         if k not in bound:
             continue
         attrs[k] = _attr_value(bound[k], spec.kind, as_dim, n)
-    outs = im.g.add_node(name, ins, attrs).outputs
+    declared = None
+    if opdef.dynamic_shape:  # value-dependent sizes: torch's own symbols (u0, ...) name them
+        vals = n.meta["val"] if isinstance(n.meta["val"], (list, tuple)) else [n.meta["val"]]
+        declared = [TensorType(tuple(as_dim(d) for d in v.shape), DType.from_torch(v.dtype)) for v in vals]
+    outs = im.g.add_node(name, ins, attrs, out_types=declared).outputs
     returns = overload._schema.returns
     if len(returns) == 1 and str(returns[0].type) == "Tensor":
         return outs[0]

@@ -19,7 +19,7 @@ from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import SYMBOL_RE, DType, TensorType, dims_product
 from ..ir import aten_ops
-from . import aten_generic
+from . import aten_generic, hf
 from .common import GraphBuilder, registrar, check_type, clean_name
 
 aten = torch.ops.aten
@@ -176,8 +176,10 @@ class _Importer:
         if handler is None and hasattr(target, "overloadpacket"):
             handler = ATEN.get(target.overloadpacket)
         if handler is None and not aten_generic.importable(target):
-            raise UnsupportedOpError(str(target), n.name, self.location(n), supported_torch_ops(),
-                                     "not a core ATen op, and torch has no decomposition of it to core ATen")
+            e = UnsupportedOpError(str(target), n.name, self.location(n), supported_torch_ops(),
+                                   "not a core ATen op, and torch has no decomposition of it to core ATen")
+            e.target = target
+            raise e
         try:
             try:
                 if handler is None:
@@ -188,7 +190,10 @@ class _Importer:
                 if not aten_generic.importable(target):
                     raise
                 out = aten_generic.import_node(self, n, _dim)
-        except (UnsupportedOpError, FrontendError):
+        except UnsupportedOpError as e:
+            e.target = target   # what the import loops decompose before retrying
+            raise
+        except FrontendError:
             raise
         except IRError as e:
             raise FrontendError(f"node {n.name} ({target}) at {self.location(n)}: {e}") from None
@@ -530,26 +535,32 @@ def _adaptive_avg(im, x, size):
 def _export(module, example_inputs, dynamic_shapes):
     """torch.export; when its guard solver cannot prove a guard over a dynamic dim's whole range
     (torch 2.11 fails ``min(16*s, 32*s) == 16*s`` on Llama), retry with the guards as deferred
-    runtime asserts -- which the importer drops, having typed every dim symbolically."""
+    runtime asserts -- which the importer drops, having typed every dim symbolically. A dict of
+    example inputs is passed as keyword arguments."""
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (example_inputs, None)
     try:
-        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001
         if dynamic_shapes is None or "Constraints violated" not in str(e):
             raise
-        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False,
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], method: str = "auto",
                dynamic_shapes=None, name: Optional[str] = None) -> Graph:
-    """Import ``module`` called on ``example_inputs``. ``method``: "auto" (export, then fx),
-    "export" or "fx". The graph's ``meta["frontend"]`` says which tracer was used."""
+    """Import ``module`` called on ``example_inputs`` (a tuple of positional inputs, or a dict of
+    keyword inputs: HF models take ``input_ids=, attention_mask=, token_type_ids=``, and their
+    positional order differs per model). ``method``: "auto" (export, then fx), "export" or "fx".
+    The graph's ``meta["frontend"]`` says which tracer was used; ``meta["output_spec"]`` keeps the
+    structure of the model's outputs (a ``ModelOutput``, dict, nested tuples) for the runtime."""
     if method not in ("auto", "export", "fx"):
         raise ValueError(f"method must be one of 'auto', 'export', 'fx', got {method!r}")
     if not isinstance(module, torch.nn.Module):
         raise FrontendError(f"from_torch needs an nn.Module, got {type(module).__name__}")
-    example_inputs = tuple(example_inputs)
+    example_inputs = dict(example_inputs) if isinstance(example_inputs, dict) else tuple(example_inputs)
     name = name or type(module).__name__
+    hf.prepare(module)
     was_training = module.training
     module.eval()
     _SYMBOL_NAMES.clear()
@@ -561,13 +572,16 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
                     warnings.simplefilter("ignore")
                     ep = _export(module, example_inputs, dynamic_shapes)
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
-                errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+                errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}{hf.export_hint(module, str(e))}")
             else:
                 _name_symbols(ep, dynamic_shapes, example_inputs)
                 g = _import_exported(ep, name)
                 g.meta["frontend"] = "torch.export"
+                _record_call_structure(g, ep, example_inputs)
                 return g
-        if method in ("auto", "fx"):
+        if method in ("auto", "fx") and isinstance(example_inputs, dict):
+            errors.append("torch.fx: keyword example inputs are traced by torch.export only")
+        elif method in ("auto", "fx"):
             try:
                 g = _import_fx(module, example_inputs, name)
             except (UnsupportedOpError,):
@@ -593,6 +607,11 @@ def _name_symbols(ep, dynamic_shapes, example_inputs) -> None:
         return
     specs = dynamic_shapes if isinstance(dynamic_shapes, (list, tuple)) else list(dynamic_shapes.values())
     users = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(example_inputs):]
+    if isinstance(example_inputs, dict):    # keyword inputs: placeholders are named after the keywords
+        by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        keys = list(dynamic_shapes) if isinstance(dynamic_shapes, dict) else list(example_inputs)
+        pairs = [(by_name[k], s) for k, s in zip(keys, specs) if k in by_name]
+        users, specs = [u for u, _ in pairs], [s for _, s in pairs]
     for node, spec in zip(users, specs):
         if not isinstance(spec, dict):
             continue
@@ -601,6 +620,17 @@ def _name_symbols(ep, dynamic_shapes, example_inputs) -> None:
             name = getattr(dim, "__name__", None)
             if isinstance(size, torch.SymInt) and name and str(size).isidentifier():
                 _SYMBOL_NAMES[str(size)] = clean_name(name)
+
+
+def _record_call_structure(g: Graph, ep, example_inputs) -> None:
+    """``meta["output_spec"]``: the model's output pytree (see ``presso.frontend.hf``);
+    ``meta["input_names"]``: the keywords of keyword example inputs, in graph input order (a
+    compiled model is then called with the same keywords)."""
+    spec = hf.output_spec(ep)
+    if spec is not None:
+        g.meta["output_spec"] = spec
+    if isinstance(example_inputs, dict):
+        g.meta["input_names"] = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
 
 
 def _first_line(e: Exception) -> str:
@@ -616,21 +646,13 @@ def _import_exported(ep, name: str) -> Graph:
         try:
             return _import_exported_once(ep, name)
         except UnsupportedOpError as e:
-            target = _decomposable(ep, e.node, decomposed)
-            if target is None:
+            target = getattr(e, "target", None)
+            if target is None or target in decomposed or not aten_generic.decomposable(target):
                 raise
             decomposed.add(target)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ep = ep.run_decompositions(aten_ops.decomposition_table(decomposed))
-
-
-def _decomposable(ep, node_name: str, done: set):
-    node = next((n for n in ep.graph.nodes if n.name == node_name), None)
-    target = getattr(node, "target", None)
-    if target is None or target in done or not aten_generic.decomposable(target):
-        return None
-    return target
 
 
 def _import_exported_once(ep, name: str) -> Graph:
@@ -684,6 +706,21 @@ def _record_input_mutations(g: Graph, sig) -> None:
 
 
 def _import_fx(module, example_inputs, name: str) -> Graph:
+    """Trace with torch.fx + make_fx; like the export path, an op that is neither handled nor
+    admitted is decomposed with torch's table and the trace retried."""
+    table: dict = {}
+    while True:
+        try:
+            return _import_fx_once(module, example_inputs, name, table)
+        except UnsupportedOpError as e:
+            target = getattr(e, "target", None)
+            if target is None or target in table or not isinstance(target, torch._ops.OpOverload) \
+                    or target._schema.is_mutable or not aten_ops.decomposition_table([target]):
+                raise
+            table.update(aten_ops.decomposition_table([target]))
+
+
+def _import_fx_once(module, example_inputs, name: str, table: dict) -> Graph:
     from torch.fx.experimental.proxy_tensor import make_fx
     traced = fx.symbolic_trace(module)   # fails on data-dependent control flow
     names = [n for n, _ in traced.named_parameters()] + [n for n, _ in traced.named_buffers()]
@@ -692,7 +729,7 @@ def _import_fx(module, example_inputs, name: str) -> Graph:
     def fn(flat, *args):
         return torch.func.functional_call(traced, dict(zip(names, flat)), args)
 
-    gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(tensors, *example_inputs)
+    gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True, decomposition_table=table)(tensors, *example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     imp = _Importer(name)
     consts = {p.name: imp.g.add_param(clean_name(nm), t.detach().contiguous())

@@ -18,17 +18,21 @@ these generic ops carry everything else a model may contain.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Optional
 
 import torch
 
-from .registry import REQUIRED, Attr, OpDef
-from .types import DType
+from .registry import _PRIMES, REQUIRED, Attr, OpDef, _unprime
+from .types import DType, TensorType
 
 PREFIX = "aten."
 _DROPPED = ("Optional[Device]", "Device", "Optional[Layout]", "Layout", "Optional[MemoryFormat]",
             "MemoryFormat", "Optional[Generator]", "Generator")
 _DROPPED_NAMES = ("pin_memory",)
+_SCALAR_TYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
+                 5: torch.float16, 6: torch.float32, 7: torch.float64, 9: torch.complex64,
+                 10: torch.complex128, 11: torch.bool, 15: torch.bfloat16}
 _ATTR_KIND = {"int": "dim", "SymInt": "dim", "List[int]": "shape", "List[SymInt]": "shape",
               "float": "float", "List[float]": "floats", "bool": "bool", "List[bool]": "bools",
               "number": "scalar", "str": "str", "ScalarType": "dtype"}
@@ -129,6 +133,8 @@ def _attr_of(arg) -> Attr:
     optional = t.startswith("Optional[")
     kind = _ATTR_KIND[t[9:-1] if optional else t]
     default = arg.default_value if arg.has_default_value() else REQUIRED
+    if kind == "dtype" and isinstance(default, int) and not isinstance(default, bool):
+        default = _SCALAR_TYPES[default]   # schemas give a default ScalarType as its enum number
     if kind == "dtype" and isinstance(default, torch.dtype):
         default = DType.from_torch(default).value
     if isinstance(default, tuple):
@@ -156,7 +162,43 @@ def opdef_for(name: str) -> Optional[OpDef]:
     doc = f"ATen ``{schema}`` (core ATen; reference: the ATen op itself)."
     # a seeded-random op is never folded or merged: each run draws new numbers, as in eager torch
     category = "random" if torch.Tag.nondeterministic_seeded in overload.tags else "aten"
-    return OpDef(name, tuple(operands), attrs, ref, category, doc)
+    op = OpDef(name, tuple(operands), attrs, ref, category, doc)
+    if torch.Tag.dynamic_output_shape in overload.tags:
+        op.dynamic_shape = True
+        op.infer = lambda types, attrs: _fake_infer(op, types, attrs)
+    return op
+
+
+DYNAMIC_PREFIX = "dyn"
+_fresh = itertools.count()
+
+
+def _fake_infer(op: OpDef, types, attrs) -> list[TensorType]:
+    """Types of an op whose result sizes depend on operand values: torch's fake tensors give each
+    such size an unbacked symbol, which becomes a fresh IR symbol (``dyn<k>``). The verifier lets a
+    node declare any symbol there; the runtime binds it from the result it computes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    syms = sorted({s for t in types if t is not None for s in t.symbols})
+    bind = dict(zip(syms, _PRIMES))
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        fakes = [None if t is None else torch.empty(t.storage_shape(bind), dtype=t.dtype.torch) for t in types]
+        outs = op.run(fakes, attrs, bind)
+    inv = {p: s for s, p in bind.items()}
+    names: dict[str, str] = {}
+    result = []
+    for o in outs:
+        dims = []
+        for d in o.shape:
+            if isinstance(d, torch.SymInt) and not d.node.expr.is_number:
+                key = str(d)
+                if key not in names:
+                    names[key] = f"{DYNAMIC_PREFIX}{next(_fresh)}"
+                dims.append(names[key])
+            else:
+                dims.append(_unprime(int(d), inv, op.name))
+        result.append(TensorType(tuple(dims), DType.from_torch(o.dtype)))
+    return result
 
 
 def _reference(overload, tensor_names: list[str], attrs: dict[str, Attr]):

@@ -70,6 +70,7 @@ class OpDef:
     infer: Optional[Callable] = None     # (input types, attrs) -> list[TensorType]
     verify: Optional[Callable] = None    # (input types, attrs) -> None or raise IRError
     flops: Optional[Callable] = None     # (input types, output types, attrs, bindings) -> int
+    dynamic_shape: bool = False          # result sizes depend on operand values (nonzero, unique)
 
     # ---- schema -------------------------------------------------------------------------
     @property

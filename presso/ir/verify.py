@@ -51,7 +51,7 @@ def verify(g: Graph, check_data: bool = True) -> None:
         if len(inferred) != len(n.outputs):
             raise VerificationError(f"{where}: op yields {len(inferred)} results, node declares {len(n.outputs)}")
         for v, t in zip(n.outputs, inferred):
-            if v.type != t:
+            if v.type != t and not (opdef.dynamic_shape and _dynamic_match(v.type, t)):
                 raise VerificationError(f"{where}: result %{v.name} is declared {v.type} but op '{n.op}' "
                                         f"infers {t} from its operands")
             if v.node is not n:
@@ -63,3 +63,12 @@ def verify(g: Graph, check_data: bool = True) -> None:
     for v in g.outputs:
         if id(v) not in defined:
             raise VerificationError(f"graph output %{v.name} is not defined in this graph")
+
+
+def _dynamic_match(declared, inferred) -> bool:
+    """A value-dependent size (``dyn<k>`` from inference) may be declared as any symbol."""
+    from .aten_ops import DYNAMIC_PREFIX
+    if declared.dtype != inferred.dtype or declared.rank != inferred.rank:
+        return False
+    return all(a == b or (isinstance(b, str) and b.startswith(DYNAMIC_PREFIX) and isinstance(a, str))
+               for a, b in zip(declared.shape, inferred.shape))

@@ -40,6 +40,14 @@ def bind_inputs(g: Graph, args: Sequence[torch.Tensor]) -> dict[str, int]:
     return bindings
 
 
+def bind_results(values, tensors, bindings: dict) -> None:
+    """Sizes that depend on data (nonzero, unique): the symbols a node declares, bound as it runs."""
+    for v, t in zip(values, tensors):
+        for d, n in zip(v.type.shape, t.shape):
+            if isinstance(d, str) and len(symbols_of(d)) == 1 and d not in bindings:
+                bindings[d] = n
+
+
 class ReferenceRuntime:
     """Runs a graph node by node, freeing intermediates after their last use."""
 
@@ -73,6 +81,8 @@ class ReferenceRuntime:
             for i, (n, opdef) in enumerate(zip(g.nodes, self._opdefs)):
                 ins = [None if v is None else env[v] for v in n.inputs]
                 outs = opdef.run(ins, n.attrs, bindings)
+                if opdef.dynamic_shape:
+                    bind_results(n.outputs, outs, bindings)
                 if observer is not None:
                     observer(n, ins, outs)
                 for v, t in zip(n.outputs, outs):
