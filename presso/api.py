@@ -40,12 +40,20 @@ class CompiledModel:
                 from .runtime.tvm_vm import TVMRuntime
                 self._runtime = TVMRuntime(graph, self._build.executable, self._build.params)
 
-    def __call__(self, *inputs: torch.Tensor):
+    def __call__(self, *inputs: torch.Tensor, **kw_inputs: torch.Tensor):
+        """Run on the model's inputs: positional, or by keyword for a model compiled with keyword
+        example inputs. Outputs come back in the model's own structure (a ``ModelOutput``, dict or
+        nested tuples; a single tensor or a tuple for a plain model). An HF ``DynamicCache`` output
+        comes back as a ``DynamicCache`` holding the keys and values of the inputs just run (HF's
+        pytree rebuilds it); the compiled model does not take a cache back as input: for
+        step-by-step decoding compile with ``generation=True`` and call ``generate``."""
         if self._runtime is None:
             raise TargetUnavailableError(f"a model compiled for target {self.target!r} cannot run on this machine; "
                                          "save() it and load it on a 64-bit Arm Linux machine")
+        inputs = positional_inputs(self.graph, inputs, kw_inputs)
         outs = apply_input_mutations(self.graph.meta, inputs, self._runtime.run(*inputs))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        from .frontend.hf import restore_outputs
+        return restore_outputs(self.graph.meta, list(outs))
 
     def _export_code(self, code_dir) -> list[str]:
         """Compiled code for the artifact: the TVM shared library (``code/model.so``), or for
@@ -129,6 +137,26 @@ class CompiledModel:
                 f"params={t['params']}, bytes={t['bytes']})")
 
 
+def positional_inputs(graph: Graph, args: Sequence, kwargs: dict) -> tuple:
+    """``args`` then ``kwargs`` in graph input order; keywords name graph inputs (the keywords a
+    model was compiled with, ``meta["input_names"]``, or the graph's input names)."""
+    if not kwargs:
+        return tuple(args)
+    from .errors import InputError
+    names = list(graph.meta.get("input_names") or [v.name for v in graph.inputs])
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise InputError(f"unknown keyword input(s) {', '.join(unknown)}; @{graph.name} takes {', '.join(names)}")
+    taken = names[:len(args)]
+    twice = [k for k in kwargs if k in taken]
+    if twice:
+        raise InputError(f"input(s) {', '.join(twice)} given both by position and by keyword")
+    missing = [k for k in names[len(args):] if k not in kwargs]
+    if missing:
+        raise InputError(f"missing input(s) {', '.join(missing)}; @{graph.name} takes {', '.join(names)}")
+    return tuple(args) + tuple(kwargs[k] for k in names[len(args):])
+
+
 def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
     """An nn.Module (needs example inputs), an onnx.ModelProto, a path to a .onnx file, or a Graph."""
     if isinstance(model, Graph):
@@ -154,7 +182,12 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     ``calibration`` is an iterable of input tuples (what compression passes measure on);
     ``dynamic_shapes`` (torch.export's) makes dims symbolic, e.g. ``({0: Dim("batch")},)``.
     ``generation=True`` (causal LMs taking ``input_ids``) makes batch and sequence symbolic so
-    that ``CompiledModel.generate`` can run prefill and decode steps over a ``max_len`` KV cache."""
+    that ``CompiledModel.generate`` can run prefill and decode steps over a ``max_len`` KV cache.
+    ``example_inputs`` may be a dict of keyword inputs (``{"input_ids": ..., "attention_mask": ...}``,
+    the natural form for Hugging Face models); the compiled model then takes the same keywords.
+    A Hugging Face causal LM is compiled as it is; with ``generation=True`` presso traces it as
+    ``input_ids -> logits`` with causal SDPA (``presso.frontend.hf``), so that ``generate`` gives the
+    tokens of HF's ``generate(do_sample=False)``."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(example_inputs, torch.Tensor):
@@ -167,10 +200,19 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
         cuda_device()                 # no GPU (and no interpreter): say so before any work
         names = {s.name for s in specs}       # horizontal, then elementwise fusion, unless the recipe placed them
         specs = specs + resolve([p for p in ("concat_linears", "fuse") if p not in names])
-    if generation and dynamic_shapes is None and isinstance(model, torch.nn.Module):
-        from torch.export import Dim
-        dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)
+    if generation and isinstance(model, torch.nn.Module):
+        from .frontend.hf import for_generation, is_causal_lm
+        if is_causal_lm(model):
+            if isinstance(example_inputs, dict):
+                example_inputs = (example_inputs["input_ids"],) if "input_ids" in example_inputs else example_inputs
+            model = for_generation(model, max_len)
+        if dynamic_shapes is None:
+            from torch.export import Dim
+            dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)
     graph = import_model(model, example_inputs, dynamic_shapes)
+    if isinstance(example_inputs, dict):
+        example_inputs = positional_inputs(graph, (), {k: v for k, v in example_inputs.items()
+                                                       if isinstance(v, torch.Tensor)})
     if generation:
         graph.meta["max_len"] = max_len
     from .passes.calibrate import normalize_samples

@@ -650,9 +650,20 @@ def _import_exported(ep, name: str) -> Graph:
             if target is None or target in decomposed or not aten_generic.decomposable(target):
                 raise
             decomposed.add(target)
+            _alias_nested_constants(ep)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ep = ep.run_decompositions(aten_ops.decomposition_table(decomposed))
+
+
+def _alias_nested_constants(ep) -> None:
+    """Also file constants lifted inside submodules (``layers.0.self_attn.lifted_tensor_0``: HF's
+    cache updates) under their last name: ``run_decompositions`` retraces them under that name and
+    its verifier refuses the program otherwise."""
+    for key, value in list(ep.constants.items()):
+        short = key.rsplit(".", 1)[-1]
+        if short != key and short not in ep.constants:
+            ep._constants[short] = value
 
 
 def _import_exported_once(ep, name: str) -> Graph:
