@@ -163,8 +163,8 @@ class Lowering:
     def _lower_node(self, n: Node):
         fn = LOWER.get(n.op)
         if fn is None:
-            raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering; lowered ops: "
-                               f"{', '.join(sorted(LOWER))}")
+            raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering (the {len(LOWER)} lowered ops: "
+                               "presso.codegen.tvm.lower.LOWER, listed in docs/architecture.md)")
         skip = WEIGHT_INPUT[n.op] if n in self.fused else -1   # read from packed params instead
         ins = [None if v is None or i == skip else self.env[v] for i, v in enumerate(n.inputs)]
         try:
@@ -688,3 +688,6 @@ def lower(graph: Graph, target_spec: dict | None = None) -> Lowered:
     """Lower a whole graph to a Relax module whose ``main`` takes (inputs..., params...);
     ``target_spec`` (the TVM target as a dict) enables CPU-specific kernels (int8_avx2.py)."""
     return Lowering(graph, target_spec).build()
+
+
+from . import aten as _aten  # noqa: E402,F401 - registers the aten.* lowerings in LOWER
