@@ -59,3 +59,23 @@ class CodegenError(PressoError):
 
 class TargetUnavailableError(PressoError):
     """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""
+
+
+class ArtifactError(PressoError):
+    """A saved artifact is missing, damaged, of another format version or for a target this machine
+    cannot run, or a save cannot be done without risking other data."""
+
+
+class ArtifactAuthError(ArtifactError):
+    """A keyed artifact does not authenticate: it was loaded without its key or with another key,
+    or its manifest was changed after it was signed; or a key was given for an unsigned artifact."""
+
+
+class ArtifactPathError(ArtifactError):
+    """A manifest names a file that is not a regular file inside the artifact folder (``..``, an
+    absolute path, a symlink). The message never says whether the named outside file exists."""
+
+
+class UntrustedCodeError(ArtifactError):
+    """An artifact holds native code (``code/model.so``) but is not authenticated by a key and the
+    caller did not pass ``trust_code=True``; loading the library would run code from the file."""
