@@ -126,10 +126,14 @@ class CompiledModel:
         self.kv_cache_bytes_per_token = gen.last_cache_bytes_per_token
         return out
 
-    def save(self, path, overwrite: bool = False):
-        """Write an ahead-of-time artifact (see ``presso.runtime.artifact``); returns its path."""
+    def save(self, path, overwrite: bool = False, key=None):
+        """Write an ahead-of-time artifact (see ``presso.runtime.artifact``); returns its path.
+        ``key`` (bytes or str; default ``$PRESSO_ARTIFACT_KEY``) signs it with HMAC-SHA256, so
+        that ``load(path, key=...)`` can tell it was not changed; without a key the artifact's
+        hashes detect corruption only. ``overwrite=True`` replaces an existing presso artifact
+        (never another file or folder); a crash leaves the old or the new artifact at ``path``."""
         from .runtime.artifact import save_artifact
-        return save_artifact(self, path, overwrite=overwrite)
+        return save_artifact(self, path, overwrite=overwrite, key=key)
 
     def __repr__(self):
         t = self.report()["totals"]
@@ -221,7 +225,12 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     return CompiledModel(graph, target, records, example_inputs, device)
 
 
-def load(path, device: str = "cpu") -> CompiledModel:
-    """Load an artifact written by ``CompiledModel.save``; checks hashes and version first."""
+def load(path, device: str = "cpu", key=None, trust_code: bool = False) -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save``; every check runs before anything is
+    parsed or run. With ``key`` (default ``$PRESSO_ARTIFACT_KEY``) the artifact must be signed
+    with it and unchanged since (``ArtifactAuthError`` otherwise). Without a key a signed artifact
+    is refused and an unsigned one is checked for corruption only, not authenticity; its native
+    code (``llvm``/``aarch64`` ``code/model.so``, run as soon as it is opened) is then refused
+    with ``UntrustedCodeError`` unless ``trust_code=True``."""
     from .runtime.artifact import load_artifact
-    return load_artifact(path, device=device)
+    return load_artifact(path, device=device, key=key, trust_code=trust_code)

@@ -91,7 +91,7 @@ def test_save_is_atomic_and_does_not_clobber(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(art, "_jsonable", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ArtifactError, match="cannot save .*crash.presso: disk full"):
         cm.save(tmp_path / "crash.presso")
     assert not (tmp_path / "crash.presso").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["mlp.presso"]  # no temporary left behind

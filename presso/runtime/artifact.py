@@ -4,36 +4,61 @@ An artifact is a directory:
 
     manifest.json        format and presso versions, target, input/output signature, graph hash,
                          SHA-256 of every other file, graph metadata (compression records)
+    signature.json       with a key only: an HMAC-SHA256 of manifest.json's bytes (``artifact_mac``)
     graph.pir            the IR in its text form
     weights.safetensors  every parameter's storage as is (packed int4 stays packed); no pickle
     code/                compiled code for targets that have it (none for "reference")
 
-``save`` writes into a temporary sibling directory and renames it into place, so a crash never
-leaves a half-written artifact. ``load`` checks the manifest, the format version, every file's
-hash and the graph hash before anything is parsed or run, and refuses a target this machine
-cannot run — each with a typed ``ArtifactError``.
+What ``load`` guarantees:
+
+- Unkeyed (no ``key=``, no ``$PRESSO_ARTIFACT_KEY``): corruption detection only. The SHA-256s
+  catch truncated or damaged files, but anyone who can write the folder can change weights, graph
+  or manifest and recompute them; such an artifact is not authenticated, and its native code
+  (``code/model.so`` of ``llvm``/``aarch64``) is refused unless ``trust_code=True``.
+- Keyed: authenticity. The MAC covers the manifest and through its hashes every file, so any
+  edit, a missing or wrong key, or a stripped signature is refused with ``ArtifactAuthError``;
+  native code of an artifact that authenticates is loaded.
+- Always: every file the manifest names must be a regular file inside the folder (no ``..``, no
+  absolute path, no symlink; ``ArtifactPathError``), and every check runs before anything is
+  parsed, loaded or run.
+
+``save`` writes a temporary sibling folder and renames it into place under a per-artifact lock
+(``artifact_fs``): a process killed at any point leaves the old artifact or the new one at the
+path (a half-done swap is undone by the next save or load), two savers cannot both create the
+same path, and ``overwrite=True`` replaces only a presso artifact, never another file or folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import PressoError
+from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, PressoError, UntrustedCodeError
+from . import artifact_fs as fs
+from .artifact_mac import ENV_KEY, SIGNATURE, resolve_key, signature_bytes, verify
+
+__all__ = ["ArtifactError", "ArtifactAuthError", "ArtifactPathError", "UntrustedCodeError", "save_artifact",
+           "load_artifact", "read_manifest", "ENV_KEY"]
 
 FORMAT = "presso-artifact"
 FORMAT_VERSION = 1
 # node annotations an artifact keeps: the kv_cache pass's cache points (what the decode program
 # caches: the latent, not full keys and values), on a linear or on the split of stacked linears
 PERSISTED_NODE_NOTES = ("kv_cache_point", "kv_cache_points")
+NATIVE_CODE = "code/model.so"
+
+# Fault injection for tests: called with the name of each step of ``save`` (``written``,
+# ``before_publish``, ``after_first_rename``, ``after_second_rename``).
+_fault_hook = None
 
 
-class ArtifactError(PressoError):
-    """A saved artifact is missing, tampered with, truncated, of another format version, or for a
-    target this machine cannot run."""
+def _step(name: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(name)
 
 
 def sha256_file(path: Path) -> str:
@@ -44,17 +69,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model, path, overwrite: bool = False) -> Path:
+def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
+    """Write ``model`` as an artifact at ``path``; see the module docstring for what is guaranteed.
+    ``key`` (bytes or str; default ``$PRESSO_ARTIFACT_KEY``) signs it."""
     from safetensors.torch import save_file
     from .. import __version__
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ArtifactError(f"{path} exists; pass overwrite=True to replace it")
+    key = resolve_key(key)
+    path = Path(os.path.abspath(path))
     g = model.graph
     text = str(g)
-    parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    _check_readable(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fs.locked(path):       # fail before writing anything when the save cannot succeed
+            fs.recover(path)
+            _check_target(path, overwrite)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot save {path}: {e.strerror or e} ({e.filename or path.parent})") from None
+    old = None
     try:
         (tmp / "graph.pir").write_text(text)
         weights = {name: p.data.contiguous() for name, p in g.params.items()}
@@ -74,18 +107,53 @@ def save_artifact(model, path, overwrite: bool = False) -> Path:
         build = getattr(model, "_build", None)
         if build is not None:
             manifest["requires"] = build.requires    # the CPU features the compiled code uses
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        if key is not None:
+            (tmp / SIGNATURE).write_bytes(signature_bytes(key, body))
+        (tmp / fs.MANIFEST).write_bytes(body)      # last: a folder with a manifest is complete
+        fs.fsync_tree(tmp)
+        _step("written")
+        with fs.locked(path):
+            fs.recover(path)
+            _check_target(path, overwrite)
+            if os.path.lexists(path):
+                old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+                os.rename(path, old)
+                _step("after_first_rename")
+                os.rename(tmp, path)
+                fs.fsync_dir(path.parent)
+                _step("after_second_rename")
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                _step("before_publish")
+                os.rename(tmp, path)
+                fs.fsync_dir(path.parent)
+    except BaseException as e:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(path):
+            os.rename(old, path)    # the swap failed half-way: the old artifact goes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ArtifactError(f"cannot save {path}: {e.strerror or e} ({e.filename or path.parent})") from None
         raise
     return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ArtifactError(f"{path} exists; pass overwrite=True (--force) to replace it")
+    fs.check_replaceable(path)
+
+
+def _check_readable(text: str) -> None:
+    """An artifact whose graph text ``load`` could not parse would be lost: refuse it at save time."""
+    from ..ir.text import parse
+    try:
+        parse(text, verify=False)
+    except IRParseError as e:
+        raise ArtifactError(f"the graph's text form cannot be read back, so its artifact could never be loaded "
+                            f"(nothing was saved): {e}") from None
 
 
 def _node_notes(g) -> dict:
@@ -99,15 +167,24 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: None))
 
 
-def read_manifest(path) -> dict:
-    path = Path(path)
+def read_manifest(path, key=None) -> dict:
+    """The manifest of the artifact at ``path``, after every check that needs no parsing: the
+    signature (with a key, or when signed), the format version, every file's confinement and
+    SHA-256. Raises a typed ``ArtifactError`` naming what failed."""
+    return _read_manifest(Path(path), resolve_key(key))[0]
+
+
+def _read_manifest(path: Path, key) -> tuple[dict, bool]:
+    """-> (manifest, authenticated)."""
     if not path.is_dir():
         raise ArtifactError(f"{path} is not a presso artifact (expected a directory with manifest.json)")
-    mf = path / "manifest.json"
-    if not mf.exists():
+    if not os.path.lexists(path / fs.MANIFEST):
         raise ArtifactError(f"{path}: manifest.json is missing: not a presso artifact, or a truncated one")
+    body = fs.read_member(path, fs.MANIFEST)
+    signature = fs.read_member(path, SIGNATURE) if os.path.lexists(path / SIGNATURE) else None
+    authenticated = verify(path, body, signature, key)
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: manifest.json is corrupt ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -118,27 +195,52 @@ def read_manifest(path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or "graph.pir" not in files or "weights.safetensors" not in files:
         raise ArtifactError(f"{path}: manifest.json lists no graph or weights")
+    for name in files:
+        fs.member(path, name)       # every name confined before any file is read
     for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            raise ArtifactError(f"{path}: {name} is missing (truncated artifact?)")
-        if sha256_file(f) != digest:
+        if fs.sha256_member(path, name) != digest:
             raise ArtifactError(f"{path}: {name} does not match its SHA-256 in the manifest (tampered or truncated)")
-    return manifest
+    return manifest, authenticated
 
 
-def load_artifact(path, device: str = "cpu"):
+def _recover_leftovers(path: Path) -> None:
+    """A load that finds what a killed save left behind finishes the recovery (best effort: a
+    read-only folder is left as it is)."""
+    if not fs.leftovers(path):
+        return
+    try:
+        with fs.locked(path):
+            fs.recover(path)
+    except OSError:
+        pass
+
+
+def load_artifact(path, device: str = "cpu", key=None, trust_code: bool = False):
+    """Check and load the artifact at ``path`` (see the module docstring). ``key`` (default
+    ``$PRESSO_ARTIFACT_KEY``) must authenticate it when given; ``trust_code=True`` allows the
+    native library of an artifact that no key authenticates."""
     from safetensors.torch import load_file
     from ..api import CompiledModel, TARGETS
     from ..ir.text import parse
+    key = resolve_key(key)
     path = Path(path)
-    manifest = read_manifest(path)
+    _recover_leftovers(path)
+    manifest, authenticated = _read_manifest(path, key)
     text = (path / "graph.pir").read_text()
     if hashlib.sha256(text.encode()).hexdigest() != manifest.get("graph_hash"):
         raise ArtifactError(f"{path}: the graph does not match the manifest's graph hash")
     target = manifest.get("target")
     if target not in TARGETS:
         raise ArtifactError(f"{path}: target {target!r} cannot run on this machine; available: {', '.join(TARGETS)}")
+    if target == "cuda":
+        from .cuda import cuda_device
+        from ..errors import TargetUnavailableError
+        try:
+            cuda_device()
+        except TargetUnavailableError as e:
+            raise ArtifactError(f"{path}: target 'cuda' cannot run on this machine: {e}") from None
+    if target in ("llvm", "aarch64"):
+        _check_native_code(path, manifest, target, authenticated, trust_code)
     try:
         weights = load_file(str(path / "weights.safetensors"))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -152,25 +254,33 @@ def load_artifact(path, device: str = "cpu"):
             raise ArtifactError(f"{path}: the manifest annotates %{name}, which the graph does not compute")
         v.node.meta.update({k: notes[k] for k in PERSISTED_NODE_NOTES if k in notes})
     code = None
-    if target == "cuda":
-        from .cuda import cuda_device
-        from ..errors import TargetUnavailableError
-        try:
-            cuda_device()
-        except TargetUnavailableError as e:
-            raise ArtifactError(f"{path}: target 'cuda' cannot run on this machine: {e}") from None
     if target in ("llvm", "aarch64"):
-        from ..codegen.tvm import can_run_here, load_library
-        if not can_run_here(target):
-            import platform
-            raise ArtifactError(f"{path}: compiled for {target}; this {platform.machine()} machine cannot run it")
-        if "code/model.so" not in manifest["files"]:
-            raise ArtifactError(f"{path}: a {target} artifact must hold code/model.so")
-        from ..codegen.tvm.build import missing_cpu_features
-        requires = manifest.get("requires") or {}
-        missing = missing_cpu_features(requires)
-        if missing:
-            raise ArtifactError(f"{path}: compiled for a {requires.get('mcpu', '?')} CPU whose code uses "
-                                f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine")
-        code = load_library(g, target, path / "code" / "model.so")
+        from ..codegen.tvm import load_library
+        code = load_library(g, target, path / NATIVE_CODE)
     return CompiledModel(g, target, device=device, code=code)
+
+
+def _check_native_code(path: Path, manifest: dict, target: str, authenticated: bool, trust_code: bool) -> None:
+    """The library runs inside this process as soon as it is opened (its constructors included):
+    it is opened only from an artifact a key authenticates, or when the caller trusts the file."""
+    from ..codegen.tvm import can_run_here
+    if not can_run_here(target):
+        import platform
+        raise ArtifactError(f"{path}: compiled for {target}; this {platform.machine()} machine cannot run it")
+    if NATIVE_CODE not in manifest["files"]:
+        raise ArtifactError(f"{path}: a {target} artifact must hold {NATIVE_CODE}")
+    from ..codegen.tvm.build import missing_cpu_features
+    requires = manifest.get("requires") or {}
+    if not isinstance(requires, dict):
+        raise ArtifactError(f"{path}: the manifest's 'requires' must be an object, got {type(requires).__name__}")
+    missing = missing_cpu_features(requires)
+    if missing:
+        raise ArtifactError(f"{path}: compiled for a {requires.get('mcpu', '?')} CPU whose code uses "
+                            f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine")
+    if not (authenticated or trust_code):
+        raise UntrustedCodeError(
+            f"{path}: refusing to load {NATIVE_CODE}: opening it runs its code, and this artifact is not "
+            f"authenticated (it has no signature, and its SHA-256s only detect corruption). Either load it with "
+            f"the key it was saved with (load(path, key=...) or ${ENV_KEY}; save signed artifacts with "
+            f"save(path, key=...)), or, if you trust whoever could write this folder, pass "
+            f"load(path, trust_code=True) (presso CLI: --trust-code)")
