@@ -353,7 +353,7 @@ def _expand(im, x, *a, **k):
     return im.op("expand", im.t(x), shape=list(im.out_type().shape))
 
 
-@handles(aten.contiguous, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
+@handles(aten.contiguous, aten.clone, aten.alias, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.dropout,
          aten.feature_dropout, aten.alpha_dropout)
 def _identity(im, x, *a, **k):
     return im.t(x)
@@ -529,6 +529,26 @@ def _adaptive_avg(im, x, size):
         raise UnsupportedOpError("adaptive_avg_pool2d to a size other than 1x1", im.node.name, im.location(im.node),
                                  supported_torch_ops())
     return im.op("reduce_mean", im.t(x), axes=[2, 3], keepdim=True)
+
+
+class _Retargeted:
+    """An fx node seen as a call of another overload of the same schema."""
+
+    def __init__(self, n: fx.Node, target):
+        self.target, self.args, self.kwargs, self.meta, self.name = target, n.args, n.kwargs, n.meta, n.name
+
+
+def _alias_of(target):
+    def handler(im, *args, **kwargs):
+        return aten_generic.import_node(im, _Retargeted(im.node, target), _dim)
+    return handler
+
+
+# Python's operators on tensors (``mask_a & mask_b`` in HF's mask code) are ATen ops of their own,
+# neither core nor decomposable; each is the bitwise op of the same schema
+for _dunder, _op in (("__and__", "bitwise_and"), ("__or__", "bitwise_or"), ("__xor__", "bitwise_xor")):
+    for _ov in ("Tensor", "Scalar"):
+        ATEN[getattr(getattr(aten, _dunder), _ov)] = _alias_of(getattr(getattr(aten, _op), _ov))
 
 
 # ---- entry point -------------------------------------------------------------------------
