@@ -24,13 +24,14 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
-def load_any(spec: str, with_torch: bool = False):
-    """-> (CompiledModel or None, graph, example_inputs or None, torch module or None)."""
+def load_any(spec: str, with_torch: bool = False, key=None, trust_code: bool = False):
+    """-> (CompiledModel or None, graph, example_inputs or None, torch module or None). An
+    artifact is loaded with ``key`` and ``trust_code`` (see ``presso.load``)."""
     import presso
     from presso.runtime.artifact import read_manifest
     p = Path(spec)
     if p.is_dir():
-        cm = presso.load(p)
+        cm = presso.load(p, key=key, trust_code=trust_code)
         return cm, cm.graph, None, None
     if spec.endswith(".onnx"):
         if not p.exists():
@@ -84,8 +85,20 @@ def print_report(rep: dict, out=sys.stdout) -> None:
         print("passes: " + ", ".join(f"{p['pass']} {p['seconds'] * 1e3:.1f} ms" for p in rep["passes"]), file=out)
 
 
+def _artifact_opts(a) -> dict:
+    """``--key-file`` (the key's bytes, a trailing newline dropped; default $PRESSO_ARTIFACT_KEY)
+    and ``--trust-code``, for every command that loads an artifact."""
+    key = None
+    if getattr(a, "key_file", None):
+        try:
+            key = Path(a.key_file).read_bytes().rstrip(b"\r\n")
+        except OSError as e:
+            raise CLIError(f"cannot read the key file {a.key_file}: {e.strerror}") from None
+    return {"key": key, "trust_code": bool(getattr(a, "trust_code", False))}
+
+
 def cmd_inspect(a) -> int:
-    cm, g, inputs, _ = load_any(a.model)
+    cm, g, inputs, _ = load_any(a.model, **_artifact_opts(a))
     rep = cm.report()
     if a.json:
         print(json.dumps(rep, indent=1, default=str))
@@ -118,14 +131,15 @@ def cmd_compile(a) -> int:
     import presso
     from presso.passes.manager import resolve
     resolve(a.recipe or [])  # a malformed pipeline fails before anything is imported
-    _, g, inputs, module = load_any(a.model)
+    opts = _artifact_opts(a)
+    _, g, inputs, module = load_any(a.model, **opts)
     calib = _load_calibration(a.calibration) if a.calibration else None
     source = module if module is not None else g
     cm = presso.compile(source, target=a.target, example_inputs=inputs, recipe=a.recipe, calibration=calib,
                         check=a.check, print_ir_after=a.print_ir_after, progress=not a.quiet)
     print_report(cm.report())
     if a.output:
-        path = cm.save(a.output, overwrite=a.force)
+        path = cm.save(a.output, overwrite=a.force, key=opts["key"])
         print(f"saved {path}")
     return 0
 
@@ -137,7 +151,7 @@ def _example(t):
 
 def cmd_show(a) -> int:
     from presso import viz
-    cm, g, inputs, _ = load_any(a.model)
+    cm, g, inputs, _ = load_any(a.model, **_artifact_opts(a))
     rep = cm.report() if cm else None
     suffix = Path(a.output).suffix.lower()
     if suffix == ".html":
@@ -156,8 +170,8 @@ def cmd_show(a) -> int:
 
 
 def cmd_diff(a) -> int:
-    ca, ga, _, _ = load_any(a.a)
-    cb, gb, _, _ = load_any(a.b)
+    ca, ga, _, _ = load_any(a.a, **_artifact_opts(a))
+    cb, gb, _, _ = load_any(a.b, **_artifact_opts(a))
     ra, rb = ca.report(), cb.report()
     la = {l["layer"]: l for l in ra.get("compression", {}).get("layers", [])}
     lb = {l["layer"]: l for l in rb.get("compression", {}).get("layers", [])}
@@ -183,7 +197,7 @@ def cmd_diff(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    cm, g, inputs, _ = load_any(a.artifact)
+    cm, g, inputs, _ = load_any(a.artifact, **_artifact_opts(a))
     if cm is None:
         raise CLIError("bench takes a saved artifact (presso compile ... -o DIR)")
     xs = [_example(v.type) for v in g.inputs]
@@ -206,31 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="presso", description="presso: a compiler for compressed neural networks")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("inspect", help="summary of a model or artifact")
+    art = argparse.ArgumentParser(add_help=False)
+    art.add_argument("--key-file", dest="key_file", help="file holding the artifact key: artifacts loaded must be "
+                     "signed with it, and compile -o signs with it (default: $PRESSO_ARTIFACT_KEY)")
+    art.add_argument("--trust-code", dest="trust_code", action="store_true",
+                     help="load the native code of an artifact no key authenticates (it runs as it is loaded)")
+    s = sub.add_parser("inspect", help="summary of a model or artifact", parents=[art])
     s.add_argument("model")
     s.add_argument("--ir", action="store_true", help="print the IR text")
     s.add_argument("--json", action="store_true", help="machine-readable report")
     s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("compile", help="run a pipeline and save an artifact")
+    s = sub.add_parser("compile", help="run a pipeline and save an artifact", parents=[art])
     s.add_argument("model")
     s.add_argument("--target", default="reference")
     s.add_argument("--recipe", default=None, help='pipeline text, e.g. "quantize{weights=int4,group_size=128}"')
     s.add_argument("--calibration", help="safetensors file with keys '<sample>.<input>'")
     s.add_argument("-o", "--output", help="artifact directory to write")
-    s.add_argument("--force", action="store_true", help="overwrite the output")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing presso artifact at -o (never another file or folder)")
     s.add_argument("--print-ir-after", dest="print_ir_after", default=None)
     s.add_argument("--check", choices=["numeric"], default=None)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_compile)
-    s = sub.add_parser("show", help="draw the graph (.html, .svg or .dot)")
+    s = sub.add_parser("show", help="draw the graph (.html, .svg or .dot)", parents=[art])
     s.add_argument("model")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(fn=cmd_show)
-    s = sub.add_parser("diff", help="compare two graphs or artifacts")
+    s = sub.add_parser("diff", help="compare two graphs or artifacts", parents=[art])
     s.add_argument("a")
     s.add_argument("b")
     s.set_defaults(fn=cmd_diff)
-    s = sub.add_parser("bench", help="latency of a saved artifact")
+    s = sub.add_parser("bench", help="latency of a saved artifact", parents=[art])
     s.add_argument("artifact")
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)

@@ -16,6 +16,14 @@ def clean_name(name: str) -> str:
     return name if re.match(r"^[A-Za-z0-9_]", name) else "v" + name
 
 
+def clean_symbol(name: str) -> str:
+    """A symbolic dim name the IR text reads back as a symbol: an identifier ('_' for other
+    characters) that is not a word the parser reads as a number or a constant (``inf``)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name) or "d"
+    name = name if re.match(r"^[A-Za-z_]", name) else "d" + name
+    return name + "_" if name in ("inf", "nan", "true", "false", "none") else name
+
+
 class GraphBuilder:
     """A Graph plus the conveniences importers need."""
 

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import DType, TensorType, dims_product
-from .common import GraphBuilder, registrar, clean_name
+from .common import GraphBuilder, registrar, clean_name, clean_symbol
 
 OPSETS = range(13, 24)
 ONNX_OPS: dict[str, Callable] = {}
@@ -133,7 +133,7 @@ class _Importer:
             if inp.name in inits:
                 continue
             tt = inp.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else clean_name(d.dim_param or f"{inp.name}_{k}")
+            dims = [d.dim_value if d.HasField("dim_value") else clean_symbol(d.dim_param or f"{inp.name}_{k}")
                     for k, d in enumerate(tt.shape.dim)]
             self.env[inp.name] = self.g.add_input(clean_name(inp.name),
                                                   TensorType(tuple(dims), _dtype(tt.elem_type, f"input {inp.name}")))
