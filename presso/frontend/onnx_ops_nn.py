@@ -96,9 +96,9 @@ def _conv_transpose(im):
             if total < 0:   # a larger output than the kernel covers: extra zero rows at the end
                 out_pad[len(begin)] = op - total
                 total = 0
-            small, big = total // 2, total - total // 2
-            begin.append(big if auto == b"SAME_LOWER" else small)
-            end.append(small if auto == b"SAME_LOWER" else big)
+            small, big = total // 2, total - total // 2   # the ONNX spec: SAME_UPPER puts the odd one last
+            begin.append(small if auto == b"SAME_UPPER" else big)
+            end.append(big if auto == b"SAME_UPPER" else small)
     else:
         pads = list(im.attr("pads", [0] * (2 * n)))
         begin, end = pads[:n], pads[n:]

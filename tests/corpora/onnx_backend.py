@@ -29,10 +29,11 @@ BACKEND_DIRS = ("pytorch-converted", "pytorch-operator", "simple")
 # order (oneDNN vs the exporter's kernels), which moves the last few bits: rtol 1e-4 with an atol
 # of 1e-5 for values near zero allows that and nothing more (a wrong op is off by far more).
 RTOL, ATOL = 1e-4, 1e-5
-# The light zoo's CNNs chain 8-100 convolutions on random weights; float32 rounding differences
-# between onnxruntime's MLAS kernels and torch's oneDNN ones grow with depth, so the comparison
-# is relative to the output's scale.
-LIGHT_RTOL = 1e-3
+# The light zoo's CNNs chain 8-121 convolutions on random weights; float32 rounding differences
+# between onnxruntime's MLAS kernels and torch's oneDNN ones grow with depth, so the error is
+# measured relative to the output's largest magnitude. Measured: at most 5e-6 (DenseNet-121,
+# Inception-v2); 1e-4 leaves a 20x margin and still fails any wrong op.
+LIGHT_RTOL = 1e-4
 
 
 @dataclass
