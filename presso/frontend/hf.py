@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import sys
 import warnings
@@ -148,8 +149,13 @@ class CausalLMForGeneration(torch.nn.Module):
                                 "attn_implementation='sdpa'")
 
     def forward(self, input_ids):
+        kwargs = {}
+        if "position_ids" in inspect.signature(self.model.forward).parameters:
+            # positions as ``arange(seq)``, which the decode program turns into the step's positions
+            # (OPT would otherwise count them with a cumsum over an all-ones mask, which it cannot)
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         with _causal_sdpa(self.max_len, type(self.model).__name__):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
 
 
 @contextlib.contextmanager
