@@ -105,3 +105,14 @@ def test_real_minilm_through_transformers_automodel():
                 max_length=inputs["input_ids"].shape[1], return_tensors="pt")
     other = {k: other[k] for k in inputs}
     assert corpus.rel_err(cm(**other), model(**other)) <= 1e-4
+
+
+def test_readme_hf_example_runs_and_matches_hf_generate():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    code = readme.split("## Hugging Face models, as they are")[1].split("```python")[1].split("```")[0]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, ids = scope["model"], scope["ids"]
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert torch.equal(scope["tokens"], want)
