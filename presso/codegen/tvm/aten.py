@@ -130,7 +130,7 @@ def _ew(L, n, fn, operands, dt, out_dt=None, name=None):
     def f(*ts):
         def body(*i):
             it = iter(ts)
-            args = [t[_bcast_index(t, i, rank)] if isinstance(o, int) else tirx.const(o, dt)
+            args = [t(*_bcast_index(t, i, rank)) if isinstance(o, int) else tirx.const(o, dt)
                     for o in operands for t in ([next(it)] if isinstance(o, int) else [None])]
             y = fn(*args)
             return y if _pdt(y) == out_dt else y.astype(out_dt)
@@ -160,21 +160,30 @@ def _nan_like(x):
 def _sign(x):
     tx = _t()
     one, zero = tx.const(1, _pdt(x)), tx.const(0, _pdt(x))
-    return _sel(x > zero, one, _sel(x < zero, -one, _sel(x == zero, zero, x)))
+    return _sel(x > zero, one, _sel(x < zero, -one, _sel(_eq(x, zero), zero, x)))
+
+
+def _float_fmod(a, b):
+    """C's fmod (LLVM has no fmod intrinsic TVM lowers): a - trunc(a / b) * b, in float64 so the
+    quotient's truncation and the product are exact for float32 operands."""
+    tx = _t()
+    dt = _pdt(a)
+    a64, b64 = a.astype("float64"), b.astype("float64")
+    return (a64 - tx.trunc(a64 / b64) * b64).astype(dt)
 
 
 def _fmod(a, b):
     tx = _t()
-    return tx.fmod(a, b) if _pdt(a).startswith("float") else tx.truncmod(a, b)
+    return _float_fmod(a, b) if _pdt(a).startswith("float") else tx.truncmod(a, b)
 
 
 def _remainder(a, b):
     tx = _t()
     if not _pdt(a).startswith("float"):
         return tx.floormod(a, b)
-    m = tx.fmod(a, b)
+    m = _float_fmod(a, b)
     zero = tx.const(0, _pdt(a))
-    return _sel(tx.all(m != zero, (m < zero) != (b < zero)), m + b, m)
+    return _sel(tx.all(_ne(m, zero), _xor(m < zero, b < zero)), m + b, m)
 
 
 def _nan_max(a, b, pick_max=True):
@@ -198,7 +207,7 @@ def _expm1(x):
     tx = _t()
     u = tx.exp(x)
     one = tx.const(1, _pdt(x))
-    return _sel(u == one, x, _sel(u - one == -one, -one, (u - one) * x / tx.log(u)))
+    return _sel(_eq(u, one), x, _sel(_eq(u - one, -one), -one, (u - one) * x / tx.log(u)))
 
 
 def _log1p(x):
@@ -206,7 +215,7 @@ def _log1p(x):
     tx = _t()
     one = tx.const(1, _pdt(x))
     u = x + one
-    return _sel(u == one, x, tx.log(u) * x / (u - one))
+    return _sel(_eq(u, one), x, tx.log(u) * x / (u - one))
 
 
 def _erfc(x):
@@ -218,7 +227,31 @@ def _round(x):
 
 
 def _bool(x):
-    return x != _t().const(0, _pdt(x)) if _pdt(x) != "bool" else x
+    return _ne(x, _t().const(0, _pdt(x))) if _pdt(x) != "bool" else x
+
+
+def _xor(p, q):
+    """Exclusive or of two predicates (LLVM rejects TVM's != on i1 vectors)."""
+    tx = _t()
+    return tx.Or(tx.And(p, tx.Not(q)), tx.And(tx.Not(p), q))
+
+
+def _signbit(x):
+    """The sign bit itself (set for -0.0 and negative NaNs, as torch.signbit)."""
+    tx = _t()
+    dt = _pdt(x)
+    if not dt.startswith("float"):
+        return x < tx.const(0, dt)
+    bits = {"float64": "int64", "float32": "int32", "float16": "int16", "bfloat16": "int16"}[dt]
+    return tx.reinterpret(bits, x) < tx.const(0, bits)
+
+
+def _eq(a, b):
+    return _t().EQ(a, b)
+
+
+def _ne(a, b):
+    return _t().NE(a, b)
 
 
 _UNARY_FLOAT = {  # ATen op -> formula on floats (integer inputs are widened to the float output)
@@ -247,8 +280,7 @@ _UNARY_BOOL = {  # predicates on the input's dtype
     "isnan": lambda x: _t().isnan(x) if _pdt(x).startswith("float") else _t().const(False, "bool"),
     "isinf": lambda x: _t().isinf(x) if _pdt(x).startswith("float") else _t().const(False, "bool"),
     "isfinite": lambda x: _t().isfinite(x) if _pdt(x).startswith("float") else _t().const(True, "bool"),
-    "signbit": lambda x: _t().likely(x < _t().const(0, _pdt(x))) if not _pdt(x).startswith("float")
-    else _t().call_pure_extern("int32", "signbit", x) != 0,
+    "signbit": lambda x: _signbit(x),
     "logical_not": lambda x: _t().Not(_bool(x)),
 }
 
@@ -303,12 +335,12 @@ _BINARY = {
     "maximum": (_nan_max, "out"), "minimum": (lambda a, b: _nan_max(a, b, False), "out"),
     "fmax": (_fmax, "out"), "fmin": (lambda a, b: _fmax(a, b, False), "out"),
     "pow": (lambda a, b: _t().power(a, b), "float"),
-    "eq": (lambda a, b: a == b, "common"), "ne": (lambda a, b: a != b, "common"),
+    "eq": (lambda a, b: _eq(a, b), "common"), "ne": (lambda a, b: _ne(a, b), "common"),
     "lt": (lambda a, b: a < b, "common"), "le": (lambda a, b: a <= b, "common"),
     "gt": (lambda a, b: a > b, "common"), "ge": (lambda a, b: a >= b, "common"),
     "logical_and": (lambda a, b: _t().all(_bool(a), _bool(b)), "common"),
     "logical_or": (lambda a, b: _t().any(_bool(a), _bool(b)), "common"),
-    "logical_xor": (lambda a, b: _bool(a) != _bool(b), "common"),
+    "logical_xor": (lambda a, b: _xor(_bool(a), _bool(b)), "common"),
     "bitwise_and": (lambda a, b: a & b, "out"), "bitwise_or": (lambda a, b: a | b, "out"),
     "bitwise_xor": (lambda a, b: a ^ b, "out"),
     "logaddexp": (lambda a, b: _logaddexp(a, b), "float"),
@@ -416,7 +448,7 @@ def _xlogy(L, n, ins):
 
     def f(x, y):
         zero = tx.const(0, _pdt(x))
-        return _sel(tx.isnan(y), y, _sel(x == zero, zero, x * tx.log(y)))
+        return _sel(tx.isnan(y), y, _sel(_eq(x, zero), zero, x * tx.log(y)))
     return _ew(L, n, f, [0, 1], _float_dt(n))
 
 
@@ -544,7 +576,7 @@ def _nan_to_num(L, n, ins):
 
     def f(x):
         c = lambda v: tx.const(v, dt)  # noqa: E731
-        return _sel(tx.isnan(x), c(nan), _sel(x == c(math.inf), c(pinf), _sel(x == c(-math.inf), c(ninf), x)))
+        return _sel(tx.isnan(x), c(nan), _sel(_eq(x, c(math.inf)), c(pinf), _sel(_eq(x, c(-math.inf)), c(ninf), x)))
     return _ew(L, n, f, [0], dt)
 
 

@@ -106,6 +106,7 @@ class Lowering:
             for i, v in enumerate(n.inputs):
                 if v is not None and v.kind == "param" and not (n in self.fused and i == WEIGHT_INPUT[n.op]):
                     used_raw.add(v.name)
+        used_raw.update(v.name for v in g.outputs if v.kind == "param")   # a constant-folded output
         for name in sorted(used_raw):
             p = g.params[name]
             arrays.append((name, p.data.contiguous().numpy()))
@@ -230,7 +231,7 @@ _UNARY = {"neg": "negative", "abs": "abs", "exp": "exp", "log": "log", "sqrt": "
 @lowers(*_BINARY)
 def _binary(L, n, ins):
     a, b = n.inputs
-    dt = _promote(a.type, b.type)
+    dt = "bool" if n.op in ("logical_and", "logical_or") else _promote(a.type, b.type)
     if n.op == "div" and not dt.startswith("float"):
         dt = TVM_DTYPE[n.output.type.dtype]
     return L.emit(getattr(L.rx.op, _BINARY[n.op])(L.cast(ins[0], a, dt), L.cast(ins[1], b, dt)))
@@ -238,7 +239,8 @@ def _binary(L, n, ins):
 
 @lowers(*_UNARY)
 def _unary(L, n, ins):
-    return L.emit(getattr(L.rx.op, _UNARY[n.op])(ins[0]))
+    x = L.cast(ins[0], n.inputs[0], "bool") if n.op == "logical_not" else ins[0]
+    return L.emit(getattr(L.rx.op, _UNARY[n.op])(x))
 
 
 @lowers("relu")
@@ -347,7 +349,8 @@ def _arange(L, n, ins):
 def _reduce(L, n, ins):
     f = {"reduce_sum": L.rx.op.sum, "reduce_mean": L.rx.op.mean, "reduce_max": L.rx.op.max}[n.op]
     axes = n.attrs["axes"] or None
-    return L.emit(f(ins[0], axis=axes, keepdims=n.attrs["keepdim"]))
+    x = L.cast(ins[0], n.inputs[0], TVM_DTYPE[n.output.type.dtype])   # a sum of bools counts in i64
+    return L.emit(f(x, axis=axes, keepdims=n.attrs["keepdim"]))
 
 
 @lowers("softmax")
