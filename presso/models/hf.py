@@ -1,12 +1,12 @@
 """Hugging Face causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``) built from a small config
 with random weights — no hub access.
 
-``CausalLMLogits`` maps ``input_ids`` to logits. With ``decoder_only=True`` it drives the model's
-own modules (embedding, rotary embedding, decoder layers, norm, head) as ``LlamaModel.forward``
-does, but with no attention mask: for unpadded causal LM input the layers then run SDPA with
-``is_causal``, which is exactly what HF's mask construction would express. That construction
-(packed-sequence detection with ``diff``/``cumsum``/advanced indexing) is traced as data-dependent
-tensor code when the sequence length is symbolic, so generation uses this path."""
+``presso.compile`` takes HF models as they are (``presso.frontend.hf``; with ``generation=True`` it
+wraps a causal LM itself). ``CausalLMLogits`` is the zoo's fixed ``input_ids -> logits`` form of one,
+for tests and benchmarks that want a single tensor output. With ``decoder_only=True`` it drives the
+model's own modules (embedding, rotary embedding, decoder layers, norm, head) as
+``LlamaModel.forward`` does, with no attention mask: for unpadded input the layers then run SDPA
+with ``is_causal``, what HF's mask says, without HF's mask code in the graph."""
 from __future__ import annotations
 
 import torch
