@@ -71,7 +71,7 @@ def test_w8a7_uses_the_avx2_integer_kernel_where_the_cpu_has_it_and_loads_from_a
     assert any(n.endswith(".colsum.tiled8") for n in names) == int8_avx2.fits(host_cpu_target(), 64, 64)
     codes = [n for n in cm.graph.nodes if n.op == "quantize_per_token"]
     assert codes and all(n.attrs["bits"] == 7 for n in codes)
-    loaded = presso.load(cm.save(tmp_path / "w8a7.presso"))
+    loaded = presso.load(cm.save(tmp_path / "w8a7.presso", key=b"test key"), key=b"test key")
     assert torch.equal(loaded(*inputs), cm(*inputs))
 
 
@@ -192,14 +192,14 @@ def test_aarch64_library_runs_under_qemu_and_matches_the_reference(tmp_path, rec
 def test_llvm_artifact_loads_in_a_fresh_process_without_recompiling(tmp_path):
     model, inputs = make_llama()
     cm = presso.compile(model, example_inputs=inputs, target="llvm", recipe="quantize{weights=int4,group_size=16}")
-    path = cm.save(tmp_path / "llama.presso")
+    path = cm.save(tmp_path / "llama.presso", key=b"test key")
     save_file({"x": inputs[0]}, str(tmp_path / "in.safetensors"))
     script = textwrap.dedent(f"""
         import sys, presso
         import presso.codegen.tvm.build as b
         b.build = None   # loading must not compile
         from safetensors.torch import load_file, save_file
-        m = presso.load({str(path)!r})
+        m = presso.load({str(path)!r}, key=b"test key")
         save_file({{"y": m(load_file({str(tmp_path / 'in.safetensors')!r})["x"])}}, {str(tmp_path / 'out.safetensors')!r})
         assert "presso.models" not in sys.modules
     """)
