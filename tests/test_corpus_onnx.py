@@ -46,7 +46,7 @@ def test_light_zoo_matches_onnxruntime():
 
 # ---- single-node models vs onnxruntime ---------------------------------------------------
 _NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.int32: TensorProto.INT32,
-               np.bool_: TensorProto.BOOL}
+               np.bool_: TensorProto.BOOL, np.uint8: TensorProto.UINT8}
 
 
 def _one_node(op, inputs: dict, consts: dict = None, n_out=1, opset=18, **attrs):
@@ -160,6 +160,23 @@ CASES = {
     "group_norm": lambda: _one_node("GroupNormalization", {"x": R.standard_normal((2, 4, 3, 3)).astype(np.float32)},
                                      {"s": np.arange(4, dtype=np.float32), "b": np.ones(4, np.float32)},
                                      num_groups=2, opset=21),
+    "resize_linear_half_pixel": lambda: _one_node("Resize", {"x": X4}, {"roi": np.zeros(0, np.float32),
+                                                                        "sc": np.array([1, 1, 1.5, 0.5], np.float32)},
+                                                  mode="linear"),
+    "resize_nearest_asymmetric": lambda: _one_node("Resize", {"x": X4}, {"roi": np.zeros(0, np.float32),
+                                                                         "sc": np.array([1, 1, 2, 3], np.float32)},
+                                                   mode="nearest", coordinate_transformation_mode="asymmetric",
+                                                   nearest_mode="floor"),
+    "resize_cubic_sizes": lambda: _one_node("Resize", {"x": X4}, {"roi": np.zeros(0, np.float32),
+                                                                  "sc": np.zeros(0, np.float32),
+                                                                  "sz": np.array([2, 3, 9, 4], np.int64)},
+                                            mode="cubic"),
+    "topk": lambda: _one_node("TopK", {"x": X4}, {"k": np.array([2], np.int64)}, n_out=2, axis=-1),
+    "dequantize_per_axis": lambda: _one_node("DequantizeLinear", {"x": np.array([[0, 128, 255], [3, 4, 5]], np.uint8)},
+                                             {"s": np.array([0.5, 2.0], np.float32), "z": np.array([128, 1], np.uint8)},
+                                             axis=0),
+    "quantize": lambda: _one_node("QuantizeLinear", {"x": X2 * 50}, {"s": np.array(0.5, np.float32),
+                                                                     "z": np.array(3, np.int8)}),
 }
 
 

@@ -364,7 +364,7 @@ def _const_only(im):
     raise FrontendError(f"{im.where}: Range is supported only on constant inputs (its length is data)")
 
 
-from . import onnx_ops_math, onnx_ops_nn, onnx_ops_shape  # noqa: E402,F401  (they register handlers)
+from . import onnx_ops_math, onnx_ops_nn, onnx_ops_resample, onnx_ops_shape  # noqa: E402,F401  (they register handlers)
 
 
 # ---- entry point -------------------------------------------------------------------------

@@ -151,6 +151,9 @@ def _pool(im):
             x = pad_nd(im, x, begin, end, value=float("-inf") if x.type.dtype.torch.is_floating_point
                        else int(torch.iinfo(x.type.dtype.torch).min))
             begin = [0] * nd
+        plain = nd == 2 and not ceil and all(d == 1 for d in dil) and not one_d
+        if plain and not (len(im.node.output) > 1 and im.node.output[1]):
+            return [im.op("max_pool2d", x, kernel=kernel, stride=strides, padding=begin), None]
         name = "max_pool2d_with_indices" if nd == 2 else "max_pool3d_with_indices"
         out, idx = im.aten_n(name, x, kernel_size=kernel, stride=strides, padding=begin, dilation=dil, ceil_mode=ceil)
         if len(im.node.output) > 1 and im.node.output[1]:
@@ -164,6 +167,8 @@ def _pool(im):
         include = bool(im.attr("count_include_pad", 0))
         pool = "avg_pool2d" if nd == 2 else "avg_pool3d"
         fits = begin == end and all(2 * b <= k for b, k in zip(begin, kernel))
+        if fits and nd == 2 and not ceil and not one_d and (include or not any(begin)):
+            return im.op("avg_pool2d", x, kernel=kernel, stride=strides, padding=begin)
         if fits:
             out = im.aten(pool, x, kernel_size=kernel, stride=strides, padding=begin, ceil_mode=ceil,
                           count_include_pad=include)
