@@ -118,6 +118,13 @@ def _bcast_index(t, idx, rank):
     return tuple(0 if _const(s) == 1 else i for s, i in zip(t.shape, sub))
 
 
+class _K:
+    """A Python scalar operand of ``_ew`` (bare ints are operand indices)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def _ew(L, n, fn, operands, dt, out_dt=None, name=None):
     """``out[i] = fn(*operand values at i)`` over the output shape; tensor operands (indices into
     ``n.inputs``) are cast to ``dt`` first, Python scalars become ``dt`` constants."""
@@ -125,13 +132,13 @@ def _ew(L, n, fn, operands, dt, out_dt=None, name=None):
     out_dt = out_dt or _out_dt(n)
     shape = L.shape(n.outputs[0].type)
     rank = len(shape)
-    tensors = [L.cast(L.env[n.inputs[o]], n.inputs[o], dt) for o in operands if isinstance(o, int)]
+    tensors = [L.cast(L.env[n.inputs[o]], n.inputs[o], dt) for o in operands if not isinstance(o, _K)]
 
     def f(*ts):
         def body(*i):
             it = iter(ts)
-            args = [t(*_bcast_index(t, i, rank)) if isinstance(o, int) else tirx.const(o, dt)
-                    for o in operands for t in ([next(it)] if isinstance(o, int) else [None])]
+            args = [tirx.const(o.value, dt) if isinstance(o, _K) else t(*_bcast_index(t, i, rank))
+                    for o in operands for t in ([None] if isinstance(o, _K) else [next(it)])]
             y = fn(*args)
             return y if _pdt(y) == out_dt else y.astype(out_dt)
         return te.compute(shape, body, name=name or "aten_ew")
@@ -362,9 +369,9 @@ def _binary(op, scalar_key=None, scalar_first=False):
         if scalar_key is None:
             parts = [0, 1]
         else:
-            s = n.attrs[scalar_key]
+            s = _K(n.attrs[scalar_key])
             parts = [s, 0] if scalar_first else [0, s]
-        vals = [n.inputs[p] if isinstance(p, int) else p for p in parts]
+        vals = [p.value if isinstance(p, _K) else n.inputs[p] for p in parts]
         dt = {"out": _out_dt(n), "float": _float_dt(n), "common": _result_dtype(*vals)}[kind]
         if dt == "bool" and op in ("bitwise_and", "bitwise_or", "bitwise_xor"):
             f = {"bitwise_and": _BINARY["logical_and"][0], "bitwise_or": _BINARY["logical_or"][0],
@@ -393,7 +400,7 @@ def _alpha_op(sign, reverse=False):
     def lower_(L, n, ins):
         alpha = n.attrs.get("alpha", 1)
         other = n.attrs.get("other") if len(n.inputs) == 1 else 1
-        parts = [0, 1] if len(n.inputs) == 2 else [0, other]
+        parts = [0, 1] if len(n.inputs) == 2 else [0, _K(other)]
         dt = _out_dt(n)
         if dt == "bool":
             return _ew(L, n, lambda a, b: _t().any(a, b), parts, "bool")
@@ -416,7 +423,7 @@ aten("rsub.Tensor", "rsub.Scalar")(_alpha_op(-1, reverse=True))
 @aten("div.Tensor_mode", "div.Scalar_mode")
 def _div_mode(L, n, ins):
     mode = n.attrs["rounding_mode"]
-    parts = [0, 1] if len(n.inputs) == 2 else [0, n.attrs["other"]]
+    parts = [0, 1] if len(n.inputs) == 2 else [0, _K(n.attrs["other"])]
     dt = _out_dt(n)
     tx = _t()
     if dt.startswith("float"):
@@ -430,7 +437,7 @@ def _div_mode(L, n, ins):
 
 @aten("floor_divide", "floor_divide.Scalar")
 def _floor_divide(L, n, ins):
-    parts = [0, 1] if len(n.inputs) == 2 else [0, n.attrs["other"]]
+    parts = [0, 1] if len(n.inputs) == 2 else [0, _K(n.attrs["other"])]
     dt = _out_dt(n)
     f = (lambda a, b: _t().floor(a / b)) if dt.startswith("float") else _t().floordiv
     return _ew(L, n, f, parts, dt)
@@ -558,7 +565,7 @@ for _name, _fn in _ACTIVATIONS.items():
 @aten("masked_fill.Scalar", "masked_fill.Tensor")
 def _masked_fill(L, n, ins):
     dt = _out_dt(n)
-    parts = [0, 1, n.attrs["value"]] if len(n.inputs) == 2 else [0, 1, 2]
+    parts = [0, 1, _K(n.attrs["value"])] if len(n.inputs) == 2 else [0, 1, 2]
     return _ew(L, n, lambda x, m, v: _sel(_bool(m), v, x), parts, dt)
 
 
@@ -582,7 +589,7 @@ def _nan_to_num(L, n, ins):
 
 @aten("lerp.Scalar", "lerp.Tensor")
 def _lerp(L, n, ins):
-    parts = [0, 1, 2] if len(n.inputs) == 3 else [0, 1, n.attrs["weight"]]
+    parts = [0, 1, 2] if len(n.inputs) == 3 else [0, 1, _K(n.attrs["weight"])]
     tx = _t()
 
     def f(a, b, w):
@@ -596,7 +603,7 @@ def _addc(L, n, ins):
     dt = _out_dt(n)
     v = n.attrs["value"]
     mul = n.op == "aten.addcmul"
-    return _ew(L, n, lambda s, a, b, c: s + c * (a * b if mul else a / b), [0, 1, 2, v], dt)
+    return _ew(L, n, lambda s, a, b, c: s + c * (a * b if mul else a / b), [0, 1, 2, _K(v)], dt)
 
 
 # ---- dtype, copies and creation -----------------------------------------------------------------
