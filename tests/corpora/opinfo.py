@@ -51,7 +51,7 @@ def _tensors(out):
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def run_one(op) -> Outcome:
+def run_one(op, target="reference") -> Outcome:
     name = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
     sample = first_sample(op)
     if sample is None:
@@ -75,7 +75,7 @@ def run_one(op) -> Outcome:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cm = presso.compile(module, example_inputs=inputs)
+            cm = presso.compile(module, example_inputs=inputs, target=target)
             torch.manual_seed(0)
             got = cm(*inputs)
     except Exception as e:  # noqa: BLE001
@@ -115,8 +115,8 @@ def ops():
     return [op for op in op_db if torch.float32 in op.supported_dtypes("cpu")]
 
 
-def run_all(selected=None) -> list[Outcome]:
-    return [run_one(op) for op in (selected if selected is not None else ops())]
+def run_all(selected=None, target="reference") -> list[Outcome]:
+    return [run_one(op, target) for op in (selected if selected is not None else ops())]
 
 
 def main():
