@@ -65,6 +65,8 @@ def _gather(im):
     if idx is not None and bool((idx < 0).any()):
         im.env[im.node.input[1]] = torch.where(idx < 0, idx + x.type.shape[axis], idx)
         return im.op("gather", x, im.t(1), axis=axis)
+    if x.name in im.g.params:   # a lookup table (nn.Embedding): its ids are never negative, and one
+        return im.op("gather", x, im.t(1), axis=axis)   # that were would fail in index_select, not silently
     return im.op("gather", x, _wrap(im, im.t(1), x.type.shape[axis]), axis=axis)
 
 
@@ -234,7 +236,7 @@ def _slice(im):
                 first = d - 1 - picked[0]
                 x = im.op("slice", x, axis=a, start=first, end=first + (-st) * (len(picked) - 1) + 1, step=-st)
             continue
-        if isinstance(d, int):
+        if isinstance(d, int) and isinstance(s, int) and isinstance(e, int):
             s, e = slice(s, e, st).indices(d)[:2]
             e = max(e, s)
         x = im.op("slice", x, axis=a, start=s, end=min(e, 2 ** 63 - 1) if isinstance(e, int) else e, step=st)
