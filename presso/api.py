@@ -148,6 +148,7 @@ def positional_inputs(graph: Graph, args: Sequence, kwargs: dict) -> tuple:
         return tuple(args)
     from .errors import InputError
     names = list(graph.meta.get("input_names") or [v.name for v in graph.inputs])
+    kwargs = _drop_traced_constants(graph, kwargs)
     unknown = [k for k in kwargs if k not in names]
     if unknown:
         raise InputError(f"unknown keyword input(s) {', '.join(unknown)}; @{graph.name} takes {', '.join(names)}")
@@ -159,6 +160,18 @@ def positional_inputs(graph: Graph, args: Sequence, kwargs: dict) -> tuple:
     if missing:
         raise InputError(f"missing input(s) {', '.join(missing)}; @{graph.name} takes {', '.join(names)}")
     return tuple(args) + tuple(kwargs[k] for k in names[len(args):])
+
+
+def _drop_traced_constants(graph: Graph, kwargs: dict) -> dict:
+    """Non-tensor keyword inputs (``use_cache=False``) were fixed when the model was traced: the
+    same value may be passed again; another value would need another trace."""
+    from .errors import InputError
+    fixed = graph.meta.get("constant_inputs") or {}
+    for k in [k for k in kwargs if k in fixed]:
+        if kwargs[k] != fixed[k] or type(kwargs[k]) is not type(fixed[k]):
+            raise InputError(f"keyword input {k}={kwargs[k]!r}: @{graph.name} was compiled with {k}={fixed[k]!r}, "
+                             "a non-tensor input fixed at trace time; compile again to change it")
+    return {k: v for k, v in kwargs.items() if k not in fixed}
 
 
 def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:

@@ -1,4 +1,4 @@
-"""The ``presso`` command: inspect, compile, show, diff and bench models and artifacts.
+"""The ``presso`` command: inspect, compile, show, diff, bench and eval models and artifacts.
 
 MODEL is a ``.onnx`` file, a saved presso artifact (a directory), or ``package.module:factory``
 where ``factory()`` returns ``(module, example_inputs)``. Errors print one line and exit 2
@@ -216,6 +216,52 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _eval_tokens(a) -> torch.Tensor:
+    """The token stream to score: ``--tokens`` (safetensors with key ``input_ids``) or ``--text``
+    (a file, or ``python-docs`` for presso's shipped evaluation text) read with ``--tokenizer``."""
+    if a.tokens:
+        from safetensors.torch import load_file
+        t = load_file(a.tokens)
+        if "input_ids" not in t:
+            raise CLIError(f"{a.tokens}: needs a tensor named 'input_ids', found {', '.join(t) or 'none'}")
+        return t["input_ids"].reshape(-1)
+    if not a.text:
+        raise CLIError("eval needs --text FILE (with --tokenizer) or --tokens FILE")
+    if a.text == "python-docs":
+        from presso.eval import evaluation_text
+        text = evaluation_text()
+    else:
+        if not os.path.isfile(a.text):
+            raise CLIError(f"no such text file: {a.text}")
+        text = Path(a.text).read_text(encoding="utf-8")
+    if not a.tokenizer:
+        raise CLIError("--text needs --tokenizer (a tokenizer.json file, a Hugging Face tokenizer folder, or a .gguf)")
+    tok = a.tokenizer
+    if tok.endswith(".json"):
+        from tokenizers import Tokenizer
+        return torch.tensor(Tokenizer.from_file(tok).encode(text).ids)
+    import transformers
+    path = Path(tok)
+    kw = {"gguf_file": path.name} if tok.endswith(".gguf") else {}
+    hf = transformers.AutoTokenizer.from_pretrained(path.parent if kw else path, **kw)
+    return hf(text, return_tensors="pt").input_ids[0]
+
+
+def cmd_eval(a) -> int:
+    from presso.eval import perplexity
+    cm, g, _, _ = load_any(a.model, **_artifact_opts(a))
+    ids = _eval_tokens(a)
+    seq = g.inputs[0].type.shape[-1] if g.inputs else None
+    window = a.window or (seq if isinstance(seq, int) else 256)
+    res = perplexity(cm, ids, window=window, stride=a.stride, max_windows=a.max_windows, batch_size=a.batch_size)
+    if a.json:
+        print(json.dumps({"perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens,
+                          "windows": res.windows, "seconds": res.seconds, "window": window}))
+    else:
+        print(f"{a.model}: {res} (window {window})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="presso", description="presso: a compiler for compressed neural networks")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -255,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
     s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("eval", help="perplexity on a text (token windows)", parents=[art])
+    s.add_argument("model")
+    s.add_argument("--text", help="text file to score, or 'python-docs' (presso's shipped evaluation text)")
+    s.add_argument("--tokenizer", help="tokenizer.json, a Hugging Face tokenizer folder, or a .gguf file")
+    s.add_argument("--tokens", help="safetensors file with the token ids as 'input_ids' (instead of --text)")
+    s.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's static "
+                   "sequence length, else 256)")
+    s.add_argument("--stride", type=int, default=None, help="window step (default: the window; less slides)")
+    s.add_argument("--max-windows", dest="max_windows", type=int, default=None)
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="windows per call")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -152,7 +152,7 @@ def test_calibration_is_needed_by_gptq_wanda_and_whitened():
     ("sparsify{pattern=5:4}", r"need 0 < N <= M \(N=5, M=4\)"),
     ("sparsify{pattern=two}", "must look like 'N:M'"),
     ("quantize{weights=int3}", r"option 'weights' must be one of \['int8', 'int4'\], got 'int3'"),
-    ("quantize{weights=int4,group_size=100}", r"group_size=100 does not divide the input dim 384 of layer"),
+    ("quantize{weights=int4,group_size=33}", r"group_size must be even, got 33"),
     ("lowrank{ratio=1.5}", r"option 'ratio' must be in \(0, 1\], got 1.5"),
     ("lowrank{ratio=0}", r"option 'ratio' must be in \(0, 1\], got 0.0"),
     ("sparsify{pattern=2:5}", "needs the input dim of layer .* to be a multiple of 5"),

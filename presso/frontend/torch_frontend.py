@@ -651,6 +651,10 @@ def _record_call_structure(g: Graph, ep, example_inputs) -> None:
         g.meta["output_spec"] = spec
     if isinstance(example_inputs, dict):
         g.meta["input_names"] = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+        constants = {k: v for k, v in example_inputs.items()
+                     if not isinstance(v, torch.Tensor) and isinstance(v, (bool, int, float, str, type(None)))}
+        if constants:
+            g.meta["constant_inputs"] = constants
 
 
 def _first_line(e: Exception) -> str:
@@ -702,6 +706,8 @@ def _import_exported_once(ep, name: str) -> Graph:
         elif spec.kind.name == "USER_INPUT":
             if isinstance(spec.arg, torch.export.graph_signature.TensorArgument):
                 inputs[pname] = pname
+            elif isinstance(spec.arg, torch.export.graph_signature.ConstantArgument):
+                consts[pname] = spec.arg.value   # a non-tensor input (use_cache=False) was traced as given
         else:
             raise FrontendError(f"unsupported exported input kind {spec.kind.name}")
     g = imp.run(ep.graph_module, inputs, consts, _user_outputs(sig))

@@ -302,26 +302,28 @@ def _dequant_infer(types, attrs):
         raise IRError(f"dequantize: bits={bits} needs packed weights of type {want[0]} or {want[1]}, got {q.dtype}")
     if (zeros is None) != (q.dtype in (DType.i4, DType.i8)):
         raise IRError(f"dequantize: signed ({want[0]}) weights take no zeros, unsigned ({want[1]}) weights need them")
-    if q.rank != 2 or not isinstance(q.shape[1], int) or q.shape[1] % gs:
-        raise IRError(f"dequantize: group_size {gs} must divide the input dim of {q}")
-    if list(scales.shape) != [q.shape[0], q.shape[1] // gs]:
-        raise IRError(f"dequantize: scales must be [{q.shape[0]}, {q.shape[1] // gs}], got {scales}")
+    if q.rank != 2 or not isinstance(q.shape[1], int) or gs < 1:
+        raise IRError(f"dequantize: needs a static 2-D weight and group_size >= 1, got {q} and {gs}")
+    groups = -(-q.shape[1] // gs)    # the last group may be shorter
+    if list(scales.shape) != [q.shape[0], groups]:
+        raise IRError(f"dequantize: scales must be [{q.shape[0]}, {groups}], got {scales}")
     return [TensorType(q.shape, DType[attrs["dtype"]])]
 
 
 @defop("dequantize", ["q", "scales", "zeros?"], {"bits": Attr("int", choices=(4, 8)), "group_size": Attr("int"),
                                                 "dtype": Attr("dtype", "f32")}, "compressed", infer=_dequant_infer)
 def dequantize(q, scales, zeros, bits, group_size, dtype):
-    """Group-wise dequantization of a (rows, cols) integer matrix, groups along cols:
+    """Group-wise dequantization of a (rows, cols) integer matrix, groups of ``group_size`` along
+    cols (the last one shorter where ``group_size`` does not divide cols):
     w = (q - zeros) * scales. 4-bit storage is unpacked here (low nibble first)."""
     if bits == 4:
         q = unpack_int4(q, signed=zeros is None)
-    rows, cols = q.shape
-    w = q.to(torch.float32).reshape(rows, cols // group_size, group_size)
+    cols = q.shape[1]
+    w = q.to(torch.float32)
     if zeros is not None:
-        w = w - zeros.to(torch.float32).unsqueeze(-1)
-    w = w * scales.to(torch.float32).unsqueeze(-1)
-    return w.reshape(rows, cols).to(DType[dtype].torch)
+        w = w - zeros.to(torch.float32).repeat_interleave(group_size, 1)[:, :cols]
+    w = w * scales.to(torch.float32).repeat_interleave(group_size, 1)[:, :cols]
+    return w.to(DType[dtype].torch)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,16 @@ class LinearStats:
     gram: torch.Tensor      # (in, in) float64: sum over rows of x x^T
     rows: int
     amax: Optional[torch.Tensor] = None   # (in,) float64: max over rows of |x_j| (SmoothQuant)
+    abs_sum: Optional[torch.Tensor] = None  # (in,) float64: sum over rows of |x_j| (AWQ's saliency)
 
     @property
     def sq_norm(self) -> torch.Tensor:
         """Per input channel: sum of x_j^2 (Wanda's ||x_j||^2)."""
         return self.gram.diagonal()
+
+    @property
+    def abs_mean(self) -> Optional[torch.Tensor]:
+        return None if self.abs_sum is None else self.abs_sum / max(self.rows, 1)
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -87,7 +87,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     for grp, f, r in zip(groups, facts, rank_of):
         if r is not None:
             _rewrite(g, grp, f, r, stats[grp[0].node.name].gram if stats else None)
-    requantize_layers(g, requant)
+    requantize_layers(g, requant, "lowrank")
     return dce(g)
 
 

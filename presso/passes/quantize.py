@@ -29,8 +29,10 @@ from ..errors import PipelineError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import hadamard_matrix, pack_int4
 from ..ir.types import DType, TensorType
+from .calibrate import normalize_samples
 from .compress_common import (calibration_stats, dense_linears, derive, origin, output_error, record,
                               replace_linear)
+from .sequential import calibrate_sequentially
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -57,69 +59,110 @@ def encode(w: torch.Tensor, scale, zero, bits: int):
     return q, (q - zero[:, None]) * scale[:, None]
 
 
+def num_groups(cols: int, group: int) -> int:
+    """Groups along the input dim; a last group shorter than ``group`` holds the remaining columns."""
+    return -(-cols // group)
+
+
 def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool):
+    """Round to nearest, group by group (the last group may be shorter)."""
+    w = w.double()
     rows, cols = w.shape
-    wg = w.double().reshape(rows * (cols // group), group)
-    scale, zero = qparams(wg, bits, symmetric)
-    q, _ = encode(wg, scale, zero, bits)
-    shape = (rows, cols // group)
-    return q.reshape(rows, cols), scale.reshape(shape), None if zero is None else zero.reshape(shape)
+    codes, scales, zeros = [], [], []
+    full = cols - cols % group
+    parts = [(w[:, :full].reshape(rows * (full // group), group), full // group)] if full else []
+    if full < cols:
+        parts.append((w[:, full:], 1))
+    for wg, ng in parts:
+        scale, zero = qparams(wg, bits, symmetric)
+        q, _ = encode(wg, scale, zero, bits)
+        codes.append(q.reshape(rows, -1))
+        scales.append(scale.reshape(rows, ng))
+        zeros.append(None if zero is None else zero.reshape(rows, ng))
+    return torch.cat(codes, 1), torch.cat(scales, 1), None if symmetric else torch.cat(zeros, 1)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped Hessian's inverse as its upper Cholesky factor (GPTQ / SparseGPT), and the mask of
+    dead input channels. A channel no calibration input reached (all-zero calibration included)
+    has no Hessian information: a unit diagonal and no coupling make it rounded (or pruned) as
+    plain rounding (magnitude) would, never zeroed, so degenerate calibration never wipes a layer."""
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+
+
+def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, column, block: int = 128) -> None:
+    """Optimal Brain Surgeon's column sweep shared by GPTQ and SparseGPT: columns are fixed in
+    order, ``column(j, W1, i)`` giving column j's new values (W1: the current block as updated so
+    far, i: j's place in it); each column's error is fed back into the columns not yet fixed
+    through the inverse Hessian's Cholesky factor, lazily per block. Updates ``W`` in place."""
+    rows, cols = W.shape
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = column(i1 + i, W1, i)
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool, act_order: bool,
          damp: float = 0.01, block: int = 128):
     """GPTQ (Frantar et al.): quantize columns in order, feeding each column's error back into the
-    columns not yet quantized through the inverse Hessian's Cholesky factor."""
+    columns not yet quantized (``obs_sweep``). ``act_order``: columns by decreasing Hessian
+    diagonal, with static groups (scales from the original weights)."""
     W = w.double().clone()
     rows, cols = W.shape
-    H = hessian.double().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    ngroups = cols // group
+    perm = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(cols)
+    Hinv, _ = inverse_hessian_factor(hessian[perm][:, perm], damp)
+    ngroups = num_groups(cols, group)
     scales = torch.zeros(rows, ngroups, dtype=torch.float64)
     zeros = None if symmetric else torch.zeros(rows, ngroups, dtype=torch.float64)
-    if act_order:  # static groups: scales from the original weights, columns in importance order
+
+    def set_group(gi, cols_of_group):
+        s, z = qparams(cols_of_group, bits, symmetric)
+        scales[:, gi] = s
+        if zeros is not None:
+            zeros[:, gi] = z
+
+    if act_order:
         for gi in range(ngroups):
-            s, z = qparams(W[:, gi * group:(gi + 1) * group], bits, symmetric)
-            scales[:, gi] = s
-            if zeros is not None:
-                zeros[:, gi] = z
-        perm = torch.argsort(H.diagonal(), descending=True)
-    else:
-        perm = torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+            set_group(gi, W[:, gi * group:(gi + 1) * group])
+    W = W[:, perm]
     codes = torch.zeros_like(W)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            gi = col // group
-            if not act_order and col % group == 0:
-                s, z = qparams(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group], bits, symmetric)
-                scales[:, gi] = s
-                if zeros is not None:
-                    zeros[:, gi] = z
-            q, dq = encode(W1[:, i:i + 1], scales[:, gi], None if zeros is None else zeros[:, gi], bits)
-            codes[:, i1 + i] = q[:, 0]
-            err = (W1[:, i] - dq[:, 0]) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def column(j, W1, i):
+        col = int(perm[j])
+        gi = col // group
+        if not act_order and col % group == 0:   # the group's columns as updated so far
+            width = min(group, cols - col)
+            ahead = W1[:, i:i + width]
+            if ahead.shape[1] < width:
+                ahead = torch.cat([ahead, W[:, j + ahead.shape[1]:j + width]], 1)
+            set_group(gi, ahead)
+        q, dq = encode(W1[:, i:i + 1], scales[:, gi], None if zeros is None else zeros[:, gi], bits)
+        codes[:, j] = q[:, 0]
+        return dq[:, 0]
+
+    obs_sweep(W, Hinv, column, block)
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out, scales, zeros
 
 
 def dequant(codes, scales, zeros, group: int) -> torch.Tensor:
-    rows, cols = codes.shape
-    c = codes.reshape(rows, cols // group, group)
+    cols = codes.shape[1]
+    c = codes.double()
     if zeros is not None:
-        c = c - zeros[..., None]
-    return (c * scales[..., None]).reshape(rows, cols)
+        c = c - zeros.double().repeat_interleave(group, 1)[:, :cols]
+    return c * scales.double().repeat_interleave(group, 1)[:, :cols]
 
 
 def hadamard_block(cols: int, cap: int = 512) -> int:
@@ -144,7 +187,7 @@ def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
     "weights": Option(str, "int8", choices=("int8", "int4"), help="weight bits"),
     "group_size": Option(int, 0, check=lambda g: g >= 0, allowed=">= 0 (0 = one group per output channel)"),
     "symmetric": Option(bool, True, help="signed codes, no zero point"),
-    "method": Option(str, "rtn", choices=("rtn", "gptq")),
+    "method": Option(str, "rtn", choices=("rtn", "gptq", "awq", "awq+gptq")),
     "act_order": Option(bool, False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     "damp": Option(float, 0.01, check=lambda d: 0 < d < 1, allowed="in (0, 1)", help="GPTQ Hessian damping"),
     "activations": Option(str, "none", choices=("none", "int8", "int7"),
@@ -153,16 +196,21 @@ def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
     "skip": Option(str, "", help="regex of weight names to leave unquantized"),
     "smooth": Option(float, 0.0, check=lambda a: 0 <= a <= 1, allowed="in [0, 1] (0 = off)",
                      help="SmoothQuant migration strength for quantized activations"),
+    "sequential": Option(bool, True, help="calibrate each layer on the outputs of the layers before it as "
+                                          "quantized (else all layers on the float model)"),
 })
 def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, damp, activations, rotate, skip,
-             smooth):
+             smooth, sequential):
     """Quantize linear weights; see the module docstring."""
     import re
     bits = 8 if weights == "int8" else 4
     if activations != "none" and (bits != 8 or group_size != 0 or not symmetric):
         raise PipelineError(f"pass 'quantize': activations={activations} (W8A{activations[3:]}) needs weights=int8, "
                             "group_size=0 and symmetric=true")
-    skip_re = re.compile(skip) if skip else None
+    if activations != "none" and method != "rtn" and method != "gptq":
+        raise PipelineError(f"pass 'quantize': method={method} scales weights per input channel, which "
+                            f"activations={activations} does not take; use smooth= (SmoothQuant) instead")
+    skip_re = _compile_skip(skip)
     layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
     sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
               and not (skip_re and skip_re.search(_nm_values(g, n).name))]
@@ -173,48 +221,103 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     if smooth and activations == "none":
         raise PipelineError("pass 'quantize': smooth= moves activation outliers into the weights, so it needs "
                             "activations=int8 or int7")
-    stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "gptq" or smooth > 0,
-                              what=f"quantize{{method={method}}}" if not smooth else "quantize{smooth}")
-    smoothing = _smooth(g, layers, stats, smooth) if smooth else {}
-    rotated: dict = {}
-    token_codes: dict = {}     # one quantize_per_token per activation (q/k/v projections share theirs)
-    for l in layers:
-        w = l.tensor
-        rows, cols = l.shape
-        group = group_size or cols
-        gram = stats[l.node.name].gram if stats else None
-        if l.node in smoothing:
-            sm = smoothing[l.node]
-            w = w * sm.to(w.dtype)
-            gram = gram / torch.outer(sm, sm) if gram is not None else None
-        x = l.node.inputs[0]
-        if rotate == "hadamard":
-            block = hadamard_block(cols)
-            w = rotate_cols(w, block)
-            gram = rotate_gram(gram, block) if gram is not None else None
-            key = (x, block)
-            if key not in rotated:
-                rotated[key] = g.op("hadamard", x, block=block, before=l.node)
-            x = rotated[key]
-        if method == "gptq":
-            codes, scales, zeros = gptq(w, gram / stats[l.node.name].rows, bits, group, symmetric, act_order, damp)
-        else:
-            codes, scales, zeros = rtn(w, bits, group, symmetric)
-        w_hat = dequant(codes, scales, zeros, group)
-        err = output_error(w, w_hat, gram)
-        if activations != "none":
-            out = _emit_w8a8(g, l.node, x, l.weight.name, codes, scales, 7 if activations == "int7" else 8,
-                             token_codes)
-        else:
-            wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, bits, group, l.weight.type.dtype)
-            out = g.op("linear", x, wd, l.node.inputs[2], before=l.node)
-        replace_linear(g, l.node, out)
-        record(g, l.weight.name, bytes_before=_bytes_before(g, l.weight), bits=bits, group_size=group,
-               symmetric=symmetric, method=method, rotate=rotate, activations=activations, rel_error=err,
-               error_basis="calibration" if gram is not None else "weights")
+    needs_stats = method != "rtn" or smooth > 0
+    what = f"quantize{{method={method}}}" if not smooth else "quantize{smooth}"
+    calib = _LayerQuantizer(g, bits, group_size, symmetric, method, act_order, damp, activations, rotate, smooth)
+    by_node = {l.node: l for l in layers}
+    compress = lambda x, nodes, stats: calib.quantize_group(x, [by_node[n] for n in nodes], stats)  # noqa: E731
+    samples = normalize_samples(getattr(ctx, "calibration", None))
+    if needs_stats and not samples:
+        calibration_stats(g, ctx, [], need=True, what=what)     # raises: this method needs calibration
+    if needs_stats and sequential:
+        calibrate_sequentially(g, samples, [l.node for l in layers], compress,
+                               progress=getattr(ctx, "progress", False), desc=what)
+    else:
+        stats = calibration_stats(g, ctx, [l.node for l in layers], need=False, what=what) if needs_stats else None
+        for x, group in _by_input(layers).items():
+            calib.quantize_group(x, group, stats and _shared(stats, group))
     for n in sparse:
         _quantize_nm_values(g, n, bits, group_size, symmetric)
     return dce(g)
+
+
+def _compile_skip(skip: str):
+    import re
+    try:
+        return re.compile(skip) if skip else None
+    except re.error as e:
+        raise PipelineError(f"pass 'quantize': option 'skip' is not a valid regex ({skip!r}: {e})") from None
+
+
+def _by_input(layers) -> dict:
+    out: dict = {}
+    for l in layers:
+        out.setdefault(l.node.inputs[0], []).append(l)
+    return out
+
+
+def _shared(stats: dict, group) -> object:
+    """The statistics of a group of linears reading one input (identical for each of them)."""
+    return stats[group[0].node.name]
+
+
+class _LayerQuantizer:
+    """Quantizes the linears that read one activation, with that activation's statistics: the
+    input-side transforms (SmoothQuant, AWQ scales, Hadamard rotation) are shared by the group,
+    then every weight is rounded (RTN) or quantized with GPTQ on the group's Hessian."""
+
+    def __init__(self, g, bits, group_size, symmetric, method, act_order, damp, activations, rotate, smooth):
+        self.g, self.bits, self.group_size, self.symmetric = g, bits, group_size, symmetric
+        self.method, self.act_order, self.damp = method, act_order, damp
+        self.activations, self.rotate, self.smooth = activations, rotate, smooth
+        self.rotated: dict = {}
+        self.token_codes: dict = {}    # one quantize_per_token per activation (q/k/v projections share theirs)
+
+    def quantize_group(self, x, layers, stats):
+        g = self.g
+        gram = stats.gram if stats is not None else None
+        scaled = {}
+        if self.smooth:
+            scaled = _smooth(g, layers, stats, self.smooth)
+        elif self.method.startswith("awq"):
+            scaled = awq_scales(g, layers, stats, self.bits, self.group_size, self.symmetric)
+        for l in layers:
+            w = l.tensor
+            rows, cols = l.shape
+            group = self.group_size or cols
+            lgram = gram
+            if l.node in scaled:
+                sc = scaled[l.node]
+                w = w * sc.to(w.dtype)
+                lgram = gram / torch.outer(sc, sc) if gram is not None else None
+            xin = x
+            if self.rotate == "hadamard":
+                block = hadamard_block(cols)
+                w = rotate_cols(w, block)
+                lgram = rotate_gram(lgram, block) if lgram is not None else None
+                key = (x, block)
+                if key not in self.rotated:
+                    self.rotated[key] = g.op("hadamard", x, block=block, before=l.node)
+                xin = self.rotated[key]
+            if self.method in ("gptq", "awq+gptq"):
+                codes, scales, zeros = gptq(w, lgram / stats.rows, self.bits, group, self.symmetric, self.act_order,
+                                            self.damp)
+            else:
+                codes, scales, zeros = rtn(w, self.bits, group, self.symmetric)
+            w_hat = dequant(codes, scales, zeros, group)
+            err = output_error(w, w_hat, lgram)
+            if self.activations != "none":
+                out = _emit_w8a8(g, l.node, xin, l.weight.name, codes, scales, 7 if self.activations == "int7" else 8,
+                                 self.token_codes)
+            else:
+                wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, self.bits, group,
+                                  l.weight.type.dtype)
+                out = g.op("linear", xin, wd, l.node.inputs[2], before=l.node)
+            replace_linear(g, l.node, out)
+            record(g, l.weight.name, bytes_before=_bytes_before(g, l.weight), bits=self.bits, group_size=group,
+                   symmetric=self.symmetric, method=self.method, rotate=self.rotate, activations=self.activations,
+                   rel_error=err, error_basis="calibration" if lgram is not None else "weights",
+                   awq=l.node in scaled and self.method.startswith("awq"))
 
 
 def dequantize_layers(g: Graph) -> dict[str, dict]:
@@ -238,11 +341,14 @@ def dequantize_layers(g: Graph) -> dict[str, dict]:
     return settings
 
 
-def requantize_layers(g: Graph, settings: dict[str, dict]) -> None:
-    """Quantize (RTN) the float weights derived from layers in ``settings`` with their settings;
-    a group size that no longer divides a derived weight's input dim falls back to per-channel."""
+def requantize_layers(g: Graph, settings: dict[str, dict], pass_name: str = "a later pass") -> None:
+    """Quantize (RTN) the float weights derived from layers in ``settings`` with their settings
+    (a group size that does not divide a derived weight's input dim leaves a shorter last group).
+    Codes an earlier calibrated method (GPTQ, AWQ) chose are replaced by RTN codes here: a
+    warning names the layers, so that a pipeline never silently undoes an earlier pass."""
     if not settings:
         return
+    redone = []
     for l in dense_linears(g):
         st = settings.get(origin(g, l.weight.name))
         if st is None:
@@ -252,9 +358,13 @@ def requantize_layers(g: Graph, settings: dict[str, dict]) -> None:
             g.replace_uses(l.weight, g.op("dequantize", *ins, before=l.node, **attrs))
             continue
         cols = l.shape[1]
-        group = st["group_size"] if cols % st["group_size"] == 0 else cols
+        group = st["group_size"]
         if st["bits"] == 4 and cols % 2:
             continue
+        method = g.meta.get("compression", {}).get(origin(g, l.weight.name), {}).get("method", "rtn")
+        if method != "rtn":
+            redone.append((origin(g, l.weight.name), method))
+            record(g, l.weight.name, method="rtn")
         codes, scales, zeros = rtn(l.tensor, st["bits"], group, st["symmetric"])
         wd = _emit_weight(g, l.node, l.weight.name, codes, scales, zeros, st["bits"], group, l.weight.type.dtype)
         replace_linear(g, l.node, g.op("linear", l.node.inputs[0], wd, l.node.inputs[2], before=l.node))
@@ -264,18 +374,21 @@ def requantize_layers(g: Graph, settings: dict[str, dict]) -> None:
             cols = _nm_values(g, n).type.shape[1]
             _quantize_nm_values(g, n, st["bits"], st["group_size"] if cols % st["group_size"] == 0 else 0,
                                 st["symmetric"])
+    if redone:
+        import warnings
+        methods = sorted({m for _, m in redone})
+        warnings.warn(f"{pass_name} changed the weights of {len(redone)} layer(s) quantized with "
+                      f"{'/'.join(methods)} (e.g. {redone[0][0]}); they were re-quantized with RTN. Run quantize "
+                      "after it to keep calibrated codes.", stacklevel=3)
 
 
 def _check_group(node: Node, cols: int, group_size: int, bits: int) -> None:
-    if group_size and cols % group_size:
-        hint = " (a low-rank factor: give lowrank{rank_multiple=...} a multiple of the group size)" \
-            if ".lr_b" in node.inputs[1].name else ""
-        raise PipelineError(f"pass 'quantize': group_size={group_size} does not divide the input dim {cols} of "
-                            f"layer %{node.name} (weight %{node.inputs[1].name}){hint}; use a divisor of {cols} "
-                            "or 0 (per-channel)")
     if bits == 4 and cols % 2:
         raise PipelineError(f"pass 'quantize': int4 packs two values per byte, but layer %{node.name} has an odd "
                             f"input dim {cols}")
+    if bits == 4 and group_size % 2:
+        raise PipelineError(f"pass 'quantize': int4 groups hold whole bytes, so group_size must be even, "
+                            f"got {group_size}")
 
 
 def _bytes_before(g: Graph, weight: Value) -> int:
@@ -308,33 +421,76 @@ def _emit_weight(g, node, wname, codes, scales, zeros, bits, group, dtype) -> Va
     return g.op("dequantize", q, s, z, bits=bits, group_size=group, dtype=dtype.value, before=node)
 
 
+def _foldable_norm_params(g: Graph, layers) -> Optional[list]:
+    """The affine params of the norm producing the linears' shared input, when that norm feeds
+    only these linears (so dividing its output per channel costs nothing at run time)."""
+    users = g.users()
+    x = layers[0].node.inputs[0]
+    norm = x.node
+    if norm is None or norm.op not in ("layer_norm", "rms_norm") or norm.attrs.get("ndim") != 1:
+        return None
+    affine = [v for v in norm.inputs[1:] if v is not None]
+    readers = [u for u in users.get(x, []) if u.outputs and any(users.get(o) or o in g.outputs for o in u.outputs)]
+    if (len(readers) != len(layers) or not affine
+            or not all(v.kind == "param" and len(users.get(v, [])) == 1 for v in affine)):
+        return None
+    return affine
+
+
+def _fold_into_norm(g: Graph, affine: list, s: torch.Tensor, suffix: str) -> None:
+    """x' = x / s per channel, folded into the norm's weight (and bias)."""
+    for v in affine:
+        data = g.params[v.name].data
+        new = g.add_param(g.fresh_name(v.name + suffix), (data.double() / s).to(data.dtype))
+        derive(g, new.name, v.name)
+        g.replace_uses(v, new)
+
+
 def _smooth(g: Graph, layers, stats, alpha: float) -> dict:
     """SmoothQuant (see the module docstring): per linear node, the per-input-channel factor s its
     weight is multiplied by; the norm producing the input is rewired to params divided by s."""
-    users = g.users()
-    by_input: dict = {}
-    for l in layers:
-        by_input.setdefault(l.node.inputs[0], []).append(l)
-    out = {}
-    for x, group in by_input.items():
-        norm = x.node
-        if norm is None or norm.op not in ("layer_norm", "rms_norm") or norm.attrs.get("ndim") != 1:
-            continue
-        affine = [v for v in norm.inputs[1:] if v is not None]
-        if (len(users.get(x, [])) != len(group) or not affine
-                or not all(v.kind == "param" and len(users.get(v, [])) == 1 for v in affine)):
-            continue
-        act = stats[group[0].node.name].amax.clamp_min(1e-5)
-        wmax = torch.stack([l.tensor.double().abs().amax(0) for l in group]).amax(0).clamp_min(1e-5)
-        s = (act ** alpha / wmax ** (1 - alpha)).clamp(1e-4, 1e4)
-        for v in affine:
-            data = g.params[v.name].data
-            new = g.add_param(g.fresh_name(v.name + ".smoothed"), (data.double() / s).to(data.dtype))
-            derive(g, new.name, v.name)
-            g.replace_uses(v, new)
-        for l in group:
-            out[l.node] = s
-    return out
+    affine = _foldable_norm_params(g, layers)
+    if affine is None:
+        return {}
+    act = stats.amax.clamp_min(1e-5)
+    wmax = torch.stack([l.tensor.double().abs().amax(0) for l in layers]).amax(0).clamp_min(1e-5)
+    s = (act ** alpha / wmax ** (1 - alpha)).clamp(1e-4, 1e4)
+    _fold_into_norm(g, affine, s, ".smoothed")
+    return {l.node: s for l in layers}
+
+
+AWQ_GRID = 20
+
+
+def awq_scales(g: Graph, layers, stats, bits: int, group_size: int, symmetric: bool) -> dict:
+    """AWQ (Lin et al.): salient input channels — large mean |x| — are scaled up before rounding
+    (W' = W diag(s), x' = x / s), so their weights lose less to the grid. s = mean|x|^alpha with
+    alpha searched on a grid to minimise the group's output error ||(W' - W) X||^2, computed
+    exactly from the calibration Gram matrix (alpha = 0 is plain rounding, so the search never
+    does worse than RTN on the calibration data). Applied where 1/s folds into the producing norm."""
+    affine = _foldable_norm_params(g, layers)
+    if affine is None or stats is None:
+        return {}
+    gram = stats.gram.float()
+    mean = stats.abs_mean.float().clamp_min(1e-8)
+    ws = [l.tensor.float() for l in layers]
+    best, best_s = None, None
+    for k in range(AWQ_GRID):
+        alpha = k / AWQ_GRID
+        s = mean ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w in ws:
+            group = group_size or w.shape[1]
+            codes, scales, zeros = rtn(w * s, bits, group, symmetric)
+            d = dequant(codes, scales, zeros, group).float() / s - w
+            err += float(((d @ gram) * d).sum())
+        if best is None or err < best:
+            best, best_s = err, s.double()
+    if bool((best_s == 1).all()):
+        return {}
+    _fold_into_norm(g, affine, best_s, ".awq")
+    return {l.node: best_s for l in layers}
 
 
 def _emit_w8a8(g, node, x, wname, codes, scales, act_bits: int, token_codes: dict) -> Value:
@@ -360,11 +516,18 @@ def _nm_values(g: Graph, n: Node) -> Optional[Value]:
 
 
 def _quantize_nm_values(g: Graph, n: Node, bits: int, group_size: int, symmetric: bool) -> None:
-    """Quantize the kept values of an N:M weight (RTN: their columns are not the layer's inputs)."""
+    """Quantize the kept values of an N:M weight (RTN: their columns are not the layer's inputs).
+    Their kernels take whole groups only: a group size that does not divide the kept values falls
+    back to one group per row, with a warning."""
     dn = n.inputs[1].node
     v = dn.inputs[0]
     cols = v.type.shape[1]
     group = group_size or cols
+    if cols % group:
+        import warnings
+        warnings.warn(f"quantize: group_size={group_size} does not divide the {cols} kept values per row of the "
+                      f"N:M weight of %{n.name}; its values are quantized per output channel", stacklevel=2)
+        group = cols
     codes, scales, zeros = rtn(g.params[v.name].data, bits, group, symmetric)
     dv = _emit_weight(g, dn, v.name, codes, scales, zeros, bits, group, v.type.dtype)
     g.replace_uses(dn.output, g.op("densify_nm", dv, dn.inputs[1], before=dn, **dn.attrs))

@@ -22,8 +22,10 @@ from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
                               output_error, record, replace_linear)
+from .calibrate import normalize_samples
 from .dce import dce
 from .manager import Option, register_pass
+from .sequential import calibrate_sequentially
 
 
 def parse_nm(text: str, option: str = "pattern") -> tuple[int, int]:
@@ -49,6 +51,29 @@ def nm_prune(w: torch.Tensor, score: torch.Tensor, n: int, m: int):
     return vals.reshape(rows, -1), idx.reshape(rows, -1), dense
 
 
+def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, n: int, m: int, damp: float = 0.01):
+    """SparseGPT (Frantar & Alistarh) for N:M: each group of m columns keeps, per row, the n
+    weights whose removal would cost the most (w^2 / [H^-1]_jj^2, the OBS saliency); columns are
+    then fixed in order and each pruned weight's error is fed back into the columns not yet fixed
+    (``obs_sweep``), so the kept weights absorb what the pruned ones did. Returns like ``nm_prune``."""
+    from .quantize import inverse_hessian_factor, obs_sweep
+    W = w.double().clone()
+    rows, cols = W.shape
+    Hinv, _ = inverse_hessian_factor(hessian, damp)
+    block = m * max(1, 128 // m)
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+
+    def column(j, W1, i):
+        if j % m == 0:
+            d = Hinv.diagonal()[j:j + m]
+            saliency = W1[:, i:i + m] ** 2 / d[None, :] ** 2
+            keep[:, j:j + m].scatter_(1, saliency.topk(n, dim=1).indices, True)
+        return W1[:, i] * keep[:, j]
+
+    obs_sweep(W, Hinv, column, block)
+    return nm_prune(W, keep.double(), n, m)
+
+
 def scores(lin: Linear, method: str, stats) -> torch.Tensor:
     w = lin.tensor.abs().double()
     if method == "wanda":
@@ -58,13 +83,15 @@ def scores(lin: Linear, method: str, stats) -> torch.Tensor:
 
 @register_pass("sparsify", lossy=True, options={
     "pattern": Option(str, "2:4", help="'N:M' or 'auto'"),
-    "method": Option(str, "magnitude", choices=("magnitude", "wanda")),
+    "method": Option(str, "magnitude", choices=("magnitude", "wanda", "sparsegpt")),
     "levels": Option(str, "1:4;2:4;4:8", help="auto: the N:M levels a layer may take, ';'-separated"),
     "density": Option(float, 0.5, check=lambda d: 0 < d <= 1, allowed="in (0, 1]",
                       help="auto: fraction of the eligible weights kept overall"),
     "skip": Option(str, "", help="regex of weight names to leave dense"),
+    "sequential": Option(bool, True, help="wanda / sparsegpt: calibrate each layer on the outputs of the "
+                                          "layers before it as pruned"),
 })
-def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: float, skip: str):
+def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: float, skip: str, sequential: bool):
     """Prune linear weights to N:M; see the module docstring."""
     from .quantize import dequantize_layers, requantize_layers
     requant = dequantize_layers(g)  # running after quantize: transform the float values, then re-quantize
@@ -78,8 +105,36 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
             if l.shape[1] % m:
                 raise PipelineError(f"pass 'sparsify': pattern {n}:{m} needs the input dim of layer %{l.node.name} "
                                     f"({l.shape[1]}) to be a multiple of {m}; skip it with skip=<regex>")
+    if auto and method == "sparsegpt":
+        raise PipelineError("pass 'sparsify': method=sparsegpt takes a fixed pattern (e.g. pattern=2:4), not auto")
+    what = f"sparsify{{method={method}}}"
+    if not auto and method != "magnitude":
+        samples = normalize_samples(getattr(ctx, "calibration", None))
+        if not samples:
+            calibration_stats(g, ctx, [], need=True, what=what)        # raises: needs calibration
+        by_node = {l.node: l for l in layers}
+        n, m = level_list[0]
+
+        def prune_group(x, nodes, st):
+            for node in nodes:
+                l = by_node[node]
+                if method == "sparsegpt":
+                    vals, idx, dense = sparsegpt(l.tensor, st.hessian, n, m)
+                else:
+                    vals, idx, dense = nm_prune(l.tensor, scores(l, method, {node.name: st}), n, m)
+                _rewrite(g, l, (n, m), vals, idx, output_error(l.tensor, dense, st.gram), method=method,
+                         basis="calibration")
+        if sequential:
+            calibrate_sequentially(g, samples, list(by_node), prune_group, progress=getattr(ctx, "progress", False),
+                                   desc=what)
+        else:
+            stats = calibration_stats(g, ctx, list(by_node), need=True, what=what)
+            for node in by_node:
+                prune_group(node.inputs[0], [node], stats[node.name])
+        requantize_layers(g, requant, "sparsify")
+        return dce(g)
     stats = calibration_stats(g, ctx, [l.node for l in layers], need=method == "wanda" or auto and method == "wanda",
-                              what=f"sparsify{{method={method}}}")
+                              what=what)
     if auto and stats is None:
         stats = calibration_stats(g, ctx, [l.node for l in layers], need=False, what="sparsify{pattern=auto}")
     plans = []
@@ -106,7 +161,7 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
     for (l, _, gram), c in zip(plans, chosen):
         if c is not None:
             _rewrite(g, l, *c[:4], method=method, basis="calibration" if gram is not None else "weights")
-    requantize_layers(g, requant)
+    requantize_layers(g, requant, "sparsify")
     return dce(g)
 
 

@@ -429,7 +429,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: O
     repacks once at load instead)."""
     K = x.shape[-1]
     N = q.shape[0]
-    if q.shape[1] * 2 != K or K % group_size or group_size % 2 or scales.shape != (N, K // group_size):
+    if q.shape[1] * 2 != K or group_size % 2 or K % 2 or scales.shape != (N, -(-K // group_size)):
         raise ValueError(f"int4_linear: x [..., {K}], q {tuple(q.shape)}, scales {tuple(scales.shape)} and "
                          f"group_size {group_size} do not fit together")
     if tiled_layout_fits(group_size, K):
@@ -438,7 +438,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: O
     M = x2.shape[0]
     y, epi = output_buffer(x, M, N, epilogue, extras)
     bkh = 16 if INTERPRET else 64
-    while (group_size // 2) % bkh:         # a chunk never straddles a group
+    while (group_size // 2) % bkh or (K % group_size // 2) % bkh:   # a chunk never straddles a group
         bkh //= 2
     bm, bn = min(triton.next_power_of_2(M), 4), (64 if INTERPRET else 16)
     _int4_rows_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](

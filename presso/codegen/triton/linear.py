@@ -234,7 +234,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: t
                 extras: tuple = ()):
     """x [..., K] @ dequant(q [N, K] int8 or uint8 with zeros, scales [N, K/G])^T + bias -> [..., N]."""
     N, K = q.shape
-    if x.shape[-1] != K or K % group_size or scales.shape != (N, K // group_size):
+    if x.shape[-1] != K or scales.shape != (N, -(-K // group_size)):
         raise ValueError(f"int8_linear: x [..., {x.shape[-1]}], q {tuple(q.shape)}, scales {tuple(scales.shape)} "
                          f"and group_size {group_size} do not fit together")
     x2 = x.reshape(-1, K).contiguous()

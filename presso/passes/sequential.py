@@ -1,0 +1,111 @@
+"""Sequential (layer-wise) calibration, as GPTQ and llm-compressor's sequential pipeline do it:
+each layer is calibrated on the outputs of the layers before it *as compressed*, so the errors of
+earlier layers are seen, and compensated, by later ones.
+
+The graph runs node-major over the calibration set: every node runs on every sample before the
+next node does, and each sample keeps only the values that later nodes still read. When the walk
+reaches the first target linear reading an activation ``x``, the statistics of ``x`` over all
+samples are taken (one Gram matrix for all the linears sharing ``x``: q/k/v, gate/up) and
+``compress(x, nodes, stats)`` rewrites those linears in place (new nodes before them, their readers
+rerouted). The walk then runs the nodes it inserted, so everything downstream sees the compressed
+outputs. One pass over the data; peak memory is one layer's activations for the calibration set
+plus one Gram matrix, never statistics for the whole model."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..ir.graph import Graph, Node, Value
+from ..ir.registry import get_op
+from .calibrate import CalibrationError, LinearStats
+
+
+def input_stats(xs: Iterable[torch.Tensor]) -> LinearStats:
+    """Gram matrix (float32 products per sample, summed in float64), max and sum of |x| per channel."""
+    gram = amax = abs_sum = None
+    rows = 0
+    for x in xs:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError("calibration activations hold NaN or Inf: check the calibration samples")
+        g = (x.T @ x).double()
+        a, s = x.abs().amax(0).double(), x.abs().sum(0).double()
+        gram, amax, abs_sum = (g, a, s) if gram is None else (gram + g, torch.maximum(amax, a), abs_sum + s)
+        rows += x.shape[0]
+    return LinearStats(gram, rows, amax, abs_sum)
+
+
+def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable[Node],
+                           compress: Callable[[Value, list[Node], LinearStats], None],
+                           progress: bool = False, desc: str = "calibrating") -> None:
+    """Walk ``g`` over ``samples`` node-major, calling ``compress`` at each group of ``targets``
+    sharing an input (see the module docstring). ``compress`` must leave the replaced linears
+    without readers; they are skipped and left for dead-code elimination."""
+    from ..runtime.reference import bind_inputs, bind_results
+    pending = {id(n) for n in targets}
+    total = len(pending)
+    envs, bindings = [], []
+    for i, s in enumerate(samples):
+        try:
+            bindings.append(bind_inputs(g, s))
+        except InputError as e:
+            raise CalibrationError(f"calibration sample {i} does not fit the model: {e} (compile with "
+                                   "dynamic_shapes=... to calibrate on other shapes)") from None
+        envs.append({v: t for v, t in zip(g.inputs, s)})
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+    outputs = set(g.outputs)
+    users = g.users()
+    done: set[int] = set()
+    i = 0
+    with torch.no_grad():
+        while i < len(g.nodes):
+            n = g.nodes[i]
+            if id(n) in pending:
+                x = n.inputs[0]
+                group = [m for m in g.nodes[i:] if id(m) in pending and m.inputs[0] is x]
+                stats = input_stats(env[x] for env in envs)
+                pending.difference_update(id(m) for m in group)
+                compress(x, group, stats)
+                if bar is not None:
+                    bar.update(len(group))
+                    bar.set_postfix_str(group[-1].name)
+                users = g.users()
+                continue            # compress inserted nodes before n: run those next
+            if any(users.get(v) or v in outputs for v in n.outputs):
+                _run_node(g, n, envs, bindings, bind_results)
+            done.add(id(n))
+            for v in n.inputs:
+                if v is not None and v.kind == "node" and v not in outputs \
+                        and all(id(u) in done for u in users.get(v, ())):
+                    for env in envs:
+                        env.pop(v, None)
+            i += 1
+    if bar is not None:
+        bar.close()
+
+
+def _run_node(g: Graph, n: Node, envs: list, bindings: list, bind_results) -> None:
+    opdef = get_op(n.op)
+    if opdef.category != "random" and all(v is None or v.kind == "param" for v in n.inputs):
+        # a weight producer (dequantize, densify_nm): the same for every sample, computed once
+        outs = opdef.run([None if v is None else g.params[v.name].data for v in n.inputs], n.attrs, bindings[0])
+        for env in envs:
+            env.update(zip(n.outputs, outs))
+        return
+    for env, b in zip(envs, bindings):
+        ins = [None if v is None else (g.params[v.name].data if v.kind == "param" else env[v]) for v in n.inputs]
+        outs = opdef.run(ins, n.attrs, b)
+        if opdef.dynamic_shape:
+            bind_results(n.outputs, outs, b)
+        for v, t in zip(n.outputs, outs):
+            env[v] = t
+
+
+def samples_or_none(ctx) -> Optional[list]:
+    from .calibrate import normalize_samples
+    return normalize_samples(getattr(ctx, "calibration", None)) or None
