@@ -153,15 +153,20 @@ def _positions_from_input(g: Graph, positions: Value) -> None:
     dce(g)
 
 
+def _is_constant(v: Value) -> bool:
+    """v depends on no graph input (a param, or computed from params and constants only)."""
+    return v.kind == "param" or (v.node is not None and all(u is None or _is_constant(u) for u in v.node.inputs))
+
+
 def _feeds_only_rope_tables(g: Graph, v: Value, users: dict) -> bool:
-    """v is a pure function of the positions (every other operand on the way a param) read only
-    as the cos / sin tables of ``rotary`` nodes."""
+    """v is a pure function of the positions (every other operand on the way a constant) read
+    only as the cos / sin tables of ``rotary`` nodes."""
     if v in g.outputs:
         return False
     for n in users.get(v, []):
         if n.op == "rotary" and n.inputs[0] is not v:
             continue
-        if any(u is not None and u is not v and u.kind != "param" for u in n.inputs):
+        if any(u is not None and u is not v and not _is_constant(u) for u in n.inputs):
             return False
         if not all(_feeds_only_rope_tables(g, out, users) for out in n.outputs):
             return False
