@@ -213,3 +213,52 @@ def test_every_option_rejects_bad_values_by_name():
         if "streamer" not in kw:           # the iterator checks before it returns
             with pytest.raises(InputError, match=message):
                 cm.generate_stream(ids, 4, **kw)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_ragged_batch_with_absolute_positions_equals_transformers(name):
+    """GPT-2's and OPT's learned position tables (OPT's with its offset of 2) are looked up at each
+    sequence's own positions, as transformers does from the attention mask."""
+    from tests.corpora import hf as corpus
+    model, inputs = corpus.build(name)
+    model.generation_config.eos_token_id = None        # always the tokens asked for, on both sides
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 7, 12)]
+    ids, mask = left_padded(prompts)
+    # (transformers first: its first generate after presso traced GPT-2 measured one token off on
+    # the unpadded row, against its own later calls and that row alone)
+    want = hf_generate(model, ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    cm = presso.compile(model, example_inputs=(inputs["input_ids"],), generation=True, max_len=32)
+    assert torch.equal(cm.generate(ids, 6, attention_mask=mask), want)
+    assert all(torch.equal(r, cm.generate(p[None], 6)[0]) for r, p in zip(cm.generate(prompts, 6), prompts))
+
+
+class PositionScaled(torch.nn.Module):
+    """A causal decoder whose hidden states are scaled by their position: neither RoPE nor a
+    position table, so a sequence's pads would shift what its tokens compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.qkv, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 48), torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        h = self.emb(ids) * (1 + torch.arange(T, device=ids.device)[None, :, None].float() * 0.1)
+        q, k, v = (t.view(ids.shape[0], T, 2, 8).transpose(1, 2) for t in self.qkv(h).split(16, -1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(o.transpose(1, 2).reshape(ids.shape[0], T, 16))
+
+
+def test_ragged_batches_are_refused_where_positions_feed_anything_else():
+    torch.manual_seed(0)
+    m = PositionScaled().eval()
+    ids = torch.randint(0, 32, (2, 8))
+    cm = presso.compile(m, example_inputs=(ids,), generation=True, max_len=24)
+    with torch.no_grad():
+        want = ids
+        for _ in range(4):
+            want = torch.cat([want, m(want)[:, -1].argmax(-1)[:, None]], 1)
+    assert torch.equal(cm.generate(ids, 4), want)                  # an even batch decodes
+    with pytest.raises(InputError, match=r"cannot decode prompts of different lengths in one batch: its positions "
+                                         r"feed %\S+ \(\w+\), neither a RoPE table nor a position embedding"):
+        cm.generate([ids[0, :3], ids[1]], 4)

@@ -173,38 +173,64 @@ def _feeds_only_rope_tables(g: Graph, v: Value, users: dict) -> bool:
     return True
 
 
-def _added_to_batch(v: Value, users: dict) -> bool:
-    """Every reader of v [seq, ...] adds it to a [batch, seq, ...] value (an absolute position
-    embedding): a per-sequence lookup [batch, seq, ...] gives the same types."""
+def _index_chain(v: Value, positions: Value) -> Optional[list[Node]]:
+    """The nodes computing a table index v from the positions, if they act on each position on
+    its own: reshapes adding leading 1s, casts, arithmetic with a constant (OPT's offset)."""
+    chain = []
+    while v is not positions:
+        n = v.node
+        if n is None or v.type.rank < 1 or v.type.shape[-1] != SEQ:
+            return None
+        data = [u for u in n.inputs if u is not None and not _is_constant(u)]
+        if len(data) != 1 or not (n.op == "cast" or n.op in ("add", "sub", "mul") and data[0].type.shape == v.type.shape
+                                  or n.op == "reshape" and all(d == 1 for d in v.type.shape[:-1])):
+            return None
+        chain.append(n)
+        v = data[0]
+    return chain[::-1]
+
+
+def _added_to(v: Value, shape: list, users: dict) -> bool:
+    """Every reader of v adds it to a value of ``shape`` (what v becomes looked up per sequence)."""
     def fits(n):
         other = n.inputs[1] if n.inputs[0] is v else n.inputs[0]
-        return n.op == "add" and other is not v and list(other.type.shape[1:]) == list(v.type.shape)
+        return n.op == "add" and other is not v and list(other.type.shape) == shape
     return bool(users.get(v)) and all(fits(n) for n in users[v])
 
 
 def _positions_per_sequence(g: Graph, positions: Value, starts: Value) -> Optional[str]:
-    """Absolute position tables looked up at each sequence's own positions (slot - start, 0 for
-    pads); RoPE tables stay by slot (see the module docstring). Returns why ragged batches cannot
-    be decoded, or None."""
+    """Absolute position tables (added to the token embeddings) looked up at each sequence's own
+    positions (slot - start, 0 for pads); RoPE tables stay by slot (see the module docstring).
+    Returns why ragged batches cannot be decoded, or None."""
     users = g.users()
+    batch = starts.type.shape[0]
     per_sequence = None
-    for n in list(users.get(positions, [])):
-        if all(_feeds_only_rope_tables(g, out, users) for out in n.outputs):
+    for n in list(g.nodes):
+        if n.op != "gather" or n.inputs[0].kind != "param" or n.attrs["axis"] != 0:
             continue
-        if (n.op == "gather" and n.inputs[1] is positions and n.inputs[0].kind == "param" and n.attrs["axis"] == 0
-                and _added_to_batch(n.output, users)):
-            if per_sequence is None:
-                rows = g.op("reshape", starts, shape=[starts.type.shape[0], 1], before=n)
-                cols = g.op("reshape", positions, shape=[1, SEQ], before=n)
-                zero = g.add_param(g.fresh_name("zero"), torch.zeros((), dtype=torch.int64),
-                                   TensorType((), DType.i64))
-                per_sequence = g.op("maximum", g.op("sub", cols, rows, before=n), zero, before=n,
-                                    name="sequence_positions")
-            g.replace_uses(n.output, g.op("gather", n.inputs[0], per_sequence, axis=0, before=n))
+        chain = _index_chain(n.inputs[1], positions)
+        if chain is None or not _added_to(n.output, [batch, SEQ] + list(n.inputs[0].type.shape[1:]), users):
             continue
-        return (f"its positions feed %{n.outputs[0].name} ({n.op}), neither a RoPE table nor a position "
-                "embedding added to the tokens'")
+        if per_sequence is None:
+            rows = g.op("reshape", starts, shape=[batch, 1], before=n)
+            cols = g.op("reshape", positions, shape=[1, SEQ], before=n)
+            zero = g.add_param(g.fresh_name("zero"), torch.zeros((), dtype=torch.int64), TensorType((), DType.i64))
+            per_sequence = g.op("maximum", g.op("sub", cols, rows, before=n), zero, before=n,
+                                name="sequence_positions")
+        index = per_sequence            # [batch, seq]: the chain's reshapes only added leading 1s
+        for c in chain:
+            if c.op != "reshape":
+                index = g.add_node(c.op, [index if u is not None and not _is_constant(u) else u for u in c.inputs],
+                                   dict(c.attrs), before=n).output
+        g.replace_uses(n.output, g.op("gather", n.inputs[0], index, axis=0, before=n))
     dce(g)
+    users = g.users()
+    for n in users.get(positions, []):
+        if per_sequence is not None and n is cols.node:
+            continue
+        if not all(_feeds_only_rope_tables(g, out, users) for out in n.outputs):
+            return (f"its positions feed %{n.outputs[0].name} ({n.op}), neither a RoPE table nor a position "
+                    "embedding added to the tokens'")
     return None
 
 
