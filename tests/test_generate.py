@@ -163,6 +163,11 @@ def test_ragged_batch_on_the_zoo_equals_each_prompt_alone(make):
     ids, mask = left_padded(prompts, pad=9)
     assert torch.equal(cm.generate(ids, 12, attention_mask=mask)[:, 20:], torch.stack([r[len(p):] for r, p in
                                                                                          zip(rows, prompts)]))
+    # a repetition penalty counts each prompt's own tokens (token 0 too), never the pads (0 here)
+    prompts[0] = torch.tensor([0, 5, 0])
+    rows = cm.generate(prompts, 12, repetition_penalty=3.0)
+    for r, p in zip(rows, prompts):
+        assert torch.equal(r, cm.generate(p[None], 12, repetition_penalty=3.0)[0])
 
 
 def test_bad_batches_are_refused_by_name():

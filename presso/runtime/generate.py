@@ -48,12 +48,13 @@ class Generator:
         tokens up to its eos or stop sequence. ``streamer``: called with each step's new tokens
         (i64[batch], on the CPU), or an object with Hugging Face's ``put`` / ``end`` (``put`` gets
         the prompt ids first, as ``TextStreamer`` expects)."""
-        if streamer is not None and not callable(streamer) and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        hf_protocol = hasattr(streamer, "put") and hasattr(streamer, "end")
+        if streamer is not None and not callable(streamer) and not hf_protocol:
             raise InputError(f"streamer must be a callable taking each step's tokens, or an object with put() and "
                              f"end() (a transformers streamer), got {type(streamer).__name__}")
         batch, opts = self._prepare(input_ids, max_new_tokens, attention_mask, options)
-        put = getattr(streamer, "put", streamer)
-        if hasattr(streamer, "put"):
+        put = streamer.put if hf_protocol else streamer
+        if hf_protocol:
             streamer.put(batch.ids.cpu())
         picker, crit = self._processors(batch, opts)
         new = []
@@ -61,7 +62,7 @@ class Generator:
             new.append(nxt)
             if streamer is not None:
                 put(nxt.cpu())
-        if hasattr(streamer, "end"):
+        if hf_protocol:
             streamer.end()
         return self._result(batch, new, crit)
 

@@ -102,7 +102,8 @@ class TokenPicker:
         if opts.repetition_penalty != 1.0:
             # which tokens each sequence holds: [batch, vocab] (pads excluded)
             self.seen = torch.zeros(prompt_ids.shape[0], vocab, dtype=torch.bool, device=prompt_ids.device)
-            self.seen.scatter_(1, torch.where(real, prompt_ids, 0), real)
+            rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)[:, None].expand_as(prompt_ids)
+            self.seen[rows[real], prompt_ids[real]] = True
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         o = self.opts

@@ -147,8 +147,8 @@ def attention_cached_step(n: Node, mask: PositionMask) -> Step:
 
     def run(q, k, v, pos, starts=None):
         gqa = q.shape[-3] != k.shape[-3]
-        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask(pos, k.shape[-2], starts),
-                                               scale=scale, enable_gqa=gqa)]
+        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                               attn_mask=mask(pos, k.shape[-2], starts), scale=scale, enable_gqa=gqa)]
     return Step(n, "torch:sdpa_masked", run, list(n.inputs))
 
 
