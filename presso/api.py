@@ -118,13 +118,23 @@ class CompiledModel:
             return ReferenceRuntime
         raise TargetUnavailableError(f"generation runs on the 'reference' and 'cuda' targets, not {self.target!r}")
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, max_len: Optional[int] = None, **sampling):
-        """Greedy (default) or sampled (``do_sample=True, temperature=, top_k=, seed=``) generation
-        with an explicit KV cache; returns prompt + new tokens."""
+    def generate(self, input_ids, max_new_tokens: int, max_len: Optional[int] = None, **options):
+        """Generation with an explicit KV cache; returns prompt + new tokens (a list of prompts
+        gives a list). ``input_ids`` is i64[batch, seq] (with ``attention_mask=`` for a
+        left-padded batch) or a list of prompts of any lengths; greedy by default, or
+        ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p``, ``seed``; also
+        ``repetition_penalty``, ``eos_token_id`` (an id or a list), ``pad_token_id``,
+        ``stop_sequences`` (token-id lists), ``max_time`` (seconds) and ``streamer`` (a callable
+        given each step's new tokens, or a transformers streamer). See ``presso.runtime.generate``."""
         gen = self.decode_program(max_len)
-        out = gen.generate(input_ids, max_new_tokens, **sampling)
+        out = gen.generate(input_ids, max_new_tokens, **options)
         self.kv_cache_bytes_per_token = gen.last_cache_bytes_per_token
         return out
+
+    def generate_stream(self, input_ids, max_new_tokens: int, max_len: Optional[int] = None, **options):
+        """``generate``'s new tokens as they come: an iterator of i64[batch] tensors, one per step
+        (the arguments are ``generate``'s, checked before it returns)."""
+        return self.decode_program(max_len).stream(input_ids, max_new_tokens, **options)
 
     def save(self, path, overwrite: bool = False, key=None):
         """Write an ahead-of-time artifact (see ``presso.runtime.artifact``); returns its path.

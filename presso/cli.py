@@ -1,4 +1,4 @@
-"""The ``presso`` command: inspect, compile, show, diff, bench and eval models and artifacts.
+"""The ``presso`` command: inspect, compile, show, diff, bench, eval and generate with models and artifacts.
 
 MODEL is a ``.onnx`` file, a saved presso artifact (a directory), or ``package.module:factory``
 where ``factory()`` returns ``(module, example_inputs)``. Errors print one line and exit 2
@@ -259,6 +259,124 @@ def cmd_eval(a) -> int:
                           "windows": res.windows, "seconds": res.seconds, "window": window}))
     else:
         print(f"{a.model}: {res} (window {window})")
+def _tokenizer(path):
+    """The Hugging Face tokenizer saved in ``path``, or None where there is none."""
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(p))
+
+
+def _load_for_generation(a):
+    """-> (CompiledModel compiled with ``generation=True``, tokenizer or None, default eos ids).
+    MODEL is a Hugging Face causal LM folder (``save_pretrained``: its tokenizer comes with it), a
+    saved artifact compiled for generation, or ``package.module:factory``."""
+    import presso
+    p = Path(a.model)
+    calib = _load_calibration(a.calibration) if a.calibration else None
+    compile_kw = dict(target=a.target, recipe=a.recipe, calibration=calib, generation=True, max_len=a.max_len)
+    tok, eos = None, None
+    if p.is_dir() and (p / "config.json").exists():
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(p)).eval()
+        ids = torch.randint(0, model.config.vocab_size, (2, 8))
+        limit = getattr(model.config, "max_position_embeddings", None)
+        compile_kw["max_len"] = min(a.max_len, limit) if limit else a.max_len
+        cm = presso.compile(model, example_inputs=(ids,), **compile_kw)
+        tok, eos = _tokenizer(p), model.generation_config.eos_token_id
+    elif p.is_dir():
+        cm = presso.load(p, **_artifact_opts(a))
+    elif ":" in a.model and not p.exists():
+        _, _, inputs, module = load_any(a.model)
+        cm = presso.compile(module, example_inputs=inputs, **compile_kw)
+    else:
+        raise CLIError(f"{a.model!r} is not a Hugging Face model folder, a presso artifact directory, "
+                       "or package.module:factory")
+    if a.tokenizer:
+        tok = _tokenizer(a.tokenizer)
+        if tok is None:
+            raise CLIError(f"no tokenizer in {a.tokenizer} (tokenizer.json or tokenizer_config.json)")
+    if eos is None and tok is not None:
+        eos = tok.eos_token_id
+    return cm, tok, eos
+
+
+def _prompts(a, tok) -> list[list[int]]:
+    prompts = []
+    for text in a.prompt or []:
+        if tok is None:
+            raise CLIError(f"{a.model} has no tokenizer to read --prompt text: give --tokenizer DIR, or token ids "
+                           "with --prompt-ids")
+        prompts.append(tok(text)["input_ids"])
+    for ids in a.prompt_ids or []:
+        try:
+            prompts.append([int(x) for x in ids.replace(",", " ").split()])
+        except ValueError:
+            raise CLIError(f"--prompt-ids takes token ids separated by commas or spaces, got {ids!r}") from None
+    return prompts
+
+
+class _Printer:
+    """Prints one sequence's new tokens as they come: what the text of prompt and new tokens
+    gained with each token (so spacing is the tokenizer's, and tokens that only make sense
+    together print once complete), or their ids without a tokenizer."""
+
+    def __init__(self, tok, prompt: list[int], out):
+        self.tok, self.prompt, self.out, self.ids = tok, prompt, out, []
+        self.shown = self._text()
+        out.write(self.shown)
+
+    def _text(self) -> str:
+        ids = self.prompt + self.ids
+        return self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else " ".join(map(str, ids))
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self._text()
+        self.out.write(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
+        self.shown = text
+        self.out.flush()
+
+
+def _sampling_options(a, eos) -> dict:
+    opts = dict(do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, max_time=a.max_time)
+    eos = a.eos_token_id if a.eos_token_id is not None else eos
+    if eos is not None:
+        opts["eos_token_id"] = eos
+    if a.stop_ids:
+        try:
+            opts["stop_sequences"] = [[int(x) for x in s.replace(",", " ").split()] for s in a.stop_ids]
+        except ValueError:
+            raise CLIError(f"--stop-ids takes token ids separated by commas or spaces, got {a.stop_ids}") from None
+    return opts
+
+
+def cmd_generate(a) -> int:
+    from presso.runtime.sampling import check_options
+    check_options(a.max_new_tokens, **_sampling_options(a, None))     # bad options fail before any loading
+    if not (a.prompt or a.prompt_ids):
+        raise CLIError("give a prompt: --prompt TEXT (with a tokenizer) or --prompt-ids IDS")
+    cm, tok, eos = _load_for_generation(a)
+    prompts = _prompts(a, tok)
+    opts = _sampling_options(a, eos)
+    show = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else \
+        (lambda ids: " ".join(map(str, ids)))
+    t0 = time.perf_counter()
+    if len(prompts) == 1:             # one sequence: its tokens print as they come
+        printer = _Printer(tok, prompts[0], sys.stdout)
+        cm.generate([torch.tensor(prompts[0])], a.max_new_tokens, streamer=printer, **opts)
+        sys.stdout.write("\n")
+        count = len(printer.ids)
+    else:                             # a ragged batch, printed once done
+        rows = cm.generate([torch.tensor(p) for p in prompts], a.max_new_tokens, **opts)
+        for i, (p, r) in enumerate(zip(prompts, rows)):
+            print(f"[{i}] {show(r.tolist())}")
+        count = sum(len(r) - len(p) for p, r in zip(prompts, rows))
+    seconds = time.perf_counter() - t0
+    print(f"{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s, target {cm.target})", file=sys.stderr)
     return 0
 
 
@@ -313,6 +431,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="windows per call")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("generate", help="generate text with a causal LM, printing tokens as they come", parents=[art])
+    s.add_argument("model", help="a Hugging Face model folder, an artifact compiled with generation, or module:factory")
+    s.add_argument("--prompt", action="append", help="prompt text (needs a tokenizer); repeat for a batch")
+    s.add_argument("--prompt-ids", dest="prompt_ids", action="append", help="prompt token ids, e.g. '1,2,3'")
+    s.add_argument("--tokenizer", help="folder of a Hugging Face tokenizer (default: the model folder's)")
+    s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    s.add_argument("--max-len", dest="max_len", type=int, default=128,
+                   help="KV-cache length, when compiling (at most a Hugging Face model's max_position_embeddings)")
+    s.add_argument("--target", default="reference")
+    s.add_argument("--recipe", default=None)
+    s.add_argument("--calibration", help="safetensors file with keys '<sample>.<input>' (for the recipe)")
+    s.add_argument("--do-sample", dest="do_sample", action="store_true")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", dest="top_k", type=int, default=0)
+    s.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--eos-token-id", dest="eos_token_id", type=int, default=None,
+                   help="default: the model's or the tokenizer's")
+    s.add_argument("--stop-ids", dest="stop_ids", action="append", help="a stop sequence of token ids; repeatable")
+    s.add_argument("--max-time", dest="max_time", type=float, default=None, help="seconds")
+    s.set_defaults(fn=cmd_generate)
     return p
 
 

@@ -105,3 +105,82 @@ def test_unreadable_artifact_and_debug_traceback(tmp_path):
     assert r.returncode == 2 and "does not describe a presso artifact" in r.stderr and "Traceback" not in r.stderr
     r = presso("--debug", "inspect", bad)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A small random Llama saved as Hugging Face saves it, with a word-level tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 128)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>").save_pretrained(d)
+    return d
+
+
+def hf_text(folder, prompts, n, **kw):
+    """What transformers' own generate gives, decoded."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([tok(p)["input_ids"]]), max_new_tokens=n, pad_token_id=0, **kw)
+        out.append(tok.decode(ids[0], skip_special_tokens=True))
+    return out
+
+
+def test_generate_prints_the_text_of_transformers_generate(hf_folder):
+    prompt = "w5 w9 w100 w7"
+    r = presso("generate", hf_folder, "--prompt", prompt, "--max-new-tokens", 10, "--repetition-penalty", 1.2)
+    assert r.returncode == 0, r.stderr
+    want = hf_text(hf_folder, [prompt], 10, do_sample=False, repetition_penalty=1.2)[0]
+    assert r.stdout == want + "\n" and len(want.split()) > 4 + 3
+    assert "tokens/s, target reference" in r.stderr
+    # several prompts: a ragged batch, each prompt's text as transformers gives it alone
+    prompts = ["w5 w9 w100 w7", "w3", "w60 w61 w62 w63 w64 w65 w66"]
+    r = presso("generate", hf_folder, *[x for p in prompts for x in ("--prompt", p)], "--max-new-tokens", 6)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"[{i}] {t}" for i, t in enumerate(hf_text(hf_folder, prompts, 6,
+                                                                                  do_sample=False))]
+
+
+def test_generate_streams_each_token_as_it_comes(hf_folder, monkeypatch):
+    from presso.cli import main
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+
+        def flush(self):
+            pass
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", str(hf_folder), "--prompt-ids", "5,9,100", "--max-new-tokens", "8",
+                 "--eos-token-id", "127"]) == 0
+    # the prompt, one write per new token (each the text that token added), the final newline
+    assert len(out.writes) == 1 + 8 + 1 and out.writes[0] == "w5 w9 w100" and out.writes[-1] == "\n"
+    assert all(w.startswith(" w") for w in out.writes[1:-1]), out.writes
+
+
+def test_generate_errors_are_one_line(hf_folder):
+    bad = [(["presso.models:make_llama", "--prompt", "hello"], "has no tokenizer to read --prompt text"),
+           (["presso.models:make_llama", "--prompt-ids", "1,x"], "--prompt-ids takes token ids"),
+           (["presso.models:make_llama"], "give a prompt: --prompt TEXT"),
+           ([hf_folder, "--prompt", "w5", "--top-p", "2"], "top_p must be a number in (0, 1]"),
+           ([hf_folder, "--prompt", "w5", "--tokenizer", hf_folder / "none"], "no tokenizer in")]
+    for args, message in bad:
+        r = presso("generate", *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr

@@ -60,9 +60,11 @@ def test_decode_program_has_the_cache_as_explicit_state():
     _, _, cm = llama()
     gen = cm.decode_program()
     names = [v.name for v in gen.step.inputs]
-    assert names[:2] == ["input_ids", "positions"] and names[2:] == ["cache.0.k", "cache.0.v", "cache.1.k", "cache.1.v"]
-    assert str(gen.step.inputs[0].type) == "i64[batch, 1]" and str(gen.step.inputs[2].type) == "f32[batch, 2, 96, 16]"
-    assert [v.name for v in gen.step.outputs[1:]] == [n + ".new" for n in names[2:]]
+    assert names[:3] == ["input_ids", "positions", "starts"]
+    assert names[3:] == ["cache.0.k", "cache.0.v", "cache.1.k", "cache.1.v"]
+    assert str(gen.step.inputs[0].type) == "i64[batch, 1]" and str(gen.step.inputs[3].type) == "f32[batch, 2, 96, 16]"
+    assert str(gen.step.inputs[2].type) == "i64[batch]"
+    assert [v.name for v in gen.step.outputs[1:]] == [n + ".new" for n in names[3:]]
     text = str(gen.step)
     assert "cache_update(%cache.0.k," in text and "attention_cached(" in text and "seq" not in text
 

@@ -349,3 +349,68 @@ def test_kernel_entry_points_reject_operands_that_do_not_fit():
                            torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), torch.tensor([0]), torch.float32)
     with pytest.raises(ValueError, match=r"rotary: x \(2, 3, 5\) must have rank <= 4 and an even last dim"):
         rotary(torch.zeros(2, 3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.float32)
+
+
+PADDED_ROWS = textwrap.dedent("""
+    import torch
+    from presso.codegen.triton.latent_attention import (gqa_decode_attention, latent_decode_attention,
+                                                        reference_latent_attention)
+    from presso.ir.ops import rotary as rotary_ref
+    torch.manual_seed(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    starts = torch.tensor([0, 5, 17])            # each row's first slot (left padding), one past a tile
+    B, pos, L = 3, 30, 40
+    cases = 0
+    # standard GQA caches: SDPA over each row's slots start..pos
+    q, k, v = torch.randn(B, 8, 1, 16), torch.randn(B, 2, L, 16), torch.randn(B, 2, L, 16)
+    got = gqa_decode_attention(q, k, v, torch.tensor([pos]), 0.25, starts=starts)
+    for b in range(B):
+        s = int(starts[b])
+        kk, vv = (t[b:b + 1, :, s:pos + 1].repeat_interleave(4, 1) for t in (k, v))
+        want = sdpa(q[b:b + 1], kk, vv, scale=0.25)
+        assert torch.allclose(got[b:b + 1], want, rtol=1e-4, atol=1e-4), ("gqa", b, (got[b:b + 1] - want).abs().max())
+        cases += 1
+    assert not torch.allclose(got, gqa_decode_attention(q, k, v, torch.tensor([pos]), 0.25), atol=1e-3)
+    # latent caches, absorbed (the query's absorption and the value up-projection in the kernels)
+    H, HPG, D, R, RV = 8, 4, 16, 16, 16
+    qd, wq, upv = torch.randn(B, H, D), torch.randn(H, D, R) * 0.3, torch.randn(H, RV, 16)
+    hk, hv = torch.randn(B, L, H // HPG * R), torch.randn(B, L, H // HPG * RV)
+    for split, interleave in ((None, True), (16, False)):
+        got = latent_decode_attention(qd, hk, hv, torch.tensor([pos]), HPG, 0.3, absorb=wq, up_v=upv, starts=starts,
+                                      split_len=split, interleave=interleave)
+        want = torch.cat([reference_latent_attention(qd[b:b + 1], hk[b:b + 1, s:], hv[b:b + 1, s:],
+                                                     torch.tensor([pos - s]), HPG, 0.3, absorb=wq, up_v=upv)
+                          for b, s in enumerate(starts.tolist())])
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), ("absorbed", split, (got - want).abs().max())
+        assert torch.allclose(reference_latent_attention(qd, hk, hv, torch.tensor([pos]), HPG, 0.3, absorb=wq,
+                                                         up_v=upv, starts=starts), want, rtol=1e-4, atol=1e-4)
+        cases += 1
+    # latent caches with RoPE keys rebuilt in the kernel, GQA (4 key heads, 2 groups): keys keep
+    # their slot's rotation, the query its own (scores depend on the distance only)
+    HKV, G = 4, 2
+    kd = HKV // G * D
+    bk = torch.block_diag(*[torch.randn(kd, R) * 0.2 for _ in range(G)])
+    upk = bk.as_strided((G, R, kd), (kd * bk.stride(0) + R, 1, bk.stride(0)))
+    ang = torch.randn(L, D // 2)
+    cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+    hk, hv = torch.randn(B, L, G * R), torch.randn(B, L, G * 16)
+    got = latent_decode_attention(qd, hk, hv, torch.tensor([pos]), H // G, 0.3, upk, cos, sin, starts=starts,
+                                  rope_halves_equal=True)
+    for b, s in enumerate(starts.tolist()):
+        kk = (hk[b:b + 1, s:pos + 1] @ bk.T).reshape(1, pos + 1 - s, HKV, D).transpose(1, 2)
+        kk = rotary_ref(kk, cos[s:pos + 1], sin[s:pos + 1]).repeat_interleave(H // HKV, 1)
+        vv = hv[b:b + 1, s:pos + 1].reshape(1, pos + 1 - s, G, 16).transpose(1, 2).repeat_interleave(H // G, 1)
+        want = sdpa(qd[b:b + 1, :, None], kk, vv, scale=0.3)[:, :, 0]
+        assert torch.allclose(got[b:b + 1], want, rtol=1e-4, atol=1e-4), ("rope", b, (got[b:b + 1] - want).abs().max())
+        cases += 1
+    print("padded rows", cases)
+""")
+
+
+def test_decode_attention_kernels_skip_the_padding_of_each_row_under_the_interpreter():
+    """Left-padded batches: the latent and GQA decode attention kernels read row b's slots from
+    starts[b] on only."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", PADDED_ROWS], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "padded rows 8" in r.stdout, r.stdout

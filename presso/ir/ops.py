@@ -197,19 +197,28 @@ def cache_update(cache, new, positions, axis):
 
 
 def _attn_cached_infer(types, attrs):
-    q, k, v, pos = types
+    q, k, v, pos = types[:4]
     _attn_verify([q, k, v], attrs)
+    starts = types[4] if len(types) > 4 else None
+    if starts is not None and (starts.dtype != DType.i64 or starts.rank != 1):
+        raise IRError(f"attention_cached: starts must be i64[batch], got {starts}")
     return [TensorType(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)]
 
 
-@defop("attention_cached", ["q", "k", "v", "positions"], {"scale": Attr("float", None, optional=True)}, "attention",
-       infer=_attn_cached_infer, flops=_attn_flops)
-def attention_cached(q, k, v, positions, scale):
+@defop("attention_cached", ["q", "k", "v", "positions", "starts?"], {"scale": Attr("float", None, optional=True)},
+       "attention", infer=_attn_cached_infer, flops=_attn_flops)
+def attention_cached(q, k, v, positions, starts, scale):
     """Causal attention of new queries (at absolute ``positions``) over a KV cache: query i sees
-    cached keys 0..positions[i]; cache slots past the newest position are never read."""
+    cached keys 0..positions[i]; cache slots past the newest position are never read. With
+    ``starts`` (i64[batch], a left-padded batch) sequence b's queries see only slots from
+    starts[b] on (a pad's query, before its start, sees its own slot)."""
     n = int(positions.max()) + 1
     k, v = k[..., :n, :], v[..., :n, :]
-    mask = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
+    slots = torch.arange(n, device=q.device)
+    mask = slots[None, :] <= positions[:, None]
+    if starts is not None:
+        first = torch.minimum(starts[:, None], positions[None, :])                   # [batch, seq]
+        mask = (mask[None] & (slots[None, None, :] >= first[..., None]))[:, None]    # [batch, 1, seq, n]
     gqa = q.shape[-3] != k.shape[-3]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 

@@ -103,7 +103,8 @@ def rotary_cache_step(anchor: Node, four: tuple) -> Step:
 
 
 class PositionMask:
-    """The decode attention's mask (cache slot j visible to query i when j <= positions[i]),
+    """The decode attention's mask (cache slot j visible to query i of row b when
+    min(starts[b], positions[i]) <= j <= positions[i]: ``attention_cached``'s),
     built by the first layer of a run and read by the others (2 launches per layer otherwise).
     The runtime calls ``Program.begin_run`` before each run (and each CUDA-graph capture, which so
     records the first layer's launches), so a mask never outlives the run that built it."""
@@ -114,10 +115,14 @@ class PositionMask:
     def reset(self) -> None:
         self._key, self._mask = None, None
 
-    def __call__(self, pos: torch.Tensor, length: int) -> torch.Tensor:
-        if self._key is None or self._key[0] is not pos or self._key[1] != length:
-            self._mask = torch.arange(length, device=pos.device)[None, :] <= pos[:, None]
-            self._key = (pos, length)
+    def __call__(self, pos: torch.Tensor, length: int, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._key is None or self._key[0] is not pos or self._key[1] != length or self._key[2] is not starts:
+            slots = torch.arange(length, device=pos.device)
+            self._mask = slots[None, :] <= pos[:, None]
+            if starts is not None:
+                first = torch.minimum(starts[:, None], pos[None, :])
+                self._mask = (self._mask[None] & (slots[None, None, :] >= first[..., None]))[:, None]
+            self._key = (pos, length, starts)
         return self._mask
 
 
@@ -126,24 +131,24 @@ def attention_cached_step(n: Node, mask: PositionMask) -> Step:
     (so a decode step can be captured as a CUDA graph): one token over head-major caches runs the
     latent-attention kernel's plain form (split over the sequence, only slots up to the position
     read); otherwise SDPA over the whole cache with a position mask (slots past the newest
-    position get zero weight, as in the reference)."""
+    position, and before a row's start, get zero weight, as in the reference)."""
     import torch.nn.functional as F
     scale = n.attrs["scale"]
-    q, k, v, p = (x.type for x in n.inputs)
+    q, k, v, p = (x.type for x in n.inputs[:4])
     if (q.rank == 4 and q.shape[2] == 1 and k.rank == 4 and v.shape == k.shape and p.shape == (1,)
             and q.dtype == k.dtype == v.dtype and _pow2_at_least_16(q.shape[3]) and k.shape[3] == q.shape[3]
             and isinstance(k.shape[1], int) and isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0):
         from .latent_attention import gqa_decode_attention
         sc = scale if scale is not None else q.shape[3] ** -0.5
 
-        def run_kernel(qt, kt, vt, pt):
-            return [gqa_decode_attention(qt, kt, vt, pt, sc)]
+        def run_kernel(qt, kt, vt, pt, st=None):
+            return [gqa_decode_attention(qt, kt, vt, pt, sc, starts=st)]
         return Step(n, "triton:gqa_decode_attention", run_kernel, list(n.inputs))
 
-    def run(q, k, v, pos):
+    def run(q, k, v, pos, starts=None):
         gqa = q.shape[-3] != k.shape[-3]
-        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask(pos, k.shape[-2]),
-                                               scale=scale, enable_gqa=gqa)]
+        return [F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                               attn_mask=mask(pos, k.shape[-2], starts), scale=scale, enable_gqa=gqa)]
     return Step(n, "torch:sdpa_masked", run, list(n.inputs))
 
 
@@ -294,6 +299,7 @@ def latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> O
             and _pow2_at_least_16(RV) and n.attrs["scale"] is not None):
         return None
     scale, hpg = n.attrs["scale"], H // G
+    starts = n.inputs[4] if len(n.inputs) > 4 else None
     replaced = [x for view, cache in ((n.inputs[1], hk), (n.inputs[2], hv))
                 for x in _private_chain(view, cache, n, users, outputs)]
     up = _param_matmul_from(n.outputs[0], users, outputs)
@@ -302,23 +308,23 @@ def latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> O
     if rope:
         halves_equal = all(torch.equal(t[:, :D // 2], t[:, D // 2:]) for t in (params[cos.name].data, params[sin.name].data))
 
-        def run_rope(qt, kc, vc, pos, upk, ct, st, wvt):
+        def run_rope(qt, kc, vc, pos, upk, ct, st, wvt, starts):
             o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, upk, ct, st,
-                                        value_groups=Gv, up_v=wvt, rope_halves_equal=halves_equal)
+                                        value_groups=Gv, up_v=wvt, rope_halves_equal=halves_equal, starts=starts)
             return [o.unsqueeze(2)]
         step = Step(up[0] if up else n, kernel + ("+up_v" if up else ""), run_rope,
-                    [q, hk, hv, n.inputs[3], w, cos, sin, wv], prepare=((4,), _group_blocks(G, R, hkv // G * D)))
+                    [q, hk, hv, n.inputs[3], w, cos, sin, wv, starts], prepare=((4,), _group_blocks(G, R, hkv // G * D)))
         return step, replaced
     absorb = _param_matmul_into(q, users)
     replaced += [absorb[0]] if absorb else []
 
-    def run(qt, kc, vc, pos, wq, wvt):
+    def run(qt, kc, vc, pos, wq, wvt, starts):
         o = latent_decode_attention(qt[:, :, 0, :], kc, vc.to(kc.dtype), pos, hpg, scale, value_groups=Gv,
-                                    absorb=wq, up_v=wvt)
+                                    absorb=wq, up_v=wvt, starts=starts)
         return [o.unsqueeze(2)]
     kernel += ("+absorb" if absorb else "") + ("+up_v" if up else "")
     return Step(up[0] if up else n, kernel, run, [absorb[1] if absorb else q, hk, hv, n.inputs[3],
-                                                   absorb[2] if absorb else None, wv]), replaced
+                                                   absorb[2] if absorb else None, wv, starts]), replaced
 
 
 def cache_update_step(n: Node) -> Step:

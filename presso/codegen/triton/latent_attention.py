@@ -146,15 +146,17 @@ def _absorb_kernel(q_ptr, w_ptr, qa_ptr, B, D, stride_qb, stride_qh, stride_wh, 
 
 
 @triton.jit
-def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, o_ptr, ml_ptr,
+def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr, start_ptr, o_ptr, ml_ptr,
                         L, scale, stride_qb, stride_qh, stride_bg, stride_br, stride_bc, stride_cl,
                         stride_kb, stride_kl, stride_kg, stride_vb, stride_vl, stride_vg,
                         stride_ob, stride_oh, stride_os,
                         HPG: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RV: tl.constexpr,
                         GV_DIV: tl.constexpr, ROPE: tl.constexpr, KPG: tl.constexpr, KC: tl.constexpr,
                         HALVES_EQUAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                        IEEE: tl.constexpr, SPLIT_LEN, INTERLEAVE: tl.constexpr, GDC: tl.constexpr):
+                        IEEE: tl.constexpr, SPLIT_LEN, INTERLEAVE: tl.constexpr, GDC: tl.constexpr,
+                        HAS_START: tl.constexpr):
     """One split of one group's sequence; partial outputs and softmax statistics to o / ml. With
+    ``HAS_START`` (a left-padded batch) the slots before the row's start are masked. With
     ``GDC`` (grid dependency control) the merge kernel may launch at once, and an absorbed query is
     read only once the absorb kernel before it has finished (the caches and the position were
     written before that kernel started)."""
@@ -167,6 +169,9 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
     else:                 # SPLIT_LEN consecutive tokens
         t_start, t_step = sp * SPLIT_LEN, BLOCK_T
         t_end = tl.minimum(t_start + SPLIT_LEN, pos + 1)
+    first = 0
+    if HAS_START:
+        first = tl.load(start_ptr + b).to(tl.int32)
     rh = tl.arange(0, HP)
     mh = rh < HPG
     rr = tl.arange(0, R)
@@ -190,7 +195,7 @@ def _latent_attn_kernel(q_ptr, b_ptr, cos_ptr, sin_ptr, hk_ptr, hv_ptr, pos_ptr,
         qa = tl.load(qa_ptrs + after, mask=mh[:, None], other=0.0)                     # [HP, R]
     for t0 in range(t_start, t_end, t_step):
         rt = t0 + tl.arange(0, BLOCK_T)
-        mt = rt < t_end
+        mt = (rt < t_end) & (rt >= first)
         hk = tl.load(hk_ptr + b * stride_kb + rt[:, None] * stride_kl + g * stride_kg + rr[None, :], mask=mt[:, None],
                      other=0.0)                                                      # [T, R]
         if ROPE and HPG == KPG:       # one query head per key head: rotate and score elementwise
@@ -291,7 +296,7 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
                             block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             absorb: torch.Tensor | None = None, up_v: torch.Tensor | None = None,
                             rope_halves_equal: bool = False, dependent_launch: bool | None = None,
-                            interleave: bool | None = None):
+                            interleave: bool | None = None, starts: torch.Tensor | None = None):
     """One decode token's attention over the latent cache.
 
     q: [B, H, D] (rope, or with ``absorb``) or the absorbed [B, H, R]; hk: [B, L, G*R];
@@ -301,7 +306,8 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     only; any strides; KPG < heads_per_group is GQA: each rebuilt key head serves
     heads_per_group / KPG query heads); cos/sin: [L, D] tables by position (rope only); value_groups: latent
     groups of hv (default G); absorb: [H, D, R], each head's query map into the key latent (no
-    rope); up_v: [H, Rv, Dv], each head's value up-projection.
+    rope); up_v: [H, Rv, Dv], each head's value up-projection; starts: i64[B], each row's first
+    valid slot (a left-padded batch: the slots before it are not attended), default 0.
     rope_halves_equal: the caller knows each cos / sin row repeats its first half (standard RoPE
     tables; checked on the data by the cuda program): the kernel reads half of them.
     dependent_launch: launch the attention (after an absorb) and the merge kernel as programmatic
@@ -388,12 +394,13 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     o = torch.empty(B, H, splits, RV, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * G * splits * 2 * hp, dtype=torch.float32, device=q.device)
     _latent_attn_kernel[(B, G, splits)](
-        q, up, cos, sin, hk, hv, position, o, ml, L, scale, q.stride(0), q.stride(1),
+        q, up, cos, sin, hk, hv, position, position if starts is None else starts, o, ml, L, scale,
+        q.stride(0), q.stride(1),
         *up_strides, cos.stride(0) if rope else 0,
         *k_strides, *v_strides, o.stride(0), o.stride(1), o.stride(2),
         HPG=heads_per_group, HP=hp, D=D, R=R, RV=RV, GV_DIV=G // Gv, ROPE=rope, KPG=kpg, KC=kc,
         HALVES_EQUAL=rope_halves_equal, BLOCK_T=bt, IEEE=ieee,
-        SPLIT_LEN=split, INTERLEAVE=interleave, GDC=gdc, num_warps=num_warps, **stages,
+        SPLIT_LEN=split, INTERLEAVE=interleave, GDC=gdc, HAS_START=starts is not None, num_warps=num_warps, **stages,
         **dependent(absorb is not None))
     bd = min(triton.next_power_of_2(dv), _MERGE_BLOCK_D)
     w = up_v if up_v is not None else o
@@ -406,12 +413,13 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
 
 
 def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k=None, cos=None, sin=None,
-                               value_groups=None, absorb=None, up_v=None):
+                               value_groups=None, absorb=None, up_v=None, starts=None):
     """The same computation with full keys rebuilt in memory (torch), for tests and benchmarks."""
     if absorb is not None:
         q = torch.einsum("bhd,hdr->bhr", q.float(), absorb.float()).to(q.dtype)
     if up_v is not None:
-        o = reference_latent_attention(q.float(), hk, hv, position, heads_per_group, scale, up_k, cos, sin, value_groups)
+        o = reference_latent_attention(q.float(), hk, hv, position, heads_per_group, scale, up_k, cos, sin, value_groups,
+                                       starts=starts)
         return torch.einsum("bhr,hrd->bhd", o, up_v.float()).to(q.dtype)
     B, H = q.shape[:2]
     G = H // heads_per_group
@@ -432,15 +440,19 @@ def reference_latent_attention(q, hk, hv, position, heads_per_group, scale, up_k
     else:
         kq = hk.repeat_interleave(heads_per_group, dim=2)                   # [B, n, H, R]
         s = torch.einsum("bhr,bnhr->bhn", q.float(), kq)
+    if starts is not None:
+        s = s.masked_fill(torch.arange(n, device=s.device)[None, None, :] < starts[:, None, None].to(s.device),
+                          float("-inf"))
     p = torch.softmax(s * scale, dim=-1)
     v = hv.repeat_interleave(H // Gv, dim=2)                               # [B, n, H, Rv]
     return torch.einsum("bhn,bnhr->bhr", p, v).to(q.dtype)
 
 
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         scale: float, starts: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token's attention over standard caches: q [B, H, 1, D], k / v [B, Hkv, L, D]
-    (Hkv dividing H), position i64[1] -> [B, H, 1, D]; only slots 0..position are read."""
+    (Hkv dividing H), position i64[1] -> [B, H, 1, D]; only slots 0..position are read (from
+    starts[b] on for row b, with ``starts``)."""
     B, H, _, D = q.shape
-    out = latent_decode_attention(q[:, :, 0, :], k, v, position, H // k.shape[1], scale)
+    out = latent_decode_attention(q[:, :, 0, :], k, v, position, H // k.shape[1], scale, starts=starts)
     return out.reshape(B, H, 1, D)
