@@ -64,13 +64,14 @@ def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Ite
             return
         x = ins[0].detach().reshape(-1, ins[0].shape[-1]).to(torch.float64)
         st = stats.get(node.name)
-        amax = x.abs().amax(0)
+        amax, abs_sum = x.abs().amax(0), x.abs().sum(0)
         if st is None:
-            stats[node.name] = LinearStats(x.T @ x, x.shape[0], amax)
+            stats[node.name] = LinearStats(x.T @ x, x.shape[0], amax, abs_sum)
         else:
             st.gram += x.T @ x
             st.rows += x.shape[0]
             st.amax = torch.maximum(st.amax, amax)
+            st.abs_sum += abs_sum
 
     rt = ReferenceRuntime(g)
     it = samples

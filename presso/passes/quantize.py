@@ -273,7 +273,9 @@ class _LayerQuantizer:
         self.rotated: dict = {}
         self.token_codes: dict = {}    # one quantize_per_token per activation (q/k/v projections share theirs)
 
-    def quantize_group(self, x, layers, stats):
+    def quantize_group(self, x, layers, stats) -> Optional[dict]:
+        """Returns ``{x: f}`` when the group's input is now produced scaled (see
+        ``calibrate_sequentially``)."""
         g = self.g
         gram = stats.gram if stats is not None else None
         scaled = {}
@@ -318,6 +320,10 @@ class _LayerQuantizer:
                    symmetric=self.symmetric, method=self.method, rotate=self.rotate, activations=self.activations,
                    rel_error=err, error_basis="calibration" if lgram is not None else "weights",
                    awq=l.node in scaled and self.method.startswith("awq"))
+        if scaled:      # the norm now yields x / s: calibration values of x computed before follow
+            s = next(iter(scaled.values()))
+            return {x: lambda t: (t.double() / s).to(t.dtype)}
+        return None
 
 
 def dequantize_layers(g: Graph) -> dict[str, dict]:

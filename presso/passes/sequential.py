@@ -42,7 +42,9 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
                            progress: bool = False, desc: str = "calibrating") -> None:
     """Walk ``g`` over ``samples`` node-major, calling ``compress`` at each group of ``targets``
     sharing an input (see the module docstring). ``compress`` must leave the replaced linears
-    without readers; they are skipped and left for dead-code elimination."""
+    without readers; they are skipped and left for dead-code elimination. Where it changes how an
+    already computed value is produced (a scale folded into the norm feeding the group), it
+    returns ``{value: f}``, and every sample's copy of that value becomes ``f(value)``."""
     from ..runtime.reference import bind_inputs, bind_results
     pending = {id(n) for n in targets}
     total = len(pending)
@@ -70,7 +72,10 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
                 group = [m for m in g.nodes[i:] if id(m) in pending and m.inputs[0] is x]
                 stats = input_stats(env[x] for env in envs)
                 pending.difference_update(id(m) for m in group)
-                compress(x, group, stats)
+                for v, f in (compress(x, group, stats) or {}).items():
+                    for env in envs:
+                        if v in env:
+                            env[v] = f(env[v])
                 if bar is not None:
                     bar.update(len(group))
                     bar.set_postfix_str(group[-1].name)
