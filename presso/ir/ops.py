@@ -335,6 +335,27 @@ def dequantize(q, scales, zeros, bits, group_size, dtype):
     return w.to(DType[dtype].torch)
 
 
+def _gather_dequant_infer(types, attrs):
+    index, q, scales, zeros = types
+    if index.dtype not in (DType.i64, DType.i32, DType.i16, DType.i8, DType.u8):
+        raise IRError(f"gather_dequantize: index must be an integer tensor, got {index}")
+    (table,) = _dequant_infer([q, scales, zeros], attrs)
+    return [TensorType(tuple(index.shape) + (table.shape[1],), table.dtype)]
+
+
+@defop("gather_dequantize", ["index", "q", "scales", "zeros?"],
+       {"bits": Attr("int", choices=(4, 8)), "group_size": Attr("int"), "dtype": Attr("dtype", "f32")},
+       "compressed", infer=_gather_dequant_infer)
+def gather_dequantize(index, q, scales, zeros, bits, group_size, dtype):
+    """Embedding lookup in a group-wise quantized table: ``dequantize(q, scales, zeros)[index]``,
+    dequantizing only the rows looked up (out = index.shape + [cols]). The table's storage is the
+    one a ``dequantize`` of the same params reads, so a tied LM head shares it."""
+    rows = index.reshape(-1)
+    pick = (lambda t: None if t is None else t.index_select(0, rows))
+    w = dequantize(pick(q), pick(scales), pick(zeros), bits, group_size, dtype)
+    return w.reshape(*index.shape, w.shape[-1])
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack int values in [-8, 7] (signed) or [0, 15] two per byte along the last dim."""
     u = (q.to(torch.int16) & 0xF).to(torch.uint8)

@@ -44,6 +44,40 @@ def dense_linears(g: Graph) -> list[Linear]:
     return out
 
 
+@dataclass
+class LookupTable:
+    """A dense float table read by embedding lookups (``gather`` along axis 0) and, when tied, as
+    the weight of linears (an LM head): compressing it means one packed table for all readers."""
+    g: Graph
+    weight: Value
+    gathers: list
+    linears: list
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.g.params[self.weight.name].data
+
+
+def lookup_tables(g: Graph) -> list[LookupTable]:
+    """Params read by at least one axis-0 ``gather`` and otherwise only as linear weights (the
+    tables ``dense_linears`` leaves alone). A table with any other reader is not returned:
+    compressing it would store it twice."""
+    users = g.users()
+    out = []
+    for p in g.params.values():
+        w = p.value
+        t = w.type
+        if t.rank != 2 or not t.dtype.is_float or not t.is_static:
+            continue
+        readers = users.get(w, [])
+        gathers = [u for u in readers if u.op == "gather" and u.inputs[0] is w and u.inputs[1] is not w
+                   and u.attrs["axis"] % 2 == 0]
+        linears = [u for u in readers if u.op == "linear" and u.inputs[1] is w and u.inputs[0] is not w]
+        if gathers and len(gathers) + len(linears) == len(readers):
+            out.append(LookupTable(g, w, gathers, linears))
+    return out
+
+
 def calibration_stats(g: Graph, ctx, nodes: Sequence[Node], need: bool, what: str) -> Optional[dict[str, LinearStats]]:
     """Stats for ``nodes`` from ``ctx.calibration``; raises when ``need`` and there is none."""
     samples = normalize_samples(getattr(ctx, "calibration", None))

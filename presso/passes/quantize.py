@@ -35,6 +35,7 @@ from .compress_common import (calibration_stats, dense_linears, derive, origin, 
 from .sequential import calibrate_sequentially
 from .dce import dce
 from .manager import Option, register_pass
+from .quantize_embedding import quantize_embeddings, selector
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool):
@@ -194,15 +195,17 @@ def rotate_gram(gram: torch.Tensor, block: int) -> torch.Tensor:
                           help="int8: W8A8 with per-token activations; int7: W8A7 (AVX2 integer dot products)"),
     "rotate": Option(str, "none", choices=("none", "hadamard")),
     "skip": Option(str, "", help="regex of weight names to leave unquantized"),
+    "only": Option(str, "", help="regex: quantize only the weights (and embedding tables) whose name matches"),
+    "embeddings": Option(str, "none", choices=("none", "int8", "int4"),
+                         help="embedding tables (and an LM head tied to one) at these bits; see quantize_embedding"),
     "smooth": Option(float, 0.0, check=lambda a: 0 <= a <= 1, allowed="in [0, 1] (0 = off)",
                      help="SmoothQuant migration strength for quantized activations"),
     "sequential": Option(bool, True, help="calibrate each layer on the outputs of the layers before it as "
                                           "quantized (else all layers on the float model)"),
 })
 def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, damp, activations, rotate, skip,
-             smooth, sequential):
+             smooth, sequential, only, embeddings):
     """Quantize linear weights; see the module docstring."""
-    import re
     bits = 8 if weights == "int8" else 4
     if activations != "none" and (bits != 8 or group_size != 0 or not symmetric):
         raise PipelineError(f"pass 'quantize': activations={activations} (W8A{activations[3:]}) needs weights=int8, "
@@ -210,10 +213,10 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     if activations != "none" and method != "rtn" and method != "gptq":
         raise PipelineError(f"pass 'quantize': method={method} scales weights per input channel, which "
                             f"activations={activations} does not take; use smooth= (SmoothQuant) instead")
-    skip_re = _compile_skip(skip)
-    layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
+    keep = selector("quantize", skip, only)
+    layers = [l for l in dense_linears(g) if keep(l.weight.name)]
     sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
-              and not (skip_re and skip_re.search(_nm_values(g, n).name))]
+              and keep(_nm_values(g, n).name)]
     for l in layers:  # validate everything before changing anything
         _check_group(l.node, l.shape[1], group_size, bits)
     for n in sparse:
@@ -221,6 +224,7 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     if smooth and activations == "none":
         raise PipelineError("pass 'quantize': smooth= moves activation outliers into the weights, so it needs "
                             "activations=int8 or int7")
+    quantize_embeddings(g, embeddings, group_size, symmetric, keep)
     needs_stats = method != "rtn" or smooth > 0
     what = f"quantize{{method={method}}}" if not smooth else "quantize{smooth}"
     calib = _LayerQuantizer(g, bits, group_size, symmetric, method, act_order, damp, activations, rotate, smooth)
@@ -239,14 +243,6 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     for n in sparse:
         _quantize_nm_values(g, n, bits, group_size, symmetric)
     return dce(g)
-
-
-def _compile_skip(skip: str):
-    import re
-    try:
-        return re.compile(skip) if skip else None
-    except re.error as e:
-        raise PipelineError(f"pass 'quantize': option 'skip' is not a valid regex ({skip!r}: {e})") from None
 
 
 def _by_input(layers) -> dict:
