@@ -114,6 +114,51 @@ def cost_report(g: Graph, bindings: Mapping[str, int] = {}) -> dict:
     }
 
 
+HEAD_PASS_THROUGH = ("reshape", "transpose", "slice", "cast")     # ops between an LM head and the output
+
+
+def _stored_params(v: Value) -> list[Value]:
+    """The params a weight value is stored in: itself, or those its weight producers read."""
+    if v.kind == "param":
+        return [v]
+    if v.node is None or get_op(v.node.op).category != "compressed":
+        return []
+    return [p for x in v.node.inputs if x is not None for p in _stored_params(x)]
+
+
+def embedding_head_params(g: Graph) -> tuple[set[str], set[str]]:
+    """(params of embedding tables, params of output heads): tables are what ``gather`` looks up
+    (axis 0) or ``gather_dequantize`` reads; a head is a linear whose result reaches a graph output
+    through layout ops only (an LM head; a tied one shares the table's params)."""
+    table: set[str] = set()
+    for n in g.nodes:
+        if n.op == "gather" and n.inputs[0].kind == "param" and n.attrs["axis"] % n.inputs[0].type.rank == 0:
+            table.add(n.inputs[0].name)
+        elif n.op == "gather_dequantize":
+            table.update(v.name for v in n.inputs[1:] if v is not None and v.kind == "param")
+    head: set[str] = set()
+    for v in g.outputs:
+        while v.node is not None and v.node.op in HEAD_PASS_THROUGH:
+            v = v.node.inputs[0]
+        n = v.node
+        if n is not None and n.op in ("linear", "linear_int8"):
+            weights = n.inputs[1:2] if n.op == "linear" else n.inputs[2:4]
+            head.update(p.name for w in weights for p in _stored_params(w))
+    return table, head
+
+
+def bytes_by_role(g: Graph) -> dict:
+    """Model bytes split into embedding tables, output heads, tables tied to a head (counted
+    once, in ``tied_embedding_head`` only) and the rest; the four sum to the model's bytes."""
+    table, head = embedding_head_params(g)
+    out = {"embedding": 0, "head": 0, "tied_embedding_head": 0, "rest": 0}
+    for name, p in g.params.items():
+        role = ("tied_embedding_head" if name in table and name in head else "embedding" if name in table
+                else "head" if name in head else "rest")
+        out[role] += p.value.type.nbytes()
+    return out
+
+
 def compression_report(g: Graph, original_bytes: int | None = None) -> dict:
     """Per compressed layer (keyed by its original weight): what was done (rank / bits / N:M),
     bytes of real storage before and after (summed over the params now derived from it), and the
@@ -147,7 +192,7 @@ def compression_report(g: Graph, original_bytes: int | None = None) -> dict:
             entry["ratio"] = round(entry["bytes_before"] / max(after, 1), 3)
         layers.append(entry)
     total = g.param_bytes()
-    out = {"layers": layers, "model_bytes": total}
+    out = {"layers": layers, "model_bytes": total, "bytes_by_role": bytes_by_role(g)}
     if original_bytes:
         out["model_bytes_uncompressed"] = original_bytes
         out["compression_ratio"] = round(original_bytes / max(total, 1), 4)

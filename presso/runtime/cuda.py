@@ -39,7 +39,8 @@ class CudaRuntime:
         used = {v for s, skip in zip(self.program.steps, prepared_at) for j, v in enumerate(s.inputs) if j not in skip}
         self._params = {p.value: p.data.to(self.device) for p in graph.params.values() if p.value in used}
         host = {p.value: p.data for p in graph.params.values()}
-        self._prepared = [self._prepare(s, host) if s.prepare else {} for s in self.program.steps]
+        shared: dict = {}
+        self._prepared = [self._prepare(s, host, shared) if s.prepare else {} for s in self.program.steps]
         last = {}
         for i, s in enumerate(self.program.steps):
             for v in s.inputs:
@@ -58,11 +59,19 @@ class CudaRuntime:
         self._auto: dict[tuple, _CudaGraph] = {}
         self._seen: dict[tuple, int] = {}
 
-    def _prepare(self, step, host: dict) -> dict[int, object]:
-        """The step's params in its kernel's layout, computed once on the device."""
+    def _prepare(self, step, host: dict, shared: dict) -> dict[int, object]:
+        """The step's params in its kernel's layout, computed once on the device; a prepare with a
+        ``key`` is computed once per (key, params) for all the steps reading those params."""
         positions, fn = step.prepare
-        ins = [None if step.inputs[j] is None else host[step.inputs[j]].to(self.device) for j in positions]
-        return dict(zip(positions, fn(*ins)))
+        key = getattr(fn, "key", None)
+        key = None if key is None else (key, tuple(step.inputs[j] for j in positions))
+        if key not in shared:
+            ins = [None if step.inputs[j] is None else host[step.inputs[j]].to(self.device) for j in positions]
+            out = tuple(fn(*ins))
+            if key is None:
+                return dict(zip(positions, out))
+            shared[key] = out
+        return dict(zip(positions, shared[key]))
 
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
         if self._graph_exec is not None and self._graph_exec.matches(args):

