@@ -67,6 +67,7 @@ class Lowering:
         self.bb = relax.BlockBuilder()
         self.fused: dict[Node, FusedLinear] = {}
         self.skipped: set[Node] = set()
+        self.tied_lookups: dict[Node, FusedLinear] = {}   # gather_dequantize reading a fused linear's tiles
 
     # ---- types -------------------------------------------------------------------------------
     def dim(self, d):
@@ -100,11 +101,12 @@ class Lowering:
                 self.fused[n] = fl
                 for (suffix, arr), name in zip(fl.spec.arrays.items(), fl.param_names):
                     arrays.append((name, arr))
+        self.tied_lookups = _tied_lookups(g, self.fused)
         for n in g.nodes:
             if n in self.skipped:
                 continue
             for i, v in enumerate(n.inputs):
-                if v is not None and v.kind == "param" and not (n in self.fused and i == WEIGHT_INPUT[n.op]):
+                if v is not None and v.kind == "param" and i not in self._packed_inputs(n):
                     used_raw.add(v.name)
         used_raw.update(v.name for v in g.outputs if v.kind == "param")   # a constant-folded output
         for name in sorted(used_raw):
@@ -166,8 +168,8 @@ class Lowering:
         if fn is None:
             raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering (the {len(LOWER)} lowered ops: "
                                "presso.codegen.tvm.lower.LOWER, listed in docs/architecture.md)")
-        skip = WEIGHT_INPUT[n.op] if n in self.fused else -1   # read from packed params instead
-        ins = [None if v is None or i == skip else self.env[v] for i, v in enumerate(n.inputs)]
+        skip = self._packed_inputs(n)      # read from packed params instead
+        ins = [None if v is None or i in skip else self.env[v] for i, v in enumerate(n.inputs)]
         try:
             res = fn(self, n, ins)
         except CodegenError:
@@ -177,6 +179,12 @@ class Lowering:
         res = res if isinstance(res, (list, tuple)) else [res]
         for v, r in zip(n.outputs, res):
             self.env[v] = r
+
+    def _packed_inputs(self, n: Node) -> tuple:
+        """Operand positions a node reads from prepacked params rather than as given."""
+        if n in self.fused:
+            return (WEIGHT_INPUT[n.op],)
+        return (1, 2, 3) if n in self.tied_lookups else ()
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -195,6 +203,24 @@ class Lowering:
 
 
 WEIGHT_INPUT = {"linear": 1, "linear_int8": 2}
+
+
+def _tied_lookups(g: Graph, fused: dict) -> dict:
+    """``gather_dequantize`` nodes whose table (codes, scales, zeros) a fused linear also reads
+    through its ``dequantize`` (a tied LM head): they look rows up in that linear's column tiles,
+    so the table is held once."""
+    tiles = {}
+    for n, fl in fused.items():
+        p = n.inputs[1].node if n.op == "linear" else None
+        if p is not None and p.op == "dequantize" and fl.spec.kind == "quant":
+            tiles[(tuple(p.inputs), p.attrs["bits"], p.attrs["group_size"])] = fl
+    out = {}
+    for n in g.nodes:
+        if n.op == "gather_dequantize":
+            fl = tiles.get((tuple(n.inputs[1:]), n.attrs["bits"], n.attrs["group_size"]))
+            if fl is not None:
+                out[n] = fl
+    return out
 
 
 def _storage_dims(t: TensorType):
@@ -669,6 +695,43 @@ def _dequantize(L, n, ins):
         return te.compute((rows, cols), deq, name="dequantize")
 
     return L.emit_te(f, *[i for i in ins if i is not None], name="dequantize")
+
+
+@lowers("gather_dequantize")
+def _gather_dequantize(L, n, ins):
+    """Rows of a quantized table dequantized as they are looked up (indices wrap, as ``gather``'s);
+    a table tied to a fused linear is read in that linear's column tiles [rows/NJ, cols, NJ]."""
+    a = n.attrs
+    index, q = n.inputs[0], n.inputs[1]
+    rows, cols = q.type.shape
+    signed = n.inputs[3] is None
+    dtype = TVM_DTYPE[DType[a["dtype"]]]
+    lead = [L.dim(d) for d in index.type.shape]
+    fl = L.tied_lookups.get(n)
+    if fl is not None:
+        nj = fl.spec.nj
+        tables = [L.pvars[name] for name in fl.param_names]
+
+        def at(t, r, c):
+            return t[r // nj, c, r % nj]
+    else:
+        tables = [i for i in ins[1:] if i is not None]
+
+        def at(t, r, c):
+            return t[r, c]
+
+    def f(ids, qt, s, *z):
+        from tvm import te, tirx
+
+        def deq(*i):
+            *pos, c = i
+            r = tirx.floormod(ids[tuple(pos)].astype("int64"), rows)
+            return lin.dequant_value(lambda k: at(qt, r, k), lambda g: at(s, r, g),
+                                     (lambda g: at(z[0], r, g)) if z else None, c, a["bits"], signed,
+                                     a["group_size"], dtype)
+        return te.compute(lead + [cols], deq, name="gather_dequantize")
+
+    return L.emit_te(f, ins[0], *tables, name="gather_dequantize")
 
 
 @lowers("densify_nm")
