@@ -35,7 +35,7 @@ from .compress_common import (calibration_stats, dense_linears, derive, origin, 
 from .sequential import calibrate_sequentially
 from .dce import dce
 from .manager import Option, register_pass
-from .quantize_embedding import quantize_embeddings, selector
+from .quantize_embedding import looked_up_params, quantize_embeddings, selector
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool):
@@ -328,9 +328,11 @@ def dequantize_layers(g: Graph) -> dict[str, dict]:
     and return the settings (by original layer) to re-quantize the transformed weights with."""
     from ..ir.registry import get_op
     settings = {}
+    tables = looked_up_params(g)      # a tied head's codes stay: its table is looked up packed
     for n in list(g.nodes):
         d = n.inputs[1].node if n.op == "linear" and n.inputs[1] is not None else None
-        if d is None or d.op != "dequantize" or not all(v is None or v.kind == "param" for v in d.inputs):
+        if d is None or d.op != "dequantize" or not all(v is None or v.kind == "param" for v in d.inputs) \
+                or d.inputs[0].name in tables:
             continue
         w = get_op("dequantize").run([None if v is None else g.params[v.name].data for v in d.inputs], d.attrs)[0]
         name = g.fresh_name(origin(g, d.inputs[0].name) + ".dq")

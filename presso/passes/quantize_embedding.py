@@ -57,6 +57,12 @@ def quantize_embeddings(g: Graph, embeddings: str, group_size: int, symmetric: b
     return tables
 
 
+def looked_up_params(g: Graph) -> set[str]:
+    """Names of the params quantized tables are looked up in (``gather_dequantize``): passes that
+    re-densify quantized linears leave a head reading one of them alone, or it would be stored twice."""
+    return {v.name for n in g.nodes if n.op == "gather_dequantize" for v in n.inputs[1:] if v is not None}
+
+
 def _check_table(t: LookupTable, group_size: int, bits: int) -> None:
     rows, cols = t.weight.type.shape
     if group_size and cols % group_size:

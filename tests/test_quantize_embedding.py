@@ -1,0 +1,179 @@
+"""quantize{embeddings=int8|int4}: quantized embedding tables (``gather_dequantize``) and the LM
+head tied to them (one packed table, two readers), on the reference runtime against torch, on
+``llvm`` against the reference, through save / load; the ``cuda`` kernels run in
+tests/test_triton_kernels.py and tests/test_cuda_target.py (interpreter)."""
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import presso
+from presso import PipelineError
+from presso.errors import IRError
+from presso.ir import parse
+from presso.ir.graph import Graph
+from presso.ir.registry import get_op
+from presso.ir.types import DType, TensorType
+from presso.models import make_gpt2, make_llama
+from presso.passes.quantize import dequant, rtn
+
+
+def table_params(g, origin):
+    return sorted(n for n in g.params if n.startswith(origin + "."))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(8, 0, True), (8, 16, False), (4, 32, True), (4, 16, False)])
+def test_tied_table_is_one_packed_tensor_with_two_readers_and_matches_torch(bits, group, symmetric):
+    model, ex = make_gpt2()
+    cm = presso.compile(model, example_inputs=ex, recipe=f"quantize{{embeddings=int{bits},group_size={group},"
+                                                           f"symmetric={str(symmetric).lower()},only=^wte}}")
+    g = cm.graph
+    users = g.users()
+    names = table_params(g, "wte.weight")
+    assert names == (["wte.weight.q", "wte.weight.scales"] + ([] if symmetric else ["wte.weight.zeros"]))
+    assert "wte.weight" not in g.params
+    q = g.params["wte.weight.q"].value
+    assert q.type == TensorType((256, 64), (DType.i4 if symmetric else DType.u4) if bits == 4
+                                else (DType.i8 if symmetric else DType.u8))
+    assert sorted(u.op for u in users[q]) == ["dequantize", "gather_dequantize"]     # two readers
+    (head_dq,) = [u for u in users[q] if u.op == "dequantize"]
+    assert [u.op for u in users[head_dq.output]] == ["linear"]
+    # torch, with the table replaced by its dequantized values (the only layer quantized): same numbers
+    codes, scales, zeros = rtn(model.wte.weight.detach(), bits, group or 64, symmetric)
+    want_model = copy.deepcopy(model)
+    want_model.wte.weight.data = dequant(codes, scales, zeros, group or 64).float()
+    with torch.no_grad():
+        want = want_model(*ex)
+    assert rel(cm(*ex), want) < 1e-5
+    rep = cm.report()["compression"]
+    (layer,) = rep["layers"]
+    assert layer["layer"] == "wte.weight" and layer["role"] == "embedding+head" and layer["bits"] == bits
+    ngroups = 256 * 64 // (group or 64)
+    assert layer["bytes_before"] == 256 * 64 * 4
+    assert layer["bytes_after"] == sum(g.params[n].data.numel() * g.params[n].data.element_size() for n in names) \
+        == 256 * 64 * bits // 8 + ngroups * (2 if symmetric else 3)
+
+
+def test_save_load_keeps_a_single_copy_of_the_tied_table(tmp_path):
+    model, ex = make_gpt2()
+    cm = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int4,group_size=32,embeddings=int4}")
+    path = cm.save(tmp_path / "gpt2.presso")
+    with safe_open(str(path / "weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        stored = {k: f.get_tensor(k) for k in keys}
+    assert sorted(k for k in keys if k.startswith("wte")) == ["wte.weight.q", "wte.weight.scales"]
+    assert stored["wte.weight.q"].dtype == torch.uint8 and tuple(stored["wte.weight.q"].shape) == (256, 32)
+    total = sum(t.numel() * t.element_size() for t in stored.values())
+    assert total == cm.graph.param_bytes()              # every stored byte is a graph param's, once
+    assert (path / "weights.safetensors").stat().st_size < total + 16384      # (header only on top)
+    loaded = presso.load(path)
+    assert torch.equal(loaded(*ex), cm(*ex))
+    lu = loaded.graph.users()
+    assert sorted(u.op for u in lu[loaded.graph.params["wte.weight.q"].value]) == ["dequantize", "gather_dequantize"]
+    assert loaded.report()["compression"]["bytes_by_role"] == cm.report()["compression"]["bytes_by_role"]
+
+
+def test_report_splits_embedding_head_and_tied_bytes():
+    model, ex = make_gpt2()
+    tied = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int4,group_size=32,embeddings=int8}")
+    roles = tied.report()["compression"]["bytes_by_role"]
+    g = tied.graph
+    assert roles["tied_embedding_head"] == sum(g.params[n].value.type.nbytes() for n in table_params(g, "wte.weight"))
+    assert roles["head"] == 0
+    assert roles["embedding"] == 0       # (the position table's lookup had constant indices: folded away)
+    assert sum(roles.values()) == g.param_bytes()
+    model, ex = make_llama()                           # untied: embed_tokens and lm_head are two tables
+    untied = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int4,group_size=32,embeddings=int8}")
+    roles = untied.report()["compression"]["bytes_by_role"]
+    g = untied.graph
+    assert roles["tied_embedding_head"] == 0
+    assert roles["embedding"] == sum(g.params[n].value.type.nbytes() for n in table_params(g, "embed_tokens.weight"))
+    assert roles["head"] == sum(g.params[n].value.type.nbytes() for n in table_params(g, "lm_head.weight"))
+    assert g.params["embed_tokens.weight.q"].value.type.dtype == DType.i8          # embeddings=int8
+    assert g.params["lm_head.weight.q"].value.type.dtype == DType.i4               # a linear: weights=int4
+    assert sum(roles.values()) == g.param_bytes()
+
+
+def test_skip_and_only_reach_tables_and_heads():
+    model, ex = make_gpt2()
+    kept = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int8,embeddings=int8,skip=^wte}").graph
+    assert "wte.weight" in kept.params and "wte.weight.q" not in kept.params
+    assert any(n.endswith(".q") for n in kept.params)                              # the linears are quantized
+    only = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int8,embeddings=int8,only=^wte}").graph
+    assert [n for n in only.params if n.endswith(".q")] == ["wte.weight.q"]
+    model, ex = make_llama()
+    head = presso.compile(model, example_inputs=ex, recipe="quantize{weights=int4,group_size=32,only=lm_head}").graph
+    assert [n for n in head.params if n.endswith(".q")] == ["lm_head.weight.q"]
+    assert "embed_tokens.weight" in head.params
+
+
+def test_lowrank_or_sparsify_after_quantize_leave_the_tied_head_on_the_packed_table():
+    model, ex = make_gpt2()
+    cm = presso.compile(model, example_inputs=ex,
+                        recipe="quantize{weights=int8,embeddings=int8},sparsify{pattern=2:4}")
+    g = cm.graph
+    assert table_params(g, "wte.weight") == ["wte.weight.q", "wte.weight.scales"]
+    assert not any(n.startswith("wte.weight.q.dq") for n in g.params)
+    assert cm.report()["compression"]["bytes_by_role"]["tied_embedding_head"] > 0
+
+
+@pytest.mark.parametrize("recipe", ["quantize{weights=int4,group_size=32,embeddings=int4}",
+                                    "quantize{weights=int4,group_size=16,embeddings=int4,symmetric=false}",
+                                    "quantize{weights=int8,embeddings=int8,symmetric=false}"])
+def test_llvm_lowering_matches_the_reference_and_holds_the_tied_table_once(recipe):
+    model, ex = make_gpt2()
+    ref = presso.compile(model, example_inputs=ex, recipe=recipe)
+    cm = presso.compile(ref.graph, example_inputs=ex, target="llvm")
+    assert rel(cm(*ex), ref(*ex)) < 1e-5
+    names = [n for n, _ in cm._build.params]
+    assert not any(n.startswith("wte.weight") for n in names), names     # looked up in the head's column tiles
+    model, ex = make_llama()
+    ref = presso.compile(model, example_inputs=ex, recipe=recipe)        # untied: the lookup reads its own table
+    cm = presso.compile(ref.graph, example_inputs=ex, target="llvm")
+    assert rel(cm(*ex), ref(*ex)) < 1e-5
+    assert "embed_tokens.weight.q" in [n for n, _ in cm._build.params]
+
+
+def test_gather_dequantize_op_reference_types_and_text():
+    gd, dq = get_op("gather_dequantize"), get_op("dequantize")
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn(torch.randn(10, 8), 4, 4, False)
+    from presso.ir.ops import pack_int4
+    q, s, z = pack_int4(codes.to(torch.int16)), scales.half(), zeros.to(torch.uint8)
+    ids = torch.tensor([[9, 0, 3], [3, 3, 1]])
+    attrs = {"bits": 4, "group_size": 4, "dtype": "f32"}
+    table = dq.run([q, s, z], attrs)[0]
+    assert torch.equal(gd.run([ids, q, s, z], attrs)[0], table[ids])
+    g = Graph("lookup")
+    x = g.add_input("ids", TensorType(("batch", 3), DType.i64))
+    qv = g.add_param("t.q", q, TensorType((10, 8), DType.u4))
+    sv, zv = g.add_param("t.scales", s), g.add_param("t.zeros", z)
+    out = g.op("gather_dequantize", x, qv, sv, zv, **attrs)
+    g.outputs = [out]
+    assert out.type == TensorType(("batch", 3, 8), DType.f32)
+    assert str(parse(str(g))) == str(g)
+    with pytest.raises(IRError, match="gather_dequantize: index must be an integer tensor, got f32"):
+        g.op("gather_dequantize", g.add_input("f", TensorType((2,), DType.f32)), qv, sv, zv, **attrs)
+    with pytest.raises(IRError, match="group_size 3 must divide the input dim"):
+        g.op("gather_dequantize", x, qv, sv, zv, bits=4, group_size=3)
+
+
+@pytest.mark.parametrize("recipe, error, msg", [
+    ("quantize{embeddings=int2}", PipelineError, r"option 'embeddings' must be one of \['none', 'int8', 'int4'\], got 'int2'"),
+    ("quantize{embeddings=int8,group_size=48,only=^wte}", PipelineError,
+     r"embeddings: group_size=48 does not divide the row length 64 of table %wte.weight"),
+    ("quantize{embeddings=int8,only=(wte}", PipelineError, r"option 'only' has a bad regex '\(wte'"),
+    ("quantize{embeddings=int8,skip=[}", PipelineError, r"option 'skip' has a bad regex '\['"),
+])
+def test_bad_embedding_options_are_typed_errors(recipe, error, msg):
+    model, ex = make_gpt2()
+    graph = presso.compile(model, example_inputs=ex).graph
+    before = str(graph)
+    with pytest.raises(error, match=msg):
+        presso.compile(graph, example_inputs=ex, recipe=recipe)
+    assert str(graph) == before
