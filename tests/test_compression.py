@@ -49,6 +49,21 @@ def test_int8_per_channel():
     assert cosine("quantize{weights=int8}") >= 0.999
 
 
+def test_int8_with_the_word_embedding_table_quantized_keeps_0999_and_shrinks_35x():
+    recipe = "quantize{weights=int8,embeddings=int8}"
+    cos = cosine(recipe)
+    comp = compiled(recipe).report()["compression"]
+    plain = compiled("quantize{weights=int8}").report()["compression"]
+    print(f"MiniLM {recipe}: cos {cos:.5f}, {comp['model_bytes_uncompressed']:,} -> {comp['model_bytes']:,} bytes "
+          f"({comp['compression_ratio']:.2f}x; linears only: {plain['compression_ratio']:.2f}x); by role "
+          f"{comp['bytes_by_role']}")
+    assert cos >= 0.999
+    assert comp["compression_ratio"] >= 3.5 > plain["compression_ratio"]
+    (table,) = [l for l in comp["layers"] if l.get("role") == "embedding"]
+    assert table["layer"] == "word.weight" and table["bits"] == 8
+    assert comp["bytes_by_role"]["embedding"] == table["bytes_after"] < table["bytes_before"] / 3.9
+
+
 GPTQ4 = "quantize{weights=int4,group_size=128,method=gptq,symmetric=false,rotate=hadamard,act_order=true,damp=0.1}"
 RTN4 = "quantize{weights=int4,group_size=128,symmetric=false,rotate=hadamard}"
 

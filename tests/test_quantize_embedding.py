@@ -3,6 +3,10 @@ head tied to them (one packed table, two readers), on the reference runtime agai
 ``llvm`` against the reference, through save / load; the ``cuda`` kernels run in
 tests/test_triton_kernels.py and tests/test_cuda_target.py (interpreter)."""
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -177,3 +181,73 @@ def test_bad_embedding_options_are_typed_errors(recipe, error, msg):
     with pytest.raises(error, match=msg):
         presso.compile(graph, example_inputs=ex, recipe=recipe)
     assert str(graph) == before
+
+
+INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    import presso
+    from presso.codegen.triton.gather_dequant import gather_dequant, gather_dequant_tiled
+    from presso.codegen.triton.int4 import Int4Weight, pack_int4 as pack_tiled
+    from presso.ir.ops import pack_int4
+    from presso.ir.registry import get_op
+    from presso.models import make_gpt2
+    from presso.passes.quantize import rtn
+    torch.manual_seed(0)
+    gd = get_op("gather_dequantize")
+    # the kernels against the op's reference, bit for bit: graph layout (int8 / int4, signed or with
+    # zero points, odd sizes), and int4's tiled layout (rows past a 128-row tile, fp16 output)
+    for V, D, G, bits, sym, dt in [(37, 64, 32, 4, True, "f32"), (300, 96, 32, 4, False, "f16"),
+                                   (50, 40, 8, 8, True, "f32"), (45, 24, 24, 8, False, "f32"),
+                                   (130, 256, 64, 4, True, "f32"), (21, 30, 10, 4, True, "f32")]:
+        w = torch.randn(V, D)
+        codes, s, z = rtn(w, bits, G, sym)
+        q = pack_int4(codes.to(torch.int16)) if bits == 4 else codes.to(torch.int8 if sym else torch.uint8)
+        s16, z8 = s.half(), None if z is None else z.to(torch.uint8)
+        ids = torch.randint(0, V, (3, 5))
+        ids[0, 0], ids[2, 4] = V - 1, 0
+        want = gd.run([ids, q, s16, z8], {"bits": bits, "group_size": G, "dtype": dt})[0]
+        got = gather_dequant(ids, q, s16, z8, bits, G, want.dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want), (V, D, G, bits, (got.float() - want.float()).abs().max())
+        if bits == 4 and G in (32, 64):
+            got = gather_dequant_tiled(ids, pack_tiled(q, s16, z8, G), want.dtype)
+            assert torch.equal(got, want), ("tiled", V, D, G, (got.float() - want.float()).abs().max())
+    print("kernels ok")
+    # whole models on the cuda target: the lookup and the tied head read ONE prepared table
+    m, ex = make_gpt2()
+    def rel(a, b):
+        return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    for recipe, lookup in [("quantize{weights=int4,group_size=32,embeddings=int4}", "triton:gather_dequant_int4"),
+                           ("quantize{weights=int4,group_size=16,embeddings=int8,symmetric=false}",
+                            "triton:gather_dequant_int8")]:
+        cm = presso.compile(m, example_inputs=ex, target="cuda", recipe=recipe)
+        rt = cm._runtime
+        kernels = rt.program.kernels
+        assert lookup in kernels.values(), kernels
+        head = kernels[cm.graph.outputs[0].node.name]
+        assert head.startswith("triton:int"), head
+        if "int4" in lookup:       # tiled once, read by both; the graph's codes are not on the device
+            at = {st.node.name: i for i, st in enumerate(rt.program.steps)}
+            lookup_node = next(n.name for n in cm.graph.nodes if n.op == "gather_dequantize")
+            table, head_w = rt._prepared[at[lookup_node]][1], rt._prepared[at[cm.graph.outputs[0].node.name]][1]
+            assert isinstance(table, Int4Weight) and table is head_w
+            assert not any(v.name.startswith("wte") for v in rt._params), [v.name for v in rt._params]
+        else:                      # the graph layout, on the device once for both readers
+            assert sorted(v.name for v in rt._params if v.name.startswith("wte")) == [
+                "wte.weight.q", "wte.weight.scales", "wte.weight.zeros"]
+        err = rel(cm(*ex), presso.compile(m, example_inputs=ex, recipe=recipe)(*ex))
+        assert err < 1e-5, (recipe, err)
+    ids = torch.randint(0, 256, (2, 4))
+    kw = dict(example_inputs=(ids,), recipe="quantize{weights=int4,group_size=32,embeddings=int4}", generation=True,
+              max_len=16)
+    got = presso.compile(m, target="cuda", **kw).generate(ids, 3)
+    assert torch.equal(got, presso.compile(m, **kw).generate(ids, 3)), got
+    print("cuda ok")
+""")
+
+
+def test_gather_dequant_kernels_and_the_cuda_target_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "kernels ok" in r.stdout and "cuda ok" in r.stdout
