@@ -143,6 +143,17 @@ def test_llvm_lowering_matches_the_reference_and_holds_the_tied_table_once(recip
     assert "embed_tokens.weight.q" in [n for n, _ in cm._build.params]
 
 
+def test_llvm_artifact_with_a_tied_table_stores_it_once_and_loads(tmp_path):
+    model, ex = make_gpt2()
+    cm = presso.compile(model, example_inputs=ex, target="llvm", recipe="quantize{weights=int8,embeddings=int8}")
+    path = cm.save(tmp_path / "gpt2.presso", key=b"k")
+    with safe_open(str(path / "weights.safetensors"), "pt") as f:
+        assert sorted(k for k in f.keys() if k.startswith("wte")) == ["wte.weight.q", "wte.weight.scales"]
+    loaded = presso.load(path, key=b"k")
+    assert torch.equal(loaded(*ex), cm(*ex))
+    assert not any(n.startswith("wte.weight") for n, _ in loaded._build.params)
+
+
 def test_gather_dequantize_op_reference_types_and_text():
     gd, dq = get_op("gather_dequantize"), get_op("dequantize")
     torch.manual_seed(0)
