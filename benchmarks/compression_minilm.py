@@ -16,6 +16,7 @@ from presso.models.sentences import CALIBRATION, EVALUATION
 
 RECIPES = [
     "quantize{weights=int8}",
+    "quantize{weights=int8,embeddings=int8}",
     "quantize{weights=int8,activations=int8}",
     "quantize{weights=int8,activations=int7}",
     "quantize{weights=int8,activations=int7,rotate=hadamard}",

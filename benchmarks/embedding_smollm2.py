@@ -19,6 +19,8 @@ import presso
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 RECIPES = [
+    "quantize{embeddings=int8,group_size=64,skip=layers}",        # the tied table alone (decoder linears skipped)
+    "quantize{embeddings=int4,group_size=64,skip=layers}",
     "quantize{weights=int4,group_size=64}",
     "quantize{weights=int4,group_size=64,embeddings=int8}",
     "quantize{weights=int4,group_size=64,embeddings=int4}",
