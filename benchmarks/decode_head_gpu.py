@@ -72,7 +72,8 @@ def main():
             torch.cuda.empty_cache()
     print(f"\ndecode step, Llama-1B config with tied head, {cfg.layers} layers, batch 1, position {int(pos)} of "
           f"{a.max_len}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke)'}")
-    print("| head | recipe | head kernel | table bytes | model bytes | rel err vs reference | ms / step | vs fp16 head |")
+    print("| head | recipe | head kernel | table bytes | model bytes | rel err vs reference | ms / step "
+          "| vs fp16 head |")
     print("|---|---|---|---|---|---|---|---|")
     t16 = rows[0][-1]
     for head, recipe, kernel, tb, mb, err, ms in rows:

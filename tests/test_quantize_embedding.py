@@ -179,7 +179,8 @@ def test_gather_dequantize_op_reference_types_and_text():
 
 
 @pytest.mark.parametrize("recipe, error, msg", [
-    ("quantize{embeddings=int2}", PipelineError, r"option 'embeddings' must be one of \['none', 'int8', 'int4'\], got 'int2'"),
+    ("quantize{embeddings=int2}", PipelineError,
+     r"option 'embeddings' must be one of \['none', 'int8', 'int4'\], got 'int2'"),
     ("quantize{embeddings=int8,group_size=48,only=^wte}", PipelineError,
      r"embeddings: group_size=48 does not divide the row length 64 of table %wte.weight"),
     ("quantize{embeddings=int8,only=(wte}", PipelineError, r"option 'only' has a bad regex '\(wte'"),
@@ -217,7 +218,8 @@ KERNEL_SCRIPT = textwrap.dedent("""
         ids[0, 0], ids[2, 4] = V - 1, 0
         want = gd.run([ids, q, s16, z8], {"bits": bits, "group_size": G, "dtype": dt})[0]
         got = gather_dequant(ids, q, s16, z8, bits, G, want.dtype)
-        assert got.dtype == want.dtype and torch.equal(got, want), (V, D, G, bits, (got.float() - want.float()).abs().max())
+        assert got.dtype == want.dtype and torch.equal(got, want), (V, D, G, bits,
+                                                                    (got.float() - want.float()).abs().max())
         if bits == 4 and G in (32, 64):
             got = gather_dequant_tiled(ids, pack_tiled(q, s16, z8, G), want.dtype)
             assert torch.equal(got, want), ("tiled", V, D, G, (got.float() - want.float()).abs().max())

@@ -100,7 +100,8 @@ def _store(g: Graph, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros
         data, dt = codes.to(torch.int8 if signed else torch.uint8), DType.i8 if signed else DType.u8
     out = [g.add_param(g.fresh_name(name + ".q"), data.contiguous(), TensorType((rows, cols), dt)),
            g.add_param(g.fresh_name(name + ".scales"), scales.to(torch.float16).contiguous())]
-    out.append(None if zeros is None else g.add_param(g.fresh_name(name + ".zeros"), zeros.to(torch.uint8).contiguous()))
+    out.append(None if zeros is None
+               else g.add_param(g.fresh_name(name + ".zeros"), zeros.to(torch.uint8).contiguous()))
     for v in out:
         if v is not None:
             derive(g, v.name, name)
