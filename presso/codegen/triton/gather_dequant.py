@@ -3,7 +3,7 @@ its packed form and dequantized in registers, so a lookup moves rows x cols code
 dense table.
 
 Two storage layouts: the graph's (int8 [V, D], or int4 two per byte [V, D/2], group-wise fp16
-scales [V, D/G] and optional u8 zero points), and for int4 with group sizes 32..256 the tiled
+scales [V, ceil(D/G)] and optional u8 zero points), and for int4 with group sizes 32..256 the tiled
 layout of ``int4.py`` (``Int4Weight``), which the int4 linear kernels read. A table tied to an
 LM head is prepared into the tiled layout once and both the lookup and the head's GEMV read it:
 one copy on the device.
@@ -79,7 +79,7 @@ def gather_dequant(ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zer
     """Rows ``ids`` of the table dequantize(q, scales, zeros) in the graph's layout -> ids.shape + [D]."""
     V = q.shape[0]
     D = q.shape[1] * (2 if bits == 4 else 1)
-    if D % group_size or scales.shape != (V, D // group_size):
+    if scales.shape != (V, -(-D // group_size)):       # (the last group may be shorter)
         raise ValueError(f"gather_dequant: q {tuple(q.shape)} ({bits}-bit), scales {tuple(scales.shape)} and "
                          f"group_size {group_size} do not fit together")
     flat, grid = _launch_shape(ids, D)
