@@ -16,10 +16,7 @@ from presso.errors import InputError  # noqa: E402
 from tests.corpora import hf as corpus  # noqa: E402
 
 TARGETS = [t for t in os.environ.get("PRESSO_HF_TARGETS", "reference").split(",") if t]
-# Gemma2's soft-capped eager attention is imported (and matches) through generic ops, but it is
-# not recognised as causal attention, so the decode program has no KV cache to build
-GENERATE_FAILS = {"gemma2": "FrontendError"}
-FLOOR = {"reference": 16}          # of 17 models; gemma2 only fails to generate
+FLOOR = {"reference": 17}          # of 17 models
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,10 +32,7 @@ def test_hf_model_matches_eager(name, target):
     assert r.max_rel_err <= corpus.MAX_REL_ERR, r
     assert r.ok, r
     if name in corpus.CAUSAL_LMS:
-        if name in GENERATE_FAILS:
-            assert r.generate_equal is False and f"generate: {GENERATE_FAILS[name]}" in r.error, r
-        else:
-            assert r.generate_equal, r
+        assert r.generate_equal, r
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -64,6 +58,38 @@ def test_causal_lm_returns_hf_structure_with_its_cache():
         cm(labels=inputs["input_ids"], **inputs)
     with pytest.raises(InputError, match="missing input.*attention_mask"):
         cm(input_ids=inputs["input_ids"])
+
+
+def test_gemma2_softcapped_attention_generates_with_its_cap():
+    # weights large enough that the scores pass the cap (at HF's init they stay far below it, and
+    # a decode program that dropped the cap would give the same numbers)
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.Gemma2Config(**{**corpus._DEC, "attn_implementation": "eager"}, sliding_window=64,
+                         initializer_range=1.0, attn_logit_softcapping=2.0)
+    model = T.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(3, corpus.VOCAB, (2, 8))
+    cm = presso.compile(model, example_inputs=(ids,), generation=True, max_len=16)
+    attns = [n for n in cm.graph.nodes if n.op == "attention"]
+    assert len(attns) == 2 and all(a.attrs["softcap"] == 2.0 and a.attrs["causal"] and a.inputs[3] is None
+                                   for a in attns)
+    gen = cm.decode_program()
+    assert [n.attrs["softcap"] for n in gen.step.nodes if n.op == "attention_cached"] == [2.0, 2.0]
+    nxt = torch.randint(3, corpus.VOCAB, (2, 1))
+    with torch.no_grad():
+        want = model(torch.cat([ids, nxt], 1)).logits
+        uncapped = T.Gemma2ForCausalLM(T.Gemma2Config(**{**cfg.to_dict(), "attn_logit_softcapping": None})).eval()
+        uncapped.load_state_dict(model.state_dict())
+        assert corpus.rel_err(uncapped(ids).logits, want[:, :8]) > 1e-2        # the cap matters here
+    caches = gen.new_caches({"batch": 2})
+    outs = gen.prefill_rt.run(ids, torch.arange(8), *caches)
+    assert corpus.rel_err(outs[0], want[:, :8]) <= 1e-4
+    step = gen.step_rt.run(nxt, torch.tensor([8]), *outs[1:])
+    assert corpus.rel_err(step[0], want[:, 8:]) <= 1e-4
+    model.generation_config.eos_token_id = None
+    tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=6), tokens)
 
 
 def test_symbolic_sequence_runs_hf_mask_code_at_other_lengths():

@@ -276,3 +276,18 @@ def test_hf_style_aten_ops_match_torch_on_llvm():
     assert any(n.op.startswith("aten.") for n in cm.graph.nodes)
     for got, want in zip(cm(x, mask), M()(x, mask)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_softcapped_gqa_attention_matches_the_reference_on_llvm():
+    g = presso.parse("""
+graph @g(%q: f32[2, 4, 6, 8], %k: f32[2, 2, 6, 8], %v: f32[2, 2, 6, 8], %mask: f32[2, 1, 1, 6]) {
+  %a: f32[2, 4, 6, 8] = attention(%q, %k, %v, %mask) {causal=true, scale=0.25, softcap=2.0}
+  return %a
+}""")
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., 4:] = torch.finfo(torch.float32).min
+    ins = (4 * torch.randn(2, 4, 6, 8), 4 * torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), mask)
+    want = presso.compile(g, example_inputs=ins)(*ins)
+    torch.testing.assert_close(presso.compile(g, target="llvm", example_inputs=ins)(*ins), want, rtol=1e-5, atol=1e-5)
+    barely_capped = presso.parse(str(g).replace("softcap=2.0", "softcap=1000.0"))
+    assert not torch.allclose(presso.compile(barely_capped, example_inputs=ins)(*ins), want, atol=1e-3)

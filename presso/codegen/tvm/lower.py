@@ -458,6 +458,9 @@ def _attention(L, n, ins):
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
     s = L.emit(rx.op.matmul(ins[0], L.emit(rx.op.permute_dims(kk, perm))))
     s = L.emit(rx.op.multiply(s, rx.const(scale, dt)))
+    cap = n.attrs["softcap"]
+    if cap is not None:
+        s = L.emit(rx.op.multiply(L.emit(rx.op.tanh(L.emit(rx.op.divide(s, rx.const(cap, dt))))), rx.const(cap, dt)))
     if n.attrs["causal"]:
         s = L.emit_te(_causal_mask, s, name="causal_mask")
     if mask is not None:
