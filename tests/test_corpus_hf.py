@@ -92,6 +92,20 @@ def test_gemma2_softcapped_attention_generates_with_its_cap():
     assert torch.equal(cm.generate(ids, max_new_tokens=6), tokens)
 
 
+def test_generation_compiles_from_a_batch_of_one_prompt():
+    # torch.export specialises a size-1 dim: the frontend traces the batch at 2, the graph stays symbolic
+    model, inputs = corpus.build("qwen2")
+    model.generation_config.eos_token_id = None
+    ids = inputs["input_ids"][:1]
+    cm = presso.compile(model, example_inputs=(ids,), generation=True, max_len=32)
+    assert [str(d) for d in cm.graph.inputs[0].type.shape] == ["batch", "seq"]
+    torch.testing.assert_close(cm(ids), model(ids).logits, rtol=1e-4, atol=1e-5)
+    for prompt in (ids, inputs["input_ids"][:, :5]):
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=corpus.NEW_TOKENS,
+                              do_sample=False, pad_token_id=0)
+        assert torch.equal(cm.generate(prompt, max_new_tokens=corpus.NEW_TOKENS), want)
+
+
 def test_symbolic_sequence_runs_hf_mask_code_at_other_lengths():
     from torch.export import Dim
     model, inputs = corpus.build("llama")
