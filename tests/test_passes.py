@@ -144,6 +144,24 @@ graph @g(%q: f32[1, 2, 4, 8]) {
 }""")
 
 
+def test_concat_drops_empty_operands():
+    # torch.cat's legacy empty 1-D tensor joins any rank (HF's empty DynamicCache layer)
+    before = """
+graph @g(%x: f32[2, 3, 4], %y: f32[2, 0, 4]) {
+  param %empty: f32[0]
+  %c: f32[2, 3, 4] = concat(%empty, %x) {axis=0}
+  %d: f32[2, 3, 4] = concat(%c, %y) {axis=1}
+  %e: f32[2, 6, 4] = concat(%d, %empty, %x) {axis=1}
+  return %e
+}"""
+    after = """
+graph @g(%x: f32[2, 3, 4], %y: f32[2, 0, 4]) {
+  %concat: f32[2, 6, 4] = concat(%x, %x) {axis=1}
+  return %concat
+}"""
+    check_golden(before, after, {"empty": torch.zeros(0)}, (torch.randn(2, 3, 4), torch.randn(2, 0, 4)))
+
+
 def test_matmul_by_constant_plus_bias_becomes_linear():
     before = """
 graph @g(%x: f32[3, 5, 8]) {

@@ -45,11 +45,11 @@ class Lowered:
     params: list
 
 
-def _promote(*types: TensorType) -> str:
-    dt = types[0].dtype.torch
-    for t in types[1:]:
-        dt = torch.promote_types(dt, t.dtype.torch)
-    return TVM_DTYPE[DType.from_torch(dt)]
+def _promote(a: TensorType, b: TensorType) -> str:
+    """torch's result dtype for an elementwise op on a and b, the dtype the IR gives its result: a
+    0-d operand does not widen a dimensioned one of the same category (i32[n] + i64[] is i32)."""
+    probe = [torch.empty((1,) * t.rank, dtype=t.dtype.torch, device="meta") for t in (a, b)]
+    return TVM_DTYPE[DType.from_torch(torch.result_type(*probe))]
 
 
 class Lowering:
