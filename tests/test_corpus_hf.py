@@ -52,6 +52,32 @@ def test_hf_corpus_pass_rate(target):
     assert passed >= FLOOR.get(target, 0), corpus.summary(results)
 
 
+# through ONNX with both exporters: a subset covering decoders (RoPE + GQA, soft-capped Gemma 2,
+# GPT-2) and encoders (BERT's masks and token types, DistilBERT, ViT), to keep the test short
+ONNX_MODELS = ("llama", "gemma2", "gpt2", "bert", "distilbert", "vit")
+ONNX_FLOOR = 12                    # of 12 (6 models x 2 exporters)
+
+
+@pytest.mark.parametrize("exporter", corpus.EXPORTERS)
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_hf_model_through_onnx_matches_eager(name, exporter):
+    pytest.importorskip("onnx")
+    r = _onnx_result(name, exporter)
+    assert r.max_rel_err is not None and r.ok, r
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_result(name, exporter):
+    return corpus.run_onnx(name, exporter)
+
+
+def test_hf_corpus_through_onnx_pass_rate():
+    pytest.importorskip("onnx")
+    results = [_onnx_result(n, e) for n in ONNX_MODELS for e in corpus.EXPORTERS]
+    print("\n" + corpus.summary(results))
+    assert sum(r.passed for r in results) >= ONNX_FLOOR, corpus.summary(results)
+
+
 def test_causal_lm_returns_hf_structure_with_its_cache():
     from transformers import DynamicCache
     model, inputs = corpus.build("llama")

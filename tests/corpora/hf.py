@@ -226,7 +226,7 @@ def run_onnx(name: str, exporter: str, target: str = "reference") -> Result:
     """Export corpus model ``name`` to ONNX with ``exporter``, compile the ONNX model with presso
     for ``target``, compare its outputs with HF eager's (flattened, without the cache)."""
     import presso
-    res = Result(name, f"{target} via ONNX ({exporter})")
+    res = Result(name, f"{target} via ONNX", structure=f"ONNX/{exporter}")
     t0 = time.time()
     try:
         model, inputs = build(name)
@@ -250,7 +250,8 @@ def summary(results: list[Result]) -> str:
         lines.append(f"  {r.name:16s} {'PASS' if r.passed else 'FAIL'} err={err} {r.structure}{gen} "
                      f"({r.seconds:.1f}s) {r.error}")
     n = sum(r.passed for r in results)
-    lines.append(f"HF corpus ({results[0].target if results else '-'}): {n}/{len(results)} pass")
+    targets = ", ".join(dict.fromkeys(r.target for r in results)) or "-"
+    lines.append(f"HF corpus ({targets}): {n}/{len(results)} pass")
     return "\n".join(lines)
 
 
