@@ -116,10 +116,10 @@ def test_gemma2_softcapped_attention_generates_with_its_cap():
         uncapped = T.Gemma2ForCausalLM(T.Gemma2Config(**{**cfg.to_dict(), "attn_logit_softcapping": None})).eval()
         uncapped.load_state_dict(model.state_dict())
         assert corpus.rel_err(uncapped(ids).logits, want[:, :8]) > 1e-2        # the cap matters here
-    caches = gen.new_caches({"batch": 2})
-    outs = gen.prefill_rt.run(ids, torch.arange(8), *caches)
+    caches, starts = gen.new_caches({"batch": 2}), torch.zeros(2, dtype=torch.int64)    # unpadded prompts
+    outs = gen.prefill_rt.run(ids, torch.arange(8), starts, *caches)
     assert corpus.rel_err(outs[0], want[:, :8]) <= 1e-4
-    step = gen.step_rt.run(nxt, torch.tensor([8]), *outs[1:])
+    step = gen.step_rt.run(nxt, torch.tensor([8]), starts, *outs[1:])
     assert corpus.rel_err(step[0], want[:, 8:]) <= 1e-4
     model.generation_config.eos_token_id = None
     tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
