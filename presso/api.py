@@ -206,7 +206,8 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
             generation: bool = False, max_len: int = 256) -> CompiledModel:
     """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
     ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime.
-    ``calibration`` is an iterable of input tuples (what compression passes measure on);
+    ``calibration`` is an iterable of input tuples (what compression passes measure on), or of
+    keyword dicts for a model compiled with keyword example inputs;
     ``dynamic_shapes`` (torch.export's) makes dims symbolic, e.g. ``({0: Dim("batch")},)``.
     ``generation=True`` (causal LMs taking ``input_ids``) makes batch and sequence symbolic so
     that ``CompiledModel.generate`` can run prefill and decode steps over a ``max_len`` KV cache.
@@ -243,6 +244,9 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if generation:
         graph.meta["max_len"] = max_len
     from .passes.calibrate import normalize_samples
+    if calibration is not None:
+        calibration = [positional_inputs(graph, (), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)})
+                       if isinstance(s, dict) else s for s in calibration]
     ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)

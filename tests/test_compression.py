@@ -212,3 +212,42 @@ def test_the_issue_pipeline_text_runs_end_to_end():
     cm = compiled(recipe)
     assert cm.report()["compression"]["compression_ratio"] > 1.5
     assert [p["pass"].split("{")[0] for p in cm.report()["passes"]] == ["canonicalize", "lowrank", "quantize", "sparsify"]
+
+
+# The accuracy table (benchmarks/RESULTS.md, presso's own MiniLM) for one recipe of each pass and
+# method family; the real model loaded with transformers.AutoModel must keep it (within 0.002)
+TABLE = {
+    "quantize{weights=int8}": 0.99964,
+    "quantize{weights=int8,activations=int7,rotate=hadamard}": 0.99931,
+    GPTQ4: 0.99111,
+    "sparsify{pattern=2:4,method=wanda}": 0.77913,
+    "lowrank{method=whitened,ratio=0.9}": 0.95263,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def automodel():
+    transformers = pytest.importorskip("transformers")
+    from presso.models.minilm import model_dir
+    return transformers.AutoModel.from_pretrained(model_dir(), attn_implementation="sdpa").eval()
+
+
+def automodel_cosine(recipe: str) -> float:
+    """Compiled as it is (keyword inputs, keyword calibration samples); sentence embeddings mean-pooled
+    from its last_hidden_state as sentence-transformers does, against the uncompressed model's."""
+    _, example, calib, evals, ref = setup()
+    kw = lambda s: {"input_ids": s[0], "attention_mask": s[1]}  # noqa: E731
+    cm = presso.compile(automodel(), example_inputs=kw(example), recipe=recipe, calibration=[kw(s) for s in calib])
+    cos = []
+    for e, r in zip(evals, ref):
+        h, m = cm(**kw(e)).last_hidden_state, e[1][:, :, None].float()
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        cos.append(torch.nn.functional.cosine_similarity(torch.nn.functional.normalize(pooled, dim=-1), r))
+    return torch.cat(cos).mean().item()
+
+
+@pytest.mark.parametrize("recipe", list(TABLE))
+def test_real_minilm_through_transformers_automodel_keeps_the_accuracy_table(recipe):
+    cos = automodel_cosine(recipe)
+    print(f"\n{recipe}: cos {cos:.5f} (table {TABLE[recipe]:.5f})")
+    assert cos >= TABLE[recipe] - 0.002

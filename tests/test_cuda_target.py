@@ -172,3 +172,25 @@ def test_ragged_batches_decode_through_the_kernels_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", RAGGED], capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ragged ") == 3, r.stdout
+
+
+def test_softcapped_decode_attention_runs_the_references_form_on_the_cuda_target():
+    # no kernel caps scores: a decode step's soft-capped attention runs the reference's form
+    # (with the program's position mask), where the uncapped one runs the GQA decode kernel
+    import torch
+    from presso import parse
+    from presso.codegen.triton.decode_steps import PositionMask, attention_cached_step
+    from presso.runtime import run_graph
+    text = """
+graph @g(%q: f32[1, 4, 1, 16], %k: f32[1, 2, 16, 16], %v: f32[1, 2, 16, 16], %positions: i64[1]) {
+  %a: f32[1, 4, 1, 16] = attention_cached(%q, %k, %v, %positions) CAP
+  return %a
+}"""
+    capped, plain = parse(text.replace("CAP", "{softcap=2.0}")), parse(text.replace("CAP", ""))
+    assert attention_cached_step(plain.nodes[0], PositionMask()).kernel == "triton:gqa_decode_attention"
+    step = attention_cached_step(capped.nodes[0], PositionMask())
+    assert step.kernel == "torch:softcapped_attention"
+    ins = [4 * torch.randn(1, 4, 1, 16), 4 * torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16), torch.tensor([9])]
+    want = run_graph(capped, *ins)[0]
+    torch.testing.assert_close(step.run(*ins)[0], want)
+    assert not torch.allclose(run_graph(plain, *ins)[0], want, atol=1e-3)

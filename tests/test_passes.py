@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from presso import PassCheckError, PipelineError, parse
+from presso.errors import IRError
 from presso.ir import print_graph
 from presso.passes import PassContext, Option, parse_pipeline, register_pass, resolve, run_pipeline
 from presso.passes.canonicalize import canonicalize
@@ -89,6 +90,76 @@ graph @g(%q: f32[1, 2, 4, 8], %k: f32[1, 2, 4, 8], %v: f32[1, 2, 4, 8], %mask: f
 }"""
     mask = torch.tensor([[[[0.0, 0.0, -1e9, 0.0]]]])
     check_golden(before, after, inputs=(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), mask))
+
+
+SOFTCAPPED = """
+graph @g(%q: f32[1, 2, seq, 8], %k: f32[1, 2, seq, 8], %v: f32[1, 2, seq, 8]) {
+  param %table: f32[1, 1, 16, 16]
+  %kt: f32[1, 2, 8, seq] = transpose(%k) {perm=[0, 1, 3, 2]}
+  %scores: f32[1, 2, seq, seq] = matmul(%q, %kt)
+  %s: f32[] = full() {value=0.25}
+  %scaled: f32[1, 2, seq, seq] = mul(%scores, %s)
+  %c: f32[] = full() {value=CAP_IN}
+  %d: f32[1, 2, seq, seq] = div(%scaled, %c)
+  %t: f32[1, 2, seq, seq] = tanh(%d)
+  %c2: f32[] = full() {value=CAP_OUT}
+  %capped: f32[1, 2, seq, seq] = mul(%t, %c2)
+  %rows: f32[1, 1, seq, 16] = slice(%table) {axis=2, end=seq}
+  %mask: f32[1, 1, seq, seq] = slice(%rows) {axis=3, end=seq}
+  %masked: f32[1, 2, seq, seq] = add(%capped, %mask)
+  %p: f32[1, 2, seq, seq] = softmax(%masked) {axis=3}
+  %o: f32[1, 2, seq, 8] = matmul(%p, %v)
+  return %o
+}"""
+
+
+def test_softcapped_attention_over_a_sliced_causal_table():
+    # Gemma 2's eager attention as generation traces it: scores capped by c * tanh(s / c), then a
+    # symbolic-length corner of a constant additive causal table (HF's 0 / finfo.min)
+    table = torch.full((1, 1, 16, 16), torch.finfo(torch.float32).min).triu(1)
+    after = """
+graph @g(%q: f32[1, 2, seq, 8], %k: f32[1, 2, seq, 8], %v: f32[1, 2, seq, 8]) {
+  %attention: f32[1, 2, seq, 8] = attention(%q, %k, %v, _) {causal=true, scale=0.25, softcap=2.0}
+  return %attention
+}"""
+    inputs = tuple(4 * torch.randn(1, 2, 5, 8) for _ in range(3))   # scores well past the cap
+    check_golden(SOFTCAPPED.replace("CAP_IN", "2.0").replace("CAP_OUT", "2.0"), after, {"table": table}, inputs)
+    g = parse(after)
+    plain = run_graph(parse(after.replace(", softcap=2.0", "")), *inputs)[0]
+    assert not torch.allclose(run_graph(g, *inputs)[0], plain, atol=1e-3)   # the cap changes the result
+
+
+def test_a_tanh_whose_two_constants_differ_is_not_a_softcap():
+    table = torch.full((1, 1, 16, 16), torch.finfo(torch.float32).min).triu(1)
+    g = canonicalize(parse(SOFTCAPPED.replace("CAP_IN", "2.0").replace("CAP_OUT", "3.0"), {"table": table}))
+    assert "attention" not in {n.op for n in g.nodes} and "tanh" in {n.op for n in g.nodes}
+
+
+def test_softcap_must_be_positive():
+    with pytest.raises(IRError, match="softcap must be > 0.*got -1.0"):
+        parse("""
+graph @g(%q: f32[1, 2, 4, 8]) {
+  %a: f32[1, 2, 4, 8] = attention(%q, %q, %q, _) {softcap=-1.0}
+  return %a
+}""")
+
+
+def test_concat_drops_empty_operands():
+    # torch.cat's legacy empty 1-D tensor joins any rank (HF's empty DynamicCache layer)
+    before = """
+graph @g(%x: f32[2, 3, 4], %y: f32[2, 0, 4]) {
+  param %empty: f32[0]
+  %c: f32[2, 3, 4] = concat(%empty, %x) {axis=0}
+  %d: f32[2, 3, 4] = concat(%c, %y) {axis=1}
+  %e: f32[2, 6, 4] = concat(%d, %empty, %x) {axis=1}
+  return %e
+}"""
+    after = """
+graph @g(%x: f32[2, 3, 4], %y: f32[2, 0, 4]) {
+  %concat: f32[2, 6, 4] = concat(%x, %x) {axis=1}
+  return %concat
+}"""
+    check_golden(before, after, {"empty": torch.zeros(0)}, (torch.randn(2, 3, 4), torch.randn(2, 0, 4)))
 
 
 def test_matmul_by_constant_plus_bias_becomes_linear():

@@ -262,13 +262,16 @@ def test_an_aten_op_without_lowering_names_the_node_and_op():
 
 
 def test_hf_style_aten_ops_match_torch_on_llvm():
-    """cumsum-derived positions, gather, a ~mask, an int remainder and a clamp: the aten.* ops
+    """cumsum-derived positions, gather, a ~mask, an int remainder, a clamp and mixed int32 / int64
+    arithmetic: the aten.* ops
     Hugging Face mask and position code produces, lowered through TVM, give torch's numbers."""
     class M(torch.nn.Module):
         def forward(self, x, mask):
             pos = torch.cumsum(mask, dim=1) * mask - 1
             g = torch.gather(x, 1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            return torch.where(~mask.bool().unsqueeze(-1), g.clamp(-0.5, 0.5), torch.log1p(g.abs())), pos % 3
+            m32 = mask.int()        # RoBERTa's positions: i32 + a 0-d i64 stays i32
+            return torch.where(~mask.bool().unsqueeze(-1), g.clamp(-0.5, 0.5), torch.log1p(g.abs())), pos % 3, \
+                (torch.cumsum(m32, 1).type_as(m32) + 0) * m32
 
     x = torch.randn(2, 6, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
@@ -276,3 +279,18 @@ def test_hf_style_aten_ops_match_torch_on_llvm():
     assert any(n.op.startswith("aten.") for n in cm.graph.nodes)
     for got, want in zip(cm(x, mask), M()(x, mask)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_softcapped_gqa_attention_matches_the_reference_on_llvm():
+    g = presso.parse("""
+graph @g(%q: f32[2, 4, 6, 8], %k: f32[2, 2, 6, 8], %v: f32[2, 2, 6, 8], %mask: f32[2, 1, 1, 6]) {
+  %a: f32[2, 4, 6, 8] = attention(%q, %k, %v, %mask) {causal=true, scale=0.25, softcap=2.0}
+  return %a
+}""")
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., 4:] = torch.finfo(torch.float32).min
+    ins = (4 * torch.randn(2, 4, 6, 8), 4 * torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), mask)
+    want = presso.compile(g, example_inputs=ins)(*ins)
+    torch.testing.assert_close(presso.compile(g, target="llvm", example_inputs=ins)(*ins), want, rtol=1e-5, atol=1e-5)
+    barely_capped = presso.parse(str(g).replace("softcap=2.0", "softcap=1000.0"))
+    assert not torch.allclose(presso.compile(barely_capped, example_inputs=ins)(*ins), want, atol=1e-3)

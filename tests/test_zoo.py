@@ -100,6 +100,17 @@ def test_symbolic_batch_and_seq_through_torch_export():
     assert parse(str(g), {k: p.data for k, p in g.params.items()}) == g
 
 
+def test_a_dynamic_dim_of_size_one_in_the_example_stays_symbolic():
+    # torch.export alone specialises it ("Constraints violated (batch)")
+    from torch.export import Dim
+    model, _ = ZOO["llama"]()
+    one = torch.randint(0, 256, (1, 1))
+    g = from_torch(model, (one,), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=128)},))
+    assert str(g.inputs[0].type) == "i64[batch, seq]"
+    for x in (one, torch.randint(0, 256, (3, 7))):
+        assert max_rel_err(run_graph(g, x)[0], model(x)) <= TOL
+
+
 def test_symbolic_dims_through_onnx_match_the_torch_import():
     from torch.export import Dim
     model, inputs = ZOO["minilm"]()

@@ -12,8 +12,10 @@ Three things stand between a ``PreTrainedModel`` and ``torch.export``, and this 
 * **Generation.** HF builds an explicit boolean mask under ``torch.export`` (its ``is_causal``
   shortcut reads tensor values, which export cannot), and presso's decode program needs plain
   causal attention to give it a KV cache. ``for_generation`` wraps a causal LM so that, while it is
-  traced, its SDPA mask function returns no mask: SDPA then runs with ``is_causal``, which is what
-  HF's mask says for unpadded prompts (the case ``CompiledModel.generate`` serves).
+  traced, its mask functions return what HF's mask says for unpadded prompts (the case
+  ``CompiledModel.generate`` serves) in a form presso recognises: no mask for SDPA (which then runs
+  with ``is_causal``), and for eager attention (Gemma 2's soft-capped scores) a slice of a constant
+  additive causal table.
 """
 from __future__ import annotations
 
@@ -135,18 +137,18 @@ def restore_outputs(meta: dict, outs: list):
 
 # ---- generation ----------------------------------------------------------------------------------
 class CausalLMForGeneration(torch.nn.Module):
-    """``input_ids -> logits`` of an HF causal LM, traced with causal SDPA and no mask tensor (see
-    the module docstring). ``max_len`` bounds the positions generation will reach: a sliding window
-    shorter than it would need a real mask, which is refused."""
+    """``input_ids -> logits`` of an HF causal LM, traced with a mask presso reads as plain causal
+    attention (see the module docstring). ``max_len`` bounds the positions generation will reach: a
+    sliding window shorter than it would need a real mask, which is refused."""
 
     def __init__(self, model, max_len: int):
         super().__init__()
         self.model, self.max_len = model, max_len
         impl = getattr(model.config, "_attn_implementation", None)
-        if impl != "sdpa":
+        if impl not in _CAUSAL_MASKS:
             raise FrontendError(f"{type(model).__name__} uses attention implementation {impl!r}; generation=True "
-                                "compiles HF causal LMs that use SDPA: build or load the model with "
-                                "attn_implementation='sdpa'")
+                                f"compiles HF causal LMs whose attention is one of {', '.join(_CAUSAL_MASKS)}: "
+                                "build or load the model with attn_implementation='sdpa'")
 
     def forward(self, input_ids):
         kwargs = {}
@@ -154,28 +156,47 @@ class CausalLMForGeneration(torch.nn.Module):
             # positions as ``arange(seq)``, which the decode program turns into the step's positions
             # (OPT would otherwise count them with a cumsum over an all-ones mask, which it cannot)
             kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
-        with _causal_sdpa(self.max_len, type(self.model).__name__):
+        with _causal_masks(self.max_len, type(self.model).__name__):
             return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
 
 
+def _no_mask(max_len: int, **_):
+    """SDPA without a mask tensor: HF's SDPA attention then passes ``is_causal=True``."""
+    return None
+
+
+def _additive_causal_table(max_len: int, q_length, kv_length, dtype=torch.float32, **_):
+    """Eager attention adds its mask to the scores: the top-left [q, kv] corner of a constant
+    [max_len, max_len] table (0 on and below the diagonal, the dtype's minimum above, as HF's
+    ``eager_mask``), which the attention recognizer reads as causal at any sequence length."""
+    table = torch.full((max_len, max_len), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return table[None, None, :q_length, :kv_length]
+
+
+_CAUSAL_MASKS = {"sdpa": _no_mask, "eager": _additive_causal_table}
+
+
 @contextlib.contextmanager
-def _causal_sdpa(max_len: int, name: str):
+def _causal_masks(max_len: int, name: str):
+    """HF's mask functions replaced, while the model is traced, by the causal masks above."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     mapping = type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping
-    original = mapping["sdpa"]
+    originals = {impl: mapping[impl] for impl in _CAUSAL_MASKS}
 
-    def no_mask(*args, local_size=None, attention_mask=None, **kwargs):
-        if local_size is not None and local_size < max_len:
-            raise FrontendError(f"{name} has a sliding attention window of {local_size} tokens, shorter than "
-                                f"max_len={max_len}; presso's KV cache is causal over the whole sequence: "
-                                f"compile with max_len <= {local_size}")
-        return None
+    def masked(make):
+        def mask(local_size=None, **kwargs):
+            if local_size is not None and local_size < max_len:
+                raise FrontendError(f"{name} has a sliding attention window of {local_size} tokens, shorter than "
+                                    f"max_len={max_len}; presso's KV cache is causal over the whole sequence: "
+                                    f"compile with max_len <= {local_size}")
+            return make(max_len, **kwargs)
+        return mask
 
-    mapping["sdpa"] = no_mask
+    mapping.update({impl: masked(make) for impl, make in _CAUSAL_MASKS.items()})
     try:
         yield
     finally:
-        mapping["sdpa"] = original
+        mapping.update(originals)
 
 
 def for_generation(module, max_len: int):

@@ -567,6 +567,34 @@ def _export(module, example_inputs, dynamic_shapes):
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
+def _widen_size_one_dims(example_inputs, dynamic_shapes):
+    """The example inputs, with each dim that ``dynamic_shapes`` names (a ``torch.export.Dim``)
+    and whose example size is 1 repeated to size ``max(2, Dim.min)``. torch.export cannot tell a
+    size-1 dim from a broadcast one and specialises it, so a batch of one prompt fails its
+    dynamic batch with "Constraints violated"; the graph is symbolic in the dim, so the example
+    itself runs on it unchanged."""
+    if not dynamic_shapes:
+        return example_inputs
+    keyed = isinstance(example_inputs, dict)
+    names = list(example_inputs) if keyed else list(range(len(example_inputs)))
+    if isinstance(dynamic_shapes, dict):
+        pairs = [(k, spec) for k, spec in dynamic_shapes.items() if k in names]
+    else:
+        pairs = list(zip(names, dynamic_shapes))
+    out = dict(example_inputs) if keyed else list(example_inputs)
+    for key, spec in pairs:
+        x = out[key]
+        if not isinstance(x, torch.Tensor) or not isinstance(spec, (dict, list, tuple)):
+            continue
+        for axis, dim in (spec.items() if isinstance(spec, dict) else enumerate(spec)):
+            if isinstance(dim, torch.export.Dim) and x.shape[axis] == 1:
+                shape = list(x.shape)
+                shape[axis] = max(2, dim.min)
+                x = x.expand(shape).contiguous()
+        out[key] = x
+    return out if keyed else tuple(out)
+
+
 def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], method: str = "auto",
                dynamic_shapes=None, name: Optional[str] = None) -> Graph:
     """Import ``module`` called on ``example_inputs`` (a tuple of positional inputs, or a dict of
@@ -590,7 +618,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ep = _export(module, example_inputs, dynamic_shapes)
+                    ep = _export(module, _widen_size_one_dims(example_inputs, dynamic_shapes), dynamic_shapes)
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
                 errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}{hf.export_hint(module, str(e))}")
             else:

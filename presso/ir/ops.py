@@ -163,6 +163,9 @@ def _attn_verify(types, attrs):
     hq, hk = q.shape[-3], k.shape[-3]
     if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
         raise IRError(f"attention: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    cap = attrs.get("softcap")
+    if cap is not None and not cap > 0:
+        raise IRError(f"attention: softcap must be > 0 (scores are capped to (-softcap, softcap)), got {cap}")
 
 
 def _attn_flops(ins, outs, attrs, b):
@@ -170,11 +173,35 @@ def _attn_flops(ins, outs, attrs, b):
     return 4 * math.prod(q) * k[-2]
 
 
-@defop("attention", ["q", "k", "v", "mask?"], {"causal": Attr("bool", False), "scale": Attr("float", None, optional=True)},
+_SOFTCAP = Attr("float", None, optional=True)
+
+
+def softcapped_attention(q, k, v, mask, causal, scale, softcap):
+    """Attention whose scores are soft-capped before the mask (Gemma 2): s = q k^T * scale, then
+    softcap * tanh(s / softcap), then the mask, then softmax (in fp32, as HF's eager attention)
+    times v. ``mask`` is additive or boolean (True = keep)."""
+    if q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    s = torch.tanh(s / softcap) * softcap
+    if causal:
+        L, S = s.shape[-2], s.shape[-1]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+@defop("attention", ["q", "k", "v", "mask?"], {"causal": Attr("bool", False), "scale": Attr("float", None, optional=True),
+                                              "softcap": _SOFTCAP},
        "attention", verify=_attn_verify, flops=_attn_flops)
-def attention(q, k, v, mask, causal, scale):
+def attention(q, k, v, mask, causal, scale, softcap):
     """softmax(q k^T * scale + mask) v over [..., heads, seq, dim]; fewer k/v heads = GQA.
-    ``causal`` masks keys after the query's position (top-left aligned, as torch's SDPA)."""
+    ``causal`` masks keys after the query's position (top-left aligned, as torch's SDPA);
+    ``softcap`` caps the scaled scores to (-softcap, softcap) with tanh before the mask."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, causal, scale, softcap)
     gqa = q.shape[-3] != k.shape[-3]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
@@ -205,9 +232,10 @@ def _attn_cached_infer(types, attrs):
     return [TensorType(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)]
 
 
-@defop("attention_cached", ["q", "k", "v", "positions", "starts?"], {"scale": Attr("float", None, optional=True)},
-       "attention", infer=_attn_cached_infer, flops=_attn_flops)
-def attention_cached(q, k, v, positions, starts, scale):
+@defop("attention_cached", ["q", "k", "v", "positions", "starts?"], {"scale": Attr("float", None, optional=True),
+                                                                       "softcap": _SOFTCAP}, "attention",
+       infer=_attn_cached_infer, flops=_attn_flops)
+def attention_cached(q, k, v, positions, starts, scale, softcap):
     """Causal attention of new queries (at absolute ``positions``) over a KV cache: query i sees
     cached keys 0..positions[i]; cache slots past the newest position are never read. With
     ``starts`` (i64[batch], a left-padded batch) sequence b's queries see only slots from
@@ -219,6 +247,8 @@ def attention_cached(q, k, v, positions, starts, scale):
     if starts is not None:
         first = torch.minimum(starts[:, None], positions[None, :])                   # [batch, seq]
         mask = (mask[None] & (slots[None, None, :] >= first[..., None]))[:, None]    # [batch, 1, seq, n]
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, False, scale, softcap)
     gqa = q.shape[-3] != k.shape[-3]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 

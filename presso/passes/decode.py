@@ -131,7 +131,8 @@ def build_decode_graph(g: Graph, max_len: int) -> tuple[Graph, list[CacheSpec]]:
             g.outputs.append(updated)
             specs.append(CacheSpec(name, ctype, layer, which, axis))
             full.append(updated if point is val else _recompute(g, point, val, updated, positions, max_len, a))
-        out = g.op("attention_cached", q, full[0], full[1], positions, starts, scale=a.attrs["scale"], before=a)
+        out = g.op("attention_cached", q, full[0], full[1], positions, starts, scale=a.attrs["scale"],
+                   softcap=a.attrs["softcap"], before=a)
         g.replace_uses(a.output, out)
     dce(g)
     fold_constants(g)

@@ -202,7 +202,8 @@ def _rewrite(g, a: Node, pk: Projection, pv: Projection, gs: int, per, rk: int, 
     v_in = heads(hv, rv)
     if pk.rotary is not None and groups != hkv:  # full-width keys per KV head: latent values serve each head
         v_in = _expand_groups(g, a, v_in, hkv, groups)
-    o_lat = g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale, before=a)
+    o_lat = g.op("attention", q_lat, k_in, v_in, a.inputs[3], causal=a.attrs["causal"], scale=scale,
+                 softcap=a.attrs["softcap"], before=a)
     wv = torch.stack([bv_list[(i // n_rep) // gs].B[((i // n_rep) % gs) * D:((i // n_rep) % gs + 1) * D, :rv].T
                       for i in range(H)]).to(dtype)                               # [H, rv, D]
     wv_p = g.add_param(g.fresh_name(pv.weight.name + ".palu_vo"), wv.contiguous())

@@ -1,8 +1,8 @@
 """Recognition of high-level ops, so later passes match on meaning rather than on one frontend's
 spelling: ``linear`` (matmul by a constant + bias add, reshape-wrapped addmm), ``rms_norm`` and
 ``layer_norm`` (decomposed forms + affine), ``attention`` (matmul -> scale -> mask -> softmax ->
-matmul, scale possibly split between q and k; causal masks read from constants; repeat_kv folded
-into GQA) and ``rotary`` (x*cos + rotate_half(x)*sin)."""
+matmul, scale possibly split between q and k; tanh soft-capped scores; causal masks read from
+constants; repeat_kv folded into GQA) and ``rotary`` (x*cos + rotate_half(x)*sin)."""
 from __future__ import annotations
 
 import math
@@ -217,6 +217,7 @@ def attention(rw: Rewriter, n: Node) -> bool:
                                 torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))
         elif fill is not None and fill <= -1e4 and _top_left_of_tril(rw, where.inputs[0]):
             scores, causal_table = where.inputs[1], True  # a symbolic-length slice of a causal table
+    scores, softcap = _strip_softcap(rw, scores)
     scores, s0 = _strip_scale(rw, scores)
     mm = rw.producer(scores, "matmul")
     if mm is None or not rw.single_use(scores):
@@ -245,26 +246,59 @@ def attention(rw: Rewriter, n: Node) -> bool:
         L, S = q.type.shape[-2], k.type.shape[-2]
         if data is not None and isinstance(L, int) and isinstance(S, int) and is_causal_mask(data, L, S):
             mask, causal = None, True
-    out = rw.op("attention", q, k, v, mask, causal=causal, scale=scale, before=n)
+        elif data is None and _top_left_of_additive_causal(rw, mask):
+            mask, causal = None, True
+    out = rw.op("attention", q, k, v, mask, causal=causal, scale=scale, softcap=softcap, before=n)
     return rw.replace(n, out)
+
+
+def _strip_softcap(rw: Rewriter, v: Value) -> tuple[Value, Optional[float]]:
+    """v = tanh(x / c) * c (or tanh(x * (1/c)) * c) with a scalar c > 0, Gemma 2's soft-capped
+    scores -> (x, c); else (v, None)."""
+    outer = rw.producer(v, "mul")
+    if outer is None or not rw.single_use(v):
+        return v, None
+    for t, c in rw.commuted(outer):
+        cap = rw.scalar(c)
+        th = rw.producer(t, "tanh")
+        if cap is None or not cap > 0 or th is None or not rw.single_use(t) or c.type.numel() != 1:
+            continue
+        x, factor = _strip_scale(rw, th.inputs[0])
+        if x is not th.inputs[0] and math.isclose(factor * cap, 1.0, rel_tol=1e-6):
+            return x, cap
+    return v, None
 
 
 def _top_left_of_tril(rw: Rewriter, v: Value) -> bool:
     """v = slices [0:a] of the last two dims of a constant lower-triangular bool table (GPT-2's
     ``bias[:, :, :T, :T]``): a causal mask for any length."""
-    while True:
-        s = rw.producer(v, "slice")
-        if s is None:
-            break
-        if s.attrs["start"] != 0 or s.attrs["step"] != 1:
-            return False
-        v = s.inputs[0]
-    table = rw.const(v)
+    table = _sliced_table(rw, v)
     if table is None or table.dtype != torch.bool or table.dim() < 2 or table.shape[-1] != table.shape[-2]:
         return False
     n = table.shape[-1]
     tril = torch.ones(n, n, dtype=torch.bool).tril()
     return bool((table.reshape(-1, n, n) == tril).all())
+
+
+def _top_left_of_additive_causal(rw: Rewriter, v: Value) -> bool:
+    """v = slices [0:a] of the last two dims of a constant square additive causal table (0 on and
+    below the diagonal, very negative above): a causal mask for any length."""
+    table = _sliced_table(rw, v)
+    return table is not None and table.dim() >= 2 and table.shape[-1] == table.shape[-2] \
+        and is_causal_mask(table, table.shape[-2], table.shape[-1])
+
+
+def _sliced_table(rw: Rewriter, v: Value) -> Optional[torch.Tensor]:
+    """The constant under a chain of slices [0:a] (unit step) of v, else None (the callers check
+    that every matrix of the table is the same causal one, so any such slice of it is too)."""
+    while True:
+        s = rw.producer(v, "slice")
+        if s is None:
+            break
+        if s.attrs["start"] != 0 or s.attrs["step"] != 1:
+            return None
+        v = s.inputs[0]
+    return rw.const(v)
 
 
 def _repeat_kv_source(rw: Rewriter, v: Value, before: Node) -> Optional[tuple[Value, int]]:

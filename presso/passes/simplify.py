@@ -1,6 +1,6 @@
 """Algebraic and layout simplifications that make different spellings of one computation look
 the same (so recognition patterns and frontends agree): no-op casts/reshapes/transposes/slices,
-composed layout chains, ``reciprocal(sqrt)`` -> ``rsqrt``, ``x*sigmoid(x)`` -> ``silu``, and
+composed layout chains, empty concat operands dropped, ``reciprocal(sqrt)`` -> ``rsqrt``, ``x*sigmoid(x)`` -> ``silu``, and
 one-element constants made 0-d."""
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def noop_layout(rw: Rewriter, n: Node) -> bool:
     if n.op == "concat" and len(n.inputs) != 1:
         return False
     return x.type == n.output.type and rw.replace(n, x)
+
+
+def concat_without_empty(rw: Rewriter, n: Node) -> bool:
+    """concat drops operands with no elements: torch.cat's legacy empty 1-D tensor, which joins
+    tensors of any rank (HF's empty ``DynamicCache`` layers), and zero-length pieces along the axis."""
+    axis = n.attrs["axis"]
+    keep = [x for x in n.inputs
+            if not (x.type.shape == (0,) and x.type.rank != n.output.type.rank)
+            and not (x.type.rank == n.output.type.rank and x.type.shape[axis] == 0)]
+    if len(keep) == len(n.inputs) or not keep:
+        return False
+    if len(keep) == 1:
+        return keep[0].type == n.output.type and rw.replace(n, keep[0])
+    return rw.replace(n, rw.op("concat", *keep, axis=axis, before=n))
 
 
 def _covers(end, dim) -> bool:
@@ -176,6 +190,7 @@ PATTERNS = pattern_table(
     ("split", split_to_slices), ("gather", gather_scalar_index),
     ("cast", noop_cast),
     *[(op, noop_layout) for op in ("reshape", "expand", "transpose", "slice", "concat")],
+    ("concat", concat_without_empty),
     ("reshape", canonical_reshape), ("reshape", fold_layout_chain),
     ("transpose", compose_transpose), ("transpose", fold_layout_chain),
     ("reciprocal", rsqrt), ("mul", silu),

@@ -4,8 +4,8 @@ weights, no hub access, compiled as they are (``presso.compile(model, example_in
 Each case is checked against HF eager on the same inputs: every output leaf (logits, hidden
 states, the ``DynamicCache``'s keys and values) within ``MAX_REL_ERR`` of torch, and the output
 structure the same type as HF's. Causal LMs also compile with ``generation=True`` and must give
-the tokens of HF's ``generate(do_sample=False)``. The target is a parameter so that compiled
-targets other than ``reference`` (``llvm``) run the same corpus.
+the tokens of HF's ``generate(do_sample=False)`` (on the targets that generate). The target is a
+parameter so that compiled targets other than ``reference`` (``llvm``) run the same corpus.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MAX_REL_ERR = 1e-4
+GENERATION_TARGETS = ("reference", "cuda")      # the targets CompiledModel.generate runs on
 VOCAB, SEQ, NEW_TOKENS = 96, 8, 6
 
 _DEC = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -161,7 +162,7 @@ def run(name: str, target: str = "reference", generate: bool = True) -> Result:
         res.ok = res.max_rel_err <= MAX_REL_ERR
     except Exception as e:  # noqa: BLE001 - the corpus records every failure
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-    if generate and name in CAUSAL_LMS:
+    if generate and name in CAUSAL_LMS and target in GENERATION_TARGETS:
         try:
             res.generate_equal = _generate_equal(name, target)
         except Exception as e:  # noqa: BLE001
@@ -184,6 +185,63 @@ def _generate_equal(name: str, target: str) -> bool:
     return bool(torch.equal(got, want))
 
 
+# ---- through ONNX ---------------------------------------------------------------------------------
+EXPORTERS = ("dynamo", "torchscript")      # torch.onnx.export(dynamo=True) / (dynamo=False)
+
+
+class FlatOutputs(torch.nn.Module):
+    """An HF model called with its keyword inputs by position and without a cache, its outputs
+    flattened to a tuple: what an ONNX graph takes and returns."""
+
+    def __init__(self, model, keys):
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+        import inspect
+        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    def forward(self, *args):
+        return tuple(_leaves(self.model(**dict(zip(self.keys, args)), **self.extra)))
+
+
+def export_onnx(model, inputs: dict, exporter: str):
+    """The model's ONNX export by ``exporter`` (one of ``EXPORTERS``), quietly, as a ModelProto."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+    import onnx
+    flat, args = FlatOutputs(model, inputs).eval(), tuple(inputs.values())
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            return torch.onnx.export(flat, args, dynamo=True, input_names=list(inputs)).model_proto
+        f = io.BytesIO()
+        torch.onnx.export(flat, args, f, dynamo=False, input_names=list(inputs), opset_version=17)
+        return onnx.load_from_string(f.getvalue())
+
+
+def run_onnx(name: str, exporter: str, target: str = "reference") -> Result:
+    """Export corpus model ``name`` to ONNX with ``exporter``, compile the ONNX model with presso
+    for ``target``, compare its outputs with HF eager's (flattened, without the cache)."""
+    import presso
+    res = Result(name, f"{target} via ONNX", structure=f"ONNX/{exporter}")
+    t0 = time.time()
+    try:
+        model, inputs = build(name)
+        with torch.no_grad():
+            want = FlatOutputs(model, inputs)(*inputs.values())
+        cm = presso.compile(export_onnx(model, inputs, exporter), target=target)
+        got = cm(*inputs.values())
+        res.max_rel_err = rel_err(list(got) if isinstance(got, tuple) else [got], list(want))
+        res.ok = res.max_rel_err <= MAX_REL_ERR
+    except Exception as e:  # noqa: BLE001 - the corpus records every failure
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    res.seconds = time.time() - t0
+    return res
+
+
 def summary(results: list[Result]) -> str:
     lines = []
     for r in results:
@@ -192,7 +250,8 @@ def summary(results: list[Result]) -> str:
         lines.append(f"  {r.name:16s} {'PASS' if r.passed else 'FAIL'} err={err} {r.structure}{gen} "
                      f"({r.seconds:.1f}s) {r.error}")
     n = sum(r.passed for r in results)
-    lines.append(f"HF corpus ({results[0].target if results else '-'}): {n}/{len(results)} pass")
+    targets = ", ".join(dict.fromkeys(r.target for r in results)) or "-"
+    lines.append(f"HF corpus ({targets}): {n}/{len(results)} pass")
     return "\n".join(lines)
 
 

@@ -130,11 +130,19 @@ def attention_cached_step(n: Node, mask: PositionMask) -> Step:
     """Decode attention over a preallocated cache without reading the positions back to the host
     (so a decode step can be captured as a CUDA graph): one token over head-major caches runs the
     latent-attention kernel's plain form (split over the sequence, only slots up to the position
-    read); otherwise SDPA over the whole cache with a position mask (slots past the newest
-    position, and before a row's start, get zero weight, as in the reference)."""
+    read); otherwise SDPA (soft-capped scores: the reference's softcapped attention) over the whole
+    cache with a position mask (slots past the newest position, and before a row's start, get zero
+    weight, as in the reference)."""
     import torch.nn.functional as F
-    scale = n.attrs["scale"]
+    scale, softcap = n.attrs["scale"], n.attrs["softcap"]
     q, k, v, p = (x.type for x in n.inputs[:4])
+    if softcap is not None:
+        from ...ir.ops import softcapped_attention
+
+        def run_capped(q, k, v, pos, starts=None):
+            return [softcapped_attention(q, k.to(q.dtype), v.to(q.dtype), mask(pos, k.shape[-2], starts), False,
+                                         scale, softcap)]
+        return Step(n, "torch:softcapped_attention", run_capped, list(n.inputs))
     if (q.rank == 4 and q.shape[2] == 1 and k.rank == 4 and v.shape == k.shape and p.shape == (1,)
             and q.dtype == k.dtype == v.dtype and _pow2_at_least_16(q.shape[3]) and k.shape[3] == q.shape[3]
             and isinstance(k.shape[1], int) and isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0):
@@ -296,7 +304,7 @@ def latent_attention_step(n: Node, users: dict, outputs: set, params: dict) -> O
         return None
     # (the kv_cache pass states the scale: a latent's width is not the head dim SDPA's default uses)
     if not (ok and isinstance(H, int) and H % G == 0 and G % Gv == 0 and _pow2_at_least_16(R)
-            and _pow2_at_least_16(RV) and n.attrs["scale"] is not None):
+            and _pow2_at_least_16(RV) and n.attrs["scale"] is not None and n.attrs["softcap"] is None):
         return None
     scale, hpg = n.attrs["scale"], H // G
     starts = n.inputs[4] if len(n.inputs) > 4 else None

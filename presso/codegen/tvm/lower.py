@@ -45,11 +45,11 @@ class Lowered:
     params: list
 
 
-def _promote(*types: TensorType) -> str:
-    dt = types[0].dtype.torch
-    for t in types[1:]:
-        dt = torch.promote_types(dt, t.dtype.torch)
-    return TVM_DTYPE[DType.from_torch(dt)]
+def _promote(a: TensorType, b: TensorType) -> str:
+    """torch's result dtype for an elementwise op on a and b, the dtype the IR gives its result: a
+    0-d operand does not widen a dimensioned one of the same category (i32[n] + i64[] is i32)."""
+    probe = [torch.empty((1,) * t.rank, dtype=t.dtype.torch, device="meta") for t in (a, b)]
+    return TVM_DTYPE[DType.from_torch(torch.result_type(*probe))]
 
 
 class Lowering:
@@ -484,6 +484,9 @@ def _attention(L, n, ins):
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
     s = L.emit(rx.op.matmul(ins[0], L.emit(rx.op.permute_dims(kk, perm))))
     s = L.emit(rx.op.multiply(s, rx.const(scale, dt)))
+    cap = n.attrs["softcap"]
+    if cap is not None:
+        s = L.emit(rx.op.multiply(L.emit(rx.op.tanh(L.emit(rx.op.divide(s, rx.const(cap, dt))))), rx.const(cap, dt)))
     if n.attrs["causal"]:
         s = L.emit_te(_causal_mask, s, name="causal_mask")
     if mask is not None:
