@@ -36,7 +36,9 @@ class IRParseError(IRError):
     def __init__(self, msg: str, line: int, col: int, text_line: str = ""):
         self.line, self.col = line, col
         where = f"line {line}, col {col}"
-        caret = f"\n  {text_line}\n  {' ' * max(col - 1, 0)}^" if text_line else ""
+        start = max(col - 61, 0)          # a long line is shown as the 120 characters around col
+        shown = text_line[start:start + 120]
+        caret = f"\n  {shown}\n  {' ' * max(col - 1 - start, 0)}^" if text_line else ""
         super().__init__(f"{where}: {msg}{caret}")
 
 

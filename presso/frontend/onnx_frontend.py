@@ -251,13 +251,13 @@ def _cast(im):
 @handles("Softmax")
 def _softmax(im):
     x = im.t(0)
-    return im.op("softmax", x, axis=im.attr("axis", -1) % x.type.rank)
+    return im.op("softmax", x, axis=im.axis(im.attr("axis", -1), x.type.rank))
 
 
 @handles("LayerNormalization")
 def _layer_norm(im):
     x = im.t(0)
-    axis = im.attr("axis", -1) % x.type.rank
+    axis = im.axis(im.attr("axis", -1), x.type.rank)
     return [im.op("layer_norm", x, im.t(1), im.t(2), eps=im.attr("epsilon", 1e-5), ndim=x.type.rank - axis), None, None]
 
 
@@ -281,7 +281,7 @@ def _unsqueeze(im):
     x = im.t(0)
     shape = list(x.type.shape)
     rank = len(shape) + len(axes)
-    for a in sorted(a % rank for a in axes):
+    for a in sorted(im.axis(a, rank, "axes") for a in axes):
         shape.insert(a, 1)
     return im.op("reshape", x, shape=shape)
 
@@ -290,7 +290,7 @@ def _unsqueeze(im):
 def _squeeze(im):
     x = im.t(0)
     axes = im.attr("axes") or im.ints(1, "Squeeze's axes")
-    axes = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
+    axes = {im.axis(a, x.type.rank, "axes") for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
     return im.op("reshape", x, shape=[d for i, d in enumerate(x.type.shape) if i not in axes])
 
 
@@ -304,7 +304,7 @@ def _transpose(im):
 @handles("Split")
 def _split(im):
     x = im.t(0)
-    axis = im.attr("axis", 0) % x.type.rank
+    axis = im.axis(im.attr("axis", 0), x.type.rank)
     sizes = im.attr("split") or im.ints(1, "Split's sizes")
     if not sizes:
         n = im.attr("num_outputs") or len(im.node.output)

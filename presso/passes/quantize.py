@@ -30,7 +30,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import hadamard_matrix, pack_int4
 from ..ir.types import DType, TensorType
 from .calibrate import normalize_samples
-from .compress_common import (calibration_stats, dense_linears, derive, origin, output_error, record,
+from .compress_common import (calibration_stats, dense_linears, derive, origin, output_error, record, skip_pattern,
                               replace_linear)
 from .sequential import calibrate_sequentially
 from .dce import dce
@@ -210,7 +210,7 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     if activations != "none" and method != "rtn" and method != "gptq":
         raise PipelineError(f"pass 'quantize': method={method} scales weights per input channel, which "
                             f"activations={activations} does not take; use smooth= (SmoothQuant) instead")
-    skip_re = _compile_skip(skip)
+    skip_re = skip_pattern(g, skip, "quantize")
     layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
     sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
               and not (skip_re and skip_re.search(_nm_values(g, n).name))]
@@ -239,14 +239,6 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     for n in sparse:
         _quantize_nm_values(g, n, bits, group_size, symmetric)
     return dce(g)
-
-
-def _compile_skip(skip: str):
-    import re
-    try:
-        return re.compile(skip) if skip else None
-    except re.error as e:
-        raise PipelineError(f"pass 'quantize': option 'skip' is not a valid regex ({skip!r}: {e})") from None
 
 
 def _by_input(layers) -> dict:
