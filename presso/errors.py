@@ -63,6 +63,11 @@ class TargetUnavailableError(PressoError):
     """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""
 
 
+class CacheError(PressoError):
+    """presso's on-disk cache (``$PRESSO_CACHE_DIR``, default ``~/.cache/presso``: generated kernels,
+    tuned launch configs) cannot be used: the path is a file, or the folder is not writable."""
+
+
 class ArtifactError(PressoError):
     """A saved artifact is missing, damaged, of another format version or for a target this machine
     cannot run, or a save cannot be done without risking other data."""
