@@ -128,7 +128,11 @@ class _Importer:
         gp = self.model.graph
         inits = {i.name for i in gp.initializer}
         for init in gp.initializer:
-            self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            try:
+                self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            except Exception as e:  # noqa: BLE001 - onnx raises KeyError/ValueError/TypeError for bad tensors
+                raise FrontendError(f"ONNX initializer '{init.name}' cannot be read (data type {init.data_type}, "
+                                    f"dims {list(init.dims)}): {type(e).__name__}: {e}") from None
         for inp in gp.input:
             if inp.name in inits:
                 continue

@@ -33,8 +33,8 @@ _GRAPH_META = {
     "input_names": ("a list of strings", _is_str_list),
     "frontend": ("a string", lambda v: isinstance(v, str)),
     "output_spec": ("a string", lambda v: isinstance(v, str)),
-    "compression": ("an object of per-layer objects", lambda v: isinstance(v, dict)
-                    and all(isinstance(x, dict) for x in v.values())),
+    "compression": ("an object of per-layer objects (bytes_before, bits, group_size, rank: ints; rel_error: "
+                    "a number)", lambda v: isinstance(v, dict) and all(_valid_record(x) for x in v.values())),
     "param_origin": ("an object of strings", lambda v: isinstance(v, dict)
                      and all(isinstance(x, str) for x in v.values())),
     "param_parts": ("an object of [name, rows] lists", lambda v: isinstance(v, dict) and all(
@@ -43,6 +43,14 @@ _GRAPH_META = {
     "input_mutations": ("a list of [output, input] index pairs", lambda v: isinstance(v, list) and all(
         isinstance(p, list) and len(p) == 2 and all(_is_int(i, 0, 1 << 20) for i in p) for p in v)),
 }
+
+
+def _valid_record(rec) -> bool:
+    """A layer's compression record, as ``CompiledModel.report`` reads it."""
+    return isinstance(rec, dict) and all(_is_int(rec[k], 0) for k in ("bytes_before", "bits", "group_size", "rank")
+                                         if k in rec) \
+        and ("rel_error" not in rec or (isinstance(rec["rel_error"], (int, float))
+                                        and not isinstance(rec["rel_error"], bool)))
 
 
 def check_manifest(path: Path, manifest: dict) -> None:
@@ -71,7 +79,7 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if not isinstance(meta, dict):
         raise bad("graph_meta", "an object", meta)
     for key, (want, ok) in _GRAPH_META.items():
-        if key in meta and meta[key] is not None and not ok(meta[key]):
+        if key in meta and not ok(meta[key]) and not (key == "output_spec" and meta[key] is None):
             raise bad(f"graph_meta.{key}", want, meta[key])
     notes = manifest.get("node_notes", {})
     if not isinstance(notes, dict) or not all(isinstance(n, dict) for n in notes.values()):
