@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -392,8 +391,10 @@ def _with_manifest(saved, tmp_path, edit=None, raw=None):
 @pytest.mark.parametrize("edit, msg", [
     (lambda m: m["graph_meta"].update(max_len=10 ** 30),
      r"manifest field 'manifest.graph_meta.max_len' holds an int that does not fit in 64 bits"),
-    (lambda m: m["graph_meta"].update(max_len="abc"), r"manifest field 'graph_meta.max_len' must be an int in 1..2\*\*24"),
-    (lambda m: m.update(inputs={"x": "f32[4, 32]"}), r"manifest field 'inputs' must be a list of \{name, type\} strings"),
+    (lambda m: m["graph_meta"].update(max_len="abc"),
+     r"manifest field 'graph_meta.max_len' must be an int in 1..2\*\*24"),
+    (lambda m: m.update(inputs={"x": "f32[4, 32]"}),
+     r"manifest field 'inputs' must be a list of \{name, type\} strings"),
     (lambda m: m.update(graph_hash=["0" * 64]), r"manifest field 'graph_hash' must be a string, got list"),
     (lambda m: m["files"].update({"graph.pir": 5}), r"manifest field 'files' must be an object of file name -> SHA-256"),
     (lambda m: m["graph_meta"].update(example_bindings=None), r"'graph_meta.example_bindings' must be an object"),

@@ -637,8 +637,8 @@ def _checked_inputs(module: torch.nn.Module, example_inputs):
         example_inputs = tuple(example_inputs)
         for i, v in enumerate(example_inputs):
             if not isinstance(v, torch.Tensor):
-                raise FrontendError(f"example input {i} ({type(v).__name__} {v!r:.40}) is not a tensor: a compiled model "
-                                    "takes tensors only; make other arguments constants of the model (a module "
+                raise FrontendError(f"example input {i} ({type(v).__name__} {v!r:.40}) is not a tensor: a compiled "
+                                    "model takes tensors only; make other arguments constants of the model (a module "
                                     "attribute or a default argument) or pass them as tensors")
         tensors = [(str(i), v) for i, v in enumerate(example_inputs)]
     on_meta = [f"example input {n}" for n, v in tensors if v.is_meta]

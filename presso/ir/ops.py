@@ -123,7 +123,8 @@ def reduce_max(x, axes, keepdim):
     return x.amax(dim=axes, keepdim=keepdim) if axes else x.amax()
 
 
-@defop("softmax", ["x"], {"axis": Attr("int", -1)}, "reduce", verify=_axis_verify("softmax"), flops=lambda i, o, a, b: 5 * o[0].numel(b))
+@defop("softmax", ["x"], {"axis": Attr("int", -1)}, "reduce", verify=_axis_verify("softmax"),
+       flops=lambda i, o, a, b: 5 * o[0].numel(b))
 def softmax(x, axis):
     return torch.softmax(x, axis)
 

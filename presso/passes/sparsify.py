@@ -20,8 +20,8 @@ from ..errors import PipelineError
 from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import (Linear, skip_pattern, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
-                              output_error, record, replace_linear)
+from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
+                              output_error, record, replace_linear, skip_pattern)
 from .calibrate import normalize_samples
 from .dce import dce
 from .manager import Option, register_pass

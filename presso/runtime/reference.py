@@ -51,6 +51,8 @@ def _check_lookup_ids(g: Graph, args: Sequence[torch.Tensor], bindings: Mapping[
     """Ids a graph input feeds straight into a table lookup (token ids into an embedding) must
     index the table: out of range, the CPU kernels raise deep inside torch and GPU kernels assert
     or read out of bounds. Checked on CPU inputs only (on the GPU it would cost a sync per call)."""
+    if not any(a.device.type == "cpu" and not a.is_floating_point() for a in args):
+        return      # no CPU ids: the nodes are not even scanned (GPU decode steps call this every token)
     position = {v: i for i, v in enumerate(g.inputs)}
     for n in g.nodes:
         axis_of = _LOOKUPS.get(n.op)
@@ -64,8 +66,9 @@ def _check_lookup_ids(g: Graph, args: Sequence[torch.Tensor], bindings: Mapping[
             s in bindings for s in symbols_of(table.type.shape[axis])) else None
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or (size is not None and hi >= size):
+            valid = f"0..{size - 1}" if size is not None else ">= 0"
             raise InputError(f"input %{n.inputs[1].name} holds ids from {lo} to {hi}, but node %{n.name} ({n.op}) "
-                             f"looks them up in %{table.name}: {table.type}, whose valid ids are 0..{size - 1 if size is not None else 'n-1'}")
+                             f"looks them up in %{table.name}: {table.type}, whose valid ids are {valid}")
 
 
 def _bind_composite(composite: list, bindings: dict) -> None:
