@@ -232,8 +232,8 @@ def test_non_finite_calibration_names_the_sample(mlp, recipe, bad):
 
 def test_calibration_that_overflows_inside_the_model_names_the_layer(mlp):
     model, inputs, _ = mlp
-    with pytest.raises(CalibrationError, match=r"calibration sample 0 makes the input of layer %linear_\d+ "
-                                               r"\(weight %fc.1.weight\) NaN or Inf"):
+    with pytest.raises(CalibrationError, match=r"layer %linear \(weight %fc.0.weight\): calibration activations are "
+                                               r"too large: their Gram matrix overflows float32"):
         presso.compile(model, example_inputs=inputs, recipe=GPTQ, calibration=[(torch.full_like(inputs[0], 3e38),)])
 
 
@@ -314,13 +314,13 @@ def test_token_ids_outside_the_vocabulary_are_input_errors(llama, bad, lo_hi):
     with pytest.raises(InputError, match=rf"input %input_ids holds ids ({lo_hi}).* node %\w+ \(gather\) looks them up "
                                          r"in %embed_tokens.weight: f32\[256, 64\], whose valid ids are 0..255"):
         cm(ids)
-    with pytest.raises(InputError, match=r"input %input_ids holds ids"):
+    with pytest.raises(InputError, match=rf"input_ids\[1, 5\] = {bad} is not a token id \(0 <= id < 256"):
         cm.generate(ids, max_new_tokens=2)
 
 
 def test_seed_must_be_an_int(llama):
     _, inputs, cm = llama
-    with pytest.raises(InputError, match=r"seed must be an int in \[0, 2\*\*64\) or None, got 'abc'"):
+    with pytest.raises(InputError, match=r"seed must be an int or None, got 'abc'"):
         cm.generate(inputs[0], max_new_tokens=2, do_sample=True, seed="abc")
     a = cm.generate(inputs[0], max_new_tokens=3, do_sample=True, seed=7)
     assert torch.equal(a, cm.generate(inputs[0], max_new_tokens=3, do_sample=True, seed=7))
