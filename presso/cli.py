@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def _load_calibration(path: str):
+def _load_calibration(path: str, n_inputs: int):
+    """Samples from a safetensors file with keys ``<sample>.<input>``: every sample must give each
+    of the model's ``n_inputs`` inputs exactly once (key ``0.1`` on a one-input model is an error,
+    not input 0)."""
     from safetensors.torch import load_file
     if not os.path.exists(path):
         raise CLIError(f"no such calibration file: {path}")
@@ -124,7 +128,11 @@ def _load_calibration(path: str):
         except ValueError:
             raise CLIError(f"calibration key {key!r} must be '<sample>.<input>', e.g. '0.0'") from None
         samples.setdefault(i, {})[j] = t
-    return [tuple(s[j] for j in sorted(s)) for _, s in sorted(samples.items())]
+    for i, s in sorted(samples.items()):
+        if sorted(s) != list(range(n_inputs)):
+            raise CLIError(f"calibration sample {i} has inputs {sorted(s)}, but the model takes {n_inputs} input(s): "
+                           f"keys '{i}.0' .. '{i}.{n_inputs - 1}'")
+    return [tuple(s[j] for j in range(n_inputs)) for _, s in sorted(samples.items())]
 
 
 def cmd_compile(a) -> int:
@@ -133,7 +141,7 @@ def cmd_compile(a) -> int:
     resolve(a.recipe or [])  # a malformed pipeline fails before anything is imported
     opts = _artifact_opts(a)
     _, g, inputs, module = load_any(a.model, **opts)
-    calib = _load_calibration(a.calibration) if a.calibration else None
+    calib = _load_calibration(a.calibration, len(g.inputs)) if a.calibration else None
     source = module if module is not None else g
     cm = presso.compile(source, target=a.target, example_inputs=inputs, recipe=a.recipe, calibration=calib,
                         check=a.check, print_ir_after=a.print_ir_after, progress=not a.quiet)
@@ -162,9 +170,15 @@ def cmd_show(a) -> int:
         text = viz.to_dot(g)
     else:
         raise CLIError(f"output must end in .html, .svg or .dot, got {a.output!r}")
-    tmp = a.output + ".tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, a.output)
+    out = Path(a.output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)   # never another file
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     print(f"wrote {a.output} ({len(g.nodes)} ops)")
     return 0
 

@@ -36,7 +36,9 @@ class IRParseError(IRError):
     def __init__(self, msg: str, line: int, col: int, text_line: str = ""):
         self.line, self.col = line, col
         where = f"line {line}, col {col}"
-        caret = f"\n  {text_line}\n  {' ' * max(col - 1, 0)}^" if text_line else ""
+        start = max(col - 61, 0)          # a long line is shown as the 120 characters around col
+        shown = text_line[start:start + 120]
+        caret = f"\n  {shown}\n  {' ' * max(col - 1 - start, 0)}^" if text_line else ""
         super().__init__(f"{where}: {msg}{caret}")
 
 
@@ -59,6 +61,11 @@ class CodegenError(PressoError):
 
 class TargetUnavailableError(PressoError):
     """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""
+
+
+class CacheError(PressoError):
+    """presso's on-disk cache (``$PRESSO_CACHE_DIR``, default ``~/.cache/presso``: generated kernels,
+    tuned launch configs) cannot be used: the path is a file, or the folder is not writable."""
 
 
 class ArtifactError(PressoError):

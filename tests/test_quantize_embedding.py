@@ -184,8 +184,8 @@ def test_gather_dequantize_op_reference_types_and_text():
      r"option 'embeddings' must be one of \['none', 'int8', 'int4'\], got 'int2'"),
     ("quantize{embeddings=int4,group_size=15,only=^wte}", PipelineError,
      r"embeddings=int4 groups hold whole bytes, so group_size must be even, got 15 for table %wte.weight"),
-    ("quantize{embeddings=int8,only=(wte}", PipelineError, r"option 'only' is not a valid regex \('\(wte'"),
-    ("quantize{embeddings=int8,skip=[}", PipelineError, r"option 'skip' is not a valid regex \('\['"),
+    ("quantize{embeddings=int8,only=(wte}", PipelineError, r"option 'only' has a bad regex '\(wte'"),
+    ("quantize{embeddings=int8,skip=[}", PipelineError, r"option 'skip' has a bad regex '\['"),
 ])
 def test_bad_embedding_options_are_typed_errors(recipe, error, msg):
     model, ex = make_gpt2()

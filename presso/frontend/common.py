@@ -11,7 +11,10 @@ from ..ir.types import DType, TensorType
 
 
 def clean_name(name: str) -> str:
-    """A value name the IR text accepts (letters, digits, '_', '.', '-')."""
+    """A value name the IR text accepts (letters, digits, '_', '.', '-'). Protobuf hands a string
+    field that is not UTF-8 over as bytes."""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).strip(".") or "v"
     return name if re.match(r"^[A-Za-z0-9_]", name) else "v" + name
 

@@ -128,7 +128,11 @@ class _Importer:
         gp = self.model.graph
         inits = {i.name for i in gp.initializer}
         for init in gp.initializer:
-            self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            try:
+                self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            except Exception as e:  # noqa: BLE001 - onnx raises KeyError/ValueError/TypeError for bad tensors
+                raise FrontendError(f"ONNX initializer '{init.name}' cannot be read (data type {init.data_type}, "
+                                    f"dims {list(init.dims)}): {type(e).__name__}: {e}") from None
         for inp in gp.input:
             if inp.name in inits:
                 continue
@@ -251,13 +255,13 @@ def _cast(im):
 @handles("Softmax")
 def _softmax(im):
     x = im.t(0)
-    return im.op("softmax", x, axis=im.attr("axis", -1) % x.type.rank)
+    return im.op("softmax", x, axis=im.axis(im.attr("axis", -1), x.type.rank))
 
 
 @handles("LayerNormalization")
 def _layer_norm(im):
     x = im.t(0)
-    axis = im.attr("axis", -1) % x.type.rank
+    axis = im.axis(im.attr("axis", -1), x.type.rank)
     return [im.op("layer_norm", x, im.t(1), im.t(2), eps=im.attr("epsilon", 1e-5), ndim=x.type.rank - axis), None, None]
 
 
@@ -281,7 +285,7 @@ def _unsqueeze(im):
     x = im.t(0)
     shape = list(x.type.shape)
     rank = len(shape) + len(axes)
-    for a in sorted(a % rank for a in axes):
+    for a in sorted(im.axis(a, rank, "axes") for a in axes):
         shape.insert(a, 1)
     return im.op("reshape", x, shape=shape)
 
@@ -290,7 +294,7 @@ def _unsqueeze(im):
 def _squeeze(im):
     x = im.t(0)
     axes = im.attr("axes") or im.ints(1, "Squeeze's axes")
-    axes = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
+    axes = {im.axis(a, x.type.rank, "axes") for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
     return im.op("reshape", x, shape=[d for i, d in enumerate(x.type.shape) if i not in axes])
 
 
@@ -304,7 +308,7 @@ def _transpose(im):
 @handles("Split")
 def _split(im):
     x = im.t(0)
-    axis = im.attr("axis", 0) % x.type.rank
+    axis = im.axis(im.attr("axis", 0), x.type.rank)
     sizes = im.attr("split") or im.ints(1, "Split's sizes")
     if not sizes:
         n = im.attr("num_outputs") or len(im.node.output)

@@ -606,7 +606,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         raise ValueError(f"method must be one of 'auto', 'export', 'fx', got {method!r}")
     if not isinstance(module, torch.nn.Module):
         raise FrontendError(f"from_torch needs an nn.Module, got {type(module).__name__}")
-    example_inputs = dict(example_inputs) if isinstance(example_inputs, dict) else tuple(example_inputs)
+    example_inputs = _checked_inputs(module, example_inputs)
     name = name or type(module).__name__
     hf.prepare(module)
     was_training = module.training
@@ -647,6 +647,35 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         hint = (". Data-dependent Python control flow (if/while on tensor values) cannot be compiled: "
                 "rewrite it with torch.where or torch.cond")
     raise FrontendError(f"cannot trace {name}: {text}{hint}")
+
+
+def _checked_inputs(module: torch.nn.Module, example_inputs):
+    """The example inputs as a tuple (or a dict of keyword inputs), after the checks tracing would
+    otherwise fail on deep inside torch: positional inputs are tensors (a compiled model takes
+    tensors only), and neither they nor the model's weights are on the ``meta`` device (no data)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list, dict)):
+        raise FrontendError(f"example_inputs must be a tuple of tensors (or a dict of keyword inputs), "
+                            f"got {type(example_inputs).__name__}")
+    if isinstance(example_inputs, dict):
+        example_inputs = dict(example_inputs)
+        tensors = [(f"'{k}'", v) for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+    else:
+        example_inputs = tuple(example_inputs)
+        for i, v in enumerate(example_inputs):
+            if not isinstance(v, torch.Tensor):
+                raise FrontendError(f"example input {i} ({type(v).__name__} {v!r:.40}) is not a tensor: a compiled "
+                                    "model takes tensors only; make other arguments constants of the model (a module "
+                                    "attribute or a default argument) or pass them as tensors")
+        tensors = [(str(i), v) for i, v in enumerate(example_inputs)]
+    on_meta = [f"example input {n}" for n, v in tensors if v.is_meta]
+    on_meta += [f"'{n}'" for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise FrontendError(f"{', '.join(on_meta[:5])}{' ...' if len(on_meta) > 5 else ''} on the meta device "
+                            "(shapes without data): load real weights (e.g. module.to_empty(device='cpu') then "
+                            "load_state_dict) and pass real example inputs")
+    return example_inputs
 
 
 def _name_symbols(ep, dynamic_shapes, example_inputs) -> None:

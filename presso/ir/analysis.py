@@ -166,8 +166,10 @@ def compression_report(g: Graph, original_bytes: int | None = None) -> dict:
     origin = g.meta.get("param_origin", {})
 
     def root(name):
-        while name in origin and origin[name] != name:
+        seen = {name}
+        while name in origin and origin[name] not in seen:     # a cycle (a hand-edited meta) ends the walk
             name = origin[name]
+            seen.add(name)
         return name
 
     stacked = g.meta.get("param_parts", {})

@@ -49,11 +49,16 @@ Expr = Union[Arg, Const, Call]
 _TOKEN = re.compile(r"\s*(?:(%\d+)|(-?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)):(\w+)|(\w+)(?:\[(\w+)\])?\(|(,)|(\)))")
 
 
+MAX_DEPTH = 256     # nesting of a fused expression (the evaluator and printer recurse over it)
+
+
 def parse(text: str) -> Expr:
     pos = 0
 
-    def node():
+    def node(depth=0):
         nonlocal pos
+        if depth > MAX_DEPTH:
+            raise IRError(f"fused expr {text[:80]!r}...: nests deeper than {MAX_DEPTH} levels")
         m = _TOKEN.match(text, pos)
         if not m or m.group(6) or m.group(7):
             raise IRError(f"fused expr {text!r}: expected an operand at position {pos}")
@@ -65,12 +70,12 @@ def parse(text: str) -> Expr:
         op, attr = m.group(4), m.group(5)
         if op not in FUSABLE:
             raise IRError(f"fused expr {text!r}: op '{op}' cannot be fused; fusable: {', '.join(sorted(FUSABLE))}")
-        args = [node()]
+        args = [node(depth + 1)]
         while True:
             m = _TOKEN.match(text, pos)
             if m and m.group(6):
                 pos = m.end()
-                args.append(node())
+                args.append(node(depth + 1))
             elif m and m.group(7):
                 pos = m.end()
                 break

@@ -22,6 +22,38 @@ def _numel_flops(ins, outs, attrs, b):
     return sum(o.numel(b) for o in outs)
 
 
+# Type inference runs the reference on meta tensors, which accept what the real kernels refuse
+# (an out-of-range dim, operands of different dtypes): these checks give ops their real rules.
+def _check_axis(op: str, axis: int, t: TensorType, what: str = "axis") -> None:
+    rank = max(t.rank, 1)     # a 0-d tensor takes axis 0 or -1, as torch
+    if not -rank <= axis < rank:
+        raise IRError(f"{op}: {what} {axis} is out of range for {t} (allowed: {-rank}..{rank - 1})")
+
+
+def _axis_verify(op: str):
+    def verify(types, attrs):
+        if types and types[0] is not None:
+            _check_axis(op, attrs["axis"], types[0])
+    return verify
+
+
+def _axes_verify(op: str):
+    def verify(types, attrs):
+        for a in attrs["axes"]:
+            _check_axis(op, a, types[0], "axes entry")
+    return verify
+
+
+def _same_dtype(op: str, names: tuple):
+    """The named operands (``None`` = absent) must share one dtype, as the real kernels need."""
+    def verify(types, attrs):
+        present = [(n, t) for n, t in zip(names, types) if t is not None]
+        if len({t.dtype for _, t in present}) > 1:
+            got = ", ".join(f"{n}: {t}" for n, t in present)
+            raise IRError(f"{op}: operands must have one dtype, got {got}")
+    return verify
+
+
 # ---- elementwise -------------------------------------------------------------------------
 def _binary(name, fn):
     defop(name, ["a", "b"], category="elementwise", flops=_numel_flops)(fn)
@@ -76,22 +108,23 @@ def arange(start, end, step, dtype):
 _RED = {"axes": Attr("ints"), "keepdim": Attr("bool", False)}
 
 
-@defop("reduce_sum", ["x"], _RED, "reduce")
+@defop("reduce_sum", ["x"], _RED, "reduce", verify=_axes_verify("reduce_sum"))
 def reduce_sum(x, axes, keepdim):
     return x.sum(dim=axes, keepdim=keepdim) if axes else x.sum()
 
 
-@defop("reduce_mean", ["x"], _RED, "reduce")
+@defop("reduce_mean", ["x"], _RED, "reduce", verify=_axes_verify("reduce_mean"))
 def reduce_mean(x, axes, keepdim):
     return x.mean(dim=axes, keepdim=keepdim) if axes else x.mean()
 
 
-@defop("reduce_max", ["x"], _RED, "reduce")
+@defop("reduce_max", ["x"], _RED, "reduce", verify=_axes_verify("reduce_max"))
 def reduce_max(x, axes, keepdim):
     return x.amax(dim=axes, keepdim=keepdim) if axes else x.amax()
 
 
-@defop("softmax", ["x"], {"axis": Attr("int", -1)}, "reduce", flops=lambda i, o, a, b: 5 * o[0].numel(b))
+@defop("softmax", ["x"], {"axis": Attr("int", -1)}, "reduce", verify=_axis_verify("softmax"),
+       flops=lambda i, o, a, b: 5 * o[0].numel(b))
 def softmax(x, axis):
     return torch.softmax(x, axis)
 
@@ -101,13 +134,14 @@ def _linear_flops(ins, outs, attrs, b):
     return 2 * outs[0].numel(b) * ins[0].concrete_shape(b)[-1]
 
 
-@defop("linear", ["x", "weight", "bias?"], category="linear", flops=_linear_flops)
+@defop("linear", ["x", "weight", "bias?"], category="linear", verify=_same_dtype("linear", ("x", "weight", "bias")),
+       flops=_linear_flops)
 def linear(x, weight, bias=None):
     """y = x @ weight.T + bias, weight is (out_features, in_features)."""
     return F.linear(x, weight, bias)
 
 
-@defop("matmul", ["a", "b"], category="linear", flops=_linear_flops)
+@defop("matmul", ["a", "b"], category="linear", verify=_same_dtype("matmul", ("a", "b")), flops=_linear_flops)
 def matmul(a, b):
     return torch.matmul(a, b)
 
@@ -119,7 +153,7 @@ def _conv_flops(ins, outs, attrs, b):
 
 @defop("conv2d", ["x", "weight", "bias?"], {"stride": Attr("ints", [1, 1]), "padding": Attr("ints", [0, 0]),
                                            "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)},
-       "linear", flops=_conv_flops)
+       "linear", verify=_same_dtype("conv2d", ("x", "weight", "bias")), flops=_conv_flops)
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -160,6 +194,7 @@ def _attn_verify(types, attrs):
     q, k, v = types[:3]
     if q.rank < 3 or k.rank != q.rank or v.rank != q.rank:
         raise IRError(f"attention: q, k, v must have the same rank >= 3 ([..., heads, seq, dim]), got {q}, {k}, {v}")
+    _same_dtype("attention", ("q", "k", "v"))([q, k, v], attrs)
     hq, hk = q.shape[-3], k.shape[-3]
     if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
         raise IRError(f"attention: query heads ({hq}) must be a multiple of key/value heads ({hk})")
@@ -209,6 +244,7 @@ def attention(q, k, v, mask, causal, scale, softcap):
 def _cache_update_infer(types, attrs):
     cache, new, pos = types
     axis = attrs["axis"]
+    _check_axis("cache_update", axis, cache)
     if cache.rank != new.rank or pos.dtype != DType.i64 or pos.rank != 1:
         raise IRError(f"cache_update: need cache and new entries of one rank and i64[n] positions, got {cache}, {new}, {pos}")
     if [d for i, d in enumerate(cache.shape) if i != axis] != [d for i, d in enumerate(new.shape) if i != axis]:
@@ -311,17 +347,23 @@ def slice_(x, axis, start, end, step):
     return x[tuple(idx)]
 
 
-@defop("concat", ["xs*"], {"axis": Attr("int")}, "layout")
+@defop("concat", ["xs*"], {"axis": Attr("int")}, "layout", verify=_axis_verify("concat"))
 def concat(xs, axis):
     return torch.cat(xs, dim=axis)
 
 
-@defop("split", ["x"], {"axis": Attr("int"), "sizes": Attr("ints")}, "layout")
+@defop("split", ["x"], {"axis": Attr("int"), "sizes": Attr("ints")}, "layout", verify=_axis_verify("split"))
 def split(x, axis, sizes):
     return tuple(torch.split(x, sizes, dim=axis))
 
 
-@defop("gather", ["x", "index"], {"axis": Attr("int", 0)}, "layout")
+def _gather_verify(types, attrs):
+    _check_axis("gather", attrs["axis"], types[0])
+    if types[1].dtype not in (DType.i64, DType.i32):
+        raise IRError(f"gather: index must be i64 or i32, got {types[1]}")
+
+
+@defop("gather", ["x", "index"], {"axis": Attr("int", 0)}, "layout", verify=_gather_verify)
 def gather(x, index, axis):
     """ONNX Gather / embedding lookup: out = x.shape[:axis] + index.shape + x.shape[axis+1:]."""
     axis = axis % x.dim()

@@ -131,7 +131,10 @@ class OpDef:
         self.check_arity(inputs, where)
         types = [v.type if v is not None else None for v in inputs]
         if self.verify is not None:
-            self.verify(types, attrs)
+            try:
+                self.verify(types, attrs)
+            except IRError as e:
+                raise IRError(f"{where}: {e}") from None
         if self.infer is not None:
             return list(self.infer(types, attrs))
         return meta_infer(self, types, attrs, where)

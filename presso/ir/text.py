@@ -29,6 +29,8 @@ from .types import DType, TensorType
 # ---- printing ---------------------------------------------------------------------------
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEYWORDS = {"true", "false", "none", "inf", "nan"}
+INT64_MAX = 2 ** 63 - 1
+MAX_ATTR_DEPTH = 32     # nesting of list attributes; no op takes more than two levels
 
 
 def format_attr(v) -> str:
@@ -155,6 +157,8 @@ def _parse_type(lx: _Lexer) -> TensorType:
     dims = []
     for _ in _items(lx, "]"):
         d = lx.next()
+        if d[0] == "number" and re.fullmatch(r"\d+", d[1]) and int(d[1]) > INT64_MAX:
+            lx.fail(f"dim {d[1]} is too large (at most 2**63 - 1)", d)
         if d[0] == "number" and re.fullmatch(r"\d+", d[1]) and lx.peek()[1] != "*":
             dims.append(int(d[1]))
         elif d[0] == "number" and re.fullmatch(r"\d+", d[1]):
@@ -173,22 +177,31 @@ def _parse_type(lx: _Lexer) -> TensorType:
     return TensorType(tuple(dims), DType[t[1]])
 
 
-def _parse_attr_value(lx: _Lexer):
+def _parse_attr_value(lx: _Lexer, depth: int = 0):
     t = lx.next()
     kind, text = t[0], t[1]
     if text == "[" and kind == "punct":
+        if depth >= MAX_ATTR_DEPTH:
+            lx.fail(f"attribute lists nest deeper than {MAX_ATTR_DEPTH} levels", t)
         items = []
         while not lx.accept("]"):
             if items:
                 lx.expect(",")
-            items.append(_parse_attr_value(lx))
+            items.append(_parse_attr_value(lx, depth + 1))
         return items
     if kind == "number":
         if text in ("inf", "-inf"):
             return float(text)
-        return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+        if not re.fullmatch(r"-?\d+", text):
+            return float(text)
+        if not -INT64_MAX - 1 <= int(text) <= INT64_MAX:
+            lx.fail(f"integer {text} does not fit in 64 bits", t)
+        return int(text)
     if kind == "string":
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError as e:   # a bad escape such as \q or a lone surrogate
+            lx.fail(f"bad string literal {text}: {e.args[0] if e.args else e}", t)
     if kind == "ident":
         if text in ("true", "false"):
             return text == "true"
@@ -203,7 +216,15 @@ def _parse_attr_value(lx: _Lexer):
 
 
 def parse(text: str, weights: Optional[Mapping[str, torch.Tensor]] = None, verify: bool = True) -> Graph:
-    """Parse IR text; ``weights`` (name -> tensor) attaches parameter data. Verifies the result."""
+    """Parse IR text; ``weights`` (name -> tensor) attaches parameter data. Verifies the result.
+    ``text`` is a str (bytes are read as UTF-8)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise IRError(f"IR text must be UTF-8: {e}") from None
+    if not isinstance(text, str):
+        raise IRError(f"parse takes the IR's text (a str), got {type(text).__name__}")
     lx = _Lexer(text)
     lx.expect("graph")
     g = Graph(lx.expect_kind("gname", "a graph name like @main")[1][1:])

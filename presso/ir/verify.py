@@ -23,6 +23,8 @@ def verify(g: Graph, check_data: bool = True) -> None:
         if p.value.name != name:
             raise VerificationError(f"param table key '{name}' names value %{p.value.name}")
         define(p.value, "param")
+        if not p.value.type.is_static:
+            raise VerificationError(f"param %{name}: {p.value.type} has symbolic dims; a param's shape is fixed")
         if check_data:
             if p.data is None:
                 raise VerificationError(f"param %{name} has no data")

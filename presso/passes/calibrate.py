@@ -40,16 +40,40 @@ class LinearStats:
         return self.gram / max(self.rows, 1)
 
 
+MAX_SAMPLES = 10_000    # calibration is consumed into a list: an endless iterator must not hang
+
+
 def normalize_samples(calibration) -> list[tuple]:
+    """The calibration samples as a list of tuples of tensors, checked: each sample is a tensor or
+    a tuple of tensors, every float value is finite (one NaN or Inf would poison the Gram
+    matrices), and an iterable yields at most ``MAX_SAMPLES`` samples."""
     if calibration is None:
         return []
-    samples = []
+    if isinstance(calibration, _CheckedSamples):
+        return calibration
+    if isinstance(calibration, (str, bytes, dict)) or not hasattr(calibration, "__iter__"):
+        raise CalibrationError(f"calibration must be a list (or iterable) of samples, each a tensor or a tuple of "
+                               f"input tensors, e.g. [(x1,), (x2,)]; got {type(calibration).__name__}")
+    samples = _CheckedSamples()
     for i, s in enumerate(calibration):
-        s = (s,) if isinstance(s, torch.Tensor) else tuple(s)
+        if i >= MAX_SAMPLES:
+            raise CalibrationError(f"calibration yields more than {MAX_SAMPLES} samples (an endless iterator?): "
+                                   "pass a list, or itertools.islice(samples, n) for the first n")
+        s = (s,) if isinstance(s, torch.Tensor) else tuple(s) if isinstance(s, (tuple, list)) else None
         if not s or not all(isinstance(t, torch.Tensor) for t in s):
             raise CalibrationError(f"calibration sample {i} must be a tensor or a tuple of tensors")
+        for j, t in enumerate(s):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise CalibrationError(f"calibration sample {i}, input {j} holds {bad}: calibration data must be "
+                                       "finite")
         samples.append(s)
     return samples
+
+
+class _CheckedSamples(list):
+    """Samples ``normalize_samples`` has checked (passes normalize again: no second check)."""
+    _presso_checked = True
 
 
 def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Iterable[Node]] = None,
@@ -58,11 +82,15 @@ def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Ite
     from ..runtime.reference import ReferenceRuntime
     wanted = {id(n) for n in (nodes if nodes is not None else [n for n in g.nodes if n.op == "linear"])}
     stats: dict[str, LinearStats] = {}
+    sample = 0
 
     def observe(node, ins, outs):
         if id(node) not in wanted:
             return
         x = ins[0].detach().reshape(-1, ins[0].shape[-1]).to(torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(f"calibration sample {sample} makes the input of layer %{node.name} "
+                                   f"(weight %{node.inputs[1].name}) NaN or Inf: the model overflows on it")
         st = stats.get(node.name)
         amax, abs_sum = x.abs().amax(0), x.abs().sum(0)
         if st is None:
@@ -80,6 +108,7 @@ def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Ite
         it = tqdm(samples, desc=desc, unit="batch", leave=False)
     from ..errors import InputError
     for i, s in enumerate(it):
+        sample = i
         try:
             rt.run(*s, observer=observe)
         except InputError as e:

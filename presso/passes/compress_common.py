@@ -148,6 +148,34 @@ def match_patterns(spec: str, option: str, pass_name: str) -> list[tuple[re.Patt
     return out
 
 
+def layer_names(g: Graph, limit: int = 8) -> str:
+    """Some linear weight names of ``g``, for messages about patterns that match none."""
+    names = [n.inputs[1].name for n in g.nodes if n.op == "linear" and n.inputs[1] is not None
+             and n.inputs[1].kind == "param"]
+    return (", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")) or "none"
+
+
+def require_match(g: Graph, patterns: Sequence[re.Pattern], names: Sequence[str], option: str, pass_name: str) -> None:
+    """A pattern that matches none of ``names`` is a typo (``fc_1`` for ``fc1``) that would
+    silently leave every layer as it was: refuse it, naming the pattern and some layers."""
+    for p in patterns:
+        if not any(p.search(n) for n in names):
+            raise PipelineError(f"pass '{pass_name}': option '{option}' pattern {p.pattern!r} matches no layer; "
+                                f"layers: {layer_names(g)}")
+
+
+def skip_pattern(g: Graph, skip: str, pass_name: str) -> Optional[re.Pattern]:
+    """The compiled ``skip=`` regex (None when empty); it must compile and match some parameter."""
+    if not skip:
+        return None
+    try:
+        pat = re.compile(skip)
+    except re.error as e:
+        raise PipelineError(f"pass '{pass_name}': option 'skip' has a bad regex {skip!r}: {e}") from None
+    require_match(g, [pat], list(g.params), "skip", pass_name)
+    return pat
+
+
 def greedy_allocate(options: list[list[tuple[int, float]]], budget: float) -> list[int]:
     """Choose one option per layer, options sorted by decreasing cost (option 0 = uncompressed,
     error 0), so that total cost <= budget while the summed error grows as little as possible:

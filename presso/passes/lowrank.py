@@ -19,7 +19,7 @@ import torch
 from ..errors import PipelineError
 from ..ir.graph import Graph
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, match_patterns,
-                              output_error, record, replace_linear)
+                              output_error, record, replace_linear, require_match)
 from .dce import dce
 from .manager import Option, register_pass
 
@@ -69,6 +69,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     requant = dequantize_layers(g)  # running after quantize: factor the float weights, then re-quantize
     linears = dense_linears(g)
     if explicit:
+        require_match(g, [p for p, _ in explicit], [l.weight.name for l in linears], "ranks", "lowrank")
         linears = [l for l in linears if any(p.search(l.weight.name) for p, _ in explicit)]
     groups = _group(linears, share_input)
     stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened",

@@ -132,6 +132,9 @@ def resolve(pipeline: Union[str, Sequence]) -> list[PassSpec]:
     """Turn text or a list (names, (name, options) pairs, PassSpecs) into checked PassSpecs."""
     if isinstance(pipeline, str):
         raw = parse_pipeline(pipeline)
+    elif not isinstance(pipeline, (list, tuple)):
+        raise PipelineError(f"a recipe is pipeline text such as 'lowrank{{ratio=0.5}},dce' or a list of passes, "
+                            f"got {type(pipeline).__name__} {pipeline!r:.60}")
     else:
         raw = []
         for item in pipeline:

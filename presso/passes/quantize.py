@@ -213,7 +213,7 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
     if activations != "none" and method != "rtn" and method != "gptq":
         raise PipelineError(f"pass 'quantize': method={method} scales weights per input channel, which "
                             f"activations={activations} does not take; use smooth= (SmoothQuant) instead")
-    keep = selector("quantize", skip, only)
+    keep = selector("quantize", skip, only, g)
     layers = [l for l in dense_linears(g) if keep(l.weight.name)]
     sparse = [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None
               and keep(_nm_values(g, n).name)]

@@ -24,20 +24,26 @@ from ..errors import PipelineError
 from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import LookupTable, derive, lookup_tables, output_error, record, replace_linear
+from .compress_common import (LookupTable, derive, lookup_tables, output_error, record, replace_linear,
+                              require_match)
 
 EMBEDDING_BITS = {"none": 0, "int8": 8, "int4": 4}
 
 
-def selector(pass_name: str, skip: str, only: str) -> Callable[[str], bool]:
+def selector(pass_name: str, skip: str, only: str, g: Graph = None) -> Callable[[str], bool]:
     """Whether a weight name is to be compressed: not matching ``skip`` and (if given) matching
-    ``only`` (both regexes, searched anywhere in the name)."""
+    ``only`` (both regexes, searched anywhere in the name). With ``g``, a pattern that matches no
+    parameter of ``g`` is refused: a typo would silently leave every layer as it was."""
     def compile_(option, pattern):
+        if not pattern:
+            return None
         try:
-            return re.compile(pattern) if pattern else None
+            pat = re.compile(pattern)
         except re.error as e:
-            raise PipelineError(f"pass '{pass_name}': option '{option}' is not a valid regex ({pattern!r}: {e})") \
-                from None
+            raise PipelineError(f"pass '{pass_name}': option '{option}' has a bad regex {pattern!r}: {e}") from None
+        if g is not None:
+            require_match(g, [pat], list(g.params), option, pass_name)
+        return pat
     skip_re, only_re = compile_("skip", skip), compile_("only", only)
     return lambda name: not (skip_re and skip_re.search(name)) and not (only_re and not only_re.search(name))
 

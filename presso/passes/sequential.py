@@ -31,6 +31,8 @@ def input_stats(xs: Iterable[torch.Tensor]) -> LinearStats:
         if not torch.isfinite(x).all():
             raise CalibrationError("calibration activations hold NaN or Inf: check the calibration samples")
         g = (x.T @ x).double()
+        if not torch.isfinite(g).all():
+            raise CalibrationError("calibration activations are too large: their Gram matrix overflows float32")
         a, s = x.abs().amax(0).double(), x.abs().sum(0).double()
         gram, amax, abs_sum = (g, a, s) if gram is None else (gram + g, torch.maximum(amax, a), abs_sum + s)
         rows += x.shape[0]
@@ -70,7 +72,10 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
             if id(n) in pending:
                 x = n.inputs[0]
                 group = [m for m in g.nodes[i:] if id(m) in pending and m.inputs[0] is x]
-                stats = input_stats(env[x] for env in envs)
+                try:
+                    stats = input_stats(env[x] for env in envs)
+                except CalibrationError as e:
+                    raise CalibrationError(f"layer %{n.name} (weight %{n.inputs[1].name}): {e}") from None
                 pending.difference_update(id(m) for m in group)
                 for v, f in (compress(x, group, stats) or {}).items():
                     for env in envs:

@@ -21,7 +21,7 @@ from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, model_sensitivity,
-                              output_error, record, replace_linear)
+                              output_error, record, replace_linear, skip_pattern)
 from .calibrate import normalize_samples
 from .dce import dce
 from .manager import Option, register_pass
@@ -97,7 +97,7 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
     requant = dequantize_layers(g)  # running after quantize: transform the float values, then re-quantize
     auto = pattern == "auto"
     level_list = [parse_nm(x, "levels") for x in levels.split(";") if x.strip()] if auto else [parse_nm(pattern)]
-    skip_re = re.compile(skip) if skip else None
+    skip_re = skip_pattern(g, skip, "sparsify")
     layers = [l for l in dense_linears(g) if not (skip_re and skip_re.search(l.weight.name))]
     if not auto:
         n, m = level_list[0]

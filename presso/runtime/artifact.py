@@ -40,6 +40,7 @@ from pathlib import Path
 from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, PressoError, UntrustedCodeError
 from . import artifact_fs as fs
 from .artifact_mac import ENV_KEY, SIGNATURE, resolve_key, signature_bytes, verify
+from .artifact_schema import check_manifest
 
 __all__ = ["ArtifactError", "ArtifactAuthError", "ArtifactPathError", "UntrustedCodeError", "save_artifact",
            "load_artifact", "read_manifest", "ENV_KEY"]
@@ -185,13 +186,14 @@ def _read_manifest(path: Path, key) -> tuple[dict, bool]:
     authenticated = verify(path, body, signature, key)
     try:
         manifest = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: manifest.json is corrupt ({e})") from None
+    except (ValueError, RecursionError) as e:    # bad JSON or UTF-8, an int of 4300+ digits, deep nesting
+        raise ArtifactError(f"{path}: manifest.json is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: manifest.json does not describe a presso artifact")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {manifest.get('format_version')!r} is not supported by "
                             f"this presso (which reads version {FORMAT_VERSION}); recompile the model")
+    check_manifest(path, manifest)
     files = manifest.get("files")
     if not isinstance(files, dict) or "graph.pir" not in files or "weights.safetensors" not in files:
         raise ArtifactError(f"{path}: manifest.json lists no graph or weights")

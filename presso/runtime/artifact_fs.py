@@ -135,6 +135,8 @@ def leftovers(path: Path) -> list[tuple[str, int, Path]]:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if not 0 < pid < 1 << 22:       # no process has this id (Linux's pid_max is at most 2**22)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -7,14 +7,25 @@ measured now (``graph_time``: the launch replayed as a CUDA graph, L2 flushed be
 replay), which is then stored for later calls and processes; otherwise the kernel's default
 (the best of the benchmark sweeps in benchmarks/RESULTS.md). Tuning is opt-in because it runs
 every candidate once per new shape. Under the Triton interpreter nothing is timed.
+
+The store is shared by processes: a write takes a lock (``autotune.json.lock``), re-reads the
+file and adds its entry, so concurrent tuners keep each other's entries. What is read is checked:
+a file that is not a JSON object of entries is ignored with a warning, a malformed entry is
+dropped, and a stored config is launched only when it has the kernel's knobs with values of their
+types (and is one of the candidates, when they are given as a list).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+from ...errors import CacheError
 
 _STORE: dict | None = None
 
@@ -31,21 +42,75 @@ def _store() -> dict:
     global _STORE
     if _STORE is None:
         _MEMO.clear()
-        try:
-            _STORE = json.loads(store_path().read_text())
-        except (OSError, ValueError):
-            _STORE = {}
+        _STORE = _read(store_path())
     return _STORE
 
 
-def _save(store: dict) -> None:
-    """Atomic: a crash never leaves a half-written store."""
+def _read(path: Path) -> dict:
+    """The valid entries of the store at ``path`` ({} when there is none or it is unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as e:
+        warnings.warn(f"ignoring the autotune store {path}: it cannot be read as JSON ({e})", RuntimeWarning)
+        return {}
+    if not isinstance(data, dict):
+        warnings.warn(f"ignoring the autotune store {path}: expected a JSON object of entries, "
+                      f"got {type(data).__name__}", RuntimeWarning)
+        return {}
+    good = {k: v for k, v in data.items() if _valid_entry(v)}
+    if len(good) != len(data):
+        warnings.warn(f"ignoring {len(data) - len(good)} malformed entr(y/ies) of the autotune store {path}",
+                      RuntimeWarning)
+    return good
+
+
+def _valid_entry(v) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("config"), dict) and v["config"]
+            and all(isinstance(k, str) for k in v["config"]))
+
+
+def _fits(config: dict, default: dict, candidates) -> bool:
+    """A stored config may be launched: the default's knobs (other knobs: an earlier kernel
+    version's), each of the default's type, ints in a launch's range; one of the candidates when
+    they are a list (a candidates function is not called just to check)."""
+    if set(config) != set(default):
+        return False
+    for k, v in config.items():
+        if type(v) is not type(default[k]) or (isinstance(v, int) and not isinstance(v, bool)
+                                                and not 0 <= v <= 1 << 16):
+            return False
+    return callable(candidates) or config in candidates
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _save(entry: str, value: dict) -> None:
+    """Add one entry under the store's lock, merged into what other processes stored since this
+    one read it; written atomically (a crash never leaves a half-written store)."""
     path = store_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(store, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            store = _read(path)
+            store[entry] = value
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(store, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise CacheError(f"cannot store a tuned config in {path} ($PRESSO_CACHE_DIR): {e.strerror or e}; point "
+                         "PRESSO_CACHE_DIR at a writable folder, or unset PRESSO_AUTOTUNE") from None
+    _store().update(store)
 
 
 def device_name(device) -> str:
@@ -128,10 +193,9 @@ def choose(kernel: str, key: tuple, device, candidates: list[dict] | Callable[[]
     if memo in _MEMO:
         return _MEMO[memo]
     entry = f"{kernel}|{device_name(device)}|{','.join(map(str, key))}"
-    if entry in store and set(store[entry]["config"]) == set(default):
+    if entry in store and _fits(store[entry]["config"], default, candidates):
         _MEMO[memo] = store[entry]["config"]
         return _MEMO[memo]
-    # (a stored config with other keys was tuned for an earlier version of the kernel: stale)
     if not (tuning and (timer is not None or device_name(device) != "cpu")):
         _MEMO[memo] = default
         return default
@@ -147,7 +211,6 @@ def choose(kernel: str, key: tuple, device, candidates: list[dict] | Callable[[]
     if not timed:
         return default
     best_t, best = min(timed, key=lambda tc: tc[0])
-    store[entry] = {"config": best, "ms": best_t, "tried": len(timed)}
-    _save(store)
+    _save(entry, {"config": best, "ms": best_t, "tried": len(timed)})
     _MEMO[memo] = best
     return best

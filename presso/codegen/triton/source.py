@@ -12,13 +12,19 @@ import os
 import tempfile
 from pathlib import Path
 
+from ...errors import CacheError
+
 _LOADED: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
     root = Path(os.environ.get("PRESSO_CACHE_DIR", Path.home() / ".cache" / "presso"))
     d = root / "triton"
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot use {root} ($PRESSO_CACHE_DIR) for generated kernels: {e.strerror or e}; point "
+                         "PRESSO_CACHE_DIR at a writable folder") from None
     return d
 
 
@@ -29,10 +35,14 @@ def load_source(source: str, name: str):
         return getattr(_LOADED[sha], name)
     path = cache_dir() / f"k_{sha}.py"
     if not path.exists() or path.read_text() != source:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".py.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".py.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise CacheError(f"cannot write a generated kernel to {path.parent} ($PRESSO_CACHE_DIR): "
+                             f"{e.strerror or e}; point PRESSO_CACHE_DIR at a writable folder") from None
     spec = importlib.util.spec_from_file_location(f"presso_kernel_{sha}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
