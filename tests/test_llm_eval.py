@@ -115,8 +115,10 @@ def test_sequential_calibration_sees_the_quantized_earlier_layers():
     first = "model.layers.0.self_attn.q_proj.weight"
     later = "model.layers.1.mlp.down_proj.weight"
     a, b = seq.graph.meta["compression"], flat.graph.meta["compression"]
-    assert a[first]["rel_error"] == pytest.approx(b[first]["rel_error"], rel=1e-6)   # same inputs for layer 0
-    assert a[later]["rel_error"] != pytest.approx(b[later]["rel_error"], rel=1e-3)    # later: compressed inputs
+    moved = {k: abs(a[k]["rel_error"] - b[k]["rel_error"]) / b[k]["rel_error"] for k in (first, later)}
+    print(f"\nsequential vs one-shot statistics, relative change of the layer error: {moved}")
+    assert moved[first] < 1e-3                 # layer 0 sees the same inputs (float32 vs float64 Gram only)
+    assert moved[later] > 10 * moved[first]    # later layers see the quantized layers' outputs
     assert logits_error("quantize{weights=int4,group_size=64,method=gptq}") < \
         logits_error("quantize{weights=int4,group_size=64,method=gptq,sequential=false}") * 1.05
 
