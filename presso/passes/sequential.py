@@ -64,6 +64,7 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
         bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
     outputs = set(g.outputs)
     users = g.users()
+    needed = _ancestors(g, pending)
     done: set[int] = set()
     i = 0
     with torch.no_grad():
@@ -85,8 +86,9 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
                     bar.update(len(group))
                     bar.set_postfix_str(group[-1].name)
                 users = g.users()
+                needed = _ancestors(g, pending)
                 continue            # compress inserted nodes before n: run those next
-            if any(users.get(v) or v in outputs for v in n.outputs):
+            if id(n) in needed and any(users.get(v) or v in outputs for v in n.outputs):
                 _run_node(g, n, envs, bindings, bind_results)
             done.add(id(n))
             for v in n.inputs:
@@ -97,6 +99,19 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
             i += 1
     if bar is not None:
         bar.close()
+
+
+def _ancestors(g: Graph, pending: set) -> set:
+    """Ids of the nodes some pending target depends on: only those run (the head after the last
+    compressed layer, say, is never computed for calibration)."""
+    need, frontier = set(), [n for n in g.nodes if id(n) in pending]
+    while frontier:
+        n = frontier.pop()
+        if id(n) in need:
+            continue
+        need.add(id(n))
+        frontier.extend(v.node for v in n.inputs if v is not None and v.node is not None)
+    return need
 
 
 def _run_node(g: Graph, n: Node, envs: list, bindings: list, bind_results) -> None:
