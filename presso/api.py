@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import PressoError, TargetUnavailableError
+from .errors import DimRangeError, MaxLenError, PressoError, TargetUnavailableError
 from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .runtime.mutation import apply_input_mutations
@@ -103,7 +103,12 @@ class CompiledModel:
         """The prefill graph (symbolic ``seq``) and the single-token step graph, with their KV caches."""
         from .passes.decode import build_decode_graph, specialize
         from .runtime.generate import Generator
-        max_len = max_len or self.graph.meta.get("max_len", 256)
+        compiled = self.graph.meta.get("max_len")
+        max_len = max_len or compiled or 256
+        if compiled is not None and max_len > compiled:
+            raise MaxLenError(f"max_len={max_len} is beyond the max_len={compiled} this model was compiled with "
+                              f"(the longest sequence it was traced for); compile with max_len={max_len}",
+                              max_len, compiled)
         if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
             graph, specs = build_decode_graph(self.graph, max_len)
             self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len,
@@ -237,7 +242,14 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
         if dynamic_shapes is None:
             from torch.export import Dim
             dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)
-    graph = import_model(model, example_inputs, dynamic_shapes)
+    try:
+        graph = import_model(model, example_inputs, dynamic_shapes)
+    except DimRangeError as e:
+        if not generation or e.dim != "seq":
+            raise
+        raise MaxLenError(f"max_len={max_len} is beyond the model's positions: {type(model).__name__} takes "
+                          f"sequences of at most {e.limit} tokens (its position table); compile with "
+                          f"max_len <= {e.limit}", max_len, e.limit) from None
     if isinstance(example_inputs, dict):
         example_inputs = positional_inputs(graph, (), {k: v for k, v in example_inputs.items()
                                                        if isinstance(v, torch.Tensor)})
