@@ -11,6 +11,7 @@ from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
+from .report import Report
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
 TARGETS = ("reference", "cuda", "llvm", "aarch64")
@@ -70,9 +71,11 @@ class CompiledModel:
         self._build.export(code_dir / "model.so")
         return ["code/model.so"]
 
-    def report(self) -> dict:
-        """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings."""
-        rep = cost_report(self.graph, self._bindings)
+    def report(self) -> Report:
+        """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings:
+        a dict, whose ``print()`` is a table (per compressed layer: method, rank / bits / N:M, bytes
+        before and after, relative error)."""
+        rep = Report(cost_report(self.graph, self._bindings))
         rep["target"] = self.target
         rep["frontend"] = self.graph.meta.get("frontend")
         rep["compression"] = compression_report(self.graph, self.graph.meta.get("uncompressed_bytes"))
