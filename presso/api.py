@@ -210,7 +210,7 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
 
 def compile(model, target: str = "reference", example_inputs: Optional[Sequence[torch.Tensor]] = None,
             recipe: Union[str, Sequence, None] = None, calibration=None, check: Optional[str] = None,
-            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, progress: bool = False,
+            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, verbose: bool = True,
             generation: bool = False, max_len: int = 256) -> CompiledModel:
     """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
     ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime.
@@ -223,7 +223,8 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     the natural form for Hugging Face models); the compiled model then takes the same keywords.
     A Hugging Face causal LM is compiled as it is; with ``generation=True`` presso traces it as
     ``input_ids -> logits`` with causal SDPA (``presso.frontend.hf``), so that ``generate`` gives the
-    tokens of HF's ``generate(do_sample=False)``."""
+    tokens of HF's ``generate(do_sample=False)``. Long loops (calibration, GPTQ and SVD per layer)
+    show progress bars on stderr once they have run a few seconds; ``verbose=False`` silences them."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(example_inputs, torch.Tensor):
@@ -262,7 +263,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if calibration is not None:
         calibration = [positional_inputs(graph, (), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)})
                        if isinstance(s, dict) else s for s in calibration]
-    ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
+    ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=verbose)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)
 

@@ -123,7 +123,7 @@ def cmd_compile(a) -> int:
     calib = _load_calibration(a.calibration, len(g.inputs)) if a.calibration else None
     source = module if module is not None else g
     cm = presso.compile(source, target=a.target, example_inputs=inputs, recipe=a.recipe, calibration=calib,
-                        check=a.check, print_ir_after=a.print_ir_after, progress=not a.quiet)
+                        check=a.check, print_ir_after=a.print_ir_after, verbose=not a.quiet)
     print_report(cm.report())
     if a.output:
         path = cm.save(a.output, overwrite=a.force, key=opts["key"])

@@ -29,3 +29,15 @@ def test_report_is_a_dict_that_prints_as_a_table():
         assert f"{layer['rel_error']:.4f}" in row
     assert any(l.startswith("model: ") for l in lines) and lines[-1].startswith("passes: canonicalize")
     assert repr(rep) == repr(dict(rep))
+
+
+def test_progress_bars_by_default_and_silenced_by_verbose_false(monkeypatch, capsys):
+    from presso.passes import progress
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)      # show at once (by default only loops over 2 s show)
+    m, ins = make_mlp()
+    recipe = "quantize{weights=int4,group_size=16,method=gptq}"
+    presso.compile(m, example_inputs=ins, calibration=[ins, ins], recipe=recipe)
+    err = capsys.readouterr().err
+    assert "quantize{method=gptq}" in err and "batch" in err and "layer" in err
+    presso.compile(m, example_inputs=ins, calibration=[ins, ins], recipe=recipe, verbose=False)
+    assert capsys.readouterr().err == ""

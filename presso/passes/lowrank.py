@@ -22,6 +22,7 @@ from .compress_common import (Linear, calibration_stats, dense_linears, derive, 
                               output_error, record, replace_linear, require_match)
 from .dce import dce
 from .manager import Option, register_pass
+from .progress import progress
 
 
 @dataclass
@@ -75,7 +76,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened",
                               what=f"lowrank{{method={method}}}")
     facts, rank_of = [], []
-    for grp in groups:
+    for grp in progress(groups, getattr(ctx, "progress", True), desc=f"lowrank{{method={method}}}", unit="layer"):
         w = torch.cat([l.tensor for l in grp], 0)
         gram = stats[grp[0].node.name].gram if stats else None
         facts.append(factorize(w, gram, method == "whitened"))
