@@ -18,7 +18,10 @@ def loaded_after(code: str) -> list[str]:
 
 def test_import_presso_and_cli_help_load_no_optional_package():
     assert loaded_after("import presso") == []
-    assert loaded_after("from presso.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass") == []
+    help_ = ("import contextlib, io\nfrom presso.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+             "    main(['--help'])\nassert 'inspect' in out.getvalue()")
+    assert loaded_after(help_) == []
 
 
 def test_heavy_packages_load_on_first_use():
