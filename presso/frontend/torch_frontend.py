@@ -555,17 +555,22 @@ for _dunder, _op in (("__and__", "bitwise_and"), ("__or__", "bitwise_or"), ("__x
 def _export(module, example_inputs, dynamic_shapes):
     """torch.export; when its guard solver cannot prove a guard over a dynamic dim's whole range
     (torch 2.11 fails ``min(16*s, 32*s) == 16*s`` on Llama), retry with the guards as deferred
-    runtime asserts -- which the importer drops, having typed every dim symbolically. A dict of
-    example inputs is passed as keyword arguments."""
+    runtime asserts -- which the importer drops, having typed every dim symbolically. When that
+    fails too and torch capped a ``Dim`` below its asked maximum, ``DimRangeError`` says so. A
+    dict of example inputs is passed as keyword arguments."""
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (example_inputs, None)
     try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001
         if dynamic_shapes is None or "Constraints violated" not in str(e):
             raise
-        _check_dim_ranges(str(e), dynamic_shapes, type(module).__name__)
+        first = str(e)
+    try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
+    except Exception:  # noqa: BLE001
+        _check_dim_ranges(first, dynamic_shapes, type(module).__name__)
+        raise
 
 
 def _widen_size_one_dims(example_inputs, dynamic_shapes):
@@ -601,7 +606,7 @@ _SUGGESTED_MAX = re.compile(r"(\w+) = Dim\('(\w+)'[^)\n]*\bmax=(\d+)")
 
 def _check_dim_ranges(message: str, dynamic_shapes, model: str) -> None:
     """Raise ``DimRangeError`` when torch.export's suggested fixes cap a user's ``Dim`` below the
-    maximum asked for: the model cannot take that range (no retry with deferred asserts can help)."""
+    maximum asked for: the model cannot take that range (the retry with deferred asserts failed too)."""
     asked = {d.__name__: d.max for spec in _flat_specs(dynamic_shapes) for d in spec.values()
              if hasattr(d, "__name__") and isinstance(getattr(d, "max", None), int)}
     for _, name, limit in _SUGGESTED_MAX.findall(message):
