@@ -237,6 +237,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
         cuda_device()                 # no GPU (and no interpreter): say so before any work
         names = {s.name for s in specs}       # horizontal, then elementwise fusion, unless the recipe placed them
         specs = specs + resolve([p for p in ("concat_linears", "fuse") if p not in names])
+    model_name = type(model).__name__
     if generation and isinstance(model, torch.nn.Module):
         from .frontend.hf import for_generation, is_causal_lm
         if is_causal_lm(model):
@@ -251,7 +252,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     except DimRangeError as e:
         if not generation or e.dim != "seq":
             raise
-        raise MaxLenError(f"max_len={max_len} is beyond the model's positions: {type(model).__name__} takes "
+        raise MaxLenError(f"max_len={max_len} is beyond the model's positions: {model_name} takes "
                           f"sequences of at most {e.limit} tokens (its position table); compile with "
                           f"max_len <= {e.limit}", max_len, e.limit) from None
     if isinstance(example_inputs, dict):
