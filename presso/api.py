@@ -11,6 +11,7 @@ from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
+from .deps import require
 from .report import Report
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
@@ -202,6 +203,7 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
         from .frontend.torch_frontend import from_torch
         return from_torch(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
+        require("onnx", "onnx", "an ONNX model")
         from .frontend.onnx_frontend import from_onnx
         return from_onnx(model)
     raise ValueError(f"model must be an nn.Module, an onnx.ModelProto, a path to a .onnx file or a presso Graph; "
@@ -230,6 +232,10 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
+    if target in ("llvm", "aarch64"):
+        require("tvm", "tvm", f"target={target!r}")
+    elif target == "cuda":
+        require("triton", "cuda", "target='cuda'")
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
     if target == "cuda":

@@ -105,3 +105,8 @@ class MaxLenError(PressoError, ValueError):
     def __init__(self, msg: str, max_len: int, limit: int):
         self.max_len, self.limit = max_len, limit
         super().__init__(msg)
+
+
+class MissingDependencyError(PressoError, ImportError):
+    """An optional package a path needs is not installed; names the package and the extra that
+    installs it (``pip install 'presso[tvm]'``)."""

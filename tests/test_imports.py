@@ -31,3 +31,18 @@ def test_heavy_packages_load_on_first_use():
             "assert torch.equal(presso.compile(g)(x), torch.acos(x))\n"   # an ATen op registers on first use
             "assert callable(presso.from_onnx) and callable(presso.frontend.from_onnx)")
     assert loaded_after(code) == ["onnx"]
+
+
+def test_a_missing_optional_package_names_the_extra_that_installs_it():
+    code = ("import sys\nsys.modules['tvm'] = None; sys.modules['onnx'] = None   # as if not installed\n"
+            "import presso\nfrom presso.errors import MissingDependencyError\nfrom presso.models import make_mlp\n"
+            "m, x = make_mlp()\n"
+            "for call, want in ((lambda: presso.compile(m, example_inputs=x, target='llvm'),\n"
+            "                   \"target='llvm' needs the 'tvm' package, which is not installed: pip install 'presso[tvm]'\"),\n"
+            "                  (lambda: presso.compile('model.onnx'), \"an ONNX model needs the 'onnx' package\"),\n"
+            "                  (lambda: presso.from_onnx, \"pip install 'presso[onnx]'\")):\n"
+            "    try:\n        call()\n    except MissingDependencyError as e:\n"
+            "        assert want in str(e) and isinstance(e, ImportError), e\n"
+            "    else:\n        raise AssertionError(want)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
