@@ -52,7 +52,7 @@ def max_rel_err(recipe: str) -> float:
 
 
 def test_int8_per_channel():
-    assert cosine("quantize{weights=int8}") >= 0.999
+    assert cosine("quantize{weights=int8}", calibrate=False) >= 0.999
 
 
 def test_int8_with_the_word_embedding_table_quantized_keeps_0999_and_shrinks_35x():
