@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU_MARK = "# needs a GPU"
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 SLOW = {"README.md: The command line", "README.md: Generation and KV-cache compression (Palu)",
-        "README.md: Generation and KV-cache compression (Palu) #2",
+        "README.md: Generation and KV-cache compression (Palu) #2", "README.md: Real LLMs: perplexity (`presso.eval`)",
         "README.md: Hugging Face models, as they are", "README.md: Targets"}
 
 
