@@ -50,6 +50,11 @@ SLOW = [
         "test_auto_nm_spends_the_density_budget_where_error_is_lowest", "test_passes_compose_in_any_order",
         "test_a_pass_that_skips_every_layer_leaves_quantized_codes_untouched",
         "test_the_issue_pipeline_text_runs_end_to_end", "test_report_bytes_are_the_bytes_of_the_packed_tensors")),
+    # the real SmolLM2 compressed with calibration
+    *(f"test_llm_eval.py::{t}" for t in (
+        "test_calibrated_quantization_beats_round_to_nearest_on_real_weights",
+        "test_sparsegpt_beats_wanda_beats_magnitude_at_2_4", "test_sequential_calibration_sees_the_quantized_earlier_layers",
+        "test_cli_eval_scores_a_saved_artifact")),
     # the command line: each call is a fresh interpreter
     "test_cli.py::test_inspect_factory_table_ir_and_json",
     "test_cli.py::test_html_renders_in_headless_chromium",
