@@ -95,7 +95,7 @@ def _marks(where: str):
     return [pytest.mark.slow] if where in SLOW else []
 
 
-def run(args: list[str], cwd: Path, timeout: int = 540) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
