@@ -6,11 +6,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import PressoError, TargetUnavailableError
+from .errors import DimRangeError, MaxLenError, PressoError, TargetUnavailableError
 from .ir.analysis import compression_report, cost_report
 from .ir.graph import Graph
 from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
+from .deps import require
+from .report import Report
 from .runtime.reference import ReferenceRuntime, bind_inputs
 
 TARGETS = ("reference", "cuda", "llvm", "aarch64")
@@ -70,9 +72,11 @@ class CompiledModel:
         self._build.export(code_dir / "model.so")
         return ["code/model.so"]
 
-    def report(self) -> dict:
-        """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings."""
-        rep = cost_report(self.graph, self._bindings)
+    def report(self) -> Report:
+        """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings:
+        a dict, whose ``print()`` is a table (per compressed layer: method, rank / bits / N:M, bytes
+        before and after, relative error)."""
+        rep = Report(cost_report(self.graph, self._bindings))
         rep["target"] = self.target
         rep["frontend"] = self.graph.meta.get("frontend")
         rep["compression"] = compression_report(self.graph, self.graph.meta.get("uncompressed_bytes"))
@@ -103,7 +107,12 @@ class CompiledModel:
         """The prefill graph (symbolic ``seq``) and the single-token step graph, with their KV caches."""
         from .passes.decode import build_decode_graph, specialize
         from .runtime.generate import Generator
-        max_len = max_len or self.graph.meta.get("max_len", 256)
+        compiled = self.graph.meta.get("max_len")
+        max_len = max_len or compiled or 256
+        if compiled is not None and max_len > compiled:
+            raise MaxLenError(f"max_len={max_len} is beyond the max_len={compiled} this model was compiled with "
+                              f"(the longest sequence it was traced for); compile with max_len={max_len}",
+                              max_len, compiled)
         if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
             graph, specs = build_decode_graph(self.graph, max_len)
             self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len,
@@ -194,6 +203,7 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
         from .frontend.torch_frontend import from_torch
         return from_torch(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
+        require("onnx", "onnx", "an ONNX model")
         from .frontend.onnx_frontend import from_onnx
         return from_onnx(model)
     raise ValueError(f"model must be an nn.Module, an onnx.ModelProto, a path to a .onnx file or a presso Graph; "
@@ -202,7 +212,7 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
 
 def compile(model, target: str = "reference", example_inputs: Optional[Sequence[torch.Tensor]] = None,
             recipe: Union[str, Sequence, None] = None, calibration=None, check: Optional[str] = None,
-            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, progress: bool = False,
+            print_ir_after=None, device: str = "cpu", dynamic_shapes=None, verbose: bool = True,
             generation: bool = False, max_len: int = 256) -> CompiledModel:
     """Compile ``model`` for ``target``. ``recipe`` is a pipeline (text or list) run after
     ``canonicalize``; ``check="numeric"`` verifies every pass against the reference runtime.
@@ -215,12 +225,17 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     the natural form for Hugging Face models); the compiled model then takes the same keywords.
     A Hugging Face causal LM is compiled as it is; with ``generation=True`` presso traces it as
     ``input_ids -> logits`` with causal SDPA (``presso.frontend.hf``), so that ``generate`` gives the
-    tokens of HF's ``generate(do_sample=False)``."""
+    tokens of HF's ``generate(do_sample=False)``. Long loops (calibration, GPTQ and SVD per layer)
+    show progress bars on stderr once they have run a few seconds; ``verbose=False`` silences them."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
+    if target in ("llvm", "aarch64"):
+        require("tvm", "tvm", f"target={target!r}")
+    elif target == "cuda":
+        require("triton", "cuda", "target='cuda'")
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
     if target == "cuda":
@@ -228,6 +243,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
         cuda_device()                 # no GPU (and no interpreter): say so before any work
         names = {s.name for s in specs}       # horizontal, then elementwise fusion, unless the recipe placed them
         specs = specs + resolve([p for p in ("concat_linears", "fuse") if p not in names])
+    model_name = type(model).__name__
     if generation and isinstance(model, torch.nn.Module):
         from .frontend.hf import for_generation, is_causal_lm
         if is_causal_lm(model):
@@ -237,7 +253,14 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
         if dynamic_shapes is None:
             from torch.export import Dim
             dynamic_shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=2, max=max_len)},)
-    graph = import_model(model, example_inputs, dynamic_shapes)
+    try:
+        graph = import_model(model, example_inputs, dynamic_shapes)
+    except DimRangeError as e:
+        if not generation or e.dim != "seq":
+            raise
+        raise MaxLenError(f"max_len={max_len} is beyond the model's positions: {model_name} takes "
+                          f"sequences of at most {e.limit} tokens (its position table); compile with "
+                          f"max_len <= {e.limit}", max_len, e.limit) from None
     if isinstance(example_inputs, dict):
         example_inputs = positional_inputs(graph, (), {k: v for k, v in example_inputs.items()
                                                        if isinstance(v, torch.Tensor)})
@@ -247,7 +270,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if calibration is not None:
         calibration = [positional_inputs(graph, (), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)})
                        if isinstance(s, dict) else s for s in calibration]
-    ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=progress)
+    ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=verbose)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from presso.report import format_report, table
+
 EXIT_USAGE = 2
 
 
@@ -59,31 +61,8 @@ def load_any(spec: str, with_torch: bool = False, key=None, trust_code: bool = F
     raise CLIError(f"{spec!r} is not a .onnx file, a presso artifact directory, or package.module:factory")
 
 
-def _table(rows, headers) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*headers), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows])
-
-
 def print_report(rep: dict, out=sys.stdout) -> None:
-    t = rep["totals"]
-    print(f"graph @{rep['graph']}: {t['nodes']} ops, {t['params']:,} params, {t['bytes']:,} bytes, "
-          f"{t['flops'] / 1e9:.3f} GFLOPs", file=out)
-    print("ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(rep["ops"].items(), key=lambda kv: -kv[1])), file=out)
-    comp = rep.get("compression", {})
-    if comp.get("layers"):
-        rows = []
-        for l in comp["layers"]:
-            what = " ".join(x for x in (f"rank={l['rank']}" if "rank" in l else "", f"int{l['bits']}" if "bits" in l else "",
-                                        l.get("nm", "")) if x)
-            rows.append((l["layer"], what, f"{l.get('bytes_before', 0):,}", f"{l['bytes_after']:,}",
-                         f"{l.get('ratio', '')}", f"{l['rel_error']:.4f}" if "rel_error" in l else ""))
-        print(_table(rows, ["layer", "compression", "bytes before", "bytes after", "ratio", "rel err"]), file=out)
-        if comp.get("compression_ratio"):
-            print(f"model: {comp['model_bytes_uncompressed']:,} -> {comp['model_bytes']:,} bytes "
-                  f"(×{comp['compression_ratio']})", file=out)
-    if rep.get("passes"):
-        print("passes: " + ", ".join(f"{p['pass']} {p['seconds'] * 1e3:.1f} ms" for p in rep["passes"]), file=out)
+    print(format_report(rep), file=out)
 
 
 def _artifact_opts(a) -> dict:
@@ -144,7 +123,7 @@ def cmd_compile(a) -> int:
     calib = _load_calibration(a.calibration, len(g.inputs)) if a.calibration else None
     source = module if module is not None else g
     cm = presso.compile(source, target=a.target, example_inputs=inputs, recipe=a.recipe, calibration=calib,
-                        check=a.check, print_ir_after=a.print_ir_after, progress=not a.quiet)
+                        check=a.check, print_ir_after=a.print_ir_after, verbose=not a.quiet)
     print_report(cm.report())
     if a.output:
         path = cm.save(a.output, overwrite=a.force, key=opts["key"])
@@ -204,7 +183,7 @@ def cmd_diff(a) -> int:
           f"({rb['totals']['bytes'] - ra['totals']['bytes']:+,} bytes)")
     print("op count changes: " + (", ".join(f"{k} {v:+d}" for k, v in delta.items()) or "none"))
     if rows:
-        print(_table(rows, ["layer", "A", "B", "bytes A", "bytes B", "Δ rel err"]))
+        print(table(rows, ["layer", "A", "B", "bytes A", "bytes B", "Δ rel err"]))
     else:
         print("no layer differs")
     return 0

@@ -86,3 +86,27 @@ class ArtifactPathError(ArtifactError):
 class UntrustedCodeError(ArtifactError):
     """An artifact holds native code (``code/model.so``) but is not authenticated by a key and the
     caller did not pass ``trust_code=True``; loading the library would run code from the file."""
+
+
+class DimRangeError(FrontendError):
+    """torch.export proved that a dynamic dim cannot take the whole range asked for (a sequence
+    dim sliced from a fixed position table, say); names the dim, the range asked and the limit."""
+
+    def __init__(self, dim: str, requested: int, limit: int, model: str):
+        self.dim, self.requested, self.limit = dim, requested, limit
+        super().__init__(f"{model}: dynamic dim '{dim}' was asked to reach {requested}, but the model supports "
+                         f"{dim} <= {limit} only")
+
+
+class MaxLenError(PressoError, ValueError):
+    """``max_len`` (of ``compile(generation=True)`` or ``generate``) is beyond what the model or the
+    compiled program supports; gives the limit."""
+
+    def __init__(self, msg: str, max_len: int, limit: int):
+        self.max_len, self.limit = max_len, limit
+        super().__init__(msg)
+
+
+class MissingDependencyError(PressoError, ImportError):
+    """An optional package a path needs is not installed; names the package and the extra that
+    installs it (``pip install 'presso[tvm]'``)."""

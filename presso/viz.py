@@ -158,7 +158,9 @@ def to_html(g: Graph, title: str | None = None, report: dict | None = None) -> s
                        f"{block_svg(g, ns)}</details>" for n, ns in grp[1:])
         body.append(f'<details {"open" if i < 2 else ""}><summary><b>{html.escape(label)}</b> — '
                     f'{html.escape(_block_summary(g, nodes))}</summary><div class="blk">{inner}{more}</div></details>')
-    total = f"{len(g.nodes)} ops · {len(g.params)} params · {g.param_bytes() / 1e6:.2f} MB of weights"
+    count = sum(p.value.type.numel() for p in g.params.values())       # parameters, as report()["totals"]
+    total = (f"{len(g.nodes)} ops · {count:,} params in {len(g.params)} tensors · "
+             f"{g.param_bytes() / 1e6:.2f} MB of weights")
     sig = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     comp = ""
     if report and report.get("compression", {}).get("compression_ratio"):

@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 
 import torch
 
+from presso import load as load_artifact
+
 
 def presso(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "presso", *map(str, args)], capture_output=True, text=True,
@@ -24,7 +26,7 @@ def artifact(tmp_path_factory):
     r = presso("compile", "presso.models:make_gpt2", "--recipe", "quantize{weights=int4,group_size=32,method=gptq}",
                "--calibration", calib, "-o", out, "-q")
     assert r.returncode == 0, r.stderr
-    assert "compression" in r.stdout and "h.0.c_attn.weight" in r.stdout and f"saved {out}" in r.stdout
+    assert "gptq" in r.stdout and "int4 g32" in r.stdout and "h.0.c_attn.weight" in r.stdout and f"saved {out}" in r.stdout
     return out
 
 
@@ -60,6 +62,8 @@ def test_show_writes_html_svg_dot(artifact, tmp_path):
     html = (tmp_path / "g.html").read_text()
     assert "<script src" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained
     assert "identical blocks" in html and "int4 g32" in html
+    g = load_artifact(artifact).graph              # "params" counts parameters, not tensors
+    assert f"{sum(p.value.type.numel() for p in g.params.values()):,} params in {len(g.params)} tensors" in html
     assert (tmp_path / "g.dot").read_text().startswith('digraph "GPT2"')
 
 

@@ -240,3 +240,16 @@ def test_decode_program_keeps_weights_compressed():
         ops = g.op_histogram()
         assert ops["dequantize"] == ops["linear"] > 0
         assert g.param_bytes() < cm.graph.meta["uncompressed_bytes"] / 2
+
+
+def test_max_len_beyond_the_position_table_names_the_limit():
+    from presso.errors import MaxLenError
+    m, ins = make_llama(batch=2, seq=6)                         # cos/sin tables of 128 positions
+    with pytest.raises(MaxLenError, match=r"max_len=256 .* at most 128 tokens .* max_len <= 128") as e:
+        presso.compile(m, example_inputs=ins, generation=True, max_len=256)
+    assert (e.value.max_len, e.value.limit) == (256, 128)
+    cm = presso.compile(m, example_inputs=ins, generation=True, max_len=16)
+    with pytest.raises(MaxLenError, match=r"max_len=32 is beyond the max_len=16 this model was compiled with") as e:
+        cm.generate(ins[0], 4, max_len=32)
+    assert (e.value.max_len, e.value.limit) == (32, 16)
+    assert cm.generate(ins[0], 4, max_len=12).shape == (2, 10)   # a shorter cache is fine

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from ..errors import FrontendError, IRError, UnsupportedOpError
+from ..errors import DimRangeError, FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import SYMBOL_RE, DType, TensorType, dims_product
 from ..ir import aten_ops
@@ -555,16 +555,22 @@ for _dunder, _op in (("__and__", "bitwise_and"), ("__or__", "bitwise_or"), ("__x
 def _export(module, example_inputs, dynamic_shapes):
     """torch.export; when its guard solver cannot prove a guard over a dynamic dim's whole range
     (torch 2.11 fails ``min(16*s, 32*s) == 16*s`` on Llama), retry with the guards as deferred
-    runtime asserts -- which the importer drops, having typed every dim symbolically. A dict of
-    example inputs is passed as keyword arguments."""
+    runtime asserts -- which the importer drops, having typed every dim symbolically. When that
+    fails too and torch capped a ``Dim`` below its asked maximum, ``DimRangeError`` says so. A
+    dict of example inputs is passed as keyword arguments."""
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (example_inputs, None)
     try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001
         if dynamic_shapes is None or "Constraints violated" not in str(e):
             raise
+        first = str(e)
+    try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
+    except Exception:  # noqa: BLE001
+        _check_dim_ranges(first, dynamic_shapes, type(module).__name__)
+        raise
 
 
 def _widen_size_one_dims(example_inputs, dynamic_shapes):
@@ -595,6 +601,25 @@ def _widen_size_one_dims(example_inputs, dynamic_shapes):
     return out if keyed else tuple(out)
 
 
+_SUGGESTED_MAX = re.compile(r"(\w+) = Dim\('(\w+)'[^)\n]*\bmax=(\d+)")
+
+
+def _check_dim_ranges(message: str, dynamic_shapes, model: str) -> None:
+    """Raise ``DimRangeError`` when torch.export's suggested fixes cap a user's ``Dim`` below the
+    maximum asked for: the model cannot take that range (the retry with deferred asserts failed too)."""
+    asked = {d.__name__: d.max for spec in _flat_specs(dynamic_shapes) for d in spec.values()
+             if hasattr(d, "__name__") and isinstance(getattr(d, "max", None), int)}
+    for _, name, limit in _SUGGESTED_MAX.findall(message):
+        if name in asked and int(limit) < asked[name]:
+            raise DimRangeError(name, asked[name], int(limit), model)
+
+
+def _flat_specs(dynamic_shapes) -> list[dict]:
+    """The per-input ``{axis: Dim}`` dicts of a dynamic_shapes tuple, list or dict."""
+    items = dynamic_shapes.values() if isinstance(dynamic_shapes, dict) else dynamic_shapes
+    return [s for s in items if isinstance(s, dict)]
+
+
 def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], method: str = "auto",
                dynamic_shapes=None, name: Optional[str] = None) -> Graph:
     """Import ``module`` called on ``example_inputs`` (a tuple of positional inputs, or a dict of
@@ -619,6 +644,8 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ep = _export(module, _widen_size_one_dims(example_inputs, dynamic_shapes), dynamic_shapes)
+            except DimRangeError:
+                raise
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
                 errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}{hf.export_hint(module, str(e))}")
             else:

@@ -3,17 +3,19 @@ per-layer cost model behind ``CompiledModel.report()`` (params, bytes of real st
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping
-
-import networkx as nx
+from typing import TYPE_CHECKING, Mapping
 
 from .graph import Graph, Node, Value
 from .registry import get_op
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def to_networkx(g: Graph) -> nx.DiGraph:
     """Nodes are IR nodes (keyed by first result name) plus ``input:``/``param:``/``output`` nodes;
     edges carry the value name and its type."""
+    import networkx as nx           # only the analyses need it, not import presso
     G = nx.DiGraph()
     for v in g.inputs:
         G.add_node(f"input:{v.name}", op="input", type=str(v.type))
@@ -37,6 +39,7 @@ def to_networkx(g: Graph) -> nx.DiGraph:
 
 def dominators(g: Graph) -> dict[str, str]:
     """Immediate dominators of every node, from a virtual entry feeding all inputs and params."""
+    import networkx as nx
     G = to_networkx(g)
     G.add_node("__entry__")
     for n in list(G.nodes):

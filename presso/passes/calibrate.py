@@ -102,10 +102,8 @@ def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Ite
             st.abs_sum += abs_sum
 
     rt = ReferenceRuntime(g)
-    it = samples
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(samples, desc=desc, unit="batch", leave=False)
+    from .progress import progress as bar
+    it = bar(samples, progress, desc=desc, unit="batch")
     from ..errors import InputError
     for i, s in enumerate(it):
         sample = i

@@ -86,7 +86,7 @@ def calibration_stats(g: Graph, ctx, nodes: Sequence[Node], need: bool, what: st
             raise CalibrationError(f"{what} needs calibration data: pass calibration=[(input, ...), ...] "
                                    "to presso.compile")
         return None
-    return collect_linear_stats(g, samples, nodes, progress=getattr(ctx, "progress", False), desc=what)
+    return collect_linear_stats(g, samples, nodes, progress=getattr(ctx, "progress", True), desc=what)
 
 
 def output_error(w: torch.Tensor, w2: torch.Tensor, gram: Optional[torch.Tensor]) -> float:

@@ -22,6 +22,7 @@ from .compress_common import (Linear, calibration_stats, dense_linears, derive, 
                               output_error, record, replace_linear, require_match)
 from .dce import dce
 from .manager import Option, register_pass
+from .progress import progress
 
 
 @dataclass
@@ -75,7 +76,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened",
                               what=f"lowrank{{method={method}}}")
     facts, rank_of = [], []
-    for grp in groups:
+    for grp in progress(groups, getattr(ctx, "progress", True), desc=f"lowrank{{method={method}}}", unit="layer"):
         w = torch.cat([l.tensor for l in grp], 0)
         gram = stats[grp[0].node.name].gram if stats else None
         facts.append(factorize(w, gram, method == "whitened"))
@@ -87,7 +88,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
         rank_of = _allocate(groups, facts, ratio, rank_multiple)
     for grp, f, r in zip(groups, facts, rank_of):
         if r is not None:
-            _rewrite(g, grp, f, r, stats[grp[0].node.name].gram if stats else None)
+            _rewrite(g, grp, f, r, stats[grp[0].node.name].gram if stats else None, method)
     requantize_layers(g, requant, "lowrank")
     return dce(g)
 
@@ -117,7 +118,7 @@ def _allocate(groups, facts, ratio: float, multiple: int) -> list[Optional[int]]
     return [o[j][2] for o, j in zip(options, choice)]
 
 
-def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams) -> None:
+def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams, method: str) -> None:
     """x -> linear(x, A) -> linear(., B_i, bias_i) for every member i of the group."""
     first = grp[0]
     dtype = first.tensor.dtype
@@ -133,7 +134,7 @@ def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams) -> No
         b = g.add_param(b_name, b_data.to(dtype).contiguous())
         derive(g, b_name, l.weight.name)
         err = output_error(l.tensor, b_data @ f.A[:r], grams)
-        record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), rank=r,
+        record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), rank=r, lowrank_method=method,
                shared_down_projection=len(grp) > 1, rel_error=err,
                error_basis="calibration" if grams is not None else "weights")
         replace_linear(g, l.node, g.op("linear", h, b, l.node.inputs[2], before=l.node))

@@ -168,7 +168,7 @@ class PassContext:
     """What passes may read: example inputs, calibration samples, and a place to report."""
     example_inputs: Optional[Sequence[torch.Tensor]] = None
     calibration: Optional[Sequence] = None
-    progress: bool = False
+    progress: bool = True          # progress bars on long loops (see passes/progress.py)
     log: dict = field(default_factory=dict)
 
 
@@ -220,8 +220,8 @@ def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: O
     reference = run_graph(g, *ctx.example_inputs) if check else None
     bar = None
     if ctx.progress and len(specs) > 1:
-        from tqdm import tqdm
-        bar = tqdm(total=len(specs), desc="passes", unit="pass", leave=False)
+        from .progress import progress
+        bar = progress(enabled=True, total=len(specs), desc="passes", unit="pass")
     for spec in specs:
         if bar is not None:
             bar.set_postfix_str(spec.name)

@@ -36,6 +36,7 @@ from .sequential import calibrate_sequentially
 from .dce import dce
 from .manager import Option, register_pass
 from .quantize_embedding import looked_up_params, quantize_embeddings, selector
+from .progress import progress
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool):
@@ -235,10 +236,12 @@ def quantize(g: Graph, ctx, weights, group_size, symmetric, method, act_order, d
         calibration_stats(g, ctx, [], need=True, what=what)     # raises: this method needs calibration
     if needs_stats and sequential:
         calibrate_sequentially(g, samples, [l.node for l in layers], compress,
-                               progress=getattr(ctx, "progress", False), desc=what)
+                               progress=getattr(ctx, "progress", True), desc=what)
     else:
         stats = calibration_stats(g, ctx, [l.node for l in layers], need=False, what=what) if needs_stats else None
-        for x, group in _by_input(layers).items():
+        groups = progress(list(_by_input(layers).items()), getattr(ctx, "progress", True) and method != "rtn",
+                          desc=what, unit="layer group")
+        for x, group in groups:
             calib.quantize_group(x, group, stats and _shared(stats, group))
     for n in sparse:
         _quantize_nm_values(g, n, bits, group_size, symmetric)

@@ -60,8 +60,8 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
         envs.append({v: t for v, t in zip(g.inputs, s)})
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+        from .progress import progress as progress_bar
+        bar = progress_bar(enabled=True, total=total, desc=desc, unit="layer")
     outputs = set(g.outputs)
     users = g.users()
     needed = _ancestors(g, pending)

@@ -125,7 +125,7 @@ def sparsify(g: Graph, ctx, pattern: str, method: str, levels: str, density: flo
                 _rewrite(g, l, (n, m), vals, idx, output_error(l.tensor, dense, st.gram), method=method,
                          basis="calibration")
         if sequential:
-            calibrate_sequentially(g, samples, list(by_node), prune_group, progress=getattr(ctx, "progress", False),
+            calibrate_sequentially(g, samples, list(by_node), prune_group, progress=getattr(ctx, "progress", True),
                                    desc=what)
         else:
             stats = calibration_stats(g, ctx, list(by_node), need=True, what=what)
