@@ -184,6 +184,8 @@ def main():
     ids = torch.randint(0, cfg.vocab, (B, 1), device=dev)
     pos = torch.tensor([a.pos], device=dev)
     caches = gen.new_caches({"batch": B})
+    # the step's inputs before its caches: ids, position (and each row's start, for ragged batches)
+    head_in = [ids, pos] + [torch.zeros(B, dtype=torch.long, device=dev)] * (len(gen.step.inputs) - 2 - len(caches))
     torch.manual_seed(1)
     for c in caches:
         c.normal_()
@@ -197,8 +199,8 @@ def main():
     step = eager_step_fn(model, cfg)
     with torch.no_grad():
         want = step(ids, pos, [k.clone() for k in kcs], [v.clone() for v in vcs]).float()
-        got = step_rt.run(ids, pos, *[c.clone() for c in caches])[0].float()
-        oracle = ReferenceRuntime(gen.step, device=dev).run(ids, pos, *[c.clone() for c in caches])[0].float()
+        got = step_rt.run(*head_in, *[c.clone() for c in caches])[0].float()
+        oracle = ReferenceRuntime(gen.step, device=dev).run(*head_in, *[c.clone() for c in caches])[0].float()
         err = ((got - oracle).abs().max() / oracle.abs().max()).item()
         print(f"presso cuda vs presso reference runtime logits: max rel err {err:.2e}", flush=True)
         assert err < 2e-2
@@ -215,14 +217,14 @@ def main():
         def row(label, ms):
             print(f"| {label} | {ms:.3f} | {B * 1e3 / ms:.0f} | {t_eager / ms:.2f}x |", flush=True)
         row("torch eager fp16", t_eager)
-        row(f"presso cuda, {a.recipe}, no CUDA graph", timed(lambda: step_rt.run(ids, pos, *caches)))
+        row(f"presso cuda, {a.recipe}, no CUDA graph", timed(lambda: step_rt.run(*head_in, *caches)))
         if dev == "cuda":
-            step_rt.capture(ids, pos, *caches)
+            step_rt.capture(*head_in, *caches)
             static = step_rt._graph_exec.static_in
-            t_graph = timed(lambda: step_rt.run(ids, pos, *static[2:]))
+            t_graph = timed(lambda: step_rt.run(*head_in, *static[len(head_in):]))
             row(f"presso cuda, {a.recipe}, CUDA graph", t_graph)
             if a.profile:
-                profile_step(lambda: step_rt.run(ids, pos, *static[2:]), t_graph)
+                profile_step(lambda: step_rt.run(*head_in, *static[len(head_in):]), t_graph)
                 torch_ops_in_step(lambda: step_rt._run_steps([ids, pos, *static[2:]]))
             if B == 1:
                 generate_rows(cm, cfg, row)
