@@ -36,6 +36,8 @@ RECIPES = {
     "int4-g64-gptq": "quantize{weights=int4,group_size=64,method=gptq,act_order=true}",
     "int4-g64-awq+gptq": "quantize{weights=int4,group_size=64,method=awq+gptq,act_order=true}",
     "int4-pc-gptq": "quantize{weights=int4,method=gptq,act_order=true}",
+    "int4-g128-asym-gptq": "quantize{weights=int4,group_size=128,symmetric=false,method=gptq,act_order=true}",
+    "int4-g64-asym-gptq": "quantize{weights=int4,group_size=64,symmetric=false,method=gptq,act_order=true}",
     "2:4-magnitude": "sparsify{pattern=2:4,method=magnitude}",
     "2:4-wanda": "sparsify{pattern=2:4,method=wanda}",
     "2:4-sparsegpt": "sparsify{pattern=2:4,method=sparsegpt}",
@@ -111,10 +113,10 @@ def main():
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         p = perplexity(cm, ev, args.window, batch_size=8)
         naive = ""
-        if name.startswith("int4-") and "-pc-" not in name and "asym" not in name:
+        if name.startswith("int4-") and "-pc-" not in name:
             group = int(name.split("-g")[1].split("-")[0])
             nb = perplexity(naive_rtn(load_smollm2(args.layers)[0], 4, group), ev, args.window, batch_size=8)
-            naive = f"torch RTN g{group}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
+            naive = f"torch symmetric RTN g{group}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
         mb = cm.report()["totals"]["bytes"] / 1e6
         print(f"| `{recipe}` | {p.perplexity:.2f} | {p.perplexity / pfp.perplexity:.3f} | {wall:.0f} | {cpu:.0f} | "
               f"{mb:.0f} | {naive} |", flush=True)
