@@ -267,9 +267,10 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if generation:
         graph.meta["max_len"] = max_len
     from .passes.calibrate import normalize_samples
-    if calibration is not None:
-        calibration = [positional_inputs(graph, (), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)})
-                       if isinstance(s, dict) else s for s in calibration]
+    if calibration is not None and hasattr(calibration, "__iter__") and not isinstance(calibration, (str, bytes, dict)):
+        # keyword samples become positional, lazily: normalize_samples checks and bounds what it takes
+        calibration = (positional_inputs(graph, (), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)})
+                       if isinstance(s, dict) else s for s in calibration)
     ctx = PassContext(example_inputs=example_inputs, calibration=normalize_samples(calibration), progress=verbose)
     graph, records = run_pipeline(graph, specs, ctx, check=check, print_ir_after=print_ir_after)
     return CompiledModel(graph, target, records, example_inputs, device)
