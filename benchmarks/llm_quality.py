@@ -35,6 +35,8 @@ RECIPES = {
     "int4-g64-rtn": "quantize{weights=int4,group_size=64}",
     "int4-g64-gptq": "quantize{weights=int4,group_size=64,method=gptq,act_order=true}",
     "int4-g64-awq+gptq": "quantize{weights=int4,group_size=64,method=awq+gptq,act_order=true}",
+    "int4-g64-awq+gptq-emb8": "quantize{weights=int4,group_size=64,method=awq+gptq,act_order=true,embeddings=int8}",
+    "int4-g64-awq+gptq-emb4": "quantize{weights=int4,group_size=64,method=awq+gptq,act_order=true,embeddings=int4}",
     "int4-pc-gptq": "quantize{weights=int4,method=gptq,act_order=true}",
     "int4-g128-asym-gptq": "quantize{weights=int4,group_size=128,symmetric=false,method=gptq,act_order=true}",
     "int4-g64-asym-gptq": "quantize{weights=int4,group_size=64,symmetric=false,method=gptq,act_order=true}",
