@@ -390,12 +390,17 @@ def requantize_layers(g: Graph, settings: dict[str, dict], pass_name: str = "a l
 
 
 def _check_group(node: Node, cols: int, group_size: int, bits: int) -> None:
+    check_int4_fits(cols, group_size, bits, f"layer %{node.name} has an odd input dim {cols}", "int4")
+
+
+def check_int4_fits(cols: int, group_size: int, bits: int, odd: str, what: str, where: str = "") -> None:
+    """int4 rows and groups hold whole bytes (a group size that does not divide ``cols`` leaves a
+    shorter last group); ``odd`` says what has the odd length, ``what`` names the option."""
     if bits == 4 and cols % 2:
-        raise PipelineError(f"pass 'quantize': int4 packs two values per byte, but layer %{node.name} has an odd "
-                            f"input dim {cols}")
+        raise PipelineError(f"pass 'quantize': {what} packs two values per byte, but {odd}")
     if bits == 4 and group_size % 2:
-        raise PipelineError(f"pass 'quantize': int4 groups hold whole bytes, so group_size must be even, "
-                            f"got {group_size}")
+        raise PipelineError(f"pass 'quantize': {what} groups hold whole bytes, so group_size must be even, "
+                            f"got {group_size}{where}")
 
 
 def _bytes_before(g: Graph, weight: Value) -> int:

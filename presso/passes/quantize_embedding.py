@@ -70,15 +70,10 @@ def looked_up_params(g: Graph) -> set[str]:
 
 
 def _check_table(t: LookupTable, group_size: int, bits: int) -> None:
-    """int4 rows and groups hold whole bytes (a group size that does not divide the row leaves a
-    shorter last group, as for linears)."""
+    from .quantize import check_int4_fits
     cols = t.weight.type.shape[1]
-    if bits == 4 and cols % 2:
-        raise PipelineError(f"pass 'quantize': embeddings=int4 packs two values per byte, but table "
-                            f"%{t.weight.name} (read by %{t.gathers[0].name}) has an odd row length {cols}")
-    if bits == 4 and group_size % 2:
-        raise PipelineError(f"pass 'quantize': embeddings=int4 groups hold whole bytes, so group_size must be even, "
-                            f"got {group_size} for table %{t.weight.name}")
+    check_int4_fits(cols, group_size, bits, f"table %{t.weight.name} (read by %{t.gathers[0].name}) has an odd row "
+                    f"length {cols}", "embeddings=int4", f" for table %{t.weight.name}")
 
 
 def _quantize_table(g: Graph, t: LookupTable, bits: int, group: int, symmetric: bool) -> None:
