@@ -378,6 +378,10 @@ def requantize_layers(g: Graph, settings: dict[str, dict], pass_name: str = "a l
     for n in [n for n in g.nodes if n.op == "linear" and _nm_values(g, n) is not None]:
         st = settings.get(origin(g, _nm_values(g, n).name))
         if st is not None:
+            layer = origin(g, _nm_values(g, n).name)
+            method = g.meta.get("compression", {}).get(layer, {}).get("method", "rtn")
+            if method != "rtn":
+                redone.append((layer, method))
             cols = _nm_values(g, n).type.shape[1]
             _quantize_nm_values(g, n, st["bits"], st["group_size"] if cols % st["group_size"] == 0 else 0,
                                 st["symmetric"])

@@ -91,8 +91,7 @@ def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
     old = None
     try:
         (tmp / "graph.pir").write_text(text)
-        weights = {name: p.data.contiguous() for name, p in g.params.items()}
-        save_file(weights, str(tmp / "weights.safetensors"))
+        save_file(_unshared(g), str(tmp / "weights.safetensors"))
         code_files = model._export_code(tmp / "code") if hasattr(model, "_export_code") else []
         files = ["graph.pir", "weights.safetensors"] + code_files
         manifest = {
@@ -137,6 +136,18 @@ def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
             raise ArtifactError(f"cannot save {path}: {e.strerror or e} ({e.filename or path.parent})") from None
         raise
     return path
+
+
+def _unshared(g) -> dict:
+    """Every parameter as its own contiguous tensor: safetensors refuses two entries over one
+    storage (constant folding can leave views of one table, e.g. RoPE's cos and sin)."""
+    out, seen = {}, set()
+    for name, p in g.params.items():
+        t = p.data.contiguous()
+        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else None
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
