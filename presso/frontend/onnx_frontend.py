@@ -41,7 +41,11 @@ _ONNX_DTYPE = {1: DType.f32, 10: DType.f16, 16: DType.bf16, 11: DType.f64, 7: DT
 
 def _dtype(elem_type: int, where: str) -> DType:
     if elem_type not in _ONNX_DTYPE:
-        raise FrontendError(f"{where}: ONNX element type {onnx.TensorProto.DataType.Name(elem_type)} is not supported")
+        try:
+            name = onnx.TensorProto.DataType.Name(elem_type)
+        except ValueError:      # not a type ONNX defines (a damaged or hostile file)
+            name = f"{elem_type} (not an ONNX type)"
+        raise FrontendError(f"{where}: ONNX element type {name} is not supported")
     return _ONNX_DTYPE[elem_type]
 
 
