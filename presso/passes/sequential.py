@@ -129,8 +129,3 @@ def _run_node(g: Graph, n: Node, envs: list, bindings: list, bind_results) -> No
             bind_results(n.outputs, outs, b)
         for v, t in zip(n.outputs, outs):
             env[v] = t
-
-
-def samples_or_none(ctx) -> Optional[list]:
-    from .calibrate import normalize_samples
-    return normalize_samples(getattr(ctx, "calibration", None)) or None
