@@ -12,7 +12,7 @@ outputs. One pass over the data; peak memory is one layer's activations for the 
 plus one Gram matrix, never statistics for the whole model."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
