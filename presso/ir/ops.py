@@ -7,6 +7,7 @@ Adding an op = adding one ``defop`` here (see docs/architecture.md).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,53 @@ def _same_dtype(op: str, names: tuple):
 
 
 # ---- elementwise -------------------------------------------------------------------------
+_ARITHMETIC_FLOATS = (DType.f64, DType.f32, DType.f16, DType.bf16)
+_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or"}
+
+
+def broadcast_shapes(a: tuple, b: tuple) -> Optional[tuple]:
+    """NumPy broadcasting of two shapes whose dims are ints or symbols; ``None`` if it cannot be decided
+    here (two different symbols, or sizes that do not broadcast: the meta kernel then says why)."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        x = a[len(a) - 1 - i] if i < len(a) else 1
+        y = b[len(b) - 1 - i] if i < len(b) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def _binary_infer(name):
+    """Closed form for same-dtype floating operands, the common case. Torch's meta kernels for these ops
+    are Python and their first call imports torch._dynamo (~1 s); other dtypes go to the meta kernel,
+    which knows torch's promotion rules."""
+    def infer(types, attrs):
+        a, b = types
+        if a.dtype != b.dtype or a.dtype not in _ARITHMETIC_FLOATS:
+            return None
+        shape = broadcast_shapes(tuple(a.shape), tuple(b.shape))
+        if shape is None:
+            return None
+        return [TensorType(shape, DType.bool if name in _COMPARISONS else a.dtype)]
+    return infer
+
+
+def _unary_infer(name):
+    """Closed form for floating operands (see ``_binary_infer``); integer inputs go to the meta kernel."""
+    def infer(types, attrs):
+        (x,) = types
+        if x.dtype not in _ARITHMETIC_FLOATS:
+            return None
+        return [TensorType(tuple(x.shape), DType.bool if name == "logical_not" else x.dtype)]
+    return infer
+
+
 def _binary(name, fn):
-    defop(name, ["a", "b"], category="elementwise", flops=_numel_flops)(fn)
+    defop(name, ["a", "b"], category="elementwise", infer=_binary_infer(name), flops=_numel_flops)(fn)
 
 
 for _name, _fn in {
@@ -73,7 +119,8 @@ for _name, _fn in {
     "sigmoid": torch.sigmoid, "relu": torch.relu, "silu": F.silu, "sin": torch.sin, "cos": torch.cos,
     "logical_not": torch.logical_not,
 }.items():
-    defop(_name, ["x"], category="elementwise", flops=_numel_flops)((lambda f: lambda x: f(x))(_fn))
+    defop(_name, ["x"], category="elementwise", infer=_unary_infer(_name),
+          flops=_numel_flops)((lambda f: lambda x: f(x))(_fn))
 
 
 @defop("gelu", ["x"], {"approximate": Attr("str", "none", choices=("none", "tanh"))}, "elementwise", flops=_numel_flops)
@@ -134,14 +181,40 @@ def _linear_flops(ins, outs, attrs, b):
     return 2 * outs[0].numel(b) * ins[0].concrete_shape(b)[-1]
 
 
+def _linear_infer(types, attrs):
+    """Closed form: the meta kernel of ``mm`` is Python and its first call imports torch._dynamo (~1 s)."""
+    x, w, bias = types
+    if len(w.shape) != 2 or len(x.shape) < 1:
+        raise IRError(f"linear: weight must be 2-D (out, in) and x at least 1-D, got {w} and {x}")
+    if x.shape[-1] != w.shape[1]:
+        raise IRError(f"linear: x's last dim {x.shape[-1]} does not match weight's in_features {w.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise IRError(f"linear: bias must have shape ({w.shape[0]},), got {bias}")
+    return [TensorType(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype)]
+
+
 @defop("linear", ["x", "weight", "bias?"], category="linear", verify=_same_dtype("linear", ("x", "weight", "bias")),
-       flops=_linear_flops)
+       infer=_linear_infer, flops=_linear_flops)
 def linear(x, weight, bias=None):
     """y = x @ weight.T + bias, weight is (out_features, in_features)."""
     return F.linear(x, weight, bias)
 
 
-@defop("matmul", ["a", "b"], category="linear", verify=_same_dtype("matmul", ("a", "b")), flops=_linear_flops)
+def _matmul_infer(types, attrs):
+    """Closed form for operands of rank >= 2 (batch dims broadcast); vectors go to the meta kernel."""
+    a, b = types
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        return None
+    if a.shape[-1] != b.shape[-2]:
+        raise IRError(f"matmul: inner dims differ: {a} @ {b}")
+    batch = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2]))
+    if batch is None:
+        return None
+    return [TensorType(batch + (a.shape[-2], b.shape[-1]), a.dtype)]
+
+
+@defop("matmul", ["a", "b"], category="linear", verify=_same_dtype("matmul", ("a", "b")), infer=_matmul_infer,
+       flops=_linear_flops)
 def matmul(a, b):
     return torch.matmul(a, b)
 

@@ -136,8 +136,17 @@ class OpDef:
             except IRError as e:
                 raise IRError(f"{where}: {e}") from None
         if self.infer is not None:
-            return list(self.infer(types, attrs))
+            try:
+                out = self.infer(types, attrs)
+            except IRError as e:
+                raise IRError(f"{where}: op '{self.name}' cannot take operands ({_shapes(types)}): {e}") from None
+            if out is not None:  # a closed-form rule may leave unusual cases to the meta kernel
+                return list(out)
         return meta_infer(self, types, attrs, where)
+
+
+def _shapes(types: Sequence[Optional[TensorType]]) -> str:
+    return ", ".join(str(t) if t is not None else "_" for t in types)
 
 
 def meta_infer(opdef: OpDef, types: Sequence[Optional[TensorType]], attrs: Mapping, where: str) -> list[TensorType]:
@@ -155,8 +164,7 @@ def meta_infer(opdef: OpDef, types: Sequence[Optional[TensorType]], attrs: Mappi
     except IRError:
         raise
     except Exception as e:  # the reference rejected the operand types: report it as a typing error
-        shapes = ", ".join(str(t) if t is not None else "_" for t in types)
-        raise IRError(f"{where}: op '{opdef.name}' cannot take operands ({shapes}) "
+        raise IRError(f"{where}: op '{opdef.name}' cannot take operands ({_shapes(types)}) "
                       f"with attributes {dict(attrs)}: {e}") from None
     inv = {p: s for s, p in bind.items()}
     return [TensorType(tuple(_unprime(d, inv, where) for d in o.shape), DType.from_torch(o.dtype)) for o in outs]
