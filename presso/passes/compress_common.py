@@ -164,16 +164,23 @@ def require_match(g: Graph, patterns: Sequence[re.Pattern], names: Sequence[str]
                                 f"layers: {layer_names(g)}")
 
 
-def skip_pattern(g: Graph, skip: str, pass_name: str) -> Optional[re.Pattern]:
-    """The compiled ``skip=`` regex (None when empty); it must compile and match some parameter."""
-    if not skip:
+def option_pattern(g: Optional[Graph], option: str, pattern: str, pass_name: str) -> Optional[re.Pattern]:
+    """The compiled regex of a layer-selection option (None when empty). It must compile, and with
+    ``g`` it must match some parameter of ``g``."""
+    if not pattern:
         return None
     try:
-        pat = re.compile(skip)
+        pat = re.compile(pattern)
     except re.error as e:
-        raise PipelineError(f"pass '{pass_name}': option 'skip' has a bad regex {skip!r}: {e}") from None
-    require_match(g, [pat], list(g.params), "skip", pass_name)
+        raise PipelineError(f"pass '{pass_name}': option '{option}' has a bad regex {pattern!r}: {e}") from None
+    if g is not None:
+        require_match(g, [pat], list(g.params), option, pass_name)
     return pat
+
+
+def skip_pattern(g: Graph, skip: str, pass_name: str) -> Optional[re.Pattern]:
+    """The compiled ``skip=`` regex (None when empty); it must compile and match some parameter."""
+    return option_pattern(g, "skip", skip, pass_name)
 
 
 def greedy_allocate(options: list[list[tuple[int, float]]], budget: float) -> list[int]:

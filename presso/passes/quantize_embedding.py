@@ -15,17 +15,15 @@ a tied table is known by its param's name (which torch.export may take from the 
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 
-from ..errors import PipelineError
 from ..ir.graph import Graph
 from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
-from .compress_common import (LookupTable, derive, lookup_tables, output_error, record, replace_linear,
-                              require_match)
+from .compress_common import (LookupTable, derive, lookup_tables, option_pattern, output_error, record,
+                              replace_linear)
 
 EMBEDDING_BITS = {"none": 0, "int8": 8, "int4": 4}
 
@@ -34,17 +32,7 @@ def selector(pass_name: str, skip: str, only: str, g: Graph = None) -> Callable[
     """Whether a weight name is to be compressed: not matching ``skip`` and (if given) matching
     ``only`` (both regexes, searched anywhere in the name). With ``g``, a pattern that matches no
     parameter of ``g`` is refused: a typo would silently leave every layer as it was."""
-    def compile_(option, pattern):
-        if not pattern:
-            return None
-        try:
-            pat = re.compile(pattern)
-        except re.error as e:
-            raise PipelineError(f"pass '{pass_name}': option '{option}' has a bad regex {pattern!r}: {e}") from None
-        if g is not None:
-            require_match(g, [pat], list(g.params), option, pass_name)
-        return pat
-    skip_re, only_re = compile_("skip", skip), compile_("only", only)
+    skip_re, only_re = option_pattern(g, "skip", skip, pass_name), option_pattern(g, "only", only, pass_name)
     return lambda name: not (skip_re and skip_re.search(name)) and not (only_re and not only_re.search(name))
 
 
