@@ -66,6 +66,11 @@ def naive_rtn(model, bits: int, group: int):
     return model
 
 
+def row(recipe: str, ratio: float, ppl: float, wall: float, cpu: float, cm, note: str) -> None:
+    mb = cm.report()["totals"]["bytes"] / 1e6
+    print(f"| `{recipe}` | {ppl:.2f} | {ratio:.3f} | {wall:.0f} | {cpu:.0f} | {mb:.1f} | {note} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -76,6 +81,9 @@ def main():
     ap.add_argument("--tokens", help="safetensors with 'eval' and 'calib' token ids (from --save-tokens): the same "
                     "text on another Python version, whose docstrings differ")
     ap.add_argument("--save-tokens", dest="save_tokens", help="write the tokenized texts here and stop")
+    ap.add_argument("--then", default="", help="recipes applied after each recipe to its compiled graph, each its "
+                    "own row (e.g. the embedding alone: 'quantize{embeddings=int8,group_size=64,skip=layers}'), "
+                    "separated by ';'")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2(args.layers)
@@ -119,9 +127,14 @@ def main():
             group = int(name.split("-g")[1].split("-")[0])
             nb = perplexity(naive_rtn(load_smollm2(args.layers)[0], 4, group), ev, args.window, batch_size=8)
             naive = f"torch symmetric RTN g{group}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
-        mb = cm.report()["totals"]["bytes"] / 1e6
-        print(f"| `{recipe}` | {p.perplexity:.2f} | {p.perplexity / pfp.perplexity:.3f} | {wall:.0f} | {cpu:.0f} | "
-              f"{mb:.0f} | {naive} |", flush=True)
+        row(recipe, p.perplexity / pfp.perplexity, p.perplexity, wall, cpu, cm, naive)
+        for then in filter(None, args.then.split(";")):
+            t0, c0 = time.perf_counter(), time.process_time()
+            cm2 = presso.compile(cm.graph, example_inputs=(example["input_ids"],), recipe=then)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            p2 = perplexity(cm2, ev, args.window, batch_size=8)
+            row(f"{recipe} -> {then}", p2.perplexity / pfp.perplexity, p2.perplexity, wall, cpu, cm2,
+                f"{p2.perplexity / p.perplexity:.4f}x the row above")
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 
