@@ -60,7 +60,12 @@ class CodegenError(PressoError):
 
 
 class TargetUnavailableError(PressoError):
-    """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""
+    """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86);
+    ``target`` names it (None for a device rather than a target) and the message says why."""
+
+    def __init__(self, msg: str, target: str | None = None):
+        self.target = target
+        super().__init__(msg)
 
 
 class CacheError(PressoError):
