@@ -13,7 +13,7 @@ from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
 from .deps import require
 from .report import Report
-from .runtime.reference import bind_inputs
+from .ir.interpret import bind_inputs
 from .targets import get_target
 
 

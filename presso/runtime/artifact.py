@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, PressoError, UntrustedCodeError
+from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, UntrustedCodeError
 from . import artifact_fs as fs
 from .artifact_mac import ENV_KEY, SIGNATURE, resolve_key, signature_bytes, verify
 from .artifact_schema import check_manifest
@@ -159,7 +159,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 def _check_readable(text: str) -> None:
     """An artifact whose graph text ``load`` could not parse would be lost: refuse it at save time."""
-    from ..ir.text import parse
+    from ..ir.parser import parse
     try:
         parse(text, verify=False)
     except IRParseError as e:
@@ -233,7 +233,7 @@ def load_artifact(path, key=None, trust_code: bool = False):
     ``$PRESSO_ARTIFACT_KEY``) must authenticate it when given; ``trust_code=True`` allows the
     native library of an artifact that no key authenticates."""
     from safetensors.torch import load_file
-    from ..ir.text import parse
+    from ..ir.parser import parse
     key = resolve_key(key)
     path = Path(path)
     _recover_leftovers(path)

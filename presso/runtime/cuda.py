@@ -15,7 +15,7 @@ import torch
 
 from ..errors import TargetUnavailableError
 from ..ir.graph import Graph, Value
-from .reference import bind_inputs
+from ..ir.interpret import bind_inputs
 
 
 def cuda_device() -> torch.device:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.graph import Graph
-from .reference import bind_inputs
+from ..ir.interpret import bind_inputs
 
 
 def use_all_cores() -> None:

@@ -46,7 +46,7 @@ class LLVMTarget(Target):
             raise ArtifactError(f"{path}: compiled for {self.name}; this {platform.machine()} machine cannot run it")
         if NATIVE_CODE not in manifest["files"]:
             raise ArtifactError(f"{path}: a {self.name} artifact must hold {NATIVE_CODE}")
-        from ..codegen.tvm.build import missing_cpu_features
+        from ..codegen.tvm.cpu import missing_cpu_features
         requires = manifest.get("requires") or {}
         if not isinstance(requires, dict):
             raise ArtifactError(f"{path}: the manifest's 'requires' must be an object, got {type(requires).__name__}")

@@ -2,7 +2,7 @@
 (``ReferenceRuntime``), on the CPU or any torch device; nothing is compiled."""
 from __future__ import annotations
 
-from ..runtime.reference import ReferenceRuntime
+from ..ir.interpret import ReferenceRuntime
 from .base import Target
 
 

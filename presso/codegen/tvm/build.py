@@ -1,7 +1,6 @@
 """Compile a presso graph with TVM for the host CPU (``llvm``) or 64-bit Arm Linux (``aarch64``)."""
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import shutil
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from ...errors import CodegenError, TargetUnavailableError
 from ...ir.graph import Graph
+from .cpu import X86_ISA, cpu_flags, missing_cpu_features  # noqa: F401 (re-exported)
 
 TVM_TARGETS = ("llvm", "aarch64")
 AARCH64_TRIPLE = "aarch64-linux-gnu"
@@ -29,36 +29,12 @@ def host_cpu_target() -> dict:
     return spec
 
 
-# x86 instruction-set extensions LLVM may use under -mcpu=<host>: an artifact records the ones this
-# host has, and loading it on a CPU that lacks one is refused (instead of an illegal instruction)
-X86_ISA = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512cd",
-           "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_int8", "amx_bf16")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo, read once; empty where unknown)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_requirements(name: str) -> dict:
     """What the code compiled for target ``name`` needs of the CPU that runs it."""
     if name == "aarch64":
         return {"arch": "aarch64", "features": []}
     return {"arch": platform.machine(), "mcpu": host_cpu_target().get("mcpu", "generic"),
             "features": sorted(cpu_flags() & set(X86_ISA))}
-
-
-def missing_cpu_features(requires: dict) -> list[str]:
-    """The recorded features this CPU lacks (none when the host's flags cannot be read)."""
-    flags = cpu_flags()
-    return [f for f in requires.get("features", []) if flags and f not in flags]
 
 
 def target_spec(name: str) -> dict:

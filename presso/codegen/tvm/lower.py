@@ -25,10 +25,7 @@ from ...ir.types import DType, TensorType
 from . import hadamard as fwht
 from . import int8_avx2
 from . import linear as lin
-
-TVM_DTYPE = {DType.f64: "float64", DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16",
-             DType.i64: "int64", DType.i32: "int32", DType.i16: "int16", DType.i8: "int8", DType.u8: "uint8",
-             DType.i4: "uint8", DType.u4: "uint8", DType.bool: "bool"}
+from .table import LOWER, TVM_DTYPE, lowers
 
 
 @dataclass
@@ -235,15 +232,6 @@ def _safe(name: str) -> str:
 
 
 # ---- op lowerings ------------------------------------------------------------------------------
-LOWER: dict = {}
-
-
-def lowers(*ops):
-    def deco(fn):
-        for op in ops:
-            LOWER[op] = fn
-        return fn
-    return deco
 
 
 _BINARY = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide", "pow": "power",
