@@ -105,3 +105,28 @@ def test_passes_never_import_runtime_or_codegen_and_ir_imports_no_pass():
 def test_the_layering_check_sees_function_level_imports():
     g = import_graph()
     assert g.has_edge("presso.api", "presso.runtime.artifact")     # only imported inside CompiledModel.save
+
+
+# modules that still take their own reading of TRITON_INTERPRET at import (the Triton kernel files)
+ENV_READ_PENDING = {"presso.codegen.triton.int4", "presso.codegen.triton.nibbles"}
+
+
+def test_environment_is_read_in_config_only():
+    readers = set()
+    for name, (path, _) in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "os":
+                readers.add(name)
+    assert readers - ENV_READ_PENDING == {"presso.config"}, sorted(readers)
+
+
+def test_config_reads_the_environment_when_asked(monkeypatch, tmp_path):
+    from presso import config
+    from presso.runtime.cuda import cuda_device
+    monkeypatch.setenv("PRESSO_CACHE_DIR", str(tmp_path))
+    assert config.cache_root() == tmp_path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert config.triton_interpret() and cuda_device().type == "cpu"
+    monkeypatch.setenv("PRESSO_ARTIFACT_KEY", "")
+    assert config.artifact_key() is None
