@@ -11,8 +11,9 @@ import importlib
 
 from .base import Target, UnknownTargetError
 
-# name -> "module:class" (module relative to this package); imported on first lookup
-REGISTRY = {
+# name -> "module:class" (module relative to this package), imported on first lookup, or a Target
+# subclass (a target defined outside presso, registered at run time)
+REGISTRY: dict = {
     "reference": "reference:ReferenceTarget",
     "cuda": "cuda:CudaTarget",
     "llvm": "llvm:LLVMTarget",
@@ -35,8 +36,11 @@ def get_target(name: str) -> Target:
         return target
     if not isinstance(name, str) or name not in REGISTRY:
         raise UnknownTargetError(f"unknown target {name!r}; valid targets: {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    target = _LOADED[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
+    spec = REGISTRY[name]
+    if isinstance(spec, str):
+        module, cls = spec.split(":")
+        spec = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    target = _LOADED[name] = spec()
     return target
 
 

@@ -164,7 +164,7 @@ class Lowering:
         fn = LOWER.get(n.op)
         if fn is None:
             raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering (the {len(LOWER)} lowered ops: "
-                               "presso.codegen.tvm.lower.LOWER, listed in docs/architecture.md)")
+                               "presso.codegen.tvm.table.LOWER, listed in docs/architecture.md)")
         skip = self._packed_inputs(n)      # read from packed params instead
         ins = [None if v is None or i in skip else self.env[v] for i, v in enumerate(n.inputs)]
         try:
