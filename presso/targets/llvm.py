@@ -18,13 +18,17 @@ class LLVMTarget(Target):
     def check_available(self) -> None:
         require("tvm", "tvm", f"target={self.name!r}")
 
+    def machine(self):
+        """What TVM compiles for: this host's CPU (``-mcpu`` detected, every core)."""
+        from ..codegen.tvm import Machine, host_cpu_target, host_requirements
+        return Machine(self.name, host_cpu_target(), host_requirements())
+
     def build(self, graph):
         from ..codegen.tvm import build
-        return build(graph, self.name)
+        return build(graph, self.machine())
 
     def runs_here(self) -> bool:
-        from ..codegen.tvm import can_run_here
-        return can_run_here(self.name)
+        return True
 
     def runtime(self, graph, code, device="cpu"):
         if not self.runs_here():
@@ -64,4 +68,4 @@ class LLVMTarget(Target):
 
     def load(self, graph, path: Path, manifest: dict):
         from ..codegen.tvm import load_library
-        return load_library(graph, self.name, path / NATIVE_CODE)
+        return load_library(graph, self.machine(), path / NATIVE_CODE)
