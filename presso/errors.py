@@ -68,6 +68,10 @@ class TargetUnavailableError(PressoError):
         super().__init__(msg)
 
 
+class UnknownTargetError(PressoError, ValueError):
+    """A target name that is not registered (``presso.targets.REGISTRY``); lists the registered ones."""
+
+
 class CacheError(PressoError):
     """presso's on-disk cache (``$PRESSO_CACHE_DIR``, default ``~/.cache/presso``: generated kernels,
     tuned launch configs) cannot be used: the path is a file, or the folder is not writable."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Target, UnknownTargetError
+from ..errors import UnknownTargetError
+from .base import Target
 
 # name -> "module:class" (module relative to this package), imported on first lookup, or a Target
 # subclass (a target defined outside presso, registered at run time)

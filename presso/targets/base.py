@@ -9,11 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ArtifactError, PressoError, TargetUnavailableError
-
-
-class UnknownTargetError(PressoError, ValueError):
-    """A target name that is not registered; lists the registered ones."""
+from ..errors import ArtifactError, TargetUnavailableError
 
 
 class Target:
