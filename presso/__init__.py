@@ -3,8 +3,7 @@
 ``import presso`` loads torch and presso's own modules only; ONNX, TVM, Triton and transformers
 are imported by the paths that use them (``from_onnx``, ``target="llvm"``, ``target="cuda"``,
 Hugging Face models), so a torch-only user never pays for them."""
-__version__ = "0.1.0"
-
+from .version import __version__
 from .api import CompiledModel, compile, import_model, load
 from .errors import (FrontendError, InputError, IRError, IRParseError, PassCheckError, PipelineError, PressoError,
                      UnsupportedOpError, VerificationError)

@@ -13,13 +13,13 @@ from .runtime.mutation import apply_input_mutations
 from .passes.manager import PassContext, resolve, run_pipeline
 from .deps import require
 from .report import Report
-from .runtime.reference import ReferenceRuntime, bind_inputs
-
-TARGETS = ("reference", "cuda", "llvm", "aarch64")
+from .ir.interpret import bind_inputs
+from .targets import get_target
 
 
 class CompiledModel:
-    """A compiled graph bound to a target. Callable with the model's inputs; ``.graph`` is the IR."""
+    """A compiled graph bound to a target. Callable with the model's inputs; ``.graph`` is the IR,
+    ``.code`` what the target compiled it to (None for the reference target)."""
 
     def __init__(self, graph: Graph, target: str, records=(), example_inputs=None, device="cpu", code=None):
         self.graph = graph
@@ -28,19 +28,14 @@ class CompiledModel:
         if example_inputs is not None:    # kept in the graph's meta: a loaded artifact reports at the same shapes
             graph.meta["example_bindings"] = bind_inputs(graph, example_inputs)
         self._bindings = dict(graph.meta.get("example_bindings", {}))
-        self._build = code
-        if target == "reference":
-            self._runtime = ReferenceRuntime(graph, device)
-        elif target == "cuda":
-            from .runtime.cuda import CudaRuntime
-            self._runtime = CudaRuntime(graph)
-        elif target in ("llvm", "aarch64"):
-            from .codegen.tvm import build
-            self._build = code or build(graph, target)
-            self._runtime = None
-            if target == "llvm":
-                from .runtime.tvm_vm import TVMRuntime
-                self._runtime = TVMRuntime(graph, self._build.executable, self._build.params)
+        self._target = get_target(target)
+        self.code = code if code is not None else self._target.build(graph)
+        self._runtime = self._target.runtime(graph, self.code, device)
+
+    @property
+    def _build(self):
+        """The compiled code (the name tests and tools have used for a TVM build)."""
+        return self.code
 
     def __call__(self, *inputs: torch.Tensor, **kw_inputs: torch.Tensor):
         """Run on the model's inputs: positional, or by keyword for a model compiled with keyword
@@ -50,27 +45,12 @@ class CompiledModel:
         pytree rebuilds it); the compiled model does not take a cache back as input: for
         step-by-step decoding compile with ``generation=True`` and call ``generate``."""
         if self._runtime is None:
-            raise TargetUnavailableError(f"a model compiled for target {self.target!r} cannot run on this machine; "
-                                         "save() it and load it on a 64-bit Arm Linux machine")
+            raise TargetUnavailableError(f"a model compiled for target {self.target!r} "
+                                         f"{self._target.why_not_runnable()}", target=self.target)
         inputs = positional_inputs(self.graph, inputs, kw_inputs)
         outs = apply_input_mutations(self.graph.meta, inputs, self._runtime.run(*inputs))
         from .frontend.hf import restore_outputs
         return restore_outputs(self.graph.meta, list(outs))
-
-    def _export_code(self, code_dir) -> list[str]:
-        """Compiled code for the artifact: the TVM shared library (``code/model.so``), or for
-        ``cuda`` the kernel each node runs (``code/program.json``; sources are regenerated from
-        the graph and cached by their hash)."""
-        if self.target == "cuda":
-            import json
-            code_dir.mkdir(parents=True, exist_ok=True)
-            (code_dir / "program.json").write_text(json.dumps(self._runtime.program.kernels, indent=1))
-            return ["code/program.json"]
-        if self._build is None:
-            return []
-        code_dir.mkdir(parents=True, exist_ok=True)
-        self._build.export(code_dir / "model.so")
-        return ["code/model.so"]
 
     def report(self) -> Report:
         """Ops histogram, per-layer params/bytes/FLOPs (at the example input shapes), totals, pass timings:
@@ -114,18 +94,11 @@ class CompiledModel:
                               f"(the longest sequence it was traced for); compile with max_len={max_len}",
                               max_len, compiled)
         if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
+            make_runtime = self._target.generation_runtime()
             graph, specs = build_decode_graph(self.graph, max_len)
             self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len,
-                                        make_runtime=self._runtime_factory())
+                                        make_runtime=make_runtime)
         return self._generator
-
-    def _runtime_factory(self):
-        if self.target == "cuda":
-            from .runtime.cuda import CudaRuntime
-            return CudaRuntime
-        if self.target == "reference":
-            return ReferenceRuntime
-        raise TargetUnavailableError(f"generation runs on the 'reference' and 'cuda' targets, not {self.target!r}")
 
     def generate(self, input_ids, max_new_tokens: int, max_len: Optional[int] = None, **options):
         """Generation with an explicit KV cache; returns prompt + new tokens (a list of prompts
@@ -152,7 +125,7 @@ class CompiledModel:
         hashes detect corruption only. ``overwrite=True`` replaces an existing presso artifact
         (never another file or folder); a crash leaves the old or the new artifact at ``path``."""
         from .runtime.artifact import save_artifact
-        return save_artifact(self, path, overwrite=overwrite, key=key)
+        return save_artifact(self.graph, self._target, self.code, path, overwrite=overwrite, key=key)
 
     def __repr__(self):
         t = self.report()["totals"]
@@ -227,22 +200,15 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     ``input_ids -> logits`` with causal SDPA (``presso.frontend.hf``), so that ``generate`` gives the
     tokens of HF's ``generate(do_sample=False)``. Long loops (calibration, GPTQ and SVD per layer)
     show progress bars on stderr once they have run a few seconds; ``verbose=False`` silences them."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    tgt = get_target(target)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     specs = resolve(recipe or [])   # validate the recipe before any expensive import
-    if target in ("llvm", "aarch64"):
-        require("tvm", "tvm", f"target={target!r}")
-    elif target == "cuda":
-        require("triton", "cuda", "target='cuda'")
+    tgt.check_available()           # a missing package or GPU: say so before any work
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
-    if target == "cuda":
-        from .runtime.cuda import cuda_device
-        cuda_device()                 # no GPU (and no interpreter): say so before any work
-        names = {s.name for s in specs}       # horizontal, then elementwise fusion, unless the recipe placed them
-        specs = specs + resolve([p for p in ("concat_linears", "fuse") if p not in names])
+    names = {s.name for s in specs}     # the target's passes, unless the recipe placed them
+    specs = specs + resolve([p for p in tgt.default_passes if p not in names])
     model_name = type(model).__name__
     if generation and isinstance(model, torch.nn.Module):
         from .frontend.hf import for_generation, is_causal_lm
@@ -284,4 +250,5 @@ def load(path, device: str = "cpu", key=None, trust_code: bool = False) -> Compi
     code (``llvm``/``aarch64`` ``code/model.so``, run as soon as it is opened) is then refused
     with ``UntrustedCodeError`` unless ``trust_code=True``."""
     from .runtime.artifact import load_artifact
-    return load_artifact(path, device=device, key=key, trust_code=trust_code)
+    graph, target, code = load_artifact(path, key=key, trust_code=trust_code)
+    return CompiledModel(graph, target.name, device=device, code=code)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from presso.report import format_report, table
+from presso.targets import generation_targets, target_names
 
 EXIT_USAGE = 2
 
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("compile", help="run a pipeline and save an artifact", parents=[art])
     s.add_argument("model")
-    s.add_argument("--target", default="reference")
+    s.add_argument("--target", default="reference", help=f"one of {', '.join(target_names())}")
     s.add_argument("--recipe", default=None, help='pipeline text, e.g. "quantize{weights=int4,group_size=128}"')
     s.add_argument("--calibration", help="safetensors file with keys '<sample>.<input>'")
     s.add_argument("-o", "--output", help="artifact directory to write")
@@ -432,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     s.add_argument("--max-len", dest="max_len", type=int, default=128,
                    help="KV-cache length, when compiling (at most a Hugging Face model's max_position_embeddings)")
-    s.add_argument("--target", default="reference")
+    s.add_argument("--target", default="reference",
+                   help="a target that can generate: " + ", ".join(generation_targets()))
     s.add_argument("--recipe", default=None)
     s.add_argument("--calibration", help="safetensors file with keys '<sample>.<input>' (for the recipe)")
     s.add_argument("--do-sample", dest="do_sample", action="store_true")

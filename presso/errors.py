@@ -60,7 +60,16 @@ class CodegenError(PressoError):
 
 
 class TargetUnavailableError(PressoError):
-    """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86)."""
+    """The machine cannot run the requested target (no GPU for ``cuda``, aarch64 code on x86);
+    ``target`` names it (None for a device rather than a target) and the message says why."""
+
+    def __init__(self, msg: str, target: str | None = None):
+        self.target = target
+        super().__init__(msg)
+
+
+class UnknownTargetError(PressoError, ValueError):
+    """A target name that is not registered (``presso.targets.REGISTRY``); lists the registered ones."""
 
 
 class CacheError(PressoError):

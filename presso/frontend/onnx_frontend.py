@@ -8,7 +8,7 @@ Unsqueeze/Squeeze/Cast can rearrange and Reshape/Expand/ConstantOfShape consume.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import onnx
@@ -17,37 +17,9 @@ from onnx import numpy_helper
 
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
-from ..ir.types import DType, TensorType, dims_product
-from .common import GraphBuilder, registrar, clean_name, clean_symbol
-
-OPSETS = range(13, 24)
-ONNX_OPS: dict[str, Callable] = {}
-
-
-handles = registrar(ONNX_OPS)
-
-
-class SymShape(list):
-    """A shape known at import as dims (ints and symbols): the value of ``Shape(x)``."""
-
-
-class Seq(list):
-    """An ONNX sequence, which exists only at import: the list of the values it holds, in order."""
-
-
-_ONNX_DTYPE = {1: DType.f32, 10: DType.f16, 16: DType.bf16, 11: DType.f64, 7: DType.i64, 6: DType.i32,
-               5: DType.i16, 3: DType.i8, 2: DType.u8, 9: DType.bool}
-
-
-def _dtype(elem_type: int, where: str) -> DType:
-    if elem_type not in _ONNX_DTYPE:
-        try:
-            name = onnx.TensorProto.DataType.Name(elem_type)
-        except ValueError:      # not a type ONNX defines (a damaged or hostile file)
-            name = f"{elem_type} (not an ONNX type)"
-        raise FrontendError(f"{where}: ONNX element type {name} is not supported")
-    return _ONNX_DTYPE[elem_type]
-
+from ..ir.types import DType, TensorType
+from .common import GraphBuilder, clean_name, clean_symbol
+from .onnx_table import ONNX_OPS, OPSETS, Seq, SymShape, _dtype, handles
 
 class _Importer:
     def __init__(self, model: onnx.ModelProto):
@@ -372,7 +344,7 @@ def _const_only(im):
     raise FrontendError(f"{im.where}: Range is supported only on constant inputs (its length is data)")
 
 
-from . import onnx_ops_math, onnx_ops_nn, onnx_ops_resample, onnx_ops_shape  # noqa: E402,F401  (they register handlers)
+from . import onnx_ops_math, onnx_ops_nn, onnx_ops_resample, onnx_ops_shape  # noqa: E402,F401  (they fill ONNX_OPS)
 
 
 # ---- entry point -------------------------------------------------------------------------

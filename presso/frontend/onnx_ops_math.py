@@ -5,7 +5,7 @@ gamma * elu(x, alpha), ...), so numbers agree with onnxruntime to float rounding
 from __future__ import annotations
 
 from ..errors import FrontendError
-from .onnx_frontend import handles
+from .onnx_table import handles
 
 # ONNX op -> generic ATen op with the same elementwise semantics.
 _ATEN_UNARY = {"Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign", "IsNaN": "isnan",

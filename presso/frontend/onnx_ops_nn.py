@@ -13,7 +13,7 @@ import torch
 
 from ..errors import FrontendError
 from ..ir.types import dims_product
-from .onnx_frontend import handles
+from .onnx_table import handles
 
 
 def _spatial(im, x, n):

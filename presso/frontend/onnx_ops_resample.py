@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import FrontendError
-from .onnx_frontend import _dtype, handles
+from .onnx_table import _dtype, handles
 
 
 def _source_coords(mode, out_len, in_len, scale, roi_lo=0.0, roi_hi=1.0):

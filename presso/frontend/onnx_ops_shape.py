@@ -12,7 +12,7 @@ import torch
 from ..errors import FrontendError
 from ..ir.graph import Value
 from ..ir.types import dims_product
-from .onnx_frontend import Seq, SymShape, handles
+from .onnx_table import Seq, SymShape, _dtype, handles
 
 
 def _wrap(im, idx: Value, dim) -> Value:
@@ -179,7 +179,6 @@ def _eye_like(im):
     x = im.t(0)
     if x.type.rank != 2 or not all(isinstance(d, int) for d in x.type.shape):
         raise FrontendError(f"{im.where}: EyeLike needs a static 2-D input, got {x.type}")
-    from .onnx_frontend import _dtype
     dt = _dtype(im.attr("dtype"), im.where).torch if im.attr("dtype") is not None else x.type.dtype.torch
     return _eye(*x.type.shape, im.attr("k", 0), dt)
 

@@ -7,6 +7,7 @@ input and no parameter (masks, position tables, ``arange``) are evaluated eagerl
 """
 from __future__ import annotations
 
+import contextvars
 import operator
 import re
 import warnings
@@ -33,7 +34,8 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
-_SYMBOL_NAMES: dict[str, str] = {}  # torch's symbol (s77) -> the user's Dim name (batch), per import
+# torch's symbol (s77) -> the user's Dim name (batch), bound by ``from_torch`` for the import it runs
+_SYMBOL_NAMES: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("presso_symbol_names")
 
 
 def _dim(d):
@@ -45,7 +47,7 @@ def _dim(d):
     if isinstance(d, torch.SymInt) and d.node.expr.is_number:
         return int(d)
     expr = str(d).replace(" ", "")
-    for sym, name in sorted(_SYMBOL_NAMES.items(), key=lambda kv: -len(kv[0])):
+    for sym, name in sorted(_SYMBOL_NAMES.get({}).items(), key=lambda kv: -len(kv[0])):
         expr = re.sub(rf"\b{sym}\b", name, expr)
     parts = expr.split("*")
     if all(re.fullmatch(r"[A-Za-z_]\w*|\d+", p) for p in parts):  # canonical order: coefficient, then sorted symbols
@@ -636,7 +638,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     hf.prepare(module)
     was_training = module.training
     module.eval()
-    _SYMBOL_NAMES.clear()
+    symbols = _SYMBOL_NAMES.set({})
     errors = []
     try:
         if method in ("auto", "export"):
@@ -668,6 +670,7 @@ def from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
                 return g
     finally:
         module.train(was_training)
+        _SYMBOL_NAMES.reset(symbols)
     text = "; ".join(errors)
     hint = ""
     if any(k in text for k in ("control flow", "data-dependent", "DataDependent", "GuardOnDataDependent")):
@@ -723,7 +726,7 @@ def _name_symbols(ep, dynamic_shapes, example_inputs) -> None:
             size = node.meta["val"].shape[axis]
             name = getattr(dim, "__name__", None)
             if isinstance(size, torch.SymInt) and name and str(size).isidentifier():
-                _SYMBOL_NAMES[str(size)] = clean_name(name)
+                _SYMBOL_NAMES.get()[str(size)] = clean_name(name)
 
 
 def _record_call_structure(g: Graph, ep, example_inputs) -> None:

@@ -2,9 +2,10 @@
 from .types import DType, TensorType, Dim
 from .graph import Graph, Node, Value, Param
 from .registry import OpDef, Attr, defop, get_op, all_ops
-from .text import parse, print_graph
+from .parser import parse
+from .printer import print_graph
 from .verify import verify
-from . import ops  # noqa: F401
+from . import aten_ops, ops  # noqa: F401  (they fill the op registry)
 
 __all__ = ["DType", "TensorType", "Dim", "Graph", "Node", "Value", "Param", "OpDef", "Attr", "defop",
            "get_op", "all_ops", "parse", "print_graph", "verify"]

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .registry import _PRIMES, REQUIRED, Attr, OpDef, _unprime
+from .registry import _PRIMES, REQUIRED, Attr, OpDef, _unprime, register_family
 from .types import DType, TensorType
 
 PREFIX = "aten."
@@ -240,3 +240,6 @@ def core_aten_names() -> list[str]:
             if admitted(o):
                 out.append(ir_name(o))
     return sorted(out)
+
+
+register_family(opdef_for, core_aten_names)

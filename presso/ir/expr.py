@@ -4,16 +4,15 @@
           | NUMBER ':' DTYPE             a scalar constant, e.g. ``0.5:f32``
           | OP ['[' WORD ']'] '(' expr {',' expr} ')'   an elementwise op; ``gelu[tanh]``, ``cast[f16]``
 
-Each OP is a registry op, so the reference evaluation is the ops' own torch implementations and
-codegen backends translate the same tree. Example: ``mul(silu(%0),%1)`` is SwiGLU's gate.
+Each OP is a registry op, so the reference evaluation (``ops.evaluate_expr``) is the ops' own
+torch implementations and codegen backends translate the same tree. This module is syntax only:
+it imports no op definition. Example: ``mul(silu(%0),%1)`` is SwiGLU's gate.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Union
-
-import torch
 
 from ..errors import IRError
 
@@ -122,18 +121,3 @@ def operands(e: Expr) -> set[int]:
     if isinstance(e, Const):
         return set()
     return set().union(*(operands(a) for a in e.args))
-
-
-def evaluate(e: Expr, xs, device=None) -> torch.Tensor:
-    """The reference: each op's registry implementation, in tree order."""
-    from .registry import get_op
-    from .types import DType
-    if isinstance(e, Arg):
-        return xs[e.index]
-    if isinstance(e, Const):
-        dev = device if device is not None else (xs[0].device if xs else None)
-        return torch.tensor(e.value, dtype=DType[e.dtype].torch, device=dev)
-    args = [evaluate(a, xs, device) for a in e.args]
-    attrs = {ATTR_OF[e.op]: e.attr} if e.op in ATTR_OF else {}
-    opdef = get_op(e.op)
-    return opdef.ref(*args, **attrs)

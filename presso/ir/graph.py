@@ -5,6 +5,7 @@ topological order; passes insert new nodes before their first use and call ``rep
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from collections import Counter
@@ -13,6 +14,8 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ..errors import IRError
+from .printer import format_node, print_graph
+from .registry import get_op
 from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -52,7 +55,6 @@ class Node:
         return self.outputs[0].name if self.outputs else f"<{self.op}>"
 
     def __repr__(self) -> str:
-        from .text import format_node
         return format_node(self)
 
 
@@ -116,7 +118,6 @@ class Graph:
                  out_types: Optional[Sequence[TensorType]] = None) -> Node:
         """Create a node, inferring result types from the op registry, and insert it
         (at the end, or just before ``before``)."""
-        from .registry import get_op
         opdef = get_op(op)
         attrs = opdef.complete_attrs(attrs or {}, where=f"new {op} node")
         inputs = list(inputs)
@@ -193,15 +194,26 @@ class Graph:
 
     def copy(self) -> "Graph":
         """A structural copy; parameter tensors are shared (passes replace, never mutate them)."""
-        from .text import clone_graph
-        return clone_graph(self)
+        out = Graph(self.name)
+        out.meta = copy.deepcopy(self.meta)
+        env = {}
+        for v in self.inputs:
+            env[v] = out.add_input(v.name, v.type)
+        for p in self.params.values():
+            env[p.value] = out.add_param(p.value.name, p.data, p.value.type)
+        for n in self.nodes:
+            new = out.add_node(n.op, [None if v is None else env[v] for v in n.inputs], n.attrs,
+                               names=[v.name for v in n.outputs], out_types=[v.type for v in n.outputs])
+            new.meta = dict(n.meta)
+            for a, b in zip(n.outputs, new.outputs):
+                env[a] = b
+        out.outputs = [env[v] for v in self.outputs]
+        return out
 
     def __str__(self) -> str:
-        from .text import print_graph
         return print_graph(self)
 
     def __eq__(self, other) -> bool:
-        from .text import print_graph
         if not isinstance(other, Graph):
             return NotImplemented
         if print_graph(self) != print_graph(other):

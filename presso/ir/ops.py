@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IRError
-from .registry import Attr, defop
+from .expr import ATTR_OF, Arg, Const, Expr, operands
+from .expr import parse as parse_expr
+from .registry import Attr, defop, get_op
 from .types import DType, TensorType
 
 INT64_MAX = 2 ** 63 - 1
@@ -596,8 +598,7 @@ def linear_int8(xq, x_scale, wq, w_scale, bias):
 
 # ---- fused regions ------------------------------------------------------------------------
 def _fused_verify(types, attrs):
-    from .expr import operands, parse
-    used = operands(parse(attrs["expr"]))
+    used = operands(parse_expr(attrs["expr"]))
     if used and max(used) >= len(types):
         raise IRError(f"fused_elementwise: expr {attrs['expr']!r} reads %{max(used)} but has {len(types)} operand(s)")
 
@@ -607,5 +608,16 @@ def _fused_verify(types, attrs):
 def fused_elementwise(xs, expr):
     """A region of elementwise ops made one kernel by the ``fuse`` pass; ``expr`` is the region as
     an expression over its operands (see ``presso.ir.expr``). The reference evaluates op by op."""
-    from .expr import evaluate, parse
-    return evaluate(parse(expr), xs)
+    return evaluate_expr(parse_expr(expr), xs)
+
+
+def evaluate_expr(e: Expr, xs, device=None) -> torch.Tensor:
+    """An expression's reference value: each op's registry implementation, in tree order."""
+    if isinstance(e, Arg):
+        return xs[e.index]
+    if isinstance(e, Const):
+        dev = device if device is not None else (xs[0].device if xs else None)
+        return torch.tensor(e.value, dtype=DType[e.dtype].torch, device=dev)
+    args = [evaluate_expr(a, xs, device) for a in e.args]
+    attrs = {ATTR_OF[e.op]: e.attr} if e.op in ATTR_OF else {}
+    return get_op(e.op).ref(*args, **attrs)

@@ -197,12 +197,24 @@ def defop(name: str, operands: Sequence[str], attrs: Optional[dict] = None, cate
     return wrap
 
 
+# families of ops defined on first use (core ATen, ``aten_ops.py``): (lookup(name) -> OpDef | None,
+# names() -> every name); a family registers itself when its module is imported (``ir/__init__``)
+_FAMILIES: list[tuple[Callable[[str], Optional[OpDef]], Callable[[], list]]] = []
+
+
+def register_family(lookup: Callable[[str], Optional[OpDef]], names: Callable[[], list]) -> None:
+    """Add a family of ops whose definitions are generated on first use."""
+    _FAMILIES.append((lookup, names))
+
+
 def get_op(name: str) -> OpDef:
     """The op called ``name``: one of presso's own, or a core ATen op (``aten.<op>[.<overload>]``),
     whose definition is generated from torch's schema on first use."""
-    from . import ops  # noqa: F401  (populate the registry)
-    from .aten_ops import opdef_for
-    op = _REGISTRY.get(name) or opdef_for(name)
+    op = _REGISTRY.get(name)
+    for lookup, _ in _FAMILIES if op is None else ():
+        op = lookup(name)
+        if op is not None:
+            break
     if op is None:
         raise IRError(f"unknown op '{name}': not one of presso's {len(_REGISTRY)} ops (presso.ir.all_ops()) "
                       "and not a core ATen op such as 'aten.acos' or 'aten.add.Tensor'")
@@ -211,9 +223,8 @@ def get_op(name: str) -> OpDef:
 
 def all_ops(include_aten: bool = False) -> dict[str, OpDef]:
     """presso's own ops; with ``include_aten``, every core ATen op too."""
-    from . import ops  # noqa: F401
     out = dict(_REGISTRY)
     if include_aten:
-        from .aten_ops import core_aten_names
-        out.update({n: get_op(n) for n in core_aten_names()})
+        for _, names in _FAMILIES:
+            out.update({n: get_op(n) for n in names()})
     return out

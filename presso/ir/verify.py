@@ -3,6 +3,7 @@ exist and match their types, attributes valid, and result types equal to the op'
 from __future__ import annotations
 
 from ..errors import IRError, VerificationError
+from .aten_ops import DYNAMIC_PREFIX
 from .graph import Graph
 from .registry import get_op
 
@@ -69,7 +70,6 @@ def verify(g: Graph, check_data: bool = True) -> None:
 
 def _dynamic_match(declared, inferred) -> bool:
     """A value-dependent size (``dyn<k>`` from inference) may be declared as any symbol."""
-    from .aten_ops import DYNAMIC_PREFIX
     if declared.dtype != inferred.dtype or declared.rank != inferred.rank:
         return False
     return all(a == b or (isinstance(b, str) and b.startswith(DYNAMIC_PREFIX) and isinstance(a, str))

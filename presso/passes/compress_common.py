@@ -213,7 +213,7 @@ def greedy_allocate(options: list[list[tuple[int, float]]], budget: float) -> li
 def model_sensitivity(g: Graph, ctx, trials: Sequence[tuple[str, torch.Tensor]], max_samples: int = 4) -> list[float]:
     """End-to-end sensitivity: for each (weight name, replacement) trial, the relative squared
     change of the model's outputs on a few calibration samples when only that weight is replaced."""
-    from ..runtime.reference import ReferenceRuntime
+    from ..ir.interpret import ReferenceRuntime
     samples = normalize_samples(getattr(ctx, "calibration", None))[:max_samples]
     rt = ReferenceRuntime(g)
     base = [rt.run(*s) for s in samples]

@@ -31,7 +31,7 @@ import torch
 from ..ir.expr import FUSABLE
 from ..ir.graph import Graph, Node, Value
 from .compress_common import derive_stacked
-from .manager import register_pass
+from .registry import register_pass
 
 _ROW_WISE = ("dequantize", "densify_nm")       # weight producers whose output row n reads only row n
 

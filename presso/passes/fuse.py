@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..ir.expr import FUSABLE, Arg, Call, Const, op_attr, to_text
 from ..ir.graph import Graph, Node, Value
-from .manager import register_pass
+from .registry import register_pass
 
 
 def _scalar_const(g: Graph, v: Value):

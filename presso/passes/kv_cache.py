@@ -31,7 +31,7 @@ from ..ir.graph import Graph, Node, Value
 from .compress_common import calibration_stats, derive, greedy_allocate, record
 from .dce import dce
 from .lowrank import factorize
-from .manager import Option, register_pass
+from .registry import Option, register_pass
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..ir.graph import Graph
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, match_patterns,
                               output_error, record, replace_linear, require_match)
 from .dce import dce
-from .manager import Option, register_pass
+from .registry import Option, register_pass
 from .progress import progress
 
 

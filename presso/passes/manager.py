@@ -1,4 +1,4 @@
-"""The pass manager: passes registered by name with typed options, pipelines as text or lists,
+"""The pass manager: pipelines as text or lists of passes (registered in ``registry.py``),
 the verifier after every pass, optional numeric checking against the reference runtime, timing,
 and IR printing after chosen passes.
 
@@ -10,73 +10,15 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import PassCheckError, PipelineError
 from ..ir.graph import Graph
+from ..ir.interpret import run_graph
 from ..ir.verify import verify
-
-
-@dataclass
-class Option:
-    """A typed pass option: type (int/float/bool/str), default, allowed choices, range check."""
-    type: type
-    default: Any = None
-    choices: Optional[Sequence] = None
-    check: Optional[Callable[[Any], bool]] = None
-    allowed: str = ""  # how to describe allowed values when ``check`` fails
-    help: str = ""
-
-    def convert(self, pass_name: str, name: str, value):
-        def bad(msg):
-            raise PipelineError(f"pass '{pass_name}': option '{name}' {msg}")
-        if isinstance(value, str) and self.type is not str:
-            text = value.strip()
-            try:
-                if self.type is bool:
-                    if text.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError
-                    value = text.lower() in ("true", "1")
-                else:
-                    value = self.type(text)
-            except ValueError:
-                bad(f"must be {self.type.__name__}, got {value!r}")
-        elif self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
-            bad(f"must be {self.type.__name__}, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            bad(f"must be one of {list(self.choices)}, got {value!r}")
-        if self.check is not None and not self.check(value):
-            bad(f"must be {self.allowed}, got {value!r}")
-        return value
-
-
-@dataclass
-class PassInfo:
-    name: str
-    fn: Callable
-    options: dict[str, Option]
-    lossy: bool = False   # compression passes change outputs on purpose
-    doc: str = ""
-
-
-_PASSES: dict[str, PassInfo] = {}
-
-
-def register_pass(name: str, options: Optional[dict] = None, lossy: bool = False):
-    """Register ``fn(graph, ctx, **options) -> graph``."""
-    def wrap(fn):
-        _PASSES[name] = PassInfo(name, fn, dict(options or {}), lossy, (fn.__doc__ or "").strip())
-        return fn
-    return wrap
-
-
-def registered_passes() -> dict[str, PassInfo]:
-    from . import builtin  # noqa: F401  (registers the built-in passes)
-    return dict(_PASSES)
+from .registry import Option, PassInfo, register_pass, registered_pass, registered_passes  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -86,7 +28,7 @@ class PassSpec:
 
     def __str__(self):
         """Pipeline text; options at their default value are left out."""
-        info = _PASSES.get(self.name)
+        info = registered_pass(self.name)
         shown = {k: v for k, v in self.options.items() if info is None or k not in info.options
                  or info.options[k].default != v}
         if not shown:
@@ -205,7 +147,6 @@ def run_pipeline(g: Graph, pipeline, ctx: Optional[PassContext] = None, check: O
     runs the reference before/after each pass on ``ctx.example_inputs`` and raises
     PassCheckError at the first non-lossy pass whose outputs move by more than ``rtol``
     (relative to the largest output magnitude)."""
-    from ..runtime.reference import run_graph
     if check not in (None, "numeric"):
         raise PipelineError(f"check must be None or 'numeric', got {check!r}")
     specs = resolve(pipeline)

@@ -34,7 +34,7 @@ from .compress_common import (calibration_stats, dense_linears, derive, origin, 
                               replace_linear)
 from .sequential import calibrate_sequentially
 from .dce import dce
-from .manager import Option, register_pass
+from .registry import Option, register_pass
 from .quantize_embedding import looked_up_params, quantize_embeddings, selector
 from .progress import progress
 

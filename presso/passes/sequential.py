@@ -47,7 +47,7 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
     without readers; they are skipped and left for dead-code elimination. Where it changes how an
     already computed value is produced (a scale folded into the norm feeding the group), it
     returns ``{value: f}``, and every sample's copy of that value becomes ``f(value)``."""
-    from ..runtime.reference import bind_inputs, bind_results
+    from ..ir.interpret import bind_inputs, bind_results
     pending = {id(n) for n in targets}
     total = len(pending)
     envs, bindings = [], []

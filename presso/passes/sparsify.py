@@ -24,7 +24,7 @@ from .compress_common import (Linear, calibration_stats, dense_linears, derive, 
                               output_error, record, replace_linear, skip_pattern)
 from .calibrate import normalize_samples
 from .dce import dce
-from .manager import Option, register_pass
+from .registry import Option, register_pass
 from .sequential import calibrate_sequentially
 
 

@@ -1,3 +1,3 @@
-from .reference import ReferenceRuntime, run_graph, bind_inputs
+from ..ir.interpret import ReferenceRuntime, bind_inputs, run_graph
 
 __all__ = ["ReferenceRuntime", "run_graph", "bind_inputs"]

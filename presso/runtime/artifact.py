@@ -37,20 +37,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, PressoError, UntrustedCodeError
+from ..errors import ArtifactAuthError, ArtifactError, ArtifactPathError, IRParseError, UntrustedCodeError
 from . import artifact_fs as fs
 from .artifact_mac import ENV_KEY, SIGNATURE, resolve_key, signature_bytes, verify
 from .artifact_schema import check_manifest
+from ..targets import UnknownTargetError, get_target, target_names
 
 __all__ = ["ArtifactError", "ArtifactAuthError", "ArtifactPathError", "UntrustedCodeError", "save_artifact",
            "load_artifact", "read_manifest", "ENV_KEY"]
 
-FORMAT = "presso-artifact"
+FORMAT = fs.FORMAT
 FORMAT_VERSION = 1
 # node annotations an artifact keeps: the kv_cache pass's cache points (what the decode program
 # caches: the latent, not full keys and values), on a linear or on the split of stacked linears
 PERSISTED_NODE_NOTES = ("kv_cache_point", "kv_cache_points")
-NATIVE_CODE = "code/model.so"
 
 # Fault injection for tests: called with the name of each step of ``save`` (``written``,
 # ``before_publish``, ``after_first_rename``, ``after_second_rename``).
@@ -70,14 +70,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
-    """Write ``model`` as an artifact at ``path``; see the module docstring for what is guaranteed.
-    ``key`` (bytes or str; default ``$PRESSO_ARTIFACT_KEY``) signs it."""
+def save_artifact(graph, target, code, path, overwrite: bool = False, key=None) -> Path:
+    """Write ``graph`` compiled by ``target`` (a ``presso.targets.Target``) to ``code`` as an
+    artifact at ``path``; see the module docstring for what is guaranteed. ``key`` (bytes or str;
+    default ``$PRESSO_ARTIFACT_KEY``) signs it."""
     from safetensors.torch import save_file
-    from .. import __version__
+    from ..version import __version__
     key = resolve_key(key)
     path = Path(os.path.abspath(path))
-    g = model.graph
+    g = graph
     text = str(g)
     _check_readable(text)
     try:
@@ -92,11 +93,11 @@ def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
     try:
         (tmp / "graph.pir").write_text(text)
         save_file(_unshared(g), str(tmp / "weights.safetensors"))
-        code_files = model._export_code(tmp / "code") if hasattr(model, "_export_code") else []
+        code_files, code_fields = target.export(code, tmp / "code")
         files = ["graph.pir", "weights.safetensors"] + code_files
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "presso_version": __version__,
-            "target": model.target,
+            "target": target.name,
             "inputs": [{"name": v.name, "type": str(v.type)} for v in g.inputs],
             "outputs": [{"name": v.name, "type": str(v.type)} for v in g.outputs],
             "graph_hash": hashlib.sha256(text.encode()).hexdigest(),
@@ -104,9 +105,7 @@ def save_artifact(model, path, overwrite: bool = False, key=None) -> Path:
             "graph_meta": _jsonable(g.meta),
             "node_notes": _node_notes(g),
         }
-        build = getattr(model, "_build", None)
-        if build is not None:
-            manifest["requires"] = build.requires    # the CPU features the compiled code uses
+        manifest.update(code_fields)
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         if key is not None:
             (tmp / SIGNATURE).write_bytes(signature_bytes(key, body))
@@ -160,7 +159,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 def _check_readable(text: str) -> None:
     """An artifact whose graph text ``load`` could not parse would be lost: refuse it at save time."""
-    from ..ir.text import parse
+    from ..ir.parser import parse
     try:
         parse(text, verify=False)
     except IRParseError as e:
@@ -228,13 +227,13 @@ def _recover_leftovers(path: Path) -> None:
         pass
 
 
-def load_artifact(path, device: str = "cpu", key=None, trust_code: bool = False):
-    """Check and load the artifact at ``path`` (see the module docstring). ``key`` (default
+def load_artifact(path, key=None, trust_code: bool = False):
+    """Check and load the artifact at ``path`` (see the module docstring): -> (graph, target,
+    code), the target's code as its ``Target.load`` reads it back. ``key`` (default
     ``$PRESSO_ARTIFACT_KEY``) must authenticate it when given; ``trust_code=True`` allows the
     native library of an artifact that no key authenticates."""
     from safetensors.torch import load_file
-    from ..api import CompiledModel, TARGETS
-    from ..ir.text import parse
+    from ..ir.parser import parse
     key = resolve_key(key)
     path = Path(path)
     _recover_leftovers(path)
@@ -242,18 +241,12 @@ def load_artifact(path, device: str = "cpu", key=None, trust_code: bool = False)
     text = (path / "graph.pir").read_text()
     if hashlib.sha256(text.encode()).hexdigest() != manifest.get("graph_hash"):
         raise ArtifactError(f"{path}: the graph does not match the manifest's graph hash")
-    target = manifest.get("target")
-    if target not in TARGETS:
-        raise ArtifactError(f"{path}: target {target!r} cannot run on this machine; available: {', '.join(TARGETS)}")
-    if target == "cuda":
-        from .cuda import cuda_device
-        from ..errors import TargetUnavailableError
-        try:
-            cuda_device()
-        except TargetUnavailableError as e:
-            raise ArtifactError(f"{path}: target 'cuda' cannot run on this machine: {e}") from None
-    if target in ("llvm", "aarch64"):
-        _check_native_code(path, manifest, target, authenticated, trust_code)
+    try:
+        target = get_target(manifest.get("target"))
+    except UnknownTargetError:
+        raise ArtifactError(f"{path}: target {manifest.get('target')!r} cannot run on this machine; available: "
+                            f"{', '.join(target_names())}") from None
+    target.check_artifact(path, manifest, authenticated, trust_code)
     try:
         weights = load_file(str(path / "weights.safetensors"))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -266,34 +259,5 @@ def load_artifact(path, device: str = "cpu", key=None, trust_code: bool = False)
         if v is None or v.node is None:
             raise ArtifactError(f"{path}: the manifest annotates %{name}, which the graph does not compute")
         v.node.meta.update({k: notes[k] for k in PERSISTED_NODE_NOTES if k in notes})
-    code = None
-    if target in ("llvm", "aarch64"):
-        from ..codegen.tvm import load_library
-        code = load_library(g, target, path / NATIVE_CODE)
-    return CompiledModel(g, target, device=device, code=code)
+    return g, target, target.load(g, path, manifest)
 
-
-def _check_native_code(path: Path, manifest: dict, target: str, authenticated: bool, trust_code: bool) -> None:
-    """The library runs inside this process as soon as it is opened (its constructors included):
-    it is opened only from an artifact a key authenticates, or when the caller trusts the file."""
-    from ..codegen.tvm import can_run_here
-    if not can_run_here(target):
-        import platform
-        raise ArtifactError(f"{path}: compiled for {target}; this {platform.machine()} machine cannot run it")
-    if NATIVE_CODE not in manifest["files"]:
-        raise ArtifactError(f"{path}: a {target} artifact must hold {NATIVE_CODE}")
-    from ..codegen.tvm.build import missing_cpu_features
-    requires = manifest.get("requires") or {}
-    if not isinstance(requires, dict):
-        raise ArtifactError(f"{path}: the manifest's 'requires' must be an object, got {type(requires).__name__}")
-    missing = missing_cpu_features(requires)
-    if missing:
-        raise ArtifactError(f"{path}: compiled for a {requires.get('mcpu', '?')} CPU whose code uses "
-                            f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine")
-    if not (authenticated or trust_code):
-        raise UntrustedCodeError(
-            f"{path}: refusing to load {NATIVE_CODE}: opening it runs its code, and this artifact is not "
-            f"authenticated (it has no signature, and its SHA-256s only detect corruption). Either load it with "
-            f"the key it was saved with (load(path, key=...) or ${ENV_KEY}; save signed artifacts with "
-            f"save(path, key=...)), or, if you trust whoever could write this folder, pass "
-            f"load(path, trust_code=True) (presso CLI: --trust-code)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import ArtifactError, ArtifactPathError
 
 MANIFEST = "manifest.json"
+FORMAT = "presso-artifact"     # the manifest's "format": what makes a folder a presso artifact
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _ALLOWED = ("relative paths of regular files inside the artifact folder, made of letters, digits, '_', '.', '-' "
             "and '/', with no '..', no absolute path and no symlink")
@@ -182,7 +183,6 @@ def check_replaceable(path: Path) -> None:
         raise ArtifactError(f"refusing to replace {path}: it is a symlink, not a presso artifact; {how}")
     if not stat.S_ISDIR(mode):
         raise ArtifactError(f"refusing to replace {path}: it is a file, not a presso artifact; {how}")
-    from .artifact import FORMAT
     try:
         manifest = json.loads(read_member(path, MANIFEST))
         files = manifest.get("files") if isinstance(manifest, dict) else None

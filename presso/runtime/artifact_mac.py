@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 from pathlib import Path
 from typing import Optional, Union
 
+from ..config import ARTIFACT_KEY, artifact_key
 from ..errors import ArtifactAuthError
 
-ENV_KEY = "PRESSO_ARTIFACT_KEY"
+ENV_KEY = ARTIFACT_KEY
 SIGNATURE = "signature.json"
 ALGORITHM = "hmac-sha256"
 _MAC_DOMAIN = b"presso-artifact manifest v1\0"
@@ -37,7 +37,7 @@ Key = Union[bytes, bytearray, str, None]
 def resolve_key(key: Key) -> Optional[bytes]:
     """The key as bytes: the one given, else ``$PRESSO_ARTIFACT_KEY``, else None (unkeyed)."""
     if key is None:
-        key = os.environ.get(ENV_KEY) or None
+        key = artifact_key()
         if key is None:
             return None
     if isinstance(key, str):

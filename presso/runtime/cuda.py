@@ -9,18 +9,17 @@ slow, exact, and how CI runs whole models through the generated kernels.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..config import triton_interpret
 from ..errors import TargetUnavailableError
 from ..ir.graph import Graph, Value
-from .reference import bind_inputs
+from ..ir.interpret import bind_inputs
 
 
 def cuda_device() -> torch.device:
     """The device the ``cuda`` target runs on: the GPU, or the CPU under Triton's interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpret():
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TargetUnavailableError(

@@ -12,7 +12,7 @@ import torch
 from ..errors import InputError
 from ..ir.graph import Graph
 from .prompts import PromptBatch, batch_prompts
-from .reference import ReferenceRuntime
+from ..ir.interpret import ReferenceRuntime
 from .sampling import GenerationOptions, StopCriteria, TokenPicker, check_options
 
 OPTIONS = tuple(p for p in inspect.signature(check_options).parameters if p not in ("max_new_tokens", "vocab"))

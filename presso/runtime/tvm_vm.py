@@ -3,24 +3,16 @@ from __future__ import annotations
 
 import torch
 
+from ..config import use_all_cores_for_tvm
 from ..ir.graph import Graph
-from .reference import bind_inputs
-
-
-def use_all_cores() -> None:
-    """TVM sizes its thread pool at first use to half the hardware threads on x86 (it assumes
-    hyper-threading): on a 2-vCPU machine presso's kernels ran on one core (measured 59 vs 117
-    GFLOP/s for a 1024x384x1536 linear). Unless the user set TVM_NUM_THREADS, use every CPU this
-    process may run on; must run before TVM's first parallel launch."""
-    import os
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+from ..ir.interpret import bind_inputs
 
 
 class TVMRuntime:
     """Holds the VM and the prepacked weights; ``run(*inputs)`` returns torch tensors."""
 
     def __init__(self, graph: Graph, executable, params):
-        use_all_cores()
+        use_all_cores_for_tvm()
         import tvm
         from tvm import relax
         self.graph = graph

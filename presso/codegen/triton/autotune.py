@@ -25,14 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from ...config import autotune, cache_root
 from ...errors import CacheError
 
 _STORE: dict | None = None
 
 
 def store_path() -> Path:
-    root = Path(os.environ.get("PRESSO_CACHE_DIR", Path.home() / ".cache" / "presso"))
-    return root / "autotune.json"
+    return cache_root() / "autotune.json"
 
 
 _MEMO: dict = {}      # (kernel, key, device, tuning on?) -> the config choose() returned: no re-lookup per call
@@ -187,7 +187,7 @@ def choose(kernel: str, key: tuple, device, candidates: list[dict] | Callable[[]
     ``launch(config)`` runs the kernel once; ``timer(fn)`` measures it (``graph_time`` by default).
     A stored choice whose keys differ from ``default``'s is stale (an earlier kernel's knobs) and
     is ignored. The answer is remembered for the process (a launch costs no store lookup)."""
-    tuning = os.environ.get("PRESSO_AUTOTUNE") == "1"
+    tuning = autotune()
     store = _store()
     memo = (kernel, key, device, tuning)
     if memo in _MEMO:

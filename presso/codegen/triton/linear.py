@@ -7,16 +7,16 @@ read directly by the kernel (never densified in memory).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ...config import triton_interpret
 from .autotune import choose
 from .epilogue import Epilogue, apply_epilogue, output_buffer, store_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpret()     # one reading: Triton fixes interpreted or compiled per decorated kernel
 
 
 @triton.jit

@@ -12,13 +12,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from ...config import cache_root
 from ...errors import CacheError
 
 _LOADED: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("PRESSO_CACHE_DIR", Path.home() / ".cache" / "presso"))
+    root = cache_root()
     d = root / "triton"
     try:
         d.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import CodegenError
 from ...ir.types import DType
-from .lower import TVM_DTYPE, lowers
+from .table import TVM_DTYPE, lowers
 
 ATEN_LOWERED: list[str] = []
 

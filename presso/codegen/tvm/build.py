@@ -1,19 +1,18 @@
-"""Compile a presso graph with TVM for the host CPU (``llvm``) or 64-bit Arm Linux (``aarch64``)."""
+"""Compile a presso graph with TVM for a ``Machine``: the host CPU, or a cross-compiled one (what
+the TVM targets in ``presso/targets/`` describe)."""
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ...errors import CodegenError, TargetUnavailableError
 from ...ir.graph import Graph
+from .cpu import X86_ISA, cpu_flags  # noqa: F401 (cpu_flags re-exported)
 
-TVM_TARGETS = ("llvm", "aarch64")
-AARCH64_TRIPLE = "aarch64-linux-gnu"
-AARCH64_CC = "aarch64-linux-gnu-gcc"
 
 
 def host_cpu_target() -> dict:
@@ -29,75 +28,61 @@ def host_cpu_target() -> dict:
     return spec
 
 
-# x86 instruction-set extensions LLVM may use under -mcpu=<host>: an artifact records the ones this
-# host has, and loading it on a CPU that lacks one is refused (instead of an illegal instruction)
-X86_ISA = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512dq", "avx512cd",
-           "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_int8", "amx_bf16")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo, read once; empty where unknown)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_requirements(name: str) -> dict:
-    """What the code compiled for target ``name`` needs of the CPU that runs it."""
-    if name == "aarch64":
-        return {"arch": "aarch64", "features": []}
+def host_requirements() -> dict:
+    """What code compiled with ``-mcpu=<this host>`` may need of the CPU that runs it."""
     return {"arch": platform.machine(), "mcpu": host_cpu_target().get("mcpu", "generic"),
             "features": sorted(cpu_flags() & set(X86_ISA))}
 
 
-def missing_cpu_features(requires: dict) -> list[str]:
-    """The recorded features this CPU lacks (none when the host's flags cannot be read)."""
-    flags = cpu_flags()
-    return [f for f in requires.get("features", []) if flags and f not in flags]
+@dataclass(frozen=True)
+class Machine:
+    """What TVM compiles for, as a target describes it (``presso/targets/llvm.py``, ``aarch64.py``):
+    the presso target's name, TVM's LLVM target spec, what the code needs of the CPU that runs
+    it, whether this machine can run it, and the cross compiler that links it elsewhere."""
+    name: str
+    spec: dict
+    requires: dict
+    runs_here: bool = True
+    cross_compiler: Optional[str] = None       # linker for the shared library (None: TVM's default)
+    cross_hint: str = ""                       # how to install it
 
 
-def target_spec(name: str) -> dict:
-    if name == "llvm":
-        return host_cpu_target()
-    if name == "aarch64":
-        return {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"], "num-cores": 4}
-    raise CodegenError(f"unknown TVM target {name!r}; valid: {', '.join(TVM_TARGETS)}")
-
-
-def target_for(name: str):
-    import tvm
-    return tvm.target.Target(target_spec(name))
-
-
-def can_run_here(name: str) -> bool:
-    machine = platform.machine().lower()
-    return name == "llvm" or (name == "aarch64" and machine in ("aarch64", "arm64"))
+def machine_for(target) -> Machine:
+    """``target`` as a ``Machine``: one already, or a target name looked up in ``presso.targets``."""
+    if isinstance(target, Machine):
+        return target
+    from ...targets import get_target
+    t = get_target(target)
+    if not hasattr(t, "machine"):
+        raise CodegenError(f"target {target!r} is not compiled by TVM")
+    return t.machine()
 
 
 @dataclass
 class TVMBuild:
     """A compiled module: the VM executable and the prepacked params it takes after the inputs."""
-    target: str
+    machine: Machine
     executable: object
     params: list            # [(name, numpy array)] in argument order
 
     @property
+    def target(self) -> str:
+        return self.machine.name
+
+    @property
     def requires(self) -> dict:
-        return cpu_requirements(self.target)
+        return self.machine.requires
 
     def export(self, path: Path) -> Path:
-        """Write the shared library (cross-linked with the aarch64 toolchain for ``aarch64``)."""
+        """Write the shared library (cross-linked when the machine names a cross compiler)."""
         path = Path(path)
-        if self.target == "aarch64":
-            cc = shutil.which(AARCH64_CC)
+        cc_name = self.machine.cross_compiler
+        if cc_name is not None:
+            cc = shutil.which(cc_name)
             if cc is None:
-                raise TargetUnavailableError(f"exporting for aarch64 needs the cross compiler {AARCH64_CC} "
-                                             "(Debian: apt install gcc-aarch64-linux-gnu)")
+                raise TargetUnavailableError(f"exporting for {self.target} needs the cross compiler {cc_name}"
+                                             f"{f' ({self.machine.cross_hint})' if self.machine.cross_hint else ''}",
+                                             target=self.target)
             from tvm.support import cc as tvm_cc
             self.executable.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
         else:
@@ -105,27 +90,30 @@ class TVMBuild:
         return path
 
 
-def build(graph: Graph, target: str = "llvm", tune: bool = True) -> TVMBuild:
-    """Lower, schedule and compile ``graph``; ``tune=False`` keeps TVM's unscheduled loops
-    (slow; for checking the schedules against)."""
+def build(graph: Graph, target="llvm", tune: bool = True) -> TVMBuild:
+    """Lower, schedule and compile ``graph`` for ``target`` (a ``Machine`` or a TVM target's
+    name); ``tune=False`` keeps TVM's unscheduled loops (slow; for checking the schedules against)."""
     import tvm
     from .lower import lower
     from .schedule import cpu_pipeline
-    lowered = lower(graph, target_spec(target))
-    tgt = target_for(target)
+    machine = machine_for(target)
+    lowered = lower(graph, machine.spec)
+    tgt = tvm.target.Target(machine.spec)
     try:
         ex = tvm.compile(lowered.mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tune))
     except Exception as e:  # noqa: BLE001 - surface TVM's message under a presso error type
-        raise CodegenError(f"TVM could not compile graph @{graph.name} for {target}: {e}") from e
-    return TVMBuild(target, ex, lowered.params)
+        raise CodegenError(f"TVM could not compile graph @{graph.name} for {machine.name}: {e}") from e
+    return TVMBuild(machine, ex, lowered.params)
 
 
-def load_library(graph: Graph, target: str, path: Path) -> TVMBuild:
+def load_library(graph: Graph, target, path: Path) -> TVMBuild:
     """A build from a library written by ``TVMBuild.export``: the code is loaded, not recompiled;
     the weights are prepacked again from the graph's params (the same deterministic layout)."""
     import tvm
     from .lower import Lowering
-    if not can_run_here(target):
-        raise TargetUnavailableError(f"code for {target} cannot run on this {platform.machine()} machine")
-    params = Lowering(graph, target_spec(target)).plan()
-    return TVMBuild(target, tvm.runtime.load_module(str(path)), params)
+    machine = machine_for(target)
+    if not machine.runs_here:
+        raise TargetUnavailableError(f"code for {machine.name} cannot run on this {platform.machine()} machine",
+                                     target=machine.name)
+    params = Lowering(graph, machine.spec).plan()
+    return TVMBuild(machine, tvm.runtime.load_module(str(path)), params)

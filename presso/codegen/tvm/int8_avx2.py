@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cpu import cpu_flags
+
 ROWS, COL_TILES = 4, 2          # register block: 4 rows x 2 tiles of 8 int32 columns
 
 
 def fits(target_spec: dict, k: int, n: int) -> bool:
     """The host x86 target (an ``mcpu`` chosen) on a CPU with AVX2, and shapes the kernel tiles exactly."""
     import platform
-    from .build import cpu_flags
     x86 = platform.machine() in ("x86_64", "AMD64") and "mtriple" not in target_spec
     host_isa = target_spec.get("mcpu", "") not in ("", "generic") and "avx2" in cpu_flags()
     return x86 and host_isa and k % 4 == 0 and n % (8 * COL_TILES) == 0

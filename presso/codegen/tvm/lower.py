@@ -25,10 +25,7 @@ from ...ir.types import DType, TensorType
 from . import hadamard as fwht
 from . import int8_avx2
 from . import linear as lin
-
-TVM_DTYPE = {DType.f64: "float64", DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16",
-             DType.i64: "int64", DType.i32: "int32", DType.i16: "int16", DType.i8: "int8", DType.u8: "uint8",
-             DType.i4: "uint8", DType.u4: "uint8", DType.bool: "bool"}
+from .table import LOWER, TVM_DTYPE, lowers
 
 
 @dataclass
@@ -167,7 +164,7 @@ class Lowering:
         fn = LOWER.get(n.op)
         if fn is None:
             raise CodegenError(f"node '{n.name}': op '{n.op}' has no TVM lowering (the {len(LOWER)} lowered ops: "
-                               "presso.codegen.tvm.lower.LOWER, listed in docs/architecture.md)")
+                               "presso.codegen.tvm.table.LOWER, listed in docs/architecture.md)")
         skip = self._packed_inputs(n)      # read from packed params instead
         ins = [None if v is None or i in skip else self.env[v] for i, v in enumerate(n.inputs)]
         try:
@@ -235,15 +232,6 @@ def _safe(name: str) -> str:
 
 
 # ---- op lowerings ------------------------------------------------------------------------------
-LOWER: dict = {}
-
-
-def lowers(*ops):
-    def deco(fn):
-        for op in ops:
-            LOWER[op] = fn
-        return fn
-    return deco
 
 
 _BINARY = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide", "pow": "power",

@@ -1,0 +1,71 @@
+"""The ``llvm`` target: TVM compiles the graph for this CPU into a Relax VM executable; an
+artifact holds it as a shared library (``code/model.so``), loaded only from a trusted artifact."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from ..deps import require
+from ..errors import ArtifactError, UntrustedCodeError
+from .base import Target
+
+NATIVE_CODE = "code/model.so"
+
+
+class LLVMTarget(Target):
+    name = "llvm"
+
+    def check_available(self) -> None:
+        require("tvm", "tvm", f"target={self.name!r}")
+
+    def machine(self):
+        """What TVM compiles for: this host's CPU (``-mcpu`` detected, every core)."""
+        from ..codegen.tvm import Machine, host_cpu_target, host_requirements
+        return Machine(self.name, host_cpu_target(), host_requirements())
+
+    def build(self, graph):
+        from ..codegen.tvm import build
+        return build(graph, self.machine())
+
+    def runs_here(self) -> bool:
+        return True
+
+    def runtime(self, graph, code, device="cpu"):
+        if not self.runs_here():
+            return None
+        from ..runtime.tvm_vm import TVMRuntime
+        return TVMRuntime(graph, code.executable, code.params)
+
+    def export(self, code, code_dir: Path) -> tuple[list[str], dict]:
+        code_dir.mkdir(parents=True, exist_ok=True)
+        code.export(code_dir / "model.so")
+        return [NATIVE_CODE], {"requires": code.requires}     # the CPU features the compiled code uses
+
+    def check_artifact(self, path: Path, manifest: dict, authenticated: bool, trust_code: bool) -> None:
+        """The library runs inside this process as soon as it is opened (its constructors
+        included): it is opened only from an artifact a key authenticates, or when the caller
+        trusts the file."""
+        from ..runtime.artifact_mac import ENV_KEY
+        if not self.runs_here():
+            raise ArtifactError(f"{path}: compiled for {self.name}; this {platform.machine()} machine cannot run it")
+        if NATIVE_CODE not in manifest["files"]:
+            raise ArtifactError(f"{path}: a {self.name} artifact must hold {NATIVE_CODE}")
+        from ..codegen.tvm.cpu import missing_cpu_features
+        requires = manifest.get("requires") or {}
+        if not isinstance(requires, dict):
+            raise ArtifactError(f"{path}: the manifest's 'requires' must be an object, got {type(requires).__name__}")
+        missing = missing_cpu_features(requires)
+        if missing:
+            raise ArtifactError(f"{path}: compiled for a {requires.get('mcpu', '?')} CPU whose code uses "
+                                f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine")
+        if not (authenticated or trust_code):
+            raise UntrustedCodeError(
+                f"{path}: refusing to load {NATIVE_CODE}: opening it runs its code, and this artifact is not "
+                f"authenticated (it has no signature, and its SHA-256s only detect corruption). Either load it with "
+                f"the key it was saved with (load(path, key=...) or ${ENV_KEY}; save signed artifacts with "
+                f"save(path, key=...)), or, if you trust whoever could write this folder, pass "
+                f"load(path, trust_code=True) (presso CLI: --trust-code)")
+
+    def load(self, graph, path: Path, manifest: dict):
+        from ..codegen.tvm import load_library
+        return load_library(graph, self.machine(), path / NATIVE_CODE)
