@@ -15,10 +15,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parent.parent / "presso"
 
 # import cycles still to be removed, each with why it is still there
-PENDING_CYCLES = {
-    frozenset({"presso.passes.quantize", "presso.passes.quantize_embedding"}):
-        "quantize_embedding needs rtn / dequant / check_int4_fits, defined in quantize.py, which imports it",
-}
+PENDING_CYCLES: dict = {}
 
 RANK = {"errors": 0, "deps": 0, "config": 0, "version": 0, "ir": 1, "targets": 2, "frontend": 3, "passes": 3,
         "codegen": 4, "runtime": 5}

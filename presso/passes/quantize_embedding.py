@@ -24,6 +24,7 @@ from ..ir.ops import pack_int4
 from ..ir.types import DType, TensorType
 from .compress_common import (LookupTable, derive, lookup_tables, option_pattern, output_error, record,
                               replace_linear)
+from .int_codes import check_int4_fits, dequant, rtn
 
 EMBEDDING_BITS = {"none": 0, "int8": 8, "int4": 4}
 
@@ -58,14 +59,12 @@ def looked_up_params(g: Graph) -> set[str]:
 
 
 def _check_table(t: LookupTable, group_size: int, bits: int) -> None:
-    from .quantize import check_int4_fits
     cols = t.weight.type.shape[1]
     check_int4_fits(cols, group_size, bits, f"table %{t.weight.name} (read by %{t.gathers[0].name}) has an odd row "
                     f"length {cols}", "embeddings=int4", f" for table %{t.weight.name}")
 
 
 def _quantize_table(g: Graph, t: LookupTable, bits: int, group: int, symmetric: bool) -> None:
-    from .quantize import dequant, rtn
     name, w = t.weight.name, t.tensor
     codes, scales, zeros = rtn(w, bits, group, symmetric)
     err = output_error(w, dequant(codes, scales, zeros, group), None)
