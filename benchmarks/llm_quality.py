@@ -103,8 +103,8 @@ def main():
     print(f"# presso uncompressed: perplexity {pfp.perplexity:.3f} (compile {time.perf_counter() - t0:.1f} s)")
     print("| recipe | ppl | x fp | compile s | CPU s | MB | naive baseline (same run) |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.recipes.split(","):
-        recipe = RECIPES[name]
+    for name in args.recipes.split(";" if "{" in args.recipes else ","):
+        recipe = RECIPES.get(name, name)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             cm = presso.compile(base.graph, example_inputs=(example["input_ids"],), recipe=recipe,
