@@ -46,7 +46,46 @@ RECIPES = {
     "lowrank-svd-0.8": "lowrank{method=svd,ratio=0.8}",
     "lowrank-whitened-0.8": "lowrank{method=whitened,ratio=0.8}",
     "kv-0.5": "kv_cache{rank_ratio=0.5,grouping=group-head,group_size=4}",
+    "kv-0.5-attn": "kv_cache{rank_ratio=0.5,loss=attention,allocation=sensitivity}",
+    "kv-0.5-attn-int4": "kv_cache{rank_ratio=0.5,loss=attention,allocation=sensitivity,latent_bits=4}",
+    "kvq-int8": "kv_quant{bits=8,group_size=32}",
+    "kvq-int4": "kv_quant{bits=4,group_size=32}",
 }
+
+
+def naive_kv_svd(model, ratio: float):
+    """Plain torch: truncated (unwhitened) SVD of every k_proj / v_proj weight at ``ratio`` of its rank."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("k_proj", "v_proj")):
+                U, S, Vh = torch.linalg.svd(mod.weight.double(), full_matrices=False)
+                r = round(ratio * len(S))
+                mod.weight.copy_((U[:, :r] * S[:r]) @ Vh[:r])
+    return model
+
+
+def naive_kv_quant(model, bits: int, group: int):
+    """Plain torch: every k_proj / v_proj output (what a KV cache stores, keys before RoPE) rounded
+    per token and group of ``group`` values, symmetric, f16 scales."""
+    qmax = 2 ** (bits - 1) - 1
+
+    def hook(mod, inp, out):
+        g = out.reshape(*out.shape[:-1], -1, group)
+        s = (g.abs().amax(-1, keepdim=True) / (qmax + 0.5)).clamp_min(1e-8).half().float()
+        return (torch.clamp(torch.round(g / s), -qmax - 1, qmax) * s).reshape(out.shape)
+    for name, mod in model.named_modules():
+        if name.endswith(("k_proj", "v_proj")):
+            mod.register_forward_hook(hook)
+    return model
+
+
+def kv_bytes(cm, fp16_bytes: float) -> str:
+    """KV-cache bytes per token of the decode program's real buffers (batch 1), and % of f16."""
+    kv = cm.report().get("kv_cache")
+    if not kv:
+        return ""
+    b = kv["kv_cache_bytes_per_token"]
+    return f"{b:,.0f} ({100 * b / fp16_bytes:.1f}% of f16)"
 
 
 def naive_rtn(model, bits: int, group: int):
@@ -101,14 +140,23 @@ def main():
     base = presso.compile(model, example_inputs=example, dynamic_shapes=dyn)
     pfp = perplexity(base, ev, args.window, batch_size=8)
     print(f"# presso uncompressed: perplexity {pfp.perplexity:.3f} (compile {time.perf_counter() - t0:.1f} s)")
-    print("| recipe | ppl | x fp | compile s | CPU s | MB | naive baseline (same run) |")
-    print("|---|---|---|---|---|---|---|")
+    cfg = model.config
+    fp16_kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    gen_base = None
+    print("| recipe | ppl | x fp | compile s | CPU s | MB | KV bytes/token | naive baseline (same run) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.recipes.split(";" if "{" in args.recipes else ","):
         recipe = RECIPES.get(name, name)
+        kv = recipe.startswith("kv_")
+        if kv and gen_base is None:   # symbolic sequence: the decode program's cache buffers can be built
+            gen_base = presso.compile(model, example_inputs=(example["input_ids"],), generation=True,
+                                      max_len=args.window)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            cm = presso.compile(base.graph, example_inputs=(example["input_ids"],), recipe=recipe,
-                                calibration=calib)
+            cm = presso.compile((gen_base if kv else base).graph, example_inputs=(example["input_ids"],),
+                                recipe=recipe, calibration=calib)
+            if kv:
+                cm.graph.meta.setdefault("max_len", args.window)
         except presso.PressoError as e:
             print(f"| `{recipe}` | refused: {str(e).splitlines()[0][:90]} | | | | | |", flush=True)
             continue
@@ -119,9 +167,18 @@ def main():
             group = int(name.split("-g")[1].split("-")[0])
             nb = perplexity(naive_rtn(load_smollm2(args.layers)[0], 4, group), ev, args.window, batch_size=8)
             naive = f"torch symmetric RTN g{group}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
+        if recipe.startswith("kv_cache"):
+            ratio = float(recipe.split("rank_ratio=")[1].split(",")[0].rstrip("}"))
+            nb = perplexity(naive_kv_svd(load_smollm2(args.layers)[0], ratio), ev, args.window, batch_size=8)
+            naive = f"torch plain SVD of K/V at {ratio}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
+        if "bits=" in recipe:
+            bits = int(recipe.split("bits=")[1][0])
+            nb = perplexity(naive_kv_quant(load_smollm2(args.layers)[0], bits, 32), ev, args.window, batch_size=8)
+            naive += (f"; " if naive else "") + (f"torch int{bits} K/V per token g32: {nb.perplexity:.2f} "
+                                                 f"({nb.perplexity / fp.perplexity:.2f}x)")
         mb = cm.report()["totals"]["bytes"] / 1e6
         print(f"| `{recipe}` | {p.perplexity:.2f} | {p.perplexity / pfp.perplexity:.3f} | {wall:.0f} | {cpu:.0f} | "
-              f"{mb:.0f} | {naive} |", flush=True)
+              f"{mb:.0f} | {kv_bytes(cm, fp16_kv) if kv else ''} | {naive} |", flush=True)
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 

@@ -164,6 +164,9 @@ def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, a
         if latent_bits < 16:
             per = [[_rotate(f, r) for f in fs] for fs, r in zip(per, (rk, rv))]
         _rewrite(g, a, pk, pv, gs, per, rk, rv)
+        for p in (pk, pv):
+            record(g, p.weight.name, kv_loss=loss, kv_latent_bits=latent_bits,
+                   kv_latent_group_size=latent_group_size if latent_bits < 16 else None)
     if latent_bits < 16:
         quantize_cache_points(g, latent_bits, latent_group_size, "kv_cache")
     return dce(g)
