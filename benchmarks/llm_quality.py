@@ -46,8 +46,8 @@ RECIPES = {
     "lowrank-svd-0.8": "lowrank{method=svd,ratio=0.8}",
     "lowrank-whitened-0.8": "lowrank{method=whitened,ratio=0.8}",
     "kv-0.5": "kv_cache{rank_ratio=0.5,grouping=group-head,group_size=4}",
-    "kv-0.5-attn": "kv_cache{rank_ratio=0.5,loss=attention,allocation=sensitivity}",
-    "kv-0.5-attn-int4": "kv_cache{rank_ratio=0.5,loss=attention,allocation=sensitivity,latent_bits=4}",
+    "kv-0.5-attn": "kv_cache{rank_ratio=0.5,loss=attention,key_share=0.33}",
+    "kv-0.5-attn-int4": "kv_cache{rank_ratio=0.5,loss=attention,key_share=0.33,latent_bits=4}",
     "kvq-int8": "kv_quant{bits=8,group_size=32}",
     "kvq-int4": "kv_quant{bits=4,group_size=32}",
 }

@@ -113,13 +113,15 @@ def unfuse_qkv(g: Graph) -> None:
     "allocation": Option(str, "uniform", choices=("uniform", "sensitivity")),
     "loss": Option(str, "input", choices=("input", "attention"),
                    help="error the truncation minimizes: the projection's outputs, or as attention reads them"),
+    "key_share": Option(float, 0.5, check=lambda r: 0 < r < 1, allowed="in (0, 1)",
+                        help="fraction of the latent budget given to keys (uniform allocation)"),
     "rank_multiple": Option(int, 16, check=lambda m: m >= 1, allowed=">= 1", help="ranks are multiples of this"),
     "latent_bits": Option(int, 16, choices=(4, 8, 16), help="cached latent precision (16: float, unquantized)"),
     "latent_group_size": Option(int, 32, check=lambda m: m >= 2 and m % 2 == 0, allowed="even and >= 2",
                                 help="latent values per quantization scale, per token"),
 })
 def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, allocation: str, loss: str,
-             rank_multiple: int, latent_bits: int, latent_group_size: int):
+             key_share: float, rank_multiple: int, latent_bits: int, latent_group_size: int):
     """Palu's low-rank KV projection; see the module docstring."""
     if latent_bits < 16:   # the quantization groups tile each latent group exactly
         rank_multiple = math.lcm(rank_multiple, latent_group_size)
@@ -159,7 +161,7 @@ def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, a
             per.append([weighted_factorize(w[i * n:(i + 1) * n], gram, None if m is None else m[i * n:(i + 1) * n, i * n:(i + 1) * n])
                         for i in range(p.heads // gs)])
         facts.append(per)
-    ranks = _allocate(plans, facts, rank_ratio, allocation, rank_multiple)
+    ranks = _allocate(plans, facts, rank_ratio, allocation, rank_multiple, key_share)
     for (a, pk, pv, gs), per, (rk, rv) in zip(plans, facts, ranks):
         if latent_bits < 16:
             per = [[_rotate(f, r) for f in fs] for fs, r in zip(per, (rk, rv))]
@@ -271,17 +273,22 @@ def quantize_cache_points(g: Graph, bits: int, group_size: int, pass_name: str) 
     return done
 
 
-def _allocate(plans, facts, ratio: float, allocation: str, multiple: int) -> list[tuple[int, int]]:
+def _allocate(plans, facts, ratio: float, allocation: str, multiple: int, key_share: float) -> list[tuple[int, int]]:
     """A rank per layer and operand (the same for every group of that layer), a multiple of
-    ``multiple`` (or the full rank). ``sensitivity``: the budget (ratio of all latent widths) is
-    spent greedily where the whitened output error drops most per cached value."""
+    ``multiple`` (or the full rank). ``uniform``: ``key_share`` of each layer's budget (``ratio``
+    of its K and V widths) to keys, the rest to values. ``sensitivity``: the budget (ratio of all
+    latent widths) is spent greedily where the relative output error drops most per cached value."""
     def full(p, gs):
         return gs * p.dim
 
-    def rounded(n):
-        return min(n, max(multiple, multiple * round(ratio * n / multiple)))
+    def rounded(r, n):
+        return min(n, max(multiple, multiple * round(r / multiple)))
     if allocation == "uniform":
-        return [tuple(rounded(full(p, gs)) for p in (pk, pv)) for _, pk, pv, gs in plans]
+        out = []
+        for _, pk, pv, gs in plans:
+            budget = ratio * (full(pk, gs) + full(pv, gs))
+            out.append((rounded(key_share * budget, full(pk, gs)), rounded((1 - key_share) * budget, full(pv, gs))))
+        return out
     options = []
     for (a, pk, pv, gs), per in zip(plans, facts):
         for p, fs in zip((pk, pv), per):
