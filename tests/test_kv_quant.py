@@ -164,3 +164,12 @@ def test_llvm_target_names_the_op_it_cannot_lower():
     _, ins, cm = llama("kv_quant{bits=8,group_size=16}")
     with pytest.raises(CodegenError, match="op 'kv_quantize' has no TVM lowering"):
         presso.compile(cm.graph, example_inputs=ins, target="llvm")
+
+
+def test_key_share_splits_each_layers_budget_between_keys_and_values():
+    _, _, cm = llama("kv_cache{rank_ratio=0.5,key_share=0.25,rank_multiple=4}")
+    ranks = {name.split(".")[-2]: r["kv_rank"] for name, r in cm.graph.meta["compression"].items()}
+    assert ranks == {"k_proj": 8, "v_proj": 24}            # of 32 each: 0.5 * 64 = 32, a quarter to keys
+    with pytest.raises(PipelineError, match=r"option 'key_share' must be in \(0, 1\), got 1.0"):
+        m, ins = make_llama(batch=2)
+        presso.compile(m, example_inputs=ins, recipe="kv_cache{key_share=1}")
