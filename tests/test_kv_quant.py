@@ -173,3 +173,12 @@ def test_key_share_splits_each_layers_budget_between_keys_and_values():
     with pytest.raises(PipelineError, match=r"option 'key_share' must be in \(0, 1\), got 1.0"):
         m, ins = make_llama(batch=2)
         presso.compile(m, example_inputs=ins, recipe="kv_cache{key_share=1}")
+
+
+def test_quantized_latent_survives_save_and_load(tmp_path):
+    _, ins, cm = llama("kv_cache{rank_ratio=0.5,latent_bits=4,latent_group_size=8}")
+    loaded = presso.load(cm.save(tmp_path / "palu4.presso"))
+    assert torch.equal(loaded(ins[0]), cm(ins[0]))
+    assert loaded.report()["kv_cache"]["caches"] == cm.report()["kv_cache"]["caches"]
+    prompt = ins[0][:, :8]
+    assert torch.equal(loaded.generate(prompt, 8), cm.generate(prompt, 8))
