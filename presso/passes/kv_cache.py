@@ -15,7 +15,10 @@ For each attention, its K and V projections ``linear(x, W) -> reshape [B, T, H, 
 ``grouping``: ``per-head`` (one factorization per KV head), ``group-head`` (``group_size`` heads
 share one, Palu's G-LRD) or ``joint``. Ranks: ``rank_ratio`` of each group's full rank, uniform
 or ``allocation="sensitivity"`` (greedy over layers and K vs V on the measured whitened error),
-rounded to multiples of ``rank_multiple``. Palu searches ranks with Fisher information, which
+rounded to multiples of ``rank_multiple``; ``key_share`` is the keys' part of each layer's budget
+under uniform allocation (on SmolLM2-135M values need more than keys: K 64 / V 128 of 192 beats
+96 / 96 and 128 / 64, and the greedy search on relative errors, which starves keys, does worse;
+benchmarks/RESULTS.md). Palu searches ranks with Fisher information, which
 needs loss gradients over the calibration data; presso's reference runtime runs graphs forward
 only, so the search here spends the budget on the exact (Gram-computed) output errors instead.
 
