@@ -46,7 +46,46 @@ RECIPES = {
     "lowrank-svd-0.8": "lowrank{method=svd,ratio=0.8}",
     "lowrank-whitened-0.8": "lowrank{method=whitened,ratio=0.8}",
     "kv-0.5": "kv_cache{rank_ratio=0.5,grouping=group-head,group_size=4}",
+    "kv-0.5-attn": "kv_cache{rank_ratio=0.5,loss=attention,key_share=0.33}",
+    "kv-0.5-attn-int4": "kv_cache{rank_ratio=0.5,loss=attention,key_share=0.33,latent_bits=4}",
+    "kvq-int8": "kv_quant{bits=8,group_size=32}",
+    "kvq-int4": "kv_quant{bits=4,group_size=32}",
 }
+
+
+def naive_kv_svd(model, ratio: float):
+    """Plain torch: truncated (unwhitened) SVD of every k_proj / v_proj weight at ``ratio`` of its rank."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("k_proj", "v_proj")):
+                U, S, Vh = torch.linalg.svd(mod.weight.double(), full_matrices=False)
+                r = round(ratio * len(S))
+                mod.weight.copy_((U[:, :r] * S[:r]) @ Vh[:r])
+    return model
+
+
+def naive_kv_quant(model, bits: int, group: int):
+    """Plain torch: every k_proj / v_proj output (what a KV cache stores, keys before RoPE) rounded
+    per token and group of ``group`` values, symmetric, f16 scales."""
+    qmax = 2 ** (bits - 1) - 1
+
+    def hook(mod, inp, out):
+        g = out.reshape(*out.shape[:-1], -1, group)
+        s = (g.abs().amax(-1, keepdim=True) / (qmax + 0.5)).clamp_min(1e-8).half().float()
+        return (torch.clamp(torch.round(g / s), -qmax - 1, qmax) * s).reshape(out.shape)
+    for name, mod in model.named_modules():
+        if name.endswith(("k_proj", "v_proj")):
+            mod.register_forward_hook(hook)
+    return model
+
+
+def kv_bytes(cm, fp16_bytes: float) -> str:
+    """KV-cache bytes per token of the decode program's real buffers (batch 1), and % of f16."""
+    kv = cm.report().get("kv_cache")
+    if not kv:
+        return ""
+    b = kv["kv_cache_bytes_per_token"]
+    return f"{b:,.0f} ({100 * b / fp16_bytes:.1f}% of f16)"
 
 
 def naive_rtn(model, bits: int, group: int):
@@ -66,9 +105,10 @@ def naive_rtn(model, bits: int, group: int):
     return model
 
 
-def row(recipe: str, ratio: float, ppl: float, wall: float, cpu: float, cm, note: str) -> None:
+def row(recipe: str, ratio: float, ppl: float, wall: float, cpu: float, cm, kv_bytes: str, note: str) -> None:
     mb = cm.report()["totals"]["bytes"] / 1e6
-    print(f"| `{recipe}` | {ppl:.2f} | {ratio:.3f} | {wall:.0f} | {cpu:.0f} | {mb:.1f} | {note} |", flush=True)
+    print(f"| `{recipe}` | {ppl:.2f} | {ratio:.3f} | {wall:.0f} | {cpu:.0f} | {mb:.1f} | {kv_bytes} | {note} |",
+          flush=True)
 
 
 def main():
@@ -83,7 +123,7 @@ def main():
     ap.add_argument("--save-tokens", dest="save_tokens", help="write the tokenized texts here and stop")
     ap.add_argument("--then", default="", help="recipes applied after each recipe to its compiled graph, each its "
                     "own row (e.g. the embedding alone: 'quantize{embeddings=int8,group_size=64,skip=layers}'), "
-                    "separated by ';'")
+                    "separated by '|'")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2(args.layers)
@@ -109,14 +149,23 @@ def main():
     base = presso.compile(model, example_inputs=example, dynamic_shapes=dyn)
     pfp = perplexity(base, ev, args.window, batch_size=8)
     print(f"# presso uncompressed: perplexity {pfp.perplexity:.3f} (compile {time.perf_counter() - t0:.1f} s)")
-    print("| recipe | ppl | x fp | compile s | CPU s | MB | naive baseline (same run) |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.recipes.split(","):
-        recipe = RECIPES[name]
+    cfg = model.config
+    fp16_kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    gen_base = None
+    print("| recipe | ppl | x fp | compile s | CPU s | MB | KV bytes/token | naive baseline (same run) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.recipes.split(";" if "{" in args.recipes else ","):
+        recipe = RECIPES.get(name, name)
+        kv = recipe.startswith("kv_")
+        if kv and gen_base is None:   # symbolic sequence: the decode program's cache buffers can be built
+            gen_base = presso.compile(model, example_inputs=(example["input_ids"],), generation=True,
+                                      max_len=args.window)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            cm = presso.compile(base.graph, example_inputs=(example["input_ids"],), recipe=recipe,
-                                calibration=calib)
+            cm = presso.compile((gen_base if kv else base).graph, example_inputs=(example["input_ids"],),
+                                recipe=recipe, calibration=calib)
+            if kv:
+                cm.graph.meta.setdefault("max_len", args.window)
         except presso.PressoError as e:
             print(f"| `{recipe}` | refused: {str(e).splitlines()[0][:90]} | | | | | |", flush=True)
             continue
@@ -127,14 +176,24 @@ def main():
             group = int(name.split("-g")[1].split("-")[0])
             nb = perplexity(naive_rtn(load_smollm2(args.layers)[0], 4, group), ev, args.window, batch_size=8)
             naive = f"torch symmetric RTN g{group}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
-        row(recipe, p.perplexity / pfp.perplexity, p.perplexity, wall, cpu, cm, naive)
-        for then in filter(None, args.then.split(";")):
+        if recipe.startswith("kv_cache"):
+            ratio = float(recipe.split("rank_ratio=")[1].split(",")[0].rstrip("}"))
+            nb = perplexity(naive_kv_svd(load_smollm2(args.layers)[0], ratio), ev, args.window, batch_size=8)
+            naive = f"torch plain SVD of K/V at {ratio}: {nb.perplexity:.2f} ({nb.perplexity / fp.perplexity:.2f}x)"
+        if "bits=" in recipe:
+            bits = int(recipe.split("bits=")[1][0])
+            nb = perplexity(naive_kv_quant(load_smollm2(args.layers)[0], bits, 32), ev, args.window, batch_size=8)
+            naive += ("; " if naive else "") + (f"torch int{bits} K/V per token g32: {nb.perplexity:.2f} "
+                                                 f"({nb.perplexity / fp.perplexity:.2f}x)")
+        kvb = kv_bytes(cm, fp16_kv) if kv else ""
+        row(recipe, p.perplexity / pfp.perplexity, p.perplexity, wall, cpu, cm, kvb, naive)
+        for then in filter(None, args.then.split("|")):
             t0, c0 = time.perf_counter(), time.process_time()
             cm2 = presso.compile(cm.graph, example_inputs=(example["input_ids"],), recipe=then)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             p2 = perplexity(cm2, ev, args.window, batch_size=8)
             row(f"{recipe} -> {then}", p2.perplexity / pfp.perplexity, p2.perplexity, wall, cpu, cm2,
-                f"{p2.perplexity / p.perplexity:.4f}x the row above")
+                kv_bytes(cm2, fp16_kv) if kv else "", f"{p2.perplexity / p.perplexity:.4f}x the row above")
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 

@@ -621,3 +621,59 @@ def evaluate_expr(e: Expr, xs, device=None) -> torch.Tensor:
     args = [evaluate_expr(a, xs, device) for a in e.args]
     attrs = {ATTR_OF[e.op]: e.attr} if e.op in ATTR_OF else {}
     return get_op(e.op).ref(*args, **attrs)
+
+
+# ---- KV-cache quantization ------------------------------------------------------------------
+def kv_packed_width(width: int, bits: int, group_size: int) -> int:
+    """Bytes per token of ``kv_quantize``: the codes (``bits`` each) then one f16 scale per group."""
+    return width * bits // 8 + 2 * (width // group_size)
+
+
+def _kvq_check(width, bits, group_size):
+    if not isinstance(width, int) or group_size < 1 or width % group_size or (bits == 4 and group_size % 2):
+        raise IRError(f"kv_quantize: group_size={group_size} must divide the last dim {width} (and be even for 4 bits)")
+
+
+def _kvq_infer(types, attrs):
+    x = types[0]
+    width = x.shape[-1] if x.rank else None
+    _kvq_check(width, attrs["bits"], attrs["group_size"])
+    return [TensorType(tuple(x.shape[:-1]) + (kv_packed_width(width, attrs["bits"], attrs["group_size"]),), DType.u8)]
+
+
+@defop("kv_quantize", ["x"], {"bits": Attr("int", 4, choices=(4, 8)), "group_size": Attr("int", 32)}, "compressed",
+       infer=_kvq_infer)
+def kv_quantize(x, bits, group_size):
+    """Per-token, per-group symmetric quantization of what a KV cache stores (K/V, or Palu's latent):
+    every ``group_size`` values of the last dim share an f16 scale. One u8 row per token holds the
+    codes (two per byte at 4 bits) followed by the scales' bytes, so the cache is this one buffer."""
+    lead, width = x.shape[:-1], x.shape[-1]
+    qmax = 2 ** (bits - 1) - 1
+    xg = x.float().reshape(*lead, width // group_size, group_size)
+    s = (xg.abs().amax(-1, keepdim=True) / (qmax + 0.5)).clamp_min(1e-8).half()
+    q = torch.clamp(torch.round(xg / s.float()), -qmax - 1, qmax).to(torch.int8).reshape(*lead, width)
+    codes = pack_int4(q) if bits == 4 else q.view(torch.uint8)
+    return torch.cat((codes, s.reshape(*lead, -1).contiguous().view(torch.uint8)), -1)
+
+
+def _kvdq_infer(types, attrs):
+    p, width = types[0], attrs["width"]
+    _kvq_check(width, attrs["bits"], attrs["group_size"])
+    if p.dtype != DType.u8 or p.shape[-1] != kv_packed_width(width, attrs["bits"], attrs["group_size"]):
+        raise IRError(f"kv_dequantize: input {p} is not the u8 rows kv_quantize makes of width {width}, "
+                      f"bits {attrs['bits']}, group_size {attrs['group_size']}")
+    return [TensorType(tuple(p.shape[:-1]) + (width,), DType[attrs["dtype"]])]
+
+
+@defop("kv_dequantize", ["packed"], {"bits": Attr("int", 4, choices=(4, 8)), "group_size": Attr("int", 32),
+                                     "width": Attr("int"), "dtype": Attr("dtype", "f32")}, "compressed",
+       infer=_kvdq_infer)
+def kv_dequantize(packed, bits, group_size, width, dtype):
+    """The inverse of ``kv_quantize``: codes times their group's f16 scale, ``width`` values per token."""
+    lead = packed.shape[:-1]
+    nc = width * bits // 8
+    codes = packed[..., :nc]
+    q = unpack_int4(codes, signed=True) if bits == 4 else codes.contiguous().view(torch.int8)
+    s = packed[..., nc:].contiguous().view(torch.float16).float()
+    out = q.float().reshape(*lead, width // group_size, group_size) * s.unsqueeze(-1)
+    return out.reshape(*lead, width).to(DType[dtype].torch)

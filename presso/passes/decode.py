@@ -237,9 +237,10 @@ def _positions_per_sequence(g: Graph, positions: Value, starts: Value) -> Option
 
 # ops between a cache point and the attention that act on each token on its own (walked through
 # to find the point; recomputed over the whole cache): the kv_cache pass's key rebuild and RoPE,
-# and the forms later passes give its linear (W8A8's per-token activation codes, Hadamard rotation)
+# and the forms later passes give its linear (W8A8's per-token activation codes, Hadamard rotation),
+# and the dequantization of a quantized cache (kv_quant, kv_cache{latent_bits})
 _PER_TOKEN_OPS = ("rotary", "reshape", "transpose", "expand", "linear", "cast", "linear_int8", "quantize_per_token",
-                  "hadamard")
+                  "hadamard", "kv_dequantize")
 
 
 def _cache_point(v: Value) -> Value:
