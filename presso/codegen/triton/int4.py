@@ -329,7 +329,8 @@ def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
 
 def gemv_candidates(groups: int, hw: int, pair: bool) -> list[dict]:
     """What ``PRESSO_AUTOTUNE=1`` tries at decode: row blocks of 8..64, K split 1..8, one step per
-    program (4 or 8 warps, 4..32 words per thread), or several steps of 2..8 groups (4 warps)."""
+    program (4..32 words per thread), or several steps of 2..8 groups (4..16 words a step); 4 or 8
+    warps."""
     out = []
     for bn in (8, 16, 32, 64):
         for sp in (1, 2, 4, 8):
@@ -340,8 +341,10 @@ def gemv_candidates(groups: int, hw: int, pair: bool) -> list[dict]:
                 if 4 <= words <= 32:
                     out.append({"block_n": bn, "gps": 0, "split": sp, "warps": nw})
             for gps in (2, 4, 8):
-                if bn <= 32 and gps * sp < groups and bn * gps * hw * (2 if pair else 1) <= 32 * 4 * 16:
-                    out.append({"block_n": bn, "gps": gps, "split": sp, "warps": 4})
+                for nw in (4, 8):
+                    words = bn * gps * hw * (2 if pair else 1) / (32 * nw)
+                    if bn <= 32 and gps * sp < groups and 4 <= words <= 16:
+                        out.append({"block_n": bn, "gps": gps, "split": sp, "warps": nw})
     return out
 
 
