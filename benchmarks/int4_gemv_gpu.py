@@ -8,7 +8,8 @@ physical limit: the bytes the kernel must read over the copy bandwidth measured 
 Every launch is checked against x @ dequant(W)^T in fp32 before it is timed. Timing: both
 measures of benchmarks/gpu_timing.py (graph replay after an L2 flush; CUPTI kernel time). Rows:
 ``presso`` is the kernel's default config (no tuning), ``presso, before`` the config the kernel
-used before (16 rows x 4 groups a step, several steps a program), and with ``--sweep`` every
+used before (16 rows x 4 groups a step, several steps a program; ``+ prefetch``: each step's
+weights loaded during the one before), and with ``--sweep`` every
 candidate of ``PRESSO_AUTOTUNE`` timed as a graph at the first two shapes, the best one reported. Peers that are not
 installed are reported as missing (torchao 0.18.0 is a wheel; gemlite 0.6.0.post2 a pure-Python
 package folder on the path). ``--ncu``: one launch of the default and of the "before" config at
@@ -51,7 +52,8 @@ def before_config(N: int, K: int) -> dict:
     """The decode config the kernel used before this change: 16 rows, 4 groups a step, split
     until 6 programs per SM."""
     groups = K // G
-    return {"block_n": 16, "gps": 4, "split": split_factor(triton.cdiv(N, 16), groups // 4, 6, "cuda"), "warps": 4}
+    return {"block_n": 16, "gps": 4, "split": split_factor(triton.cdiv(N, 16), groups // 4, 6, "cuda"), "warps": 4,
+            "prefetch": 0}
 
 
 def weights(N, K):
@@ -101,6 +103,7 @@ def main():
         want = x.float() @ Wq16.float().T
         check(int4_linear_tiled(x, w4), want, "default")
         check(int4_linear_tiled(x, w4, config=before_config(N, K)), want, "before")
+        check(int4_linear_tiled(x, w4, config=dict(before_config(N, K), prefetch=1)), want, "before + prefetch")
         torch.cuda.synchronize()
         return
     bw = copy_tbps()
@@ -118,7 +121,9 @@ def main():
         r = {"shape": f"1x{K}->{N}", "bytes": w4.nbytes, "limit_kernel_us": limit, "limit_graph_us": limit + launch_us}
         runs = {"torch fp16": lambda: F.linear(x, Wq16),
                 "presso": lambda: int4_linear_tiled(x, w4),
-                "presso, before": lambda: int4_linear_tiled(x, w4, config=before_config(N, K))}
+                "presso, before": lambda: int4_linear_tiled(x, w4, config=before_config(N, K)),
+                "presso, before + prefetch": lambda: int4_linear_tiled(x, w4, config=dict(before_config(N, K),
+                                                                                          prefetch=1))}
         runs.update(peers(N, K, codes, s16, Wq16, x))
         for name, fn in runs.items():
             if isinstance(fn, str):
@@ -138,7 +143,7 @@ def main():
             r["presso, best of sweep"] = {"graph_us": best[0], "kernel_us": kernel_us(fn), "config": best[1]}
         print(json.dumps(r), flush=True)
         rows.append(r)
-    names = ["presso", "presso, before", "presso, best of sweep", "torch fp16", "torchao tinygemm (bf16)",
+    names = ["presso", "presso, before", "presso, before + prefetch", "presso, best of sweep", "torch fp16", "torchao tinygemm (bf16)",
              "gemlite A16W4 (fp16)"]
     print(f"\n{dev}, copy {bw:.2f} TB/s; graph us (kernel us); physical limit = int4 bytes / copy bandwidth "
           f"(graph: + {launch_us:.1f} us, an empty kernel's graph)")

@@ -155,7 +155,7 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                       stride_xm, HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
                       SPLIT: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr,
-                      PAIR: tl.constexpr = False):
+                      PAIR: tl.constexpr = False, PREFETCH: tl.constexpr = True):
     """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
     PER steps, unrolled, so all its weight loads are issued before the first is used; PER = 0: a
     loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
@@ -173,11 +173,12 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
         # tile), so all of the program's weight loads are issued together
         i = tl.arange(0, 2 * BLOCK_N)
         both = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N + i + tl.where(i >= BLOCK_N, N - BLOCK_N, 0),
-                              pid_k, m, K, stride_xm, HW, TILE, 2 * BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2)
+                              pid_k, m, K, stride_xm, HW, TILE, 2 * BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2,
+                              PREFETCH)
         acc, acc2 = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rn, pid_k, m, K, stride_xm, HW, TILE, BLOCK_N, GPS,
-                             SPLIT, PER, HAS_ZERO, F16X2)
+                             SPLIT, PER, HAS_ZERO, F16X2, PREFETCH)
         acc2 = acc
     if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
         tl.store(ws_ptr + (m * SPLIT + pid_k) * (W * N) + rn, acc, mask=mn)
@@ -201,7 +202,7 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
 @triton.jit
 def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_xm, HW: tl.constexpr,
                    TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
-                   PER: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
+                   PER: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr, PREFETCH: tl.constexpr):
     """Rows ``rr`` (BLOCK_N of them) times x over this program's share of the K steps."""
     G: tl.constexpr = 8 * HW
     NS = K // G // GPS
@@ -209,9 +210,9 @@ def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_x
     tile0 = (rr // TILE) * (K // G) * TILE + rr % TILE
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
-    if PER > 0:       # unrolled; the next step's weights are loaded before this step's are used (Triton
-        # puts a barrier between steps, for the x operand's layout conversion: without the prefetch a
-        # program would have one step's loads in flight at a time)
+    if PER > 0 and PREFETCH:  # unrolled; the next step's weights are loaded before this step's are used
+        # (Triton puts barriers between steps, for the x operand's layout conversion: without the
+        # prefetch a program has one step's loads in flight at a time; with it, ~1/3 more registers)
         g0 = pid_k * PER * GPS
         wq, sc, off = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0, HW, TILE, GPS, HAS_ZERO)
         for i in tl.static_range(PER):
@@ -223,6 +224,13 @@ def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_x
             acc += row
             if i + 1 < PER:
                 wq, sc, off = wq2, sc2, off2
+    elif PER > 0:
+        for i in tl.static_range(PER):
+            g0 = (pid_k * PER + i) * GPS
+            wq, sc, off = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0, HW, TILE, GPS, HAS_ZERO)
+            tile, row = _int4_step(x_ptr, xw_ptr, wq, sc, off, g0, m, stride_xm, HW, BLOCK_N, GPS, HAS_ZERO, F16X2)
+            acc3 += tile
+            acc += row
     else:
         per = tl.cdiv(NS, SPLIT)
         for st in range(pid_k * per, tl.minimum(NS, pid_k * per + per)):
@@ -312,6 +320,9 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
+GEMV_PREFETCH = 1     # multi-step programs load the next step's weights ahead (``prefetch`` 0: not)
+
+
 def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
     """The decode GEMV's launch config without tuning. Few output rows and a short K (Llama-1B's
     2048 -> 2048 / 512 projections): 8-row blocks that take their whole share of K in one step,
@@ -322,15 +333,16 @@ def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
     twice as slow.)"""
     if not pair and groups <= 16 and triton.cdiv(n, 16) < 2 * (4 if INTERPRET else sm_count(device)):
         sp = split_factor(triton.cdiv(n, 8), groups, 1, device)
-        return {"block_n": 8, "gps": 0, "split": sp, "warps": 8 if 8 * (groups // sp) * hw >= 2048 else 4}
+        return {"block_n": 8, "gps": 0, "split": sp, "warps": 8 if 8 * (groups // sp) * hw >= 2048 else 4, "prefetch": 1}
     gps = min(4, groups)
-    return {"block_n": 16, "gps": gps, "split": split_factor(triton.cdiv(n, 16), groups // gps, 6, device), "warps": 4}
+    return {"block_n": 16, "gps": gps, "split": split_factor(triton.cdiv(n, 16), groups // gps, 6, device), "warps": 4,
+            "prefetch": GEMV_PREFETCH}
 
 
 def gemv_candidates(groups: int, hw: int, pair: bool) -> list[dict]:
     """What ``PRESSO_AUTOTUNE=1`` tries at decode: row blocks of 8..64, K split 1..8, one step per
-    program (4..32 words per thread), or several steps of 2..8 groups (4..16 words a step); 4 or 8
-    warps."""
+    program (4..32 words per thread), or several steps of 2..8 groups (4..16 words a step, with and
+    without the prefetch of the next step); 4 or 8 warps."""
     out = []
     for bn in (8, 16, 32, 64):
         for sp in (1, 2, 4, 8):
@@ -339,12 +351,12 @@ def gemv_candidates(groups: int, hw: int, pair: bool) -> list[dict]:
             for nw in (4, 8):
                 words = bn * (groups // sp) * hw * (2 if pair else 1) / (32 * nw)
                 if 4 <= words <= 32:
-                    out.append({"block_n": bn, "gps": 0, "split": sp, "warps": nw})
+                    out.append({"block_n": bn, "gps": 0, "split": sp, "warps": nw, "prefetch": 1})
             for gps in (2, 4, 8):
                 for nw in (4, 8):
                     words = bn * gps * hw * (2 if pair else 1) / (32 * nw)
                     if bn <= 32 and gps * sp < groups and 4 <= words <= 16:
-                        out.append({"block_n": bn, "gps": gps, "split": sp, "warps": nw})
+                        out += [{"block_n": bn, "gps": gps, "split": sp, "warps": nw, "prefetch": pf} for pf in (0, 1)]
     return out
 
 
@@ -400,7 +412,8 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
                                                x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, GPS=gps, SPLIT=sp,
                                                PER=steps // sp if steps % sp == 0 and steps // sp <= 8 else 0,
                                                HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                               F16X2=f16x2, PAIR=pair, num_warps=cfg["warps"], **epi)
+                                               F16X2=f16x2, PAIR=pair, PREFETCH=bool(cfg.get("prefetch", 1)),
+                                               num_warps=cfg["warps"], **epi)
         if config is not None:
             cfg = config
         elif split is not None or num_warps is not None:
