@@ -320,7 +320,11 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
-GEMV_PREFETCH = 1     # multi-step programs load the next step's weights ahead (``prefetch`` 0: not)
+# Multi-step programs load the next step's weights during this one (``prefetch`` 1), or not (0).
+# Offline (ptxas of Triton 3.6, 16 rows x 4 groups x 8 steps) it issues two steps' loads before the
+# first barrier at 96 registers a thread instead of 72: ~40 KB in flight per SM instead of ~28.
+# Not yet timed on a GPU, so the default stays the measured 0; the autotuner tries both.
+GEMV_PREFETCH = 0
 
 
 def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
@@ -328,14 +332,16 @@ def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
     2048 -> 2048 / 512 projections): 8-row blocks that take their whole share of K in one step,
     so each program issues all its loads at once and the grid still fills the GPU (the best of the
     sweep at 1x2048->2048 on the H100, RESULTS.md). Otherwise 16 rows and 4 groups a step (steps
-    unrolled, the next one's weights loaded ahead), K split until 6 programs per SM. (One step of
-    a whole 4096-long row block needs ~130 registers a thread under Triton 3.6: 1 program per SM,
+    unrolled; ``GEMV_PREFETCH``), K split until 2 programs per SM (6 was slower at each Llama
+    shape in the H100 sweep: 1x4096->4096 6.8 vs 6.3 us, 1x2048->8192 6.6 vs 5.2). (One step of a
+    whole 4096-long row block needs ~130 registers a thread under Triton 3.6: 1 program per SM,
     twice as slow.)"""
     if not pair and groups <= 16 and triton.cdiv(n, 16) < 2 * (4 if INTERPRET else sm_count(device)):
         sp = split_factor(triton.cdiv(n, 8), groups, 1, device)
-        return {"block_n": 8, "gps": 0, "split": sp, "warps": 8 if 8 * (groups // sp) * hw >= 2048 else 4, "prefetch": 1}
+        warps = 8 if 8 * (groups // sp) * hw >= 2048 else 4
+        return {"block_n": 8, "gps": 0, "split": sp, "warps": warps, "prefetch": 1}
     gps = min(4, groups)
-    return {"block_n": 16, "gps": gps, "split": split_factor(triton.cdiv(n, 16), groups // gps, 6, device), "warps": 4,
+    return {"block_n": 16, "gps": gps, "split": split_factor(triton.cdiv(n, 16), groups // gps, 2, device), "warps": 4,
             "prefetch": GEMV_PREFETCH}
 
 
