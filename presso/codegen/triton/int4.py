@@ -157,8 +157,8 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                       F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr,
                       PAIR: tl.constexpr = False, PREFETCH: tl.constexpr = True):
     """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
-    PER steps, unrolled, so all its weight loads are issued before the first is used; PER = 0: a
-    loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
+    PER steps, unrolled (each step's loads wait behind the barriers of the step before, unless
+    PREFETCH loads them during it); PER = 0: a loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
     arrive adds (an atomic counter it resets for the next call and CUDA-graph replays); wide
     steps (GPS groups of few rows) keep SPLIT at 1 for large N, so no program waits on others.
     PAIR: the weight is two stacked halves of N rows each (a gate and an up projection); the
@@ -172,9 +172,9 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     if PAIR:          # both halves' rows in one tile (N is a multiple of BLOCK_N: each half's block lies in one
         # tile), so all of the program's weight loads are issued together
         i = tl.arange(0, 2 * BLOCK_N)
-        both = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N + i + tl.where(i >= BLOCK_N, N - BLOCK_N, 0),
-                              pid_k, m, K, stride_xm, HW, TILE, 2 * BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2,
-                              PREFETCH)
+        rr = pid_n * BLOCK_N + i + tl.where(i >= BLOCK_N, N - BLOCK_N, 0)
+        both = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_xm, HW, TILE, 2 * BLOCK_N,
+                              GPS, SPLIT, PER, HAS_ZERO, F16X2, PREFETCH)
         acc, acc2 = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
         acc = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rn, pid_k, m, K, stride_xm, HW, TILE, BLOCK_N, GPS,
