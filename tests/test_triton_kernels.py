@@ -50,6 +50,17 @@ SCRIPT = textwrap.dedent("""
         assert (got - want).abs().max() <= 4e-3 * want.abs().max(), (
             "fp16", M, N, K, G, (got - want).abs().max() / want.abs().max())
         cases += 1
+    # decode launch configs the autotuner may pick: one step per program at K splits 1 / 4, 8 rows,
+    # and multi-step walks with and without the prefetch; fp32 and fp16 x; rows end mid-block
+    for dt in (torch.float32, torch.float16):
+        x, w = torch.randn(1, 512).to(dt), torch.randn(41, 512)
+        q, s, z, want = ref_int4(x.float(), w, 32, False, None)
+        for cfg in ({"block_n": 8, "gps": 0, "split": 1, "warps": 4}, {"block_n": 16, "gps": 0, "split": 4, "warps": 4},
+                    {"block_n": 32, "gps": 4, "split": 2, "warps": 4, "prefetch": 0},
+                    {"block_n": 16, "gps": 2, "split": 1, "warps": 4, "prefetch": 1}):
+            got = int4_linear_tiled(x, pack_tiled(q, s, z, 32), config=cfg).float()
+            assert (got - want).abs().max() <= 4e-3 * want.abs().max(), ("config", dt, cfg)
+            cases += 1
     for M, N, K, n, m, bias in [(1, 45, 64, 2, 4, False), (3, 70, 96, 2, 4, True), (2, 33, 64, 4, 8, True),
                                 (1, 19, 48, 1, 4, False), (2, 17, 40, 3, 5, False),
                                 (5, 33, 64, 4, 8, False), (4, 19, 48, 1, 4, True)]:   # M > 2: dense tiles + tl.dot
@@ -294,7 +305,7 @@ def test_compressed_linear_kernels_match_the_reference_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kernel cases 82" in r.stdout
+    assert "kernel cases 90" in r.stdout
 
 
 def test_kernel_entry_points_reject_operands_that_do_not_fit():

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import unpack_int4
-from .autotune import choose
+from .autotune import choose, sm_count
 from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
 from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_emulated, nibble_shifts,
                       one_plus_nibble, nibble_shift)
@@ -93,22 +93,31 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tenso
 
 
 @triton.jit
-def _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, g0, m, stride_xm, HW: tl.constexpr, TILE: tl.constexpr,
-               BLOCK_N: tl.constexpr, GPS: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
-    """Groups g0 .. g0 + GPS - 1 of a block of rows: scale * sum_k (code - offset) x over their
-    columns (offset 8, or the zero point), as a [BLOCK_N, GPS, G/8] tile of per-word partial sums
-    plus a [BLOCK_N] term; the caller accumulates both and reduces the tile across threads once,
-    at the end. ``xw_ptr``: x as int32 fp16 pairs (F16X2)."""
-    G: tl.constexpr = 8 * HW
-    rw = tl.arange(0, HW)
+def _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0, HW: tl.constexpr, TILE: tl.constexpr, GPS: tl.constexpr,
+                  HAS_ZERO: tl.constexpr):
+    """The code words [BLOCK_N, GPS, G/8], scales and offsets (8, or the zero points) [BLOCK_N, GPS]
+    of groups g0 .. g0 + GPS - 1 of a block of rows (``tile0``: each row's first group's tile row)."""
     rg = g0 + tl.arange(0, GPS)
     t = tile0[:, None] + rg[None, :] * TILE                                          # [BLOCK_N, GPS]
-    wq = tl.load(q_ptr + t[:, :, None] * HW + rw[None, None, :], eviction_policy="evict_first")
+    wq = tl.load(q_ptr + t[:, :, None] * HW + tl.arange(0, HW)[None, None, :], eviction_policy="evict_first")
     sc = tl.load(s_ptr + t).to(tl.float32)
     if HAS_ZERO:
         off = tl.load(z_ptr + t).to(tl.float32)
     else:
         off = 8.0
+    return wq, sc, off
+
+
+@triton.jit
+def _int4_step(x_ptr, xw_ptr, wq, sc, off, g0, m, stride_xm, HW: tl.constexpr, BLOCK_N: tl.constexpr,
+               GPS: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
+    """Groups g0 .. g0 + GPS - 1 of a block of rows (their ``_int4_weights``): scale * sum_k
+    (code - offset) x over their columns, as a [BLOCK_N, GPS, G/8] tile of per-word partial sums
+    plus a [BLOCK_N] term; the caller accumulates both and reduces the tile across threads once,
+    at the end. ``xw_ptr``: x as int32 fp16 pairs (F16X2)."""
+    G: tl.constexpr = 8 * HW
+    rw = tl.arange(0, HW)
+    rg = g0 + tl.arange(0, GPS)
     if F16X2:
         xq = tl.load(xw_ptr + m * (stride_xm // 2) + rg[:, None, None] * (G // 2) + 4 * rw[None, :, None]
                      + tl.arange(0, 4)[None, None, :])                               # [GPS, HW, 4 pairs]
@@ -146,10 +155,10 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                       stride_xm, HW: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr,
                       SPLIT: tl.constexpr, PER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       F16X2: tl.constexpr, EPI: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr,
-                      PAIR: tl.constexpr = False):
+                      PAIR: tl.constexpr = False, PREFETCH: tl.constexpr = True):
     """A program: BLOCK_N rows over its share of the K steps (GPS groups each). PER > 0: exactly
-    PER steps, unrolled, so all its weight loads are issued before the first is used; PER = 0: a
-    loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
+    PER steps, unrolled (each step's loads wait behind the barriers of the step before, unless
+    PREFETCH loads them during it); PER = 0: a loop. SPLIT > 1: the steps are split over SPLIT programs whose partial sums the last to
     arrive adds (an atomic counter it resets for the next call and CUDA-graph replays); wide
     steps (GPS groups of few rows) keep SPLIT at 1 for large N, so no program waits on others.
     PAIR: the weight is two stacked halves of N rows each (a gate and an up projection); the
@@ -159,13 +168,17 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     rows = tl.arange(0, BLOCK_N)
     rn = pid_n * BLOCK_N + rows
     mn = rn < N
-    acc = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, pid_k, m, K, stride_xm, HW, TILE,
-                         BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2)
     W: tl.constexpr = 2 if PAIR else 1          # partial sums per output
-    if PAIR:          # the second half's rows (N is a multiple of BLOCK_N: the block lies in one tile)
-        acc2 = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N + N, pid_k, m, K, stride_xm, HW,
-                              TILE, BLOCK_N, GPS, SPLIT, PER, HAS_ZERO, F16X2)
+    if PAIR:          # both halves' rows in one tile (N is a multiple of BLOCK_N: each half's block lies in one
+        # tile), so all of the program's weight loads are issued together
+        i = tl.arange(0, 2 * BLOCK_N)
+        rr = pid_n * BLOCK_N + i + tl.where(i >= BLOCK_N, N - BLOCK_N, 0)
+        both = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_xm, HW, TILE, 2 * BLOCK_N,
+                              GPS, SPLIT, PER, HAS_ZERO, F16X2, PREFETCH)
+        acc, acc2 = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N)), (1, 0)))
     else:
+        acc = _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rn, pid_k, m, K, stride_xm, HW, TILE, BLOCK_N, GPS,
+                             SPLIT, PER, HAS_ZERO, F16X2, PREFETCH)
         acc2 = acc
     if SPLIT > 1:     # partial sums to the workspace; the last program of this row block adds them
         tl.store(ws_ptr + (m * SPLIT + pid_k) * (W * N) + rn, acc, mask=mn)
@@ -187,28 +200,43 @@ def _int4_gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
 
 
 @triton.jit
-def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, r0, pid_k, m, K, stride_xm, HW: tl.constexpr,
+def _int4_rows_sum(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, rr, pid_k, m, K, stride_xm, HW: tl.constexpr,
                    TILE: tl.constexpr, BLOCK_N: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
-                   PER: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr):
-    """Rows r0 .. r0 + BLOCK_N - 1 (one tile's) times x over this program's share of the K steps."""
+                   PER: tl.constexpr, HAS_ZERO: tl.constexpr, F16X2: tl.constexpr, PREFETCH: tl.constexpr):
+    """Rows ``rr`` (BLOCK_N of them) times x over this program's share of the K steps."""
     G: tl.constexpr = 8 * HW
     NS = K // G // GPS
-    rows = tl.arange(0, BLOCK_N)
-    # a row block lies inside one tile; its group g is TILE rows further per group
-    tile0 = (r0 // TILE) * (K // G) * TILE + r0 % TILE + rows
+    # row r's group g: tile r // TILE, TILE rows further per group
+    tile0 = (rr // TILE) * (K // G) * TILE + rr % TILE
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, GPS, HW), dtype=tl.float32)
-    if PER > 0:
+    if PER > 0 and PREFETCH:  # unrolled; the next step's weights are loaded before this step's are used
+        # (Triton puts barriers between steps, for the x operand's layout conversion: without the
+        # prefetch a program has one step's loads in flight at a time; with it, ~1/3 more registers)
+        g0 = pid_k * PER * GPS
+        wq, sc, off = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0, HW, TILE, GPS, HAS_ZERO)
         for i in tl.static_range(PER):
-            tile, row = _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, (pid_k * PER + i) * GPS, m, stride_xm,
-                                   HW, TILE, BLOCK_N, GPS, HAS_ZERO, F16X2)
+            if i + 1 < PER:
+                wq2, sc2, off2 = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0 + (i + 1) * GPS, HW, TILE, GPS, HAS_ZERO)
+            tile, row = _int4_step(x_ptr, xw_ptr, wq, sc, off, g0 + i * GPS, m, stride_xm, HW, BLOCK_N, GPS,
+                                   HAS_ZERO, F16X2)
+            acc3 += tile
+            acc += row
+            if i + 1 < PER:
+                wq, sc, off = wq2, sc2, off2
+    elif PER > 0:
+        for i in tl.static_range(PER):
+            g0 = (pid_k * PER + i) * GPS
+            wq, sc, off = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, g0, HW, TILE, GPS, HAS_ZERO)
+            tile, row = _int4_step(x_ptr, xw_ptr, wq, sc, off, g0, m, stride_xm, HW, BLOCK_N, GPS, HAS_ZERO, F16X2)
             acc3 += tile
             acc += row
     else:
         per = tl.cdiv(NS, SPLIT)
         for st in range(pid_k * per, tl.minimum(NS, pid_k * per + per)):
-            tile, row = _int4_step(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, tile0, st * GPS, m, stride_xm, HW, TILE,
-                                   BLOCK_N, GPS, HAS_ZERO, F16X2)
+            wq, sc, off = _int4_weights(q_ptr, s_ptr, z_ptr, tile0, st * GPS, HW, TILE, GPS, HAS_ZERO)
+            tile, row = _int4_step(x_ptr, xw_ptr, wq, sc, off, st * GPS, m, stride_xm, HW, BLOCK_N, GPS, HAS_ZERO,
+                                   F16X2)
             acc3 += tile
             acc += row
     return acc + tl.sum(tl.sum(acc3, axis=2), axis=1)
@@ -292,11 +320,59 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         store_tile(acc, b_ptr, y_ptr, rm, rn, mm, mn, N, e0_ptr, e1_ptr, HAS_BIAS, EPI, E0, E1)
 
 
+# Multi-step programs load the next step's weights during this one (``prefetch`` 1), or not (0).
+# Offline (ptxas of Triton 3.6, 16 rows x 4 groups x 8 steps) it issues two steps' loads before the
+# first barrier at 96 registers a thread instead of 72: ~40 KB in flight per SM instead of ~28.
+# Not yet timed on a GPU, so the default stays the measured 0; the autotuner tries both.
+GEMV_PREFETCH = 0
+
+
+def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
+    """The decode GEMV's launch config without tuning. Few output rows and a short K (Llama-1B's
+    2048 -> 2048 / 512 projections): 8-row blocks that take their whole share of K in one step,
+    so each program issues all its loads at once and the grid still fills the GPU (the best of the
+    sweep at 1x2048->2048 on the H100, RESULTS.md). Otherwise 16 rows and 4 groups a step (steps
+    unrolled; ``GEMV_PREFETCH``), K split until 2 programs per SM (6 was slower at each Llama
+    shape in the H100 sweep: 1x4096->4096 6.8 vs 6.3 us, 1x2048->8192 6.6 vs 5.2). (One step of a
+    whole 4096-long row block needs ~130 registers a thread under Triton 3.6: 1 program per SM,
+    twice as slow.)"""
+    if not pair and groups <= 16 and triton.cdiv(n, 16) < 2 * (4 if INTERPRET else sm_count(device)):
+        sp = split_factor(triton.cdiv(n, 8), groups, 1, device)
+        warps = 8 if 8 * (groups // sp) * hw >= 2048 else 4
+        return {"block_n": 8, "gps": 0, "split": sp, "warps": warps, "prefetch": 1}
+    gps = min(4, groups)
+    return {"block_n": 16, "gps": gps, "split": split_factor(triton.cdiv(n, 16), groups // gps, 2, device), "warps": 4,
+            "prefetch": GEMV_PREFETCH}
+
+
+def gemv_candidates(groups: int, hw: int, pair: bool) -> list[dict]:
+    """What ``PRESSO_AUTOTUNE=1`` tries at decode: row blocks of 8..64, K split 1..8, one step per
+    program (4..32 words per thread), or several steps of 2..8 groups (4..16 words a step, with and
+    without the prefetch of the next step); 4 or 8 warps."""
+    out = []
+    for bn in (8, 16, 32, 64):
+        for sp in (1, 2, 4, 8):
+            if sp > groups:
+                continue
+            for nw in (4, 8):
+                words = bn * (groups // sp) * hw * (2 if pair else 1) / (32 * nw)
+                if 4 <= words <= 32:
+                    out.append({"block_n": bn, "gps": 0, "split": sp, "warps": nw, "prefetch": 1})
+            for gps in (2, 4, 8):
+                for nw in (4, 8):
+                    words = bn * gps * hw * (2 if pair else 1) / (32 * nw)
+                    if bn <= 32 and gps * sp < groups and 4 <= words <= 16:
+                        out += [{"block_n": bn, "gps": gps, "split": sp, "warps": nw, "prefetch": pf} for pf in (0, 1)]
+    return out
+
+
 def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor] = None,
                       split: Optional[int] = None, num_warps: Optional[int] = None,
-                      epilogue: Optional[Epilogue] = None, extras: tuple = (), pair: bool = False) -> torch.Tensor:
+                      epilogue: Optional[Epilogue] = None, extras: tuple = (), pair: bool = False,
+                      config: Optional[dict] = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) (-> epilogue) -> [..., N] with W in the tiled layout (``pack_int4``).
-    Launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py).
+    Launches take ``split`` / ``num_warps`` if given, else the per-shape choice (autotune.py);
+    ``config``: a whole decode (M <= 2) launch config (``gemv_candidates``' keys), for benchmarks.
     ``pair``: W stacks two halves of N/2 rows and ``epilogue`` combines them (its accumulator is the
     first half's, its one extra operand the second half's): [..., N/2] out, in one launch at decode
     (M <= 2), else the stacked product and then the epilogue over its halves."""
@@ -327,11 +403,14 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
             bn = cfg["block_n"]
             while pair and N % bn:                # a paired row block must not cross a half
                 bn //= 2
-            gps = cfg.get("gps", 1)               # a power of two dividing the group count
-            while groups % gps:
+            blocks = triton.cdiv(N, bn)
+            sp = max(1, min(cfg["split"], groups))
+            gps = cfg["gps"] or max(1, groups // sp)   # 0: the program's whole share of K in one step
+            gps = 1 << (gps.bit_length() - 1)
+            while groups % gps:                   # a power of two dividing the group count
                 gps //= 2
-            blocks, steps = triton.cdiv(N, bn), groups // gps
-            sp = min(cfg["split"], steps) if cfg["split"] else split_factor(blocks, steps, 6, x.device)
+            steps = groups // gps
+            sp = min(sp, steps)
             ws = torch.empty(M * sp, 2 * N if pair else N, dtype=torch.float32, device=x.device) if sp > 1 else y
             f16x2 = x.dtype == torch.float16 and cfg.get("f16x2", True)
             _int4_gemv_kernel[(blocks, sp, M)](x2, x2.view(torch.int32) if f16x2 else x2, w.q, w.scales, z, b, y,
@@ -339,17 +418,17 @@ def int4_linear_tiled(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tenso
                                                x2.stride(0), HW=hw, TILE=TILE_ROWS, BLOCK_N=bn, GPS=gps, SPLIT=sp,
                                                PER=steps // sp if steps % sp == 0 and steps // sp <= 8 else 0,
                                                HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                                               F16X2=f16x2, PAIR=pair, num_warps=cfg["warps"], **epi)
-        # 16 rows x 4 groups per step: the best of the sweep at 1x4096->14336 on the H100 (RESULTS.md)
-        default = {"block_n": 16, "gps": 4, "split": None, "warps": 4}
-        if split is not None or num_warps is not None:
-            cfg = dict(default, split=split, warps=num_warps or 4)
+                                               F16X2=f16x2, PAIR=pair, PREFETCH=bool(cfg.get("prefetch", 1)),
+                                               num_warps=cfg["warps"], **epi)
+        if config is not None:
+            cfg = config
+        elif split is not None or num_warps is not None:
+            cfg = gemv_default(N, groups, hw, pair, x.device)
+            cfg.update({k: v for k, v in (("split", split), ("warps", num_warps)) if v is not None})
         else:
             cfg = choose("int4_gemv" + ("_pair" if pair else ""), (M, N, K, w.group_size, w.zeros is not None, x.dtype),
-                         x.device,
-                         lambda: [{"block_n": bn, "gps": gps, "split": sp, "warps": nw} for bn in (16, 32, 64)
-                          for gps in (1, 4, 8) if bn * gps <= 256 for sp in (None, 1, 4) for nw in (4, 8)],
-                         launch, default)
+                         x.device, lambda: gemv_candidates(groups, hw, pair), launch,
+                         gemv_default(N, groups, hw, pair, x.device))
         launch(cfg)
     else:
         bm = 16 if M <= 16 else 64
