@@ -45,6 +45,9 @@ RECIPES = {
     "2:4-sparsegpt": "sparsify{pattern=2:4,method=sparsegpt}",
     "lowrank-svd-0.8": "lowrank{method=svd,ratio=0.8}",
     "lowrank-whitened-0.8": "lowrank{method=whitened,ratio=0.8}",
+    "lowrank-whitened-0.8-oneshot": "lowrank{method=whitened,ratio=0.8,sequential=false}",
+    "lowrank-whitened-0.8-noupdate": "lowrank{method=whitened,ratio=0.8,update=false}",
+    "lowrank-whitened-0.8-uniform": "lowrank{method=whitened,ratio=0.8,allocation=uniform}",
     "kv-0.5": "kv_cache{rank_ratio=0.5,grouping=group-head,group_size=4}",
 }
 
