@@ -48,6 +48,8 @@ RECIPES = {
     "lowrank-whitened-0.8-oneshot": "lowrank{method=whitened,ratio=0.8,sequential=false}",
     "lowrank-whitened-0.8-noupdate": "lowrank{method=whitened,ratio=0.8,update=false}",
     "lowrank-whitened-0.8-uniform": "lowrank{method=whitened,ratio=0.8,allocation=uniform}",
+    "lowrank-whitened-0.8-bytype": "lowrank{method=whitened,ratio=0.8,allocation=by-type}",
+    "lowrank-whitened-0.8-damp0.01": "lowrank{method=whitened,ratio=0.8,damp=0.01}",
     "kv-0.5": "kv_cache{rank_ratio=0.5,grouping=group-head,group_size=4}",
 }
 

@@ -91,7 +91,7 @@ def test_update_lowers_the_models_output_error():
     assert ranks(base + "}") == ranks(base + ",update=false}") == ranks(base + ",sequential=false}")
 
 
-@pytest.mark.parametrize("allocation", ["greedy", "uniform"])
+@pytest.mark.parametrize("allocation", ["greedy", "by-type", "uniform"])
 @pytest.mark.parametrize("ratio", [0.8, 0.5])
 def test_allocation_meets_the_parameter_budget_with_kernel_friendly_ranks(allocation, ratio):
     recipe = f"lowrank{{method=whitened,ratio={ratio},allocation={allocation}}}"
@@ -108,7 +108,7 @@ def test_allocation_meets_the_parameter_budget_with_kernel_friendly_ranks(alloca
             assert r % 8 == 0 and r * (o + i) < o * i, (name, r)
             kept += r * (o + i)
     assert kept <= ratio * total
-    # the budget is spent, not wasted (uniform rounds every rank down to a multiple of 8)
+    # the budget is spent, not wasted (uniform and by-type allocate in coarse steps on tiny layers)
     assert kept > (ratio - (0.05 if allocation == "greedy" else 0.15)) * total
     linear_params = sum(g.params[n.inputs[1].name].data.numel() for n in g.nodes if n.op == "linear")
     assert linear_params == kept
@@ -121,7 +121,7 @@ def test_greedy_allocation_gives_layers_different_ranks():
 
 
 @pytest.mark.parametrize("recipe, msg", [
-    ("lowrank{allocation=even}", r"option 'allocation' must be one of \['greedy', 'uniform'\], got 'even'"),
+    ("lowrank{allocation=even}", r"option 'allocation' must be one of \['greedy', 'by-type', 'uniform'\], got 'even'"),
     ("lowrank{method=whitened,damp=-1}", r"option 'damp' must be >= 0, got -1"),
     ("lowrank{method=whitened,update=maybe}", r"option 'update'"),
     ("lowrank{method=whitened,sequential=2}", r"option 'sequential'"),

@@ -11,14 +11,17 @@
   closed form), truncated in X~'s whitened space, which makes B the least-squares B given A.
 * Ranks: ``ratio`` (fraction of the eligible layers' parameters kept) spent greedily where the
   output error (from the whitened singular values of the uncompressed model) drops most per
-  parameter, or explicit ``ranks="regex:r;regex:full"``; ``allocation=uniform`` gives every layer
-  the same fraction. Layers where factoring would not save parameters stay dense (and keep their
+  parameter, or explicit ``ranks="regex:r;regex:full"``; ``allocation=by-type`` does so within each
+  layer type (weight names up to the layer index: every q_proj, every down_proj), each type keeping
+  ``ratio`` (SVD-LLM v2's per-type allocation); ``allocation=uniform`` gives every layer the same
+  fraction. Layers where factoring would not save parameters stay dense (and keep their
   parameters in the budget).
 * ``share_input=True``: linears reading the same tensor (q/k/v, gate/up) share one
   down-projection A (SkipCat), factored jointly from their stacked weights.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -110,13 +113,14 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
     "ranks": Option(str, "", help="explicit ranks, 'regex:r;regex:full' on weight names (overrides ratio)"),
     "share_input": Option(bool, False, help="linears reading one tensor share the down-projection"),
     "rank_multiple": Option(int, 8, check=lambda m: m >= 1, allowed=">= 1", help="ranks are multiples of this"),
-    "allocation": Option(str, "greedy", choices=("greedy", "uniform"),
-                         help="ranks where the output error per parameter is lowest, or the same fraction per layer"),
+    "allocation": Option(str, "greedy", choices=("greedy", "by-type", "uniform"),
+                         help="ranks where the output error per parameter is lowest (over all layers, or within "
+                              "each layer type, each type keeping ratio), or the same fraction per layer"),
     "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
                                           "factored (else all layers on the uncompressed model)"),
     "update": Option(bool, True, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
                                       "(closed-form least squares)"),
-    "damp": Option(float, 0.01, check=lambda d: d >= 0, allowed=">= 0",
+    "damp": Option(float, 0.001, check=lambda d: d >= 0, allowed=">= 0",
                    help="update: ridge toward the original weight, relative to the mean input energy"),
 })
 def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int,
@@ -163,7 +167,7 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
     show = getattr(ctx, "progress", True)
     lead = {grp[0].node: grp for grp in groups}
     curves: dict = {}
-    if not explicit and allocation == "greedy":
+    if not explicit and allocation != "uniform":
         def measure(x, nodes, st):
             for node in nodes:
                 curves[node] = whitened_spectrum(_stacked(lead[node]), st.gram)
@@ -200,6 +204,15 @@ def _ranks(groups, curves, explicit, ratio: float, multiple: int, allocation: st
         return out
     if allocation == "uniform":
         return [_uniform_rank(grp, ratio, multiple) for grp in groups]
+    if allocation == "by-type":
+        kinds: dict = {}
+        for i, grp in enumerate(groups):
+            kinds.setdefault(re.sub(r"\d+", "#", grp[0].weight.name), []).append(i)
+        out: list = [None] * len(groups)
+        for idx in kinds.values():
+            for i, r in zip(idx, _allocate([groups[i] for i in idx], [curves[i] for i in idx], ratio, multiple)):
+                out[i] = r
+        return out
     return _allocate(groups, curves, ratio, multiple)
 
 
