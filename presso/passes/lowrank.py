@@ -161,9 +161,14 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     return dce(g)
 
 
+ALLOCATION_SHARE = 4    # the spectra for the allocation come from this fraction of the calibration batches
+
+
 def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp) -> None:
-    """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time),
-    then a second walk factoring each layer on the compressed layers' outputs."""
+    """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time,
+    over a quarter of the calibration batches: the allocation needs the spectra's shape, not their
+    last digits, and this walk is a third of the pass's cost), then a second walk factoring each
+    layer on the compressed layers' outputs."""
     show = getattr(ctx, "progress", True)
     lead = {grp[0].node: grp for grp in groups}
     curves: dict = {}
@@ -171,7 +176,8 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
         def measure(x, nodes, st):
             for node in nodes:
                 curves[node] = whitened_spectrum(_stacked(lead[node]), st.gram)
-        calibrate_sequentially(g, samples, list(lead), measure, progress=show, desc="lowrank{allocation}")
+        calibrate_sequentially(g, samples[:max(1, len(samples) // ALLOCATION_SHARE)], list(lead), measure,
+                               progress=show, desc="lowrank{allocation}")
     rank_of = _ranks(groups, [curves.get(grp[0].node) for grp in groups], explicit, ratio, multiple, allocation)
     plan = {grp[0].node: (grp, r) for grp, r in zip(groups, rank_of) if r is not None}
 
