@@ -88,7 +88,7 @@ def test_update_lowers_the_models_output_error():
     oneshot, plain, fitted = (output_error(base + extra) for extra in (",sequential=false}", ",update=false}", "}"))
     assert fitted < plain and fitted < oneshot
     ranks = lambda recipe: {k: v.get("rank") for k, v in compiled(recipe).graph.meta["compression"].items()}  # noqa: E731
-    assert ranks(base + "}") == ranks(base + ",update=false}") == ranks(base + ",sequential=false}")
+    assert ranks(base + "}") == ranks(base + ",update=false}")      # the same allocation: only the fit differs
 
 
 @pytest.mark.parametrize("allocation", ["greedy", "by-type", "uniform"])
