@@ -98,15 +98,16 @@ def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factorization:
     """Factors fitted to the uncompressed outputs: with X the uncompressed input and X~ the
-    compressed one (rows = tokens), minimize ||X W^T - X~ W'^T||^2 + lam ||W' - W||^2 over rank-r W'.
-    With L L^T = X~^T X~ + lam I that is ||(W' - W*) L||^2 + const, W* L = (W C + lam W) L^{-T},
-    C = X^T X~: the truncated SVD of W* L gives B = U_r S_r (the least-squares B for A) and
-    A = V_r^T L^{-1}. ``damp`` is lam relative to the mean diagonal of X~^T X~."""
+    compressed one (rows = tokens), minimize ||X W^T - X~ W'^T||^2 + ||(W' - W) D^1/2||^2 over
+    rank-r W', D = damp * diag(X~^T X~) (a ridge toward W, per input channel at its own scale, so
+    that it does not flatten the whitening of low-energy channels). With L L^T = X~^T X~ + D that
+    is ||(W' - W*) L||^2 + const, W* L = (W C + W D) L^{-T}, C = X^T X~: the truncated SVD of W* L
+    gives B = U_r S_r (the least-squares B for A) and A = V_r^T L^{-1}."""
     w = w.double()
     g = stats.gram.double()
-    lam = damp * g.diagonal().mean().clamp_min(1e-12)
-    L = torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
-    M = torch.linalg.solve_triangular(L.T, w @ stats.cross.double() + lam * w, upper=True, left=False)
+    d = damp * g.diagonal() + 1e-9 * g.diagonal().mean().clamp_min(1e-12)
+    L = torch.linalg.cholesky(g + torch.diag(d))
+    M = torch.linalg.solve_triangular(L.T, w @ stats.cross.double() + w * d, upper=True, left=False)
     U, S, Vh = svd(M)
     Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
     energy = S ** 2
@@ -138,8 +139,8 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
                                           "factored (else all layers on the uncompressed model)"),
     "update": Option(bool, True, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
                                       "(closed-form least squares)"),
-    "damp": Option(float, 0.001, check=lambda d: d >= 0, allowed=">= 0",
-                   help="update: ridge toward the original weight, relative to the mean input energy"),
+    "damp": Option(float, 0.01, check=lambda d: d >= 0, allowed=">= 0",
+                   help="update: ridge toward the original weight, relative to each input channel's energy"),
 })
 def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int,
             allocation: str, sequential: bool, update: bool, damp: float):
