@@ -83,12 +83,13 @@ def test_fitted_factors_at_full_rank_on_unchanged_inputs_are_the_weight():
     assert torch.allclose(f.B @ f.A, w.double(), atol=1e-8)
 
 
-def test_update_lowers_the_models_output_error():
+def test_update_lowers_the_output_error_on_the_calibration_samples():
     base = "lowrank{method=whitened,ratio=0.8"
-    oneshot, plain, fitted = (output_error(base + extra) for extra in (",sequential=false}", ",update=false}", "}"))
+    oneshot, plain, fitted = (output_error(base + extra) for extra in (",sequential=false}", ",update=false}",
+                                                                        ",update=true}"))
     assert fitted < plain and fitted < oneshot
     ranks = lambda recipe: {k: v.get("rank") for k, v in compiled(recipe).graph.meta["compression"].items()}  # noqa: E731
-    assert ranks(base + "}") == ranks(base + ",update=false}")      # the same allocation: only the fit differs
+    assert ranks(base + ",update=true}") == ranks(base + ",update=false}")      # the same allocation: only the fit differs
 
 
 @pytest.mark.parametrize("allocation", ["greedy", "by-type", "uniform"])

@@ -137,8 +137,9 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
                               "each layer type, each type keeping ratio), or the same fraction per layer"),
     "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
                                           "factored (else all layers on the uncompressed model)"),
-    "update": Option(bool, True, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
-                                      "(closed-form least squares)"),
+    "update": Option(bool, False, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
+                                       "(closed-form least squares; on SmolLM2-135M it overfits the calibration "
+                                       "text: see benchmarks/RESULTS.md)"),
     "damp": Option(float, 0.01, check=lambda d: d >= 0, allowed=">= 0",
                    help="update: ridge toward the original weight, relative to each input channel's energy"),
 })
@@ -180,14 +181,14 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     return dce(g)
 
 
-ALLOCATION_SHARE = 4    # the spectra for the allocation come from this fraction of the calibration batches
+ALLOCATION_SHARE = 1    # the spectra for the allocation come from this fraction of the calibration batches
 
 
 def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp) -> None:
-    """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time,
-    over a quarter of the calibration batches: the allocation needs the spectra's shape, not their
-    last digits, and this walk is a third of the pass's cost), then a second walk factoring each
-    layer on the compressed layers' outputs."""
+    """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time;
+    from fewer batches than all, the 1536-wide inputs' Grams lose rank, their spectra's tails look
+    small and the allocation cuts those layers too deep), then a second walk factoring each layer on
+    the compressed layers' outputs."""
     show = getattr(ctx, "progress", True)
     lead = {grp[0].node: grp for grp in groups}
     curves: dict = {}
