@@ -64,9 +64,7 @@ def svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> Factorization:
     w = w.double()
     if whitened:
-        g = gram.double()
-        damp = 1e-6 * g.diagonal().mean().clamp_min(1e-12)
-        L = torch.linalg.cholesky(g + damp * torch.eye(g.shape[0], dtype=g.dtype))
+        L = _cholesky(gram, 1e-6)
         U, S, Vh = svd(w @ L)
         Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # Vh L^{-1}
         energy = S ** 2                                   # exact output energy per component
@@ -79,10 +77,18 @@ def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> 
     return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=tail / total)
 
 
-def _cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    g = gram.double()
-    lam = damp * g.diagonal().mean().clamp_min(1e-12)
-    return torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
+def _cholesky(gram: torch.Tensor, damp: float, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cholesky factor of gram + diag + damp * mean(diag(gram)) I; the damping grows tenfold until
+    the factorization succeeds (a Gram summed from float32 products can be numerically singular)."""
+    g = gram.double() + (torch.diag(diag) if diag is not None else 0)
+    scale = g.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(g + damp * scale * eye)
+        if int(info) == 0:
+            return L
+        damp = max(damp * 10, 1e-9)
+    return torch.linalg.cholesky(g + damp * scale * eye)
 
 
 def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -105,8 +111,8 @@ def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factor
     gives B = U_r S_r (the least-squares B for A) and A = V_r^T L^{-1}."""
     w = w.double()
     g = stats.gram.double()
-    d = damp * g.diagonal() + 1e-9 * g.diagonal().mean().clamp_min(1e-12)
-    L = torch.linalg.cholesky(g + torch.diag(d))
+    d = damp * g.diagonal()
+    L = _cholesky(g, 1e-9, d)
     M = torch.linalg.solve_triangular(L.T, w @ stats.cross.double() + w * d, upper=True, left=False)
     U, S, Vh = svd(M)
     Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
