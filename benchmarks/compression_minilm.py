@@ -30,10 +30,10 @@ RECIPES = [
     "sparsify{pattern=auto,method=wanda,density=0.5}",
     "sparsify{pattern=auto,method=wanda,density=0.75}",
     "lowrank{method=svd,ratio=0.9}",
-    "lowrank{method=whitened,ratio=0.9}",
+    "lowrank{method=whitened,ratio=0.9,sequential=false}",
     "lowrank{method=svd,ratio=0.7}",
-    "lowrank{method=whitened,ratio=0.7}",
-    "lowrank{method=whitened,ratio=0.9,share_input=true}",
+    "lowrank{method=whitened,ratio=0.7,sequential=false}",
+    "lowrank{method=whitened,ratio=0.9,share_input=true,sequential=false}",
 ]
 
 

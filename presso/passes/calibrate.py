@@ -24,6 +24,10 @@ class LinearStats:
     rows: int
     amax: Optional[torch.Tensor] = None   # (in,) float64: max over rows of |x_j| (SmoothQuant)
     abs_sum: Optional[torch.Tensor] = None  # (in,) float64: sum over rows of |x_j| (AWQ's saliency)
+    # sequential calibration with reference=True: the same input in the uncompressed model, and
+    # the cross Gram sum over rows of x_ref x^T (in, in), for fitting to the uncompressed outputs
+    reference: Optional["LinearStats"] = None
+    cross: Optional[torch.Tensor] = None
 
     @property
     def sq_norm(self) -> torch.Tensor:

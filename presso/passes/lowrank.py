@@ -1,16 +1,27 @@
 """lowrank: factor linear layers W (out x in) into A (r x in) then B (out x r).
 
 * ``method="svd"``: truncated SVD of W.
-* ``method="whitened"``: SVD of W L where L L^T is the calibration Gram (SVD-LLM / Palu): the
-  truncation then minimizes the error of the layer's *outputs* on the calibration data, exactly.
+* ``method="whitened"``: SVD of W L where L L^T is the calibration Gram (SVD-LLM's truncation-aware
+  whitening): B = U_r S_r, A = V_r^T L^{-1}, so the truncation minimizes the error of the layer's
+  *outputs* on the calibration data, exactly.
+* ``sequential`` (whitened): each layer is factored on the inputs the compressed layers before it
+  produce (``calibrate_sequentially``). With ``update`` it is also fitted to the *uncompressed*
+  model's outputs: the closed-form least-squares weight W* = argmin ||W X - W' X~||^2 (X the
+  uncompressed input, X~ the compressed one; SVD-LLM's post-truncation parameter update, done in
+  closed form), truncated in X~'s whitened space, which makes B the least-squares B given A.
 * Ranks: ``ratio`` (fraction of the eligible layers' parameters kept) spent greedily where the
-  measured output error drops most per parameter (FLRC-style allocation), or explicit
-  ``ranks="regex:r;regex:full"``. Layers where factoring would not save parameters stay dense.
+  output error (from the whitened singular values of the uncompressed model) drops most per
+  parameter, or explicit ``ranks="regex:r;regex:full"``; ``allocation=by-type`` does so within each
+  layer type (weight names up to the layer index: every q_proj, every down_proj), each type keeping
+  ``ratio`` (SVD-LLM v2's per-type allocation); ``allocation=uniform`` gives every layer the same
+  fraction. Layers where factoring would not save parameters stay dense (and keep their
+  parameters in the budget).
 * ``share_input=True``: linears reading the same tensor (q/k/v, gate/up) share one
   down-projection A (SkipCat), factored jointly from their stacked weights.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,8 +29,10 @@ import torch
 
 from ..errors import PipelineError
 from ..ir.graph import Graph
+from .calibrate import LinearStats, normalize_samples
 from .compress_common import (Linear, calibration_stats, dense_linears, derive, greedy_allocate, match_patterns,
                               output_error, record, replace_linear, require_match)
+from .sequential import calibrate_sequentially
 from .dce import dce
 from .registry import Option, register_pass
 from .progress import progress
@@ -34,22 +47,88 @@ class Factorization:
     err: torch.Tensor      # (k + 1,) relative output error for r = 0..k
 
 
+def svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a float64 matrix from the eigendecomposition of its smaller Gram matrix (several
+    times faster than LAPACK's SVD at these sizes). Singular values below ~1e-8 of the largest lose
+    digits, but U S Vh still reproduces ``m`` (U U^T m), and truncation drops them first."""
+    wide = m.shape[0] <= m.shape[1]
+    e, Q = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+    e, Q = e.flip(0).clamp_min(0), Q.flip(1)
+    S = e.sqrt()
+    safe = S.clamp_min(S[0].clamp_min(1e-300) * 1e-15)
+    if wide:
+        return Q, S, (Q.T @ m) / safe[:, None]
+    return (m @ Q) / safe[None, :], S, Q.T
+
+
 def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> Factorization:
     w = w.double()
     if whitened:
-        g = gram.double()
-        damp = 1e-6 * g.diagonal().mean().clamp_min(1e-12)
-        L = torch.linalg.cholesky(g + damp * torch.eye(g.shape[0], dtype=g.dtype))
-        U, S, Vh = torch.linalg.svd(w @ L, full_matrices=False)
+        L = _cholesky(gram, 1e-6)
+        U, S, Vh = svd(w @ L)
         Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # Vh L^{-1}
         energy = S ** 2                                   # exact output energy per component
     else:
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, Vh = svd(w)
         energy = S ** 2 * (((Vh @ gram.double()) * Vh).sum(1) if gram is not None else 1.0)
     total = energy.sum().clamp_min(1e-300)
     tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
     root = S.sqrt()
     return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=tail / total)
+
+
+def _cholesky(gram: torch.Tensor, damp: float, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cholesky factor of gram + diag + damp * mean(diag(gram)) I; the damping grows tenfold until
+    the factorization succeeds (a Gram summed from float32 products can be numerically singular)."""
+    g = gram.double() + (torch.diag(diag) if diag is not None else 0)
+    scale = g.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(g + damp * scale * eye)
+        if int(info) == 0:
+            return L
+        damp = max(damp * 10, 1e-9)
+    return torch.linalg.cholesky(g + damp * scale * eye)
+
+
+def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Relative output error of keeping r whitened components, r = 0..k (the allocation's curve)."""
+    w = w.double()
+    if w.shape[0] <= w.shape[1]:       # the eigenvalues of W G W^T are the squared singular values of W L
+        energy = torch.linalg.eigvalsh(w @ gram.double() @ w.T).flip(0).clamp_min(0)
+    else:
+        m = w @ _cholesky(gram, 1e-6)
+        energy = torch.linalg.eigvalsh(m.T @ m).flip(0).clamp_min(0)
+    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / energy.sum().clamp_min(1e-300)
+
+
+def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factorization:
+    """Factors fitted to the uncompressed outputs: with X the uncompressed input and X~ the
+    compressed one (rows = tokens), minimize ||X W^T - X~ W'^T||^2 + ||(W' - W) D^1/2||^2 over
+    rank-r W', D = damp * diag(X~^T X~) (a ridge toward W, per input channel at its own scale, so
+    that it does not flatten the whitening of low-energy channels). With L L^T = X~^T X~ + D that
+    is ||(W' - W*) L||^2 + const, W* L = (W C + W D) L^{-T}, C = X^T X~: the truncated SVD of W* L
+    gives B = U_r S_r (the least-squares B for A) and A = V_r^T L^{-1}."""
+    w = w.double()
+    g = stats.gram.double()
+    d = damp * g.diagonal()
+    L = _cholesky(g, 1e-9, d)
+    M = torch.linalg.solve_triangular(L.T, w @ stats.cross.double() + w * d, upper=True, left=False)
+    U, S, Vh = svd(M)
+    Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
+    energy = S ** 2
+    total = ((w @ stats.reference.gram.double()) * w).sum().clamp_min(1e-300)
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+    root = S.sqrt()
+    return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=((total - kept) / total).clamp_min(0))
+
+
+def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float:
+    """||X W^T - X~ W2^T||^2 / ||X W^T||^2 from the statistics (X uncompressed, X~ compressed input)."""
+    w, w2 = w.double(), w2.double()
+    ref = stats.reference.gram.double()
+    num = ((w @ ref) * w).sum() - 2 * ((w @ stats.cross.double()) * w2).sum() + ((w2 @ stats.gram.double()) * w2).sum()
+    return float(num.clamp_min(0) / ((w @ ref) * w).sum().clamp_min(1e-300))
 
 
 @register_pass("lowrank", lossy=True, options={
@@ -59,38 +138,123 @@ def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> 
     "ranks": Option(str, "", help="explicit ranks, 'regex:r;regex:full' on weight names (overrides ratio)"),
     "share_input": Option(bool, False, help="linears reading one tensor share the down-projection"),
     "rank_multiple": Option(int, 8, check=lambda m: m >= 1, allowed=">= 1", help="ranks are multiples of this"),
+    "allocation": Option(str, "greedy", choices=("greedy", "by-type", "uniform"),
+                         help="ranks where the output error per parameter is lowest (over all layers, or within "
+                              "each layer type, each type keeping ratio), or the same fraction per layer"),
+    "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
+                                          "factored (else all layers on the uncompressed model)"),
+    "update": Option(bool, False, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
+                                       "(closed-form least squares; on SmolLM2-135M it overfits the calibration "
+                                       "text: see benchmarks/RESULTS.md)"),
+    "damp": Option(float, 0.01, check=lambda d: d >= 0, allowed=">= 0",
+                   help="update: ridge toward the original weight, relative to each input channel's energy"),
 })
-def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int):
+def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int,
+            allocation: str, sequential: bool, update: bool, damp: float):
     """Factor linears into two smaller linears; see the module docstring."""
     from .quantize import dequantize_layers, requantize_layers
     explicit = match_patterns(ranks, "ranks", "lowrank")
     for _, val in explicit:
         if val != "full" and not (val.isdigit() and int(val) > 0):
             raise PipelineError(f"pass 'lowrank': option 'ranks' values must be positive ints or 'full', got {val!r}")
-    requant = dequantize_layers(g)  # running after quantize: factor the float weights, then re-quantize
     linears = dense_linears(g)
     if explicit:
         require_match(g, [p for p, _ in explicit], [l.weight.name for l in linears], "ranks", "lowrank")
         linears = [l for l in linears if any(p.search(l.weight.name) for p, _ in explicit)]
+    what = f"lowrank{{method={method}}}"
+    if method == "whitened" and sequential:
+        samples = normalize_samples(getattr(ctx, "calibration", None))
+        if not samples:
+            calibration_stats(g, ctx, [], need=True, what=what)     # raises: whitening needs calibration
+    requant = dequantize_layers(g)  # running after quantize: factor the float weights, then re-quantize
     groups = _group(linears, share_input)
-    stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened",
-                              what=f"lowrank{{method={method}}}")
-    facts, rank_of = [], []
-    for grp in progress(groups, getattr(ctx, "progress", True), desc=f"lowrank{{method={method}}}", unit="layer"):
-        w = torch.cat([l.tensor for l in grp], 0)
+    if method == "whitened" and sequential:
+        _lowrank_sequential(g, ctx, samples, groups, explicit, ratio, rank_multiple, allocation, update, damp)
+        requantize_layers(g, requant, "lowrank")
+        return dce(g)
+    stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened", what=what)
+    facts = []
+    for grp in progress(groups, getattr(ctx, "progress", True), desc=what, unit="layer"):
         gram = stats[grp[0].node.name].gram if stats else None
-        facts.append(factorize(w, gram, method == "whitened"))
-    if explicit:
-        for grp, f in zip(groups, facts):
-            val = next(v for p, v in explicit if p.search(grp[0].weight.name))
-            rank_of.append(f.A.shape[0] if val == "full" else min(int(val), f.A.shape[0]))
-    else:
-        rank_of = _allocate(groups, facts, ratio, rank_multiple)
+        facts.append(factorize(_stacked(grp), gram, method == "whitened"))
+    rank_of = _ranks(groups, [f.err for f in facts], explicit, ratio, rank_multiple, allocation)
     for grp, f, r in zip(groups, facts, rank_of):
         if r is not None:
-            _rewrite(g, grp, f, r, stats[grp[0].node.name].gram if stats else None, method)
+            gram = stats[grp[0].node.name].gram if stats else None
+            _rewrite(g, grp, f, r, method, lambda w, w2: output_error(w, w2, gram),
+                     "calibration" if gram is not None else "weights")
     requantize_layers(g, requant, "lowrank")
     return dce(g)
+
+
+ALLOCATION_SHARE = 1    # the spectra for the allocation come from this fraction of the calibration batches
+
+
+def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp) -> None:
+    """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time;
+    from fewer batches than all, the 1536-wide inputs' Grams lose rank, their spectra's tails look
+    small and the allocation cuts those layers too deep), then a second walk factoring each layer on
+    the compressed layers' outputs."""
+    show = getattr(ctx, "progress", True)
+    lead = {grp[0].node: grp for grp in groups}
+    curves: dict = {}
+    if not explicit and allocation != "uniform":
+        def measure(x, nodes, st):
+            for node in nodes:
+                curves[node] = whitened_spectrum(_stacked(lead[node]), st.gram)
+        calibrate_sequentially(g, samples[:max(1, len(samples) // ALLOCATION_SHARE)], list(lead), measure,
+                               progress=show, desc="lowrank{allocation}")
+    rank_of = _ranks(groups, [curves.get(grp[0].node) for grp in groups], explicit, ratio, multiple, allocation)
+    plan = {grp[0].node: (grp, r) for grp, r in zip(groups, rank_of) if r is not None}
+
+    def compress(x, nodes, st):
+        for node in nodes:
+            grp, r = plan[node]
+            w = _stacked(grp)
+            if update:
+                f = factorize_fitted(w, st, damp)
+                _rewrite(g, grp, f, r, "whitened", lambda a, b: fitted_error(a, b, st), "calibration (uncompressed)")
+            else:
+                f = factorize(w, st.gram, True)
+                _rewrite(g, grp, f, r, "whitened", lambda a, b: output_error(a, b, st.gram), "calibration")
+    calibrate_sequentially(g, samples, list(plan), compress, progress=show, desc="lowrank{method=whitened}",
+                           reference=update)
+
+
+def _stacked(grp: list[Linear]) -> torch.Tensor:
+    return torch.cat([l.tensor for l in grp], 0)
+
+
+def _ranks(groups, curves, explicit, ratio: float, multiple: int, allocation: str) -> list[Optional[int]]:
+    """Per group: None (stay dense) or its rank, from ``ranks=`` or under the ``ratio`` budget."""
+    if explicit:
+        out = []
+        for grp in groups:
+            val = next(v for p, v in explicit if p.search(grp[0].weight.name))
+            k = min(grp[0].shape[1], sum(l.shape[0] for l in grp))
+            out.append(k if val == "full" else min(int(val), k))
+        return out
+    if allocation == "uniform":
+        return [_uniform_rank(grp, ratio, multiple) for grp in groups]
+    if allocation == "by-type":
+        kinds: dict = {}
+        for i, grp in enumerate(groups):
+            kinds.setdefault(re.sub(r"\d+", "#", grp[0].weight.name), []).append(i)
+        out: list = [None] * len(groups)
+        for idx in kinds.values():
+            for i, r in zip(idx, _allocate([groups[i] for i in idx], [curves[i] for i in idx], ratio, multiple)):
+                out[i] = r
+        return out
+    return _allocate(groups, curves, ratio, multiple)
+
+
+def _uniform_rank(grp: list[Linear], ratio: float, multiple: int) -> Optional[int]:
+    """The largest multiple of ``multiple`` keeping at most ``ratio`` of the group's parameters;
+    None where even that would not save parameters."""
+    n_in, n_out = grp[0].shape[1], sum(l.shape[0] for l in grp)
+    r = int(ratio * n_in * n_out / (n_in + n_out)) // multiple * multiple
+    r = max(r, min(multiple, n_in, n_out))
+    return r if r * (n_in + n_out) < n_in * n_out else None
 
 
 def _group(linears: list[Linear], share_input: bool) -> list[list[Linear]]:
@@ -102,23 +266,24 @@ def _group(linears: list[Linear], share_input: bool) -> list[list[Linear]]:
     return list(by_input.values())
 
 
-def _allocate(groups, facts, ratio: float, multiple: int) -> list[Optional[int]]:
-    """Per group: None (stay dense) or a rank, under the parameter budget."""
+def _allocate(groups, curves, ratio: float, multiple: int) -> list[Optional[int]]:
+    """Per group: None (stay dense) or a rank, under the parameter budget, from each group's
+    relative output error for r = 0..k kept components."""
     options = []
-    for grp, f in zip(groups, facts):
+    for grp, err in zip(groups, curves):
         n_in, n_out = grp[0].shape[1], sum(l.shape[0] for l in grp)
         dense = n_in * n_out
         opts = [(dense, 0.0, None)]
-        k = f.A.shape[0]
+        k = len(err) - 1
         ranks = [r for r in range(multiple * ((k - 1) // multiple), 0, -multiple) if r * (n_in + n_out) < dense]
-        opts += [(r * (n_in + n_out), float(f.err[r]), r) for r in ranks]
+        opts += [(r * (n_in + n_out), float(err[r]), r) for r in ranks]
         options.append(opts)
     budget = ratio * sum(o[0][0] for o in options)
     choice = greedy_allocate([[(c, e) for c, e, _ in o] for o in options], budget)
     return [o[j][2] for o, j in zip(options, choice)]
 
 
-def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams, method: str) -> None:
+def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, method: str, error, basis: str) -> None:
     """x -> linear(x, A) -> linear(., B_i, bias_i) for every member i of the group."""
     first = grp[0]
     dtype = first.tensor.dtype
@@ -133,9 +298,7 @@ def _rewrite(g: Graph, grp: list[Linear], f: Factorization, r: int, grams, metho
         b_data = f.B[row:row + out, :r]
         b = g.add_param(b_name, b_data.to(dtype).contiguous())
         derive(g, b_name, l.weight.name)
-        err = output_error(l.tensor, b_data @ f.A[:r], grams)
         record(g, l.weight.name, bytes_before=l.weight.type.nbytes(), rank=r, lowrank_method=method,
-               shared_down_projection=len(grp) > 1, rel_error=err,
-               error_basis="calibration" if grams is not None else "weights")
+               shared_down_projection=len(grp) > 1, rel_error=error(l.tensor, b_data @ f.A[:r]), error_basis=basis)
         replace_linear(g, l.node, g.op("linear", h, b, l.node.inputs[2], before=l.node))
         row += out

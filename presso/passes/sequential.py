@@ -9,7 +9,12 @@ samples are taken (one Gram matrix for all the linears sharing ``x``: q/k/v, gat
 ``compress(x, nodes, stats)`` rewrites those linears in place (new nodes before them, their readers
 rerouted). The walk then runs the nodes it inserted, so everything downstream sees the compressed
 outputs. One pass over the data; peak memory is one layer's activations for the calibration set
-plus one Gram matrix, never statistics for the whole model."""
+plus one Gram matrix, never statistics for the whole model.
+
+With ``reference=True`` the uncompressed model runs alongside (a copy of the graph, advanced lazily
+to each group's input), and each group's statistics also hold the uncompressed input's and the
+cross Gram, so a method can fit the compressed layer to the *uncompressed* layer's outputs
+(SVD-LLM's parameter update) instead of to the compressed inputs' image under the old weight."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
@@ -18,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..ir.graph import Graph, Node, Value
+from ..ir.interpret import bind_inputs, bind_results
 from ..ir.registry import get_op
 from .calibrate import CalibrationError, LinearStats
 
@@ -41,15 +47,16 @@ def input_stats(xs: Iterable[torch.Tensor]) -> LinearStats:
 
 def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable[Node],
                            compress: Callable[[Value, list[Node], LinearStats], None],
-                           progress: bool = False, desc: str = "calibrating") -> None:
+                           progress: bool = False, desc: str = "calibrating", reference: bool = False) -> None:
     """Walk ``g`` over ``samples`` node-major, calling ``compress`` at each group of ``targets``
     sharing an input (see the module docstring). ``compress`` must leave the replaced linears
     without readers; they are skipped and left for dead-code elimination. Where it changes how an
     already computed value is produced (a scale folded into the norm feeding the group), it
     returns ``{value: f}``, and every sample's copy of that value becomes ``f(value)``."""
-    from ..ir.interpret import bind_inputs, bind_results
+    targets = list(targets)
     pending = {id(n) for n in targets}
     total = len(pending)
+    ref = _Reference(g, samples, targets) if reference else None
     envs, bindings = [], []
     for i, s in enumerate(samples):
         try:
@@ -75,6 +82,8 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
                 group = [m for m in g.nodes[i:] if id(m) in pending and m.inputs[0] is x]
                 try:
                     stats = input_stats(env[x] for env in envs)
+                    if ref is not None:
+                        stats.reference, stats.cross = ref.stats(x, [env[x] for env in envs])
                 except CalibrationError as e:
                     raise CalibrationError(f"layer %{n.name} (weight %{n.inputs[1].name}): {e}") from None
                 pending.difference_update(id(m) for m in group)
@@ -99,6 +108,53 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
             i += 1
     if bar is not None:
         bar.close()
+
+
+def cross_gram(refs: Iterable[torch.Tensor], xs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum over rows of x_ref x^T (float32 products per sample, summed in float64)."""
+    out = None
+    for r, x in zip(refs, xs):
+        r, x = r.detach().reshape(-1, r.shape[-1]).float(), x.detach().reshape(-1, x.shape[-1]).float()
+        c = (r.T @ x).double()
+        out = c if out is None else out + c
+    return out
+
+
+class _Reference:
+    """The uncompressed model beside the walk: a copy of ``g`` taken before any rewrite, run
+    node-major up to each requested value and freeing what no later node reads."""
+
+    def __init__(self, g: Graph, samples: Sequence[tuple], targets: list):
+        self.g = g.copy()
+        self.by_name = {v.name: v for v in self.g.values()}
+        self.bindings = [bind_inputs(self.g, s) for s in samples]
+        self.envs = [dict(zip(self.g.inputs, s)) for s in samples]
+        names = {n.name for n in targets}
+        self.needed = _ancestors(self.g, {id(n) for n in self.g.nodes if n.name in names})
+        self.keep = {n.inputs[0] for n in self.g.nodes if n.name in names}   # not freed before they are read
+        self.users, self.outputs = self.g.users(), set(self.g.outputs)
+        self.done: set[int] = set()
+        self.i = 0
+
+    def stats(self, x: Value, xs: list) -> tuple[LinearStats, torch.Tensor]:
+        """The uncompressed input's statistics and the cross Gram with the compressed ``xs``."""
+        v = self.by_name.get(x.name)
+        if v is None:
+            raise CalibrationError(f"reference calibration: %{x.name} is not a value of the uncompressed model")
+        while v not in self.envs[0] and self.i < len(self.g.nodes):
+            n = self.g.nodes[self.i]
+            if id(n) in self.needed:
+                _run_node(self.g, n, self.envs, self.bindings, bind_results)
+            self.done.add(id(n))
+            for u in n.inputs:
+                if u is not None and u.kind == "node" and u not in self.outputs and u not in self.keep \
+                        and all(id(m) in self.done for m in self.users.get(u, ())):
+                    for env in self.envs:
+                        env.pop(u, None)
+            self.i += 1
+        refs = [env[v] for env in self.envs]
+        self.keep.discard(v)
+        return input_stats(refs), cross_gram(refs, xs)
 
 
 def _ancestors(g: Graph, pending: set) -> set:
