@@ -71,10 +71,15 @@ def factorize(w: torch.Tensor, gram: Optional[torch.Tensor], whitened: bool) -> 
     else:
         U, S, Vh = svd(w)
         energy = S ** 2 * (((Vh @ gram.double()) * Vh).sum(1) if gram is not None else 1.0)
-    total = energy.sum().clamp_min(1e-300)
-    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
     root = S.sqrt()
-    return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=tail / total)
+    return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=truncation_error(energy))
+
+
+def truncation_error(energy: torch.Tensor) -> torch.Tensor:
+    """Relative error of keeping the first r components, r = 0..k, from each component's energy
+    (sorted decreasing): the energy of the dropped tail over the total."""
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return tail / energy.sum().clamp_min(1e-300)
 
 
 def _cholesky(gram: torch.Tensor, damp: float, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,7 +104,7 @@ def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     else:
         m = w @ _cholesky(gram, 1e-6)
         energy = torch.linalg.eigvalsh(m.T @ m).flip(0).clamp_min(0)
-    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / energy.sum().clamp_min(1e-300)
+    return truncation_error(energy)
 
 
 def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factorization:
@@ -187,9 +192,6 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     return dce(g)
 
 
-ALLOCATION_SHARE = 1    # the spectra for the allocation come from this fraction of the calibration batches
-
-
 def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp) -> None:
     """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time;
     from fewer batches than all, the 1536-wide inputs' Grams lose rank, their spectra's tails look
@@ -202,7 +204,7 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
         def measure(x, nodes, st):
             for node in nodes:
                 curves[node] = whitened_spectrum(_stacked(lead[node]), st.gram)
-        calibrate_sequentially(g, samples[:max(1, len(samples) // ALLOCATION_SHARE)], list(lead), measure,
+        calibrate_sequentially(g, samples, list(lead), measure,
                                progress=show, desc="lowrank{allocation}")
     rank_of = _ranks(groups, [curves.get(grp[0].node) for grp in groups], explicit, ratio, multiple, allocation)
     plan = {grp[0].node: (grp, r) for grp, r in zip(groups, rank_of) if r is not None}

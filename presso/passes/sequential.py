@@ -97,14 +97,7 @@ def calibrate_sequentially(g: Graph, samples: Sequence[tuple], targets: Iterable
                 users = g.users()
                 needed = _ancestors(g, pending)
                 continue            # compress inserted nodes before n: run those next
-            if id(n) in needed and any(users.get(v) or v in outputs for v in n.outputs):
-                _run_node(g, n, envs, bindings, bind_results)
-            done.add(id(n))
-            for v in n.inputs:
-                if v is not None and v.kind == "node" and v not in outputs \
-                        and all(id(u) in done for u in users.get(v, ())):
-                    for env in envs:
-                        env.pop(v, None)
+            _step(g, n, envs, bindings, needed, done, users, outputs)
             i += 1
     if bar is not None:
         bar.close()
@@ -141,16 +134,9 @@ class _Reference:
         v = self.by_name.get(x.name)
         if v is None:
             raise CalibrationError(f"reference calibration: %{x.name} is not a value of the uncompressed model")
+        kept = self.outputs | self.keep
         while v not in self.envs[0] and self.i < len(self.g.nodes):
-            n = self.g.nodes[self.i]
-            if id(n) in self.needed:
-                _run_node(self.g, n, self.envs, self.bindings, bind_results)
-            self.done.add(id(n))
-            for u in n.inputs:
-                if u is not None and u.kind == "node" and u not in self.outputs and u not in self.keep \
-                        and all(id(m) in self.done for m in self.users.get(u, ())):
-                    for env in self.envs:
-                        env.pop(u, None)
+            _step(self.g, self.g.nodes[self.i], self.envs, self.bindings, self.needed, self.done, self.users, kept)
             self.i += 1
         refs = [env[v] for env in self.envs]
         self.keep.discard(v)
@@ -170,7 +156,19 @@ def _ancestors(g: Graph, pending: set) -> set:
     return need
 
 
-def _run_node(g: Graph, n: Node, envs: list, bindings: list, bind_results) -> None:
+def _step(g: Graph, n: Node, envs: list, bindings: list, needed: set, done: set, users: dict, kept) -> None:
+    """Advance the walk past ``n``: run it on every sample if a pending target depends on it and its
+    result is read, then free each input that no node still to run reads (except those in ``kept``)."""
+    if id(n) in needed and any(users.get(v) or v in kept for v in n.outputs):
+        _run_node(g, n, envs, bindings)
+    done.add(id(n))
+    for v in n.inputs:
+        if v is not None and v.kind == "node" and v not in kept and all(id(u) in done for u in users.get(v, ())):
+            for env in envs:
+                env.pop(v, None)
+
+
+def _run_node(g: Graph, n: Node, envs: list, bindings: list) -> None:
     opdef = get_op(n.op)
     if opdef.category != "random" and all(v is None or v.kind == "param" for v in n.inputs):
         # a weight producer (dequantize, densify_nm): the same for every sample, computed once
