@@ -82,4 +82,4 @@ def test_unknown_targets_list_the_registered_ones():
     with pytest.raises(ValueError, match="unknown target 'tpu'; valid targets: reference, cuda, llvm, aarch64"):
         targets.get_target("tpu")
     assert targets.target_names()[:4] == ("reference", "cuda", "llvm", "aarch64")
-    assert set(targets.generation_targets()) == {"reference", "cuda"}
+    assert set(targets.generation_targets()) == {"reference", "cuda", "llvm", "aarch64"}

@@ -14,6 +14,7 @@ NATIVE_CODE = "code/model.so"
 
 class LLVMTarget(Target):
     name = "llvm"
+    supports_generation = True
 
     def check_available(self) -> None:
         require("tvm", "tvm", f"target={self.name!r}")
@@ -29,6 +30,13 @@ class LLVMTarget(Target):
 
     def runs_here(self) -> bool:
         return True
+
+    def generation_runtime(self):
+        """The decode program's prefill and step graphs, each compiled by TVM for this machine
+        (caches are updated in place: ``codegen/tvm/decode_ops.py``)."""
+        if not self.runs_here():
+            raise self.unavailable(f"generation {self.why_not_runnable()}")
+        return super().generation_runtime()
 
     def runtime(self, graph, code, device="cpu"):
         if not self.runs_here():

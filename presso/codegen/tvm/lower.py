@@ -11,7 +11,6 @@ small and the artifact keeps weights in safetensors.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ from ...ir.types import DType, TensorType
 from . import hadamard as fwht
 from . import int8_avx2
 from . import linear as lin
+from .attention import emit_softmax
 from .table import LOWER, TVM_DTYPE, lowers
 
 
@@ -175,7 +175,19 @@ class Lowering:
             raise CodegenError(f"node '{n.name}' (op '{n.op}'): TVM lowering failed: {e}") from e
         res = res if isinstance(res, (list, tuple)) else [res]
         for v, r in zip(n.outputs, res):
-            self.env[v] = r
+            self.env[v] = self._with_shape(r, v)
+
+    def _with_shape(self, expr, v: Value):
+        """``expr`` with the IR's shape stated where Relax lost it or wrote it another way
+        (``min(seq, 128)`` for a slice the IR knows is ``seq`` long): a later node's broadcast and
+        ``emit_te`` need operands whose symbolic dims match."""
+        ty = getattr(expr, "ty", None)
+        if not isinstance(ty, self.rx.TensorType) or v is None or v.type.rank != ty.ndim:
+            return expr
+        want = self.sinfo(v.type)
+        if ty.shape is not None and str(ty.shape) == str(want.shape):
+            return expr
+        return self.bb.match_cast(expr, want)
 
     def _packed_inputs(self, n: Node) -> tuple:
         """Operand positions a node reads from prepacked params rather than as given."""
@@ -369,22 +381,7 @@ def _reduce(L, n, ins):
 
 @lowers("softmax")
 def _softmax(L, n, ins):
-    return _emit_softmax(L, ins[0], n.attrs["axis"] % n.inputs[0].type.rank)
-
-
-def _emit_softmax(L, x, axis):
-    def f(x):
-        from tvm import te, topi
-        last = len(x.shape) - 1
-        if axis != last:
-            return topi.nn.softmax(x, axis)
-        k1 = te.reduce_axis((0, x.shape[last]), "k1")
-        k2 = te.reduce_axis((0, x.shape[last]), "k2")
-        mx = te.compute(x.shape[:last], lambda *i: te.max(x[(*i, k1)], axis=k1), name="softmax_max")
-        e = topi.fast_exp(te.compute(x.shape, lambda *i: x[i] - mx[i[:last]], name="softmax_shift"))
-        sm = te.compute(x.shape[:last], lambda *i: te.sum(e[(*i, k2)], axis=k2), name="softmax_sum")
-        return te.compute(x.shape, lambda *i: e[i] / sm[i[:last]], name="softmax_norm")
-    return L.emit_te(f, x, name="softmax")
+    return emit_softmax(L, ins[0], n.attrs["axis"] % n.inputs[0].type.rank)
 
 
 @lowers("linear")
@@ -455,43 +452,6 @@ def _rms_norm(L, n, ins):
     return L.emit(L.rx.op.nn.rms_norm(ins[0], weight, axes, epsilon=n.attrs["eps"]))
 
 
-@lowers("attention")
-def _attention(L, n, ins):
-    rx = L.rx
-    q, k, v, mask = n.inputs
-    rank = q.type.rank
-    hq, hk = q.type.shape[-3], k.type.shape[-3]
-    kk, vv = ins[1], ins[2]
-    if hq != hk:
-        kk = L.emit(rx.op.repeat(kk, hq // hk, axis=rank - 3))
-        vv = L.emit(rx.op.repeat(vv, hq // hk, axis=rank - 3))
-    scale = n.attrs["scale"]
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.type.shape[-1])
-    dt = TVM_DTYPE[q.type.dtype]
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    s = L.emit(rx.op.matmul(ins[0], L.emit(rx.op.permute_dims(kk, perm))))
-    s = L.emit(rx.op.multiply(s, rx.const(scale, dt)))
-    cap = n.attrs["softcap"]
-    if cap is not None:
-        s = L.emit(rx.op.multiply(L.emit(rx.op.tanh(L.emit(rx.op.divide(s, rx.const(cap, dt))))), rx.const(cap, dt)))
-    if n.attrs["causal"]:
-        s = L.emit_te(_causal_mask, s, name="causal_mask")
-    if mask is not None:
-        if mask.type.dtype == DType.bool:
-            s = L.emit(rx.op.where(ins[3], s, rx.const(-math.inf, dt)))
-        else:
-            s = L.emit(rx.op.add(s, L.cast(ins[3], mask, dt)))
-    p = _emit_softmax(L, s, rank - 1)
-    return L.emit(rx.op.matmul(p, vv))
-
-
-def _causal_mask(s):
-    from tvm import te, tirx
-    ninf = tirx.const(-math.inf, s.dtype)
-    return te.compute(s.shape, lambda *i: tirx.Select(i[-1] <= i[-2], s[i], ninf), name="causal_mask")
-
-
 @lowers("rotary")
 def _rotary(L, n, ins):
     rx = L.rx
@@ -528,7 +488,10 @@ def _slice(L, n, ins):
     end = dim if isinstance(end, int) and end >= INT64_MAX else L.dim(end)
     if isinstance(start, int) and start < 0:
         start = dim + start
-    return L.emit(L.rx.op.strided_slice(ins[0], [axis], [start], [end], [a["step"]]))
+    # a symbolic length (``slice(table, 0, seq)``) is one the IR proved in bounds: Relax would
+    # otherwise write it min(seq, len), a dim later broadcasts against ``seq`` cannot match
+    inbound = not isinstance(n.output.type.shape[axis], int)
+    return L.emit(L.rx.op.strided_slice(ins[0], [axis], [start], [end], [a["step"]], assume_inbound=inbound))
 
 
 @lowers("concat")
@@ -748,3 +711,4 @@ def lower(graph: Graph, target_spec: dict | None = None) -> Lowered:
 
 
 from . import aten as _aten  # noqa: E402,F401 - registers the aten.* lowerings in LOWER
+from . import decode_ops as _decode_ops  # noqa: E402,F401 - the decode program's cache ops

@@ -1,0 +1,66 @@
+"""Generation on the ``llvm`` target: the decode program (prefill over a symbolic prompt, then a
+one-token step) compiled by TVM gives the reference target's tokens, for plain, quantized and
+Palu (latent-cache) models and for ragged batches, and updates its caches in place."""
+import functools
+
+import pytest
+import torch
+
+import presso
+from presso.models import make_gpt2, make_llama
+
+pytest.importorskip("tvm")
+
+MAX_LEN = 64
+CALIB = [(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(make, recipe, target):
+    m, ins = make(batch=2, seq=16)
+    return presso.compile(m, example_inputs=ins, generation=True, max_len=MAX_LEN, recipe=recipe,
+                          calibration=CALIB if recipe else None, target=target, verbose=False), ins
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make,recipe", [
+    (make_llama, None),
+    (make_gpt2, None),
+    (make_llama, "quantize{weights=int8}"),
+    (make_llama, "quantize{weights=int4,group_size=16}"),
+    (make_llama, "kv_cache{rank_ratio=0.5},quantize{weights=int8,skip=palu_b}"),
+])
+def test_llvm_greedy_tokens_equal_the_reference_target(make, recipe):
+    cm, ins = compiled(make, recipe, "llvm")
+    ref, _ = compiled(make, recipe, "reference")
+    prompt = ins[0][:, :9]
+    assert torch.equal(cm.generate(prompt, 12), ref.generate(prompt, 12))
+    if recipe and "kv_cache" in recipe:      # the latent is what the compiled step caches
+        assert cm.kv_cache_bytes_per_token == ref.report()["kv_cache"]["kv_cache_bytes_per_token"]
+
+
+@pytest.mark.slow
+def test_llvm_ragged_batch_equals_each_prompt_alone_and_the_reference():
+    cm, _ = compiled(make_llama, None, "llvm")
+    ref, _ = compiled(make_llama, None, "reference")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 7, 12, 20)]
+    got = cm.generate(prompts, max_new_tokens=6)
+    want = ref.generate(prompts, max_new_tokens=6)
+    alone = [cm.generate(p[None], max_new_tokens=6)[0] for p in prompts]
+    for i, (a, b, c) in enumerate(zip(got, want, alone)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"prompt {i}: {a} vs reference {b} vs alone {c}"
+
+
+def test_llvm_decode_step_writes_the_caches_in_place():
+    """The step returns the very buffers it was given (TVM's in-place call): no cache is copied
+    per token."""
+    cm, ins = compiled(make_llama, None, "llvm")
+    gen = cm.decode_program()
+    caches = gen.new_caches({"batch": 1})
+    before = [c.clone() for c in caches]
+    outs = gen.step_rt.run(ins[0][:1, :1], torch.tensor([5]), torch.zeros(1, dtype=torch.int64), *caches)
+    assert [o.data_ptr() for o in outs[1:]] == [c.data_ptr() for c in caches]
+    for c, b in zip(caches, before):       # slot 5 written, every other slot as it was
+        assert not torch.equal(c[:, :, 5], b[:, :, 5])
+        assert torch.equal(torch.cat([c[:, :, :5], c[:, :, 6:]], 2), torch.cat([b[:, :, :5], b[:, :, 6:]], 2))
