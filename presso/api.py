@@ -94,7 +94,7 @@ class CompiledModel:
                               f"(the longest sequence it was traced for); compile with max_len={max_len}",
                               max_len, compiled)
         if getattr(self, "_generator", None) is None or self._generator.max_len != max_len:
-            make_runtime = self._target.generation_runtime()
+            make_runtime = self._target.generation_runtime(self.code)
             graph, specs = build_decode_graph(self.graph, max_len)
             self._generator = Generator(graph, specialize(graph, {"seq": 1}), specs, max_len,
                                         make_runtime=make_runtime)

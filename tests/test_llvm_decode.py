@@ -64,3 +64,21 @@ def test_llvm_decode_step_writes_the_caches_in_place():
     for c, b in zip(caches, before):       # slot 5 written, every other slot as it was
         assert not torch.equal(c[:, :, 5], b[:, :, 5])
         assert torch.equal(torch.cat([c[:, :, :5], c[:, :, 6:]], 2), torch.cat([b[:, :, :5], b[:, :, 6:]], 2))
+
+
+@pytest.mark.slow
+def test_llvm_artifact_generates_from_its_saved_decode_libraries(tmp_path, monkeypatch):
+    """save() writes the decode program's prefill and step libraries; a loaded artifact generates
+    the same tokens from them without compiling anything (as on a board that cannot compile)."""
+    cm, ins = compiled(make_llama, "quantize{weights=int8}", "llvm")
+    prompt = ins[0][:1, :5]
+    want = cm.generate(prompt, 8)
+    path = cm.save(tmp_path / "gen.presso")
+    assert {"decode_prefill.so", "decode_step.so", "model.so"} <= {p.name for p in (path / "code").iterdir()}
+    import presso.codegen.tvm as tvm_codegen
+
+    def no_compile(*a, **k):
+        raise AssertionError("the loaded artifact compiled a graph instead of loading its library")
+    monkeypatch.setattr(tvm_codegen, "build", no_compile)
+    loaded = presso.load(path, trust_code=True)
+    assert torch.equal(loaded.generate(prompt, 8), want)

@@ -43,8 +43,9 @@ class Target:
         """The typed error for this target, naming it and why."""
         return TargetUnavailableError(f"target {self.name!r} {why}", target=self.name)
 
-    def generation_runtime(self) -> Callable:
-        """The runtime factory the decode program's prefill and step graphs are built with."""
+    def generation_runtime(self, code=None) -> Callable:
+        """The runtime factory the decode program's prefill and step graphs are built with
+        (``code``: the compiled model's code, for targets that keep the decode program's in it)."""
         if not self.supports_generation:
             raise self.unavailable("does not run generation (the decode program); compile for a target whose "
                                    "supports_generation is true (see presso.targets.generation_targets())")

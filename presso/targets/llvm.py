@@ -2,6 +2,7 @@
 artifact holds it as a shared library (``code/model.so``), loaded only from a trusted artifact."""
 from __future__ import annotations
 
+import hashlib
 import platform
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ..errors import ArtifactError, UntrustedCodeError
 from .base import Target
 
 NATIVE_CODE = "code/model.so"
+DECODE_CODE = {"prefill": "code/decode_prefill.so", "step": "code/decode_step.so"}
 
 
 class LLVMTarget(Target):
@@ -26,17 +28,33 @@ class LLVMTarget(Target):
 
     def build(self, graph):
         from ..codegen.tvm import build
-        return build(graph, self.machine())
+        code = build(graph, self.machine())
+        code.source_graph = graph
+        return code
 
     def runs_here(self) -> bool:
         return True
 
-    def generation_runtime(self):
-        """The decode program's prefill and step graphs, each compiled by TVM for this machine
-        (caches are updated in place: ``codegen/tvm/decode_ops.py``)."""
+    def generation_runtime(self, code=None):
+        """The decode program's prefill and step graphs run from TVM builds kept in ``code`` (built
+        on first use, or loaded from an artifact), keyed by the graph they compile, so another
+        ``max_len`` gets its own (caches are updated in place: ``codegen/tvm/decode_ops.py``)."""
         if not self.runs_here():
             raise self.unavailable(f"generation {self.why_not_runnable()}")
-        return super().generation_runtime()
+        from ..runtime.tvm_vm import TVMRuntime
+        builds = code.decode if code is not None else {}
+
+        def make(graph):
+            b = self._decode_build(builds, graph)
+            return TVMRuntime(graph, b.executable, b.params)
+        return make
+
+    def _decode_build(self, builds: dict, graph):
+        from ..codegen.tvm import build
+        key = graph_key(graph)
+        if key not in builds:
+            builds[key] = build(graph, self.machine())
+        return builds[key]
 
     def runtime(self, graph, code, device="cpu"):
         if not self.runs_here():
@@ -45,9 +63,16 @@ class LLVMTarget(Target):
         return TVMRuntime(graph, code.executable, code.params)
 
     def export(self, code, code_dir: Path) -> tuple[list[str], dict]:
+        """``code/model.so``, and for a model compiled for generation the decode program's prefill
+        and step libraries at its compiled ``max_len`` (built here if generation never ran), so
+        that a machine that cannot compile (an Arm board) generates from the artifact."""
         code_dir.mkdir(parents=True, exist_ok=True)
         code.export(code_dir / "model.so")
-        return [NATIVE_CODE], {"requires": code.requires}     # the CPU features the compiled code uses
+        files, fields = [NATIVE_CODE], {"requires": code.requires}     # the CPU features the compiled code uses
+        for kind, graph in decode_graphs(code.source_graph).items():
+            self._decode_build(code.decode, graph).export(code_dir / f"decode_{kind}.so")
+            files.append(DECODE_CODE[kind])
+        return files, fields
 
     def check_artifact(self, path: Path, manifest: dict, authenticated: bool, trust_code: bool) -> None:
         """The library runs inside this process as soon as it is opened (its constructors
@@ -76,4 +101,30 @@ class LLVMTarget(Target):
 
     def load(self, graph, path: Path, manifest: dict):
         from ..codegen.tvm import load_library
-        return load_library(graph, self.machine(), path / NATIVE_CODE)
+        code = load_library(graph, self.machine(), path / NATIVE_CODE)
+        code.source_graph = graph
+        for kind, dgraph in decode_graphs(graph).items():
+            if DECODE_CODE[kind] in manifest["files"]:
+                code.decode[graph_key(dgraph)] = load_library(dgraph, self.machine(), path / DECODE_CODE[kind])
+        return code
+
+
+def decode_graphs(graph) -> dict:
+    """The decode program of a model compiled for generation, at its compiled ``max_len``:
+    {"prefill": graph, "step": graph}; empty for any other model."""
+    from ..passes.decode import DecodeError, build_decode_graph, specialize
+    max_len = graph.meta.get("max_len")
+    if max_len is None:
+        return {}
+    try:
+        prefill, _ = build_decode_graph(graph, max_len)
+    except DecodeError:
+        return {}
+    return {"prefill": prefill, "step": specialize(prefill, {"seq": 1})}
+
+
+def graph_key(graph) -> str:
+    """What a decode build is kept under: the digest of the graph's text (the same model and
+    ``max_len`` give the same decode graphs, also after an artifact round trip)."""
+    from ..ir.printer import print_graph
+    return hashlib.sha256(print_graph(graph).encode()).hexdigest()

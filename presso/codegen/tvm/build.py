@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -64,6 +64,8 @@ class TVMBuild:
     machine: Machine
     executable: object
     params: list            # [(name, numpy array)] in argument order
+    source_graph: object = None     # the graph compiled (the target keeps it for the decode program)
+    decode: dict = field(default_factory=dict)   # the decode program's builds, by graph digest
 
     @property
     def target(self) -> str:
