@@ -11,7 +11,8 @@ Extraction rules (keep them this simple, so that any section added later is cove
   earlier one wrote), as ``python -m presso ...``; a ``# comment`` at the end of a line is dropped.
   Every other line of such blocks (IR text, tables, ``pip install``) is not run.
 * A block whose first line holds ``# needs a GPU``, or a CLI line ending with it, is skipped on a
-  machine where torch sees no GPU (and run where it does).
+  machine where torch sees no GPU (and run where it does); a Python block whose first line holds
+  ``# needs gcc-aarch64-linux-gnu`` is skipped where that cross compiler is missing.
 
 Each snippet and each CLI line must exit with status 0. A test is named by file and section
 heading (``README.md: Compression``, then `` #2`` for a second block of one section); those that
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +34,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_MARK = "# needs a GPU"
+ARM_MARK = "# needs gcc-aarch64-linux-gnu"
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 SLOW = {"README.md: The command line", "README.md: Generation and KV-cache compression (Palu)",
         "README.md: Generation and KV-cache compression (Palu) #2", "README.md: Real LLMs: perplexity (`presso.eval`)",
-        "README.md: Hugging Face models, as they are", "README.md: Targets"}
+        "README.md: Hugging Face models, as they are", "README.md: Targets",
+        "README.md: Generation on CPUs and Arm boards"}
 
 
 def doc_files() -> list[Path]:
@@ -110,6 +114,8 @@ def test_the_docs_have_snippets():
 def test_snippet_runs_verbatim(kind, code, gpu, tmp_path):
     if gpu and not torch.cuda.is_available():
         pytest.skip("marked '# needs a GPU'")
+    if kind == "python" and ARM_MARK in code.splitlines()[0] and shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip(f"marked '{ARM_MARK}' and the cross compiler is not installed")
     if kind == "python":
         assert "..." not in code, "a snippet must not hold a literal '...'"
         (tmp_path / "snippet.py").write_text(code)
