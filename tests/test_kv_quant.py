@@ -159,13 +159,6 @@ def test_bad_options_and_shapes_are_typed_errors():
                                                                          "dtype": "f32"})
 
 
-def test_llvm_target_names_the_op_it_cannot_lower():
-    pytest.importorskip("tvm")
-    _, ins, cm = llama("kv_quant{bits=8,group_size=16}")
-    with pytest.raises(CodegenError, match="op 'kv_quantize' has no TVM lowering"):
-        presso.compile(cm.graph, example_inputs=ins, target="llvm")
-
-
 def test_key_share_splits_each_layers_budget_between_keys_and_values():
     _, _, cm = llama("kv_cache{rank_ratio=0.5,key_share=0.25,rank_multiple=4}")
     ranks = {name.split(".")[-2]: r["kv_rank"] for name, r in cm.graph.meta["compression"].items()}

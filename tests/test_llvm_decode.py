@@ -29,13 +29,16 @@ def compiled(make, recipe, target):
     (make_llama, "quantize{weights=int8}"),
     (make_llama, "quantize{weights=int4,group_size=16}"),
     (make_llama, "kv_cache{rank_ratio=0.5},quantize{weights=int8,skip=palu_b}"),
+    (make_llama, "quantize{weights=int8,activations=int7,rotate=hadamard}"),
+    (make_llama, "kv_cache{rank_ratio=0.5,latent_bits=4,latent_group_size=8},quantize{weights=int8,skip=palu_b}"),
+    (make_llama, "kv_quant{bits=8,group_size=16}"),
 ])
 def test_llvm_greedy_tokens_equal_the_reference_target(make, recipe):
     cm, ins = compiled(make, recipe, "llvm")
     ref, _ = compiled(make, recipe, "reference")
     prompt = ins[0][:, :9]
     assert torch.equal(cm.generate(prompt, 12), ref.generate(prompt, 12))
-    if recipe and "kv_cache" in recipe:      # the latent is what the compiled step caches
+    if recipe and "kv_" in recipe:      # the latent / the quantized rows are what the compiled step caches
         assert cm.kv_cache_bytes_per_token == ref.report()["kv_cache"]["kv_cache_bytes_per_token"]
 
 
@@ -82,3 +85,26 @@ def test_llvm_artifact_generates_from_its_saved_decode_libraries(tmp_path, monke
     monkeypatch.setattr(tvm_codegen, "build", no_compile)
     loaded = presso.load(path, trust_code=True)
     assert torch.equal(loaded.generate(prompt, 8), want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_quantize_kernels_are_bit_exact_to_the_ops(bits):
+    """TVM's kv_quantize / kv_dequantize give the reference op's bytes and values exactly (round
+    half to even, f16 scales as little-endian bytes after the codes)."""
+    import tvm
+    from tvm import te
+    from presso.codegen.tvm.decode_ops import kv_dequantize_te, kv_quantize_te
+    from presso.ir.ops import kv_dequantize, kv_quantize
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(bits)) * 3
+    x[0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 0.0]) * x[0, 0, 4:32].abs().max() / 7.5   # halfway cases
+    want = kv_quantize(x, bits, 32)
+    X = te.placeholder(tuple(x.shape), "float32", name="x")
+    quant = tvm.compile(te.create_prim_func([X, kv_quantize_te(X, bits, 32)]), target="llvm")
+    got = tvm.runtime.tensor(torch.zeros(want.shape, dtype=torch.uint8).numpy())
+    quant(tvm.runtime.tensor(x.numpy()), got)
+    assert torch.equal(torch.from_numpy(got.numpy()), want)
+    P = te.placeholder(tuple(want.shape), "uint8", name="p")
+    dequant = tvm.compile(te.create_prim_func([P, kv_dequantize_te(P, bits, 32, 64, "float32")]), target="llvm")
+    out = tvm.runtime.tensor(torch.zeros(3, 5, 64).numpy())
+    dequant(tvm.runtime.tensor(want.numpy()), out)
+    assert torch.equal(torch.from_numpy(out.numpy()), kv_dequantize(want, bits, 32, 64, "f32"))

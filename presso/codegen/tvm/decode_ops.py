@@ -85,3 +85,68 @@ def _cache_mask(s, positions, starts=None):
             ok = tirx.And(ok, j >= tirx.min(starts[i[0]], p))
         return tirx.Select(ok, s[i], ninf)
     return te.compute(s.shape, at, name="cache_mask")
+
+
+@lowers("kv_quantize")
+def _kv_quantize(L, n, ins):
+    bits, group = n.attrs["bits"], n.attrs["group_size"]
+    return L.emit_te(lambda x: kv_quantize_te(x, bits, group), ins[0], name=f"kv_quantize{bits}")
+
+
+@lowers("kv_dequantize")
+def _kv_dequantize(L, n, ins):
+    a = n.attrs
+    dt = TVM_DTYPE[n.output.type.dtype]
+    return L.emit_te(lambda p: kv_dequantize_te(p, a["bits"], a["group_size"], a["width"], dt), ins[0],
+                     name=f"kv_dequantize{a['bits']}")
+
+
+def kv_quantize_te(x, bits: int, group: int):
+    """The u8 rows of ``kv_quantize`` (codes, two per byte at 4 bits with the even index in the low
+    nibble, then each group's f16 scale as two little-endian bytes), rounding half to even as
+    torch does."""
+    from tvm import te, tirx
+    lead, width = list(x.shape[:-1]), int(x.shape[-1])
+    qmax = 2 ** (bits - 1) - 1
+    nc = width * bits // 8
+    k = te.reduce_axis((0, group), "k")
+    amax = te.compute(lead + [width // group], lambda *i: te.max(tirx.abs(x[(*i[:-1], i[-1] * group + k)]).astype(
+        "float32"), axis=k), name="kv_amax")
+    scale = te.compute(amax.shape, lambda *i: tirx.max(amax[i] / tirx.const(qmax + 0.5, "float32"),
+                                                       tirx.const(1e-8, "float32")).astype("float16"), name="kv_scale")
+
+    def code(i, j):      # the signed code of value j, as an int32
+        q = tirx.nearbyint(x[(*i, j)].astype("float32") / scale[(*i, j // group)].astype("float32"))
+        return tirx.max(tirx.min(q, tirx.const(qmax, "float32")), tirx.const(-qmax - 1, "float32")).astype("int32")
+
+    def byte(*idx):
+        i, b = idx[:-1], idx[-1]
+        if bits == 8:
+            c = code(i, b) & 255
+        else:
+            c = (code(i, 2 * b) & 15) | ((code(i, 2 * b + 1) & 15) << 4)
+        sb = b - nc
+        half = tirx.reinterpret("uint16", scale[(*i, sb // 2)]).astype("int32")
+        s = (half >> ((sb % 2) * 8)) & 255
+        return tirx.Select(b < nc, c, s).astype("uint8")
+    return te.compute(lead + [nc + 2 * (width // group)], byte, name="kv_quantize")
+
+
+def kv_dequantize_te(p, bits: int, group: int, width: int, dtype: str):
+    """``kv_dequantize``: each code times its group's f16 scale."""
+    from tvm import te, tirx
+    lead = list(p.shape[:-1])
+    nc = width * bits // 8
+
+    def value(*idx):
+        i, j = idx[:-1], idx[-1]
+        if bits == 8:
+            c = ((p[(*i, j)].astype("int32") ^ 128) - 128)
+        else:
+            nib = (p[(*i, j // 2)].astype("int32") >> ((j % 2) * 4)) & 15
+            c = (nib ^ 8) - 8
+        g = nc + 2 * (j // group)
+        half = (p[(*i, g)].astype("int32") | (p[(*i, g + 1)].astype("int32") << 8)).astype("uint16")
+        s = tirx.reinterpret("float16", half).astype("float32")
+        return (c.astype("float32") * s).astype(dtype)
+    return te.compute(lead + [width], value, name="kv_dequantize")
