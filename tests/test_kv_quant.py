@@ -8,7 +8,7 @@ import torch
 
 import presso
 from presso import PipelineError
-from presso.errors import CodegenError, IRError
+from presso.errors import IRError
 from presso.ir.ops import kv_dequantize, kv_packed_width, kv_quantize
 from presso.models import make_llama
 from presso.passes.kv_cache import _rotate, weighted_factorize
