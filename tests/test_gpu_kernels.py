@@ -213,3 +213,22 @@ def test_generation_captures_the_step_once_and_matches_the_reference():
     assert graph is not None and step_rt._graph_exec is graph
     assert torch.equal(a, ref.generate(p1, 12)) and torch.equal(b, ref.generate(p2, 12))
     assert torch.equal(cm.generate(p1, 12), a)
+
+
+@pytest.mark.parametrize("recipe", ["quantize{weights=int4,group_size=32}",
+                                    "kv_cache{rank_ratio=0.5},quantize{weights=int4,group_size=16,skip=palu_b}"])
+def test_ragged_batch_on_the_gpu_equals_each_prompt_alone_and_the_reference(recipe):
+    """Four prompts of lengths 3, 7, 12 and 20, left-padded into one batch: the cuda decode kernels'
+    per-sequence starts give each prompt the tokens it gets alone, and the reference target's."""
+    import presso
+    from presso.models import make_llama
+    m, ins = make_llama(batch=2)
+    kw = dict(example_inputs=ins, generation=True, max_len=64, recipe=recipe, calibration=[ins])
+    cm, ref = presso.compile(m, target="cuda", **kw), presso.compile(m, **kw)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 7, 12, 20)]
+    got = cm.generate(prompts, max_new_tokens=8)
+    want = ref.generate(prompts, max_new_tokens=8)
+    alone = [cm.generate(p[None], max_new_tokens=8)[0] for p in prompts]
+    for i, (a, b, c) in enumerate(zip(got, want, alone)):
+        assert torch.equal(a.cpu(), b.cpu()) and torch.equal(a.cpu(), c.cpu()), f"prompt {i}: {a} / {b} / {c}"
