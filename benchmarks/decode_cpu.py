@@ -1,6 +1,7 @@
 """Greedy decode of the real SmolLM2-135M on this CPU: presso ``target="llvm"`` (TVM; the decode
 program's caches updated in place) against Hugging Face ``generate`` in torch eager and under
-``torch.compile`` (inductor) with a static cache, as HF documents it, all in one run.
+``torch.compile`` (inductor) over one ``StaticCache`` reset per call, as HF documents it (a cache
+of another length per call would recompile every time), all in one run.
 
 Rows: tokens per second of the decode steps alone (the time of ``generate`` with 1 + N new tokens
 minus that of 1 new token, so the prefill cancels), each after warm-up calls (compilation is not
@@ -37,9 +38,19 @@ def decode_seconds(generate, new: int, rounds: int) -> float:
     return statistics.median(ts)
 
 
-def hf_runner(model, ids, static: bool):
+def hf_runner(model, ids, max_len: int = 0):
+    """HF ``generate``; with ``max_len``, over one ``StaticCache`` of that length, reset per call
+    (HF's recipe for torch.compile: the cache's shape never changes, so nothing recompiles)."""
+    cache = None
+    if max_len:
+        from transformers import StaticCache
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+
     def run(n):
-        kw = {"cache_implementation": "static"} if static else {}
+        kw = {}
+        if cache is not None:
+            cache.reset()
+            kw["past_key_values"] = cache
         return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0, **kw)
     return run
 
@@ -62,7 +73,7 @@ def main():
           f"{torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     with torch.no_grad():
-        eager = hf_runner(model, ids, static=False)
+        eager = hf_runner(model, ids)
         want = eager(args.new)
         s = decode_seconds(eager, args.new, args.rounds)
         rows.append(("torch eager (HF generate, dynamic cache)", args.new / s, "-"))
@@ -70,7 +81,7 @@ def main():
         if not args.no_compile:
             cmodel, _ = load_smollm2(args.layers)
             cmodel.forward = torch.compile(cmodel.forward, fullgraph=True)
-            comp = hf_runner(cmodel, ids, static=True)
+            comp = hf_runner(cmodel, ids, max_len)
             t0 = time.perf_counter()
             comp(args.new)
             comp(1)
