@@ -154,8 +154,10 @@ def kv_cache(g: Graph, ctx, rank_ratio: float, grouping: str, group_size: int, a
     stats = calibration_stats(g, ctx, [p.linear for _, pk, pv, _ in plans for p in (pk, pv)], need=True,
                               what="kv_cache (whitened SVD)")
     facts = []
+    users = g.users() if loss == "attention" else {}
     for a, pk, pv, gs in plans:
-        metrics = _attention_metrics(g, a, pk, pv, stats[pk.linear.name].gram) if loss == "attention" else (None, None)
+        metrics = _attention_metrics(g, a, pk, pv, stats[pk.linear.name].gram, users) if loss == "attention" \
+            else (None, None)
         per = []
         for p, m in zip((pk, pv), metrics):
             w = g.params[p.weight.name].data
@@ -189,9 +191,9 @@ def weighted_factorize(w: torch.Tensor, gram: torch.Tensor, metric: Optional[tor
     return Factorization(A=f.A, B=inv @ f.B, err=f.err)
 
 
-def _out_projection(g: Graph, a: Node) -> Optional[torch.Tensor]:
-    """W_o when the attention's output goes transpose -> reshape [B, T, H*D] -> linear(W_o) only."""
-    users = g.users()
+def _out_projection(g: Graph, a: Node, users: dict) -> Optional[torch.Tensor]:
+    """W_o when the attention's output goes transpose -> reshape [B, T, H*D] -> linear(W_o) only
+    (``users``: the graph's readers of each value, taken once for all attentions)."""
     n = users.get(a.output, [])
     if len(n) != 1 or n[0].op != "transpose" or n[0].attrs["perm"] != [0, 2, 1, 3]:
         return None
@@ -204,7 +206,7 @@ def _out_projection(g: Graph, a: Node) -> Optional[torch.Tensor]:
     return g.params[lin[0].inputs[1].name].data
 
 
-def _attention_metrics(g: Graph, a: Node, pk: Projection, pv: Projection, gram: torch.Tensor):
+def _attention_metrics(g: Graph, a: Node, pk: Projection, pv: Projection, gram: torch.Tensor, users: dict):
     """(M_k, M_v), block-diagonal over KV heads [hkv*D, hkv*D] (see the module docstring); None
     where the query / output projection is not the standard form."""
     H, D, hkv = a.inputs[0].type.shape[1], pk.dim, pk.heads
@@ -220,7 +222,7 @@ def _attention_metrics(g: Graph, a: Node, pk: Projection, pv: Projection, gram: 
             plane = (diag[:, :D // 2] + diag[:, D // 2:]) / 2
             ck = torch.diag_embed(torch.cat((plane, plane), 1))
         mk = torch.block_diag(*ck)
-    wo = _out_projection(g, a)
+    wo = _out_projection(g, a, users)
     if wo is not None and wo.shape[1] == H * D:
         wo = wo.double().reshape(wo.shape[0], H, D)
         cv = torch.einsum("ohd,ohe->hde", wo, wo).reshape(hkv, rep, D, D).sum(1)
