@@ -7,13 +7,14 @@ import io
 import torch
 
 import presso
-from presso.models import LlamaConfig, make_llama
+from presso.models import LlamaConfig, make_gpt2, make_llama
 from presso.passes import run_pipeline
 from presso.passes.decode import build_decode_graph, specialize
 from presso.runtime import run_graph
 from presso.targets import get_target
 
 INT4 = "quantize{weights=int4,group_size=32}"
+INT4_EMBEDDINGS = "quantize{weights=int4,group_size=32,embeddings=int4}"
 
 
 def nodes_text(g) -> str:
@@ -192,3 +193,113 @@ def test_print_ir_after_select_kernels_and_the_numeric_check_on_a_lowered_graph(
     assert cm.report()["passes"][-1]["max_rel_err"] == 0.0
     ref = presso.compile(m, example_inputs=ex, recipe=INT4, verbose=False)
     torch.testing.assert_close(cm(*ex), ref(*ex))
+
+
+LLVM_BEFORE = """
+graph @Llama(%input_ids: i64[1, 5]) {
+  %gather_dequantize: f32[1, 5, 64] = gather_dequantize(%input_ids, %embed_tokens.weight.q, %embed_tokens.weight.scales, _) {bits=4, group_size=32}
+  %rms_norm_0: f32[1, 5, 64] = rms_norm(%gather_dequantize, %layers.0.input_layernorm.weight) {eps=1e-05}
+  %dequantize: f32[64, 64] = dequantize(%layers.0.self_attn.q_proj.weight.q, %layers.0.self_attn.q_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_13: f32[1, 5, 64] = linear(%rms_norm_0, %dequantize, _)
+  %reshape: f32[1, 5, 4, 16] = reshape(%linear_13) {shape=[1, 5, 4, 16]}
+  %transpose: f32[1, 4, 5, 16] = transpose(%reshape) {perm=[0, 2, 1, 3]}
+  %dequantize_14: f32[32, 64] = dequantize(%layers.0.self_attn.k_proj.weight.q, %layers.0.self_attn.k_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_15: f32[1, 5, 32] = linear(%rms_norm_0, %dequantize_14, _)
+  %reshape_4: f32[1, 5, 2, 16] = reshape(%linear_15) {shape=[1, 5, 2, 16]}
+  %transpose_5: f32[1, 2, 5, 16] = transpose(%reshape_4) {perm=[0, 2, 1, 3]}
+  %dequantize_16: f32[32, 64] = dequantize(%layers.0.self_attn.v_proj.weight.q, %layers.0.self_attn.v_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_17: f32[1, 5, 32] = linear(%rms_norm_0, %dequantize_16, _)
+  %rotary: f32[1, 4, 5, 16] = rotary(%transpose, %cos_cached.slice, %sin_cached.slice)
+  %rotary_1: f32[1, 2, 5, 16] = rotary(%transpose_5, %cos_cached.slice, %sin_cached.slice)
+  %reshape_11: f32[1, 5, 2, 16] = reshape(%linear_17) {shape=[1, 5, 2, 16]}
+  %transpose_12: f32[1, 2, 5, 16] = transpose(%reshape_11) {perm=[0, 2, 1, 3]}
+  %attention_6: f32[1, 4, 5, 16] = attention(%rotary, %rotary_1, %transpose_12, _) {causal=true}
+  %transpose_26: f32[1, 5, 4, 16] = transpose(%attention_6) {perm=[0, 2, 1, 3]}
+  %reshape_27: f32[1, 5, 64] = reshape(%transpose_26) {shape=[1, 5, 64]}
+  %dequantize_18: f32[64, 64] = dequantize(%layers.0.self_attn.o_proj.weight.q, %layers.0.self_attn.o_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_19: f32[1, 5, 64] = linear(%reshape_27, %dequantize_18, _)
+  %add_29: f32[1, 5, 64] = add(%gather_dequantize, %linear_19)
+  %rms_norm_8: f32[1, 5, 64] = rms_norm(%add_29, %layers.0.post_attention_layernorm.weight) {eps=1e-05}
+  %dequantize_20: f32[160, 64] = dequantize(%layers.0.mlp.gate_proj.weight.q, %layers.0.mlp.gate_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_21: f32[1, 5, 160] = linear(%rms_norm_8, %dequantize_20, _)
+  %silu: f32[1, 5, 160] = silu(%linear_21)
+  %dequantize_22: f32[160, 64] = dequantize(%layers.0.mlp.up_proj.weight.q, %layers.0.mlp.up_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_23: f32[1, 5, 160] = linear(%rms_norm_8, %dequantize_22, _)
+  %mul_40: f32[1, 5, 160] = mul(%silu, %linear_23)
+  %dequantize_24: f32[64, 160] = dequantize(%layers.0.mlp.down_proj.weight.q, %layers.0.mlp.down_proj.weight.scales, _) {bits=4, group_size=32}
+  %linear_25: f32[1, 5, 64] = linear(%mul_40, %dequantize_24, _)
+  %add_42: f32[1, 5, 64] = add(%add_29, %linear_25)
+  %rms_norm_10: f32[1, 5, 64] = rms_norm(%add_42, %norm.weight) {eps=1e-05}
+  %dequantize_26: f32[256, 64] = dequantize(%lm_head.weight.q, %lm_head.weight.scales, _) {bits=4, group_size=32}
+  %linear_27: f32[1, 5, 256] = linear(%rms_norm_10, %dequantize_26, _)
+  return %linear_27
+}
+"""
+
+# every linear reads its int4 codes prepacked (llvm.quant_linear); the lookup reads its own table
+# (Llama's head is not tied); TVM fuses the rest itself
+LLVM_AFTER = """
+graph @Llama(%input_ids: i64[1, 5]) {
+  %gather_dequantize: f32[1, 5, 64] = gather_dequantize(%input_ids, %embed_tokens.weight.q, %embed_tokens.weight.scales, _) {bits=4, group_size=32}
+  %rms_norm_0: f32[1, 5, 64] = rms_norm(%gather_dequantize, %layers.0.input_layernorm.weight) {eps=1e-05}
+  %linear_13: f32[1, 5, 64] = llvm.quant_linear(%rms_norm_0, %layers.0.self_attn.q_proj.weight.q, %layers.0.self_attn.q_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %reshape: f32[1, 5, 4, 16] = reshape(%linear_13) {shape=[1, 5, 4, 16]}
+  %transpose: f32[1, 4, 5, 16] = transpose(%reshape) {perm=[0, 2, 1, 3]}
+  %linear_15: f32[1, 5, 32] = llvm.quant_linear(%rms_norm_0, %layers.0.self_attn.k_proj.weight.q, %layers.0.self_attn.k_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %reshape_4: f32[1, 5, 2, 16] = reshape(%linear_15) {shape=[1, 5, 2, 16]}
+  %transpose_5: f32[1, 2, 5, 16] = transpose(%reshape_4) {perm=[0, 2, 1, 3]}
+  %linear_17: f32[1, 5, 32] = llvm.quant_linear(%rms_norm_0, %layers.0.self_attn.v_proj.weight.q, %layers.0.self_attn.v_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %rotary: f32[1, 4, 5, 16] = rotary(%transpose, %cos_cached.slice, %sin_cached.slice)
+  %rotary_1: f32[1, 2, 5, 16] = rotary(%transpose_5, %cos_cached.slice, %sin_cached.slice)
+  %reshape_11: f32[1, 5, 2, 16] = reshape(%linear_17) {shape=[1, 5, 2, 16]}
+  %transpose_12: f32[1, 2, 5, 16] = transpose(%reshape_11) {perm=[0, 2, 1, 3]}
+  %attention_6: f32[1, 4, 5, 16] = attention(%rotary, %rotary_1, %transpose_12, _) {causal=true}
+  %transpose_26: f32[1, 5, 4, 16] = transpose(%attention_6) {perm=[0, 2, 1, 3]}
+  %reshape_27: f32[1, 5, 64] = reshape(%transpose_26) {shape=[1, 5, 64]}
+  %linear_19: f32[1, 5, 64] = llvm.quant_linear(%reshape_27, %layers.0.self_attn.o_proj.weight.q, %layers.0.self_attn.o_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %add_29: f32[1, 5, 64] = add(%gather_dequantize, %linear_19)
+  %rms_norm_8: f32[1, 5, 64] = rms_norm(%add_29, %layers.0.post_attention_layernorm.weight) {eps=1e-05}
+  %linear_21: f32[1, 5, 160] = llvm.quant_linear(%rms_norm_8, %layers.0.mlp.gate_proj.weight.q, %layers.0.mlp.gate_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %silu: f32[1, 5, 160] = silu(%linear_21)
+  %linear_23: f32[1, 5, 160] = llvm.quant_linear(%rms_norm_8, %layers.0.mlp.up_proj.weight.q, %layers.0.mlp.up_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %mul_40: f32[1, 5, 160] = mul(%silu, %linear_23)
+  %linear_25: f32[1, 5, 64] = llvm.quant_linear(%mul_40, %layers.0.mlp.down_proj.weight.q, %layers.0.mlp.down_proj.weight.scales, _, _) {bits=4, group_size=32}
+  %add_42: f32[1, 5, 64] = add(%add_29, %linear_25)
+  %rms_norm_10: f32[1, 5, 64] = rms_norm(%add_42, %norm.weight) {eps=1e-05}
+  %linear_27: f32[1, 5, 256] = llvm.quant_linear(%rms_norm_10, %lm_head.weight.q, %lm_head.weight.scales, _, _) {bits=4, group_size=32}
+  return %linear_27
+}
+"""
+
+
+def test_llvm_kernel_choice_of_a_llama_layer():
+    m, ex = llama_layer()
+    g = presso.api.import_model(m, ex, None)
+    before, _ = run_pipeline(g, ["canonicalize", INT4_EMBEDDINGS])
+    assert nodes_text(before) == LLVM_BEFORE.strip()
+    after, _ = run_pipeline(before, ["select_kernels{target=llvm}"])
+    assert nodes_text(after) == LLVM_AFTER.strip()
+    again, _ = run_pipeline(after, ["select_kernels{target=llvm}"])
+    assert str(again) == str(after)
+    torch.testing.assert_close(run_graph(after, *ex)[0], run_graph(before, *ex)[0], rtol=0, atol=0)
+
+
+def test_tvm_targets_choose_the_tied_lookup_and_the_w8a7_kernel_for_their_machine():
+    from presso.codegen.tvm import int8_avx2
+    from presso.codegen.tvm.build import host_cpu_target
+    m, ex = make_gpt2(batch=1, seq=8)
+    g = presso.api.import_model(m, ex, None)
+    tied, _ = run_pipeline(g, ["canonicalize", INT4_EMBEDDINGS, "select_kernels{target=llvm}"])
+    (lookup,) = [n for n in tied.nodes if n.op == "llvm.tied_gather_dequant"]
+    head = tied.outputs[0].node
+    assert head.op == "llvm.quant_linear" and head.inputs[1:4] == lookup.inputs[1:4]
+    assert not any(n.op in ("linear", "dequantize", "gather_dequantize") for n in tied.nodes)
+    m, ex = llama_layer()
+    g = presso.api.import_model(m, ex, None)
+    w8a7, _ = run_pipeline(g, ["canonicalize", "quantize{weights=int8,activations=int7}"])
+    for target in ("llvm", "aarch64"):           # the AVX2 kernel only for an x86 host that has AVX2
+        lowered, _ = run_pipeline(w8a7, [f"select_kernels{{target={target}}}"])
+        ops = {n.op for n in lowered.nodes if n.op in ("linear_int8", "llvm.int8_linear", "llvm.w8a7_avx2_linear")}
+        avx2 = target == "llvm" and int8_avx2.fits(host_cpu_target(), 64, 64)
+        assert ops == {"llvm.w8a7_avx2_linear" if avx2 else "llvm.int8_linear"}, (target, ops)
+        torch.testing.assert_close(run_graph(lowered, *ex)[0], run_graph(w8a7, *ex)[0], rtol=0, atol=0)
