@@ -4,6 +4,7 @@ runtime (each target op's reference is the composition it replaces). Graph rewri
 no kernel launch."""
 import io
 
+import pytest
 import torch
 
 import presso
@@ -92,16 +93,21 @@ graph @Llama(%input_ids: i64[1, 5]) {
 """
 
 
-def test_cuda_kernel_choice_of_a_llama_layer():
+def check_selection(target: str, passes: list, before_text: str, after_text: str) -> None:
+    """A one-layer Llama through ``passes``, then ``select_kernels{target=...}``: both golden; selecting
+    again changes nothing; the lowered graph's reference gives the same numbers, bit for bit."""
     m, ex = llama_layer()
-    g = presso.api.import_model(m, ex, None)
-    before, _ = run_pipeline(g, ["canonicalize", INT4, "concat_linears", "fuse"])
-    assert nodes_text(before) == CUDA_BEFORE.strip()
-    after, _ = run_pipeline(before, ["select_kernels{target=cuda}"])
-    assert nodes_text(after) == CUDA_AFTER.strip()
-    again, _ = run_pipeline(after, ["select_kernels{target=cuda}"])       # selecting again changes nothing
+    before, _ = run_pipeline(presso.api.import_model(m, ex, None), passes)
+    assert nodes_text(before) == before_text.strip()
+    after, _ = run_pipeline(before, [f"select_kernels{{target={target}}}"])
+    assert nodes_text(after) == after_text.strip()
+    again, _ = run_pipeline(after, [f"select_kernels{{target={target}}}"])
     assert str(again) == str(after)
     torch.testing.assert_close(run_graph(after, *ex)[0], run_graph(before, *ex)[0], rtol=0, atol=0)
+
+
+def test_cuda_kernel_choice_of_a_llama_layer():
+    check_selection("cuda", ["canonicalize", INT4, "concat_linears", "fuse"], CUDA_BEFORE, CUDA_AFTER)
 
 
 CUDA_STEP_BEFORE = """
@@ -273,15 +279,7 @@ graph @Llama(%input_ids: i64[1, 5]) {
 
 
 def test_llvm_kernel_choice_of_a_llama_layer():
-    m, ex = llama_layer()
-    g = presso.api.import_model(m, ex, None)
-    before, _ = run_pipeline(g, ["canonicalize", INT4_EMBEDDINGS])
-    assert nodes_text(before) == LLVM_BEFORE.strip()
-    after, _ = run_pipeline(before, ["select_kernels{target=llvm}"])
-    assert nodes_text(after) == LLVM_AFTER.strip()
-    again, _ = run_pipeline(after, ["select_kernels{target=llvm}"])
-    assert str(again) == str(after)
-    torch.testing.assert_close(run_graph(after, *ex)[0], run_graph(before, *ex)[0], rtol=0, atol=0)
+    check_selection("llvm", ["canonicalize", INT4_EMBEDDINGS], LLVM_BEFORE, LLVM_AFTER)
 
 
 def test_tvm_targets_choose_the_tied_lookup_and_the_w8a7_kernel_for_their_machine():
@@ -303,3 +301,26 @@ def test_tvm_targets_choose_the_tied_lookup_and_the_w8a7_kernel_for_their_machin
         avx2 = target == "llvm" and int8_avx2.fits(host_cpu_target(), 64, 64)
         assert ops == {"llvm.w8a7_avx2_linear" if avx2 else "llvm.int8_linear"}, (target, ops)
         torch.testing.assert_close(run_graph(lowered, *ex)[0], run_graph(w8a7, *ex)[0], rtol=0, atol=0)
+
+
+def test_a_target_op_whose_epilogue_does_not_fit_its_operands_is_refused_naming_the_node():
+    from presso.errors import VerificationError
+    text = """
+graph @g(%x: f32[2, 64], %e: f32[2, 8]) {
+  param %q: i4[8, 64]
+  param %s: f16[8, 2]
+  %y: f32[2, 8] = cuda.int4_linear(%x, %q, %s, _, _, %e) {group_size=32ATTRS}
+  return %y
+}"""
+    with pytest.raises(VerificationError, match=r"node %y \(cuda.int4_linear\): operands past the bias are an "
+                                                r"epilogue's: set 'epilogue'"):
+        presso.parse(text.replace("ATTRS", ""))
+    with pytest.raises(VerificationError, match=r"node %y \(cuda.int4_linear\): epilogue 'add\(%0,%2\)' with its "
+                                                r"result at %0 reads operands past its 2"):
+        presso.parse(text.replace("ATTRS", ', epilogue="add(%0,%2)"'))
+    weights = {"q": torch.randint(0, 256, (8, 32), dtype=torch.uint8), "s": torch.rand(8, 2).half()}
+    g = presso.parse(text.replace("ATTRS", ', epilogue="add(%0,%1)", acc=1'), weights)
+    x, e = torch.randn(2, 64), torch.randn(2, 8)
+    y = x @ presso.ir.get_op("dequantize").run([g.params["q"].data, g.params["s"].data, None],
+                                               {"bits": 4, "group_size": 32, "dtype": "f32"})[0].T
+    torch.testing.assert_close(run_graph(g, x, e)[0], e + y)
