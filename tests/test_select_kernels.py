@@ -324,3 +324,32 @@ graph @g(%x: f32[2, 64], %e: f32[2, 8]) {
     y = x @ presso.ir.get_op("dequantize").run([g.params["q"].data, g.params["s"].data, None],
                                                {"bits": 4, "group_size": 32, "dtype": "f32"})[0].T
     torch.testing.assert_close(run_graph(g, x, e)[0], e + y)
+
+
+OLD_CUDA_ARTIFACT = """
+import json, os, sys, torch
+os.environ["TRITON_INTERPRET"] = "1"
+import presso
+from presso.models import LlamaConfig, make_llama
+m, ex = make_llama(batch=1, seq=5, config=LlamaConfig(layers=1))
+ref = presso.compile(m, example_inputs=ex, recipe="quantize{weights=int4,group_size=32}", verbose=False)
+path = ref.save(sys.argv[1] + "/m.presso")
+manifest = json.loads((path / "manifest.json").read_text())
+manifest["target"] = "cuda"          # a cuda artifact from before kernels were selected in the IR
+(path / "manifest.json").write_text(json.dumps(manifest))
+loaded = presso.load(path)
+assert not any(n.op == "dequantize" for n in loaded.graph.nodes)
+assert sum(n.op == "cuda.int4_linear" for n in loaded.graph.nodes) == 8, loaded.graph     # 7 + the head
+assert set(loaded._runtime.program.kernels.values()) >= {"triton:int4_linear", "triton:rms_norm", "triton:rotary"}
+torch.testing.assert_close(loaded(*ex), ref(*ex), rtol=1e-5, atol=1e-5)
+print("loaded ok")
+"""
+
+
+def test_a_cuda_artifact_saved_before_kernel_selection_selects_its_kernels_on_load(tmp_path):
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", OLD_CUDA_ARTIFACT, str(tmp_path)], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0 and "loaded ok" in r.stdout, r.stderr[-3000:]
