@@ -78,6 +78,10 @@ def int8_linear(x, q, scales, zeros, bias, extras, group_size, dtype, epilogue, 
     return with_epilogue(linear(x, dequantize(q, scales, zeros, 8, group_size, dtype), bias), extras, epilogue, acc)
 
 
+_NM_OPERANDS = ["x", "values", "index", "bias?", "extras*"]
+_NM_INT4_OPERANDS = ["x", "codes", "scales", "zeros?", "index", "bias?", "extras*"]
+
+
 def _nm_linear(x, values, index, bias, extras, n, m, epilogue, acc):
     return with_epilogue(linear(x, densify_nm(values, index, n, m), bias), extras, epilogue, acc)
 
@@ -87,17 +91,36 @@ def _nm_int4_linear(x, codes, scales, zeros, index, bias, extras, n, m, group_si
     return with_epilogue(linear(x, densify_nm(vals, index, n, m), bias), extras, epilogue, acc)
 
 
-for _name, _doc in (("cuda.nm_linear", "the gather kernel (2-bit positions repacked at load where m <= 4)"),
-                    ("cuda.nm_select_linear", "nm_select.py's select kernel (values and positions repacked at load)")):
-    _nm_linear.__doc__ = f"linear(x, densify_nm(values, index), bias) [-> epilogue]: {_doc}."
-    defop(_name, ["x", "values", "index", "bias?", "extras*"], {**_NM, **_EPILOGUE}, "linear",
-          verify=_epilogue_verify(4), flops=_linear_flops, implements="linear")(_nm_linear)
-for _name, _doc in (("cuda.nm_int4_linear", "the gather kernel dequantizing the kept codes in registers"),
-                    ("cuda.nm_select_int4_linear", "nm_select.py's select kernel on its int4 layout")):
-    _nm_int4_linear.__doc__ = (f"linear(x, densify_nm(dequantize(codes, scales, zeros){{bits=4}}, index), bias) "
-                               f"[-> epilogue]: {_doc}.")
-    defop(_name, ["x", "codes", "scales", "zeros?", "index", "bias?", "extras*"], {**_NM, **_DEQUANT, **_EPILOGUE},
-          "linear", verify=_epilogue_verify(6), flops=_linear_flops, implements="linear")(_nm_int4_linear)
+@defop("cuda.nm_linear", _NM_OPERANDS, {**_NM, **_EPILOGUE}, "linear", verify=_epilogue_verify(4),
+       flops=_linear_flops, implements="linear")
+def nm_linear(x, values, index, bias, extras, n, m, epilogue, acc):
+    """linear(x, densify_nm(values, index), bias) [-> epilogue]: the gather kernel (2-bit positions
+    repacked at load where m <= 4)."""
+    return _nm_linear(x, values, index, bias, extras, n, m, epilogue, acc)
+
+
+@defop("cuda.nm_select_linear", _NM_OPERANDS, {**_NM, **_EPILOGUE}, "linear", verify=_epilogue_verify(4),
+       flops=_linear_flops, implements="linear")
+def nm_select_linear(x, values, index, bias, extras, n, m, epilogue, acc):
+    """linear(x, densify_nm(values, index), bias) [-> epilogue]: nm_select.py's select kernel
+    (values and positions repacked at load)."""
+    return _nm_linear(x, values, index, bias, extras, n, m, epilogue, acc)
+
+
+@defop("cuda.nm_int4_linear", _NM_INT4_OPERANDS, {**_NM, **_DEQUANT, **_EPILOGUE}, "linear",
+       verify=_epilogue_verify(6), flops=_linear_flops, implements="linear")
+def nm_int4_linear(x, codes, scales, zeros, index, bias, extras, n, m, group_size, dtype, epilogue, acc):
+    """linear(x, densify_nm(dequantize(codes, scales, zeros){bits=4}, index), bias) [-> epilogue]:
+    the gather kernel dequantizing the kept codes in registers."""
+    return _nm_int4_linear(x, codes, scales, zeros, index, bias, extras, n, m, group_size, dtype, epilogue, acc)
+
+
+@defop("cuda.nm_select_int4_linear", _NM_INT4_OPERANDS, {**_NM, **_DEQUANT, **_EPILOGUE}, "linear",
+       verify=_epilogue_verify(6), flops=_linear_flops, implements="linear")
+def nm_select_int4_linear(x, codes, scales, zeros, index, bias, extras, n, m, group_size, dtype, epilogue, acc):
+    """linear(x, densify_nm(dequantize(codes, scales, zeros){bits=4}, index), bias) [-> epilogue]:
+    nm_select.py's select kernel on its int4 layout."""
+    return _nm_int4_linear(x, codes, scales, zeros, index, bias, extras, n, m, group_size, dtype, epilogue, acc)
 
 
 @defop("cuda.elementwise", ["xs*"], {"expr": Attr("str")}, "elementwise",
