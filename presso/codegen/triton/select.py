@@ -75,6 +75,12 @@ def _compressed_linear(rw: Rewriter, n: Node) -> bool:
 
 
 # ---- phase 3: epilogues ---------------------------------------------------------------------------
+def _expr(f: Node) -> Optional[str]:
+    """The elementwise computation of ``f`` (a fused region, already selected or not, or one
+    fusable op) as an expression over its operands, else None."""
+    return f.attrs["expr"] if f.op == "cuda.elementwise" else node_expr(f)
+
+
 def _epilogue_operand_fits(v: Value, out: Value) -> bool:
     """A float operand the kernel can read at the output tile: the output's shape, or one row of it."""
     t, o = v.type, out.type
@@ -102,7 +108,7 @@ def _gated_pair(rw: Rewriter, n: Node) -> Optional[tuple[Node, Node, str, int]]:
     if any(h in outputs or len(u) != 1 for h, u in zip(sp.outputs, fs)) or fs[0][0] is not fs[1][0]:
         return None
     f = fs[0][0]
-    expr, fout = node_expr(f), f.outputs[0]
+    expr, fout = _expr(f), f.outputs[0]
     where = [[j for j, v in enumerate(f.inputs) if v is h] for h in sp.outputs]
     if (expr is None or len(f.inputs) != 2 or any(len(w) != 1 for w in where)
             or fout.type.shape != sp.outputs[0].type.shape or not fout.type.dtype.is_float):
@@ -129,7 +135,7 @@ def _fold_epilogue(rw: Rewriter, n: Node) -> bool:
     if out in rw.g.outputs or len(us) != 1:
         return False
     f = us[0]
-    expr = node_expr(f)
+    expr = _expr(f)
     if expr is None:
         return False
     fout = f.outputs[0]
