@@ -208,7 +208,7 @@ def compile(model, target: str = "reference", example_inputs: Optional[Sequence[
     if not specs or specs[0].name != "canonicalize":
         specs = resolve(["canonicalize"]) + specs
     names = {s.name for s in specs}     # the target's passes, unless the recipe placed them
-    specs = specs + resolve([p for p in tgt.default_passes if p not in names])
+    specs = specs + [s for s in resolve(list(tgt.default_passes)) if s.name not in names]
     model_name = type(model).__name__
     if generation and isinstance(model, torch.nn.Module):
         from .frontend.hf import for_generation, is_causal_lm

@@ -179,7 +179,7 @@ def test_softcapped_decode_attention_runs_the_references_form_on_the_cuda_target
     # (with the program's position mask), where the uncapped one runs the GQA decode kernel
     import torch
     from presso import parse
-    from presso.codegen.triton.decode_steps import PositionMask, attention_cached_step
+    from presso.codegen.triton.program import build_program
     from presso.runtime import run_graph
     text = """
 graph @g(%q: f32[1, 4, 1, 16], %k: f32[1, 2, 16, 16], %v: f32[1, 2, 16, 16], %positions: i64[1]) {
@@ -187,9 +187,10 @@ graph @g(%q: f32[1, 4, 1, 16], %k: f32[1, 2, 16, 16], %v: f32[1, 2, 16, 16], %po
   return %a
 }"""
     capped, plain = parse(text.replace("CAP", "{softcap=2.0}")), parse(text.replace("CAP", ""))
-    assert attention_cached_step(plain.nodes[0], PositionMask()).kernel == "triton:gqa_decode_attention"
-    step = attention_cached_step(capped.nodes[0], PositionMask())
-    assert step.kernel == "torch:softcapped_attention"
+    assert build_program(plain.copy()).kernels == {"a": "triton:gqa_decode_attention"}
+    lowered = capped.copy()
+    step = build_program(lowered).steps[0]
+    assert lowered.nodes[0].op == "cuda.masked_attention" and step.kernel == "torch:softcapped_attention"
     ins = [4 * torch.randn(1, 4, 1, 16), 4 * torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16), torch.tensor([9])]
     want = run_graph(capped, *ins)[0]
     torch.testing.assert_close(step.run(*ins)[0], want)

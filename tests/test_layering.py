@@ -94,7 +94,9 @@ def test_passes_never_import_runtime_or_codegen_and_ir_imports_no_pass():
     g = import_graph()
     for a, b in g.edges:
         if a.startswith("presso.passes."):
-            assert not b.startswith(("presso.runtime", "presso.codegen", "presso.targets")), (a, b)
+            # (the target table itself sits below the passes: ``select_kernels`` asks a target, by
+            # name, for its kernel patterns; no pass imports a target's module)
+            assert not b.startswith(("presso.runtime", "presso.codegen", "presso.targets.")), (a, b)
         if a.startswith("presso.ir."):
             assert not b.startswith(("presso.passes", "presso.frontend", "presso.codegen", "presso.runtime")), (a, b)
 

@@ -249,7 +249,7 @@ CUDA_TARGET_SCRIPT = textwrap.dedent("""
         assert head.startswith("triton:int"), head
         if "int4" in lookup:       # tiled once, read by both; the graph's codes are not on the device
             at = {st.node.name: i for i, st in enumerate(rt.program.steps)}
-            lookup_node = next(n.name for n in cm.graph.nodes if n.op == "gather_dequantize")
+            lookup_node = next(n.name for n in cm.graph.nodes if n.op == "cuda.gather_dequant")
             table, head_w = rt._prepared[at[lookup_node]][1], rt._prepared[at[cm.graph.outputs[0].node.name]][1]
             assert isinstance(table, Int4Weight) and table is head_w
             assert not any(v.name.startswith("wte") for v in rt._params), [v.name for v in rt._params]

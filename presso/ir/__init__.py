@@ -5,7 +5,7 @@ from .registry import OpDef, Attr, defop, get_op, all_ops
 from .parser import parse
 from .printer import print_graph
 from .verify import verify
-from . import aten_ops, ops  # noqa: F401  (they fill the op registry)
+from . import aten_ops, ops, cuda_ops, llvm_ops  # noqa: F401  (they fill the op registry)
 
 __all__ = ["DType", "TensorType", "Dim", "Graph", "Node", "Value", "Param", "OpDef", "Attr", "defop",
            "get_op", "all_ops", "parse", "print_graph", "verify"]

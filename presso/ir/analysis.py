@@ -6,7 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Mapping
 
 from .graph import Graph, Node, Value
-from .registry import get_op
+from .registry import canonical_op, get_op
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -137,17 +137,26 @@ def embedding_head_params(g: Graph) -> tuple[set[str], set[str]]:
     for n in g.nodes:
         if n.op == "gather" and n.inputs[0].kind == "param" and n.attrs["axis"] % n.inputs[0].type.rank == 0:
             table.add(n.inputs[0].name)
-        elif n.op == "gather_dequantize":
+        elif canonical_op(n.op) == "gather_dequantize":
             table.update(v.name for v in n.inputs[1:] if v is not None and v.kind == "param")
     head: set[str] = set()
     for v in g.outputs:
         while v.node is not None and v.node.op in HEAD_PASS_THROUGH:
             v = v.node.inputs[0]
         n = v.node
-        if n is not None and n.op in ("linear", "linear_int8"):
-            weights = n.inputs[1:2] if n.op == "linear" else n.inputs[2:4]
-            head.update(p.name for w in weights for p in _stored_params(w))
+        if n is not None and canonical_op(n.op) in ("linear", "linear_int8"):
+            head.update(p.name for w in _weight_operands(n) for p in _stored_params(w))
     return table, head
+
+
+_NOT_WEIGHTS = ("x", "bias", "extras", "xq", "x_scale")     # a linear's operands that are no weight
+
+
+def _weight_operands(n: Node) -> list[Value]:
+    """A linear's weight operands: ``linear``'s weight, ``linear_int8``'s codes and scales, a
+    target op's weight producer operands (``cuda.int4_linear``'s codes, scales, zeros)."""
+    names = get_op(n.op).operand_names()
+    return [v for i, v in enumerate(n.inputs) if v is not None and names[min(i, len(names) - 1)] not in _NOT_WEIGHTS]
 
 
 def bytes_by_role(g: Graph) -> dict:

@@ -71,6 +71,9 @@ class OpDef:
     verify: Optional[Callable] = None    # (input types, attrs) -> None or raise IRError
     flops: Optional[Callable] = None     # (input types, output types, attrs, bindings) -> int
     dynamic_shape: bool = False          # result sizes depend on operand values (nonzero, unique)
+    # a target op (``cuda.rotary``) running a kernel for one canonical op (``rotary``): analyses that
+    # walk a graph by meaning (the decode pass's per-token ops) read it as that op
+    implements: Optional[str] = None
 
     # ---- schema -------------------------------------------------------------------------
     @property
@@ -186,15 +189,21 @@ _REGISTRY: dict[str, OpDef] = {}
 
 
 def defop(name: str, operands: Sequence[str], attrs: Optional[dict] = None, category: str = "misc",
-          infer=None, verify=None, flops=None):
-    """Declare an op; decorates its reference implementation."""
+          infer=None, verify=None, flops=None, implements: Optional[str] = None):
+    """Declare an op; decorates its reference implementation. A target op (``<target>.<kernel>``)
+    names the canonical op it ``implements`` when it computes that op (with its operands first)."""
     def wrap(ref):
         if name in _REGISTRY:
             raise IRError(f"op '{name}' is defined twice")
         _REGISTRY[name] = OpDef(name, tuple(operands), dict(attrs or {}), ref, category,
-                                (ref.__doc__ or "").strip(), infer, verify, flops)
+                                (ref.__doc__ or "").strip(), infer, verify, flops, implements=implements)
         return ref
     return wrap
+
+
+def canonical_op(name: str) -> str:
+    """The canonical op a node of op ``name`` computes: the op a target op implements, else ``name``."""
+    return get_op(name).implements or name
 
 
 # families of ops defined on first use (core ATen, ``aten_ops.py``): (lookup(name) -> OpDef | None,

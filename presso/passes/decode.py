@@ -30,7 +30,7 @@ import torch
 
 from ..errors import PressoError
 from ..ir.graph import Graph, Node, Value
-from ..ir.registry import get_op
+from ..ir.registry import canonical_op, get_op
 from ..ir.types import DType, TensorType, dims_product
 from ..ir.verify import verify
 from .dce import dce
@@ -165,7 +165,7 @@ def _feeds_only_rope_tables(g: Graph, v: Value, users: dict) -> bool:
     if v in g.outputs:
         return False
     for n in users.get(v, []):
-        if n.op == "rotary" and n.inputs[0] is not v:
+        if canonical_op(n.op) == "rotary" and n.inputs[0] is not v:
             continue
         if any(u is not None and u is not v and not _is_constant(u) for u in n.inputs):
             return False
@@ -252,7 +252,7 @@ def _cache_point(v: Value) -> Value:
         if cur.node.meta.get("kv_cache_point") or cur.name in cur.node.meta.get("kv_cache_points", {}):
             return cur     # (the second: one part of linears stacked by concat_linears)
         data = [u for u in cur.node.inputs if u is not None and u.kind != "param"]
-        if cur.node.op not in _PER_TOKEN_OPS or not data:
+        if canonical_op(cur.node.op) not in _PER_TOKEN_OPS or not data:
             break
         cur = data[0]
     return v

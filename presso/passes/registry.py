@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 from ..errors import PipelineError
 
 # the modules that register presso's own passes; a new pass module is one more entry
-BUILTIN_MODULES = ("builtin", "lowrank", "quantize", "sparsify", "kv_cache", "fuse", "concat_linears")
+BUILTIN_MODULES = ("builtin", "lowrank", "quantize", "sparsify", "kv_cache", "fuse", "concat_linears",
+                   "select_kernels")
 
 
 @dataclass

@@ -12,7 +12,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ..errors import IRError
 from ..ir.graph import Graph, Node, Value
+from ..ir.registry import get_op
 
 Pattern = Callable[["Rewriter", Node], bool]
 
@@ -80,6 +82,41 @@ class Rewriter:
         out = self.g.add_node(op, inputs, attrs, before=before).output
         self.changed()
         return out
+
+    def retarget(self, node: Node, op: str, inputs: list, **attrs) -> Node:
+        """Make ``node`` an application of ``op`` on ``inputs`` in place (kernel selection: a
+        target op computing what the node and the nodes it absorbs computed): its name, position,
+        result names and notes stay; result types are inferred again, so a node that takes over
+        its user's computation takes over that result's type."""
+        opdef = get_op(op)
+        where = f"node %{node.name} as {op}"
+        attrs = opdef.complete_attrs(attrs, where=where)
+        inputs = list(inputs)
+        if not opdef.variadic and len(inputs) < len(opdef.operands):
+            inputs += [None] * (len(opdef.operands) - len(inputs))
+        types = opdef.infer_types(inputs, attrs, where=where)
+        if len(types) != len(node.outputs):
+            raise IRError(f"{where}: {op} yields {len(types)} results, the node has {len(node.outputs)}")
+        node.op, node.inputs, node.attrs = op, inputs, attrs
+        for v, t in zip(node.outputs, types):
+            v.type = t
+        self.changed()
+        return node
+
+    def fuse(self, nodes: list, op: str, inputs: list, results: list, before: Node, **attrs) -> Node:
+        """One ``op`` node (inserted before ``before``) replacing ``nodes``: its results stand for
+        ``results`` (values of those nodes, keeping their names); every node of ``nodes`` must be
+        dead once they are replaced."""
+        names = [v.name for v in results]
+        new = self.g.add_node(op, inputs, attrs, names=[self.g.fresh_name(n) for n in names], before=before)
+        for old, v in zip(results, new.outputs):
+            self.g.replace_uses(old, v)
+        for n in nodes:
+            self.g.remove_node(n)
+        for v, name in zip(new.outputs, names):
+            self.g.rename(v, name)
+        self.changed()
+        return new
 
     def new_param(self, hint: str, data: torch.Tensor) -> Value:
         v = self.g.add_param(self.g.fresh_name(hint), data.contiguous())

@@ -15,6 +15,7 @@ from ..config import triton_interpret
 from ..errors import TargetUnavailableError
 from ..ir.graph import Graph, Value
 from ..ir.interpret import bind_inputs
+from ..ir.registry import get_op
 
 
 def cuda_device() -> torch.device:
@@ -31,9 +32,9 @@ def cuda_device() -> torch.device:
 class CudaRuntime:
     def __init__(self, graph: Graph, program=None):
         from ..codegen.triton.program import build_program
-        self.graph = graph
         self.device = cuda_device()
         self.program = program or build_program(graph)
+        self.graph = graph = self.program.graph
         prepared_at = [set(s.prepare[0]) if s.prepare else set() for s in self.program.steps]
         used = {v for s, skip in zip(self.program.steps, prepared_at) for j, v in enumerate(s.inputs) if j not in skip}
         self._params = {p.value: p.data.to(self.device) for p in graph.params.values() if p.value in used}
@@ -54,7 +55,7 @@ class CudaRuntime:
         # plain calls: a shape seen AUTO_GRAPH_AFTER times is captured and replayed from then on,
         # unless the program writes into its inputs (a KV cache: the replay would update the
         # graph's copy, not the caller's tensor)
-        self.auto_graph = not any(n.op == "cache_update" for n in graph.nodes)
+        self.auto_graph = not any(get_op(n.op).category == "state" for n in graph.nodes)
         self._auto: dict[tuple, _CudaGraph] = {}
         self._seen: dict[tuple, int] = {}
 

@@ -26,6 +26,11 @@ class Target:
         """Raise ``TargetUnavailableError`` (or ``MissingDependencyError``) naming this target and
         why it cannot be compiled for here; called before any work."""
 
+    def select_kernels(self, graph):
+        """Rewrite ``graph`` (in place) into this target's ops, one per kernel it launches; the
+        ``select_kernels`` pass calls it. By default every node stays as it is."""
+        return graph
+
     def build(self, graph):
         """Compile ``graph``: the target's code object (None for a target that has none)."""
         return None

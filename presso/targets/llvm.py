@@ -18,6 +18,11 @@ class LLVMTarget(Target):
     name = "llvm"
     supports_generation = True
 
+    @property
+    def default_passes(self) -> tuple[str, ...]:
+        """The kernel every node runs, chosen for this target's machine (``codegen/tvm/select.py``)."""
+        return (f"select_kernels{{target={self.name}}}",)
+
     def check_available(self) -> None:
         require("tvm", "tvm", f"target={self.name!r}")
 
@@ -25,6 +30,10 @@ class LLVMTarget(Target):
         """What TVM compiles for: this host's CPU (``-mcpu`` detected, every core)."""
         from ..codegen.tvm import Machine, host_cpu_target, host_requirements
         return Machine(self.name, host_cpu_target(), host_requirements())
+
+    def select_kernels(self, graph):
+        from ..codegen.tvm.select import select_kernels
+        return select_kernels(graph, self.machine().spec)
 
     def build(self, graph):
         from ..codegen.tvm import build

@@ -5,7 +5,8 @@ tensors through Triton's interpreter (slow, exact): that is how CI checks them.
 * ``linear.py``: N:M sparse and int8 linears reading the packed storage;
 * ``elementwise.py``: kernels generated from ``fused_elementwise`` regions (``fuse`` pass);
 * ``norm.py``: RMSNorm / LayerNorm rows;
-* ``program.py``: a graph -> a list of launches (the ``cuda`` target's executable).
+* ``select.py``: kernel selection, patterns rewriting nodes into the ``cuda.*`` ops (``ir/cuda_ops.py``);
+* ``program.py``: a selected graph -> a list of launches, one per node (the ``cuda`` target's executable).
 """
 from .int4 import int4_linear
 from .linear import int8_linear, nm_linear

@@ -29,7 +29,6 @@ The code-to-number helpers (inline PTX and their interpreter twins) live in ``ni
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...config import triton_interpret
 from ...ir.ops import unpack_int4
 from .autotune import choose, sm_count
 from .epilogue import Epilogue, apply_epilogue, no_epilogue, output_buffer, run_pair_epilogue, store_tile
@@ -44,7 +44,6 @@ from .nibbles import (INTERPRET_DOT, f16x2_dequant_tile, f16x2_dot8, f16x2_dot8_
                       one_plus_nibble, nibble_shift)
 from .splitk import split_factor, split_sum, zeroed_counters
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILE_ROWS = 128
 
 
@@ -336,7 +335,7 @@ def gemv_default(n: int, groups: int, hw: int, pair: bool, device) -> dict:
     shape in the H100 sweep: 1x4096->4096 6.8 vs 6.3 us, 1x2048->8192 6.6 vs 5.2). (One step of a
     whole 4096-long row block needs ~130 registers a thread under Triton 3.6: 1 program per SM,
     twice as slow.)"""
-    if not pair and groups <= 16 and triton.cdiv(n, 16) < 2 * (4 if INTERPRET else sm_count(device)):
+    if not pair and groups <= 16 and triton.cdiv(n, 16) < 2 * (4 if triton_interpret() else sm_count(device)):
         sp = split_factor(triton.cdiv(n, 8), groups, 1, device)
         warps = 8 if 8 * (groups // sp) * hw >= 2048 else 4
         return {"block_n": 8, "gps": 0, "split": sp, "warps": warps, "prefetch": 1}
@@ -516,10 +515,11 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: O
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y, epi = output_buffer(x, M, N, epilogue, extras)
-    bkh = 16 if INTERPRET else 64
+    interpret = triton_interpret()
+    bkh = 16 if interpret else 64
     while (group_size // 2) % bkh or (K % group_size // 2) % bkh:   # a chunk never straddles a group
         bkh //= 2
-    bm, bn = min(triton.next_power_of_2(M), 4), (64 if INTERPRET else 16)
+    bm, bn = min(triton.next_power_of_2(M), 4), (64 if interpret else 16)
     _int4_rows_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
         x2, q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
         epi.pop("e0_ptr"), epi.pop("e1_ptr"), M, N, K, group_size, x2.stride(0), q.stride(0), scales.stride(0),

@@ -17,7 +17,7 @@ values stay latent: the attention produces ``o' = softmax(s) hv`` [H, Rv] per sp
 splits are merged by their softmax maxima and sums. The sequence's tiles are dealt to the splits
 round-robin, so at any moment every program reads near the others (and, with RoPE, the same
 cos / sin rows, from L2): measured faster than consecutive-token splits on the H100, most with
-rebuilt keys (benchmarks/RESULTS.md, session 11). Heads are padded to 16 rows so scores and
+rebuilt keys (benchmarks/RESULTS.md). Heads are padded to 16 rows so scores and
 probabilities x values are each one ``tl.dot``.
 
 The absorbed form's two small per-head matmuls around the attention (``absorb``: q -> q B_k^T
@@ -27,7 +27,7 @@ applies the value up-projection, so a decode step's attention is three kernels a
 matmul. On Hopper the attention and merge kernels are programmatic dependent launches: each
 starts while the kernel before it drains (the merge loads its weight slice then) and waits
 in-kernel for that kernel's output. (One cooperative kernel doing all three phases with group
-barriers measured slower on the H100, in sessions 8 and 10: the in-kernel absorb and merge phases
+barriers measured slower on the H100: the in-kernel absorb and merge phases
 cost more than the separate kernels; benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
@@ -282,7 +282,7 @@ def has_dependent_launch(device) -> bool:
 
 def default_split(sequences: int, L: int, device, least: int = 256) -> int:
     """Tokens per program: about one program per SM over all ``sequences`` (batch rows x groups), in
-    [least, 8192]. Measured on the H100 (benchmarks/RESULTS.md, session 8): fewer, longer splits stream
+    [least, 8192]. Measured on the H100 (benchmarks/RESULTS.md): fewer, longer splits stream
     the cache faster (B=1 L=64k: 4096 tokens 188 us vs 2048 193 us; B=16 L=16k: 8192 717 us vs 1024
     734 us) until the programs no longer fill the machine (B=1 L=16k: 1024 best, 2048 slower)."""
     sms = sm_count(device)
@@ -377,10 +377,10 @@ def latent_decode_attention(q: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor,
     # tiles, 8 warps, 2 stages (H100, B=1 L=16k: 173 us; 128 x 8 x 1 stage 188, 64 x 8 236; 1016 as
     # 16 x 4 before the half-split rotation). GQA RoPE: 64-token tiles, 4 warps, 3 stages (more
     # warps or 128-token tiles spill: each tile's rebuilt keys live in registers), and splits down
-    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md session 9).
+    # to 64 tokens so that B=1 fills the SMs (H100 sweep, benchmarks/RESULTS.md).
     # Absorbed latent caches (rows of >= 512 bytes) in one wave of programs: 32-token tiles, the
     # pipeline fills and drains sooner (B=1 L=16k 54.8 us vs 55.9 at 64); several waves (B=16,
-    # L >= 16k) and plain GQA caches (64-dim heads): 64 (session 11)
+    # L >= 16k) and plain GQA caches (64-dim heads): 64
     split = split_len or (L if INTERPRET else default_split(B * G, L, q.device, 64 if gqa_rope else 256))
     splits = triton.cdiv(L, split)
     one_wave = not INTERPRET and B * G * splits <= sm_count(q.device)

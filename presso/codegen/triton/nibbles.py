@@ -4,12 +4,14 @@ fp16x2 inline-PTX paths (two codes -> the fp16 numbers 1024 + c by one ``lop3``)
 plain-Triton twin that the interpreter runs (it executes no PTX) with the same layout and the
 same fp16 rounding points.
 """
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # jit code reads globals as constexprs
+from ...config import triton_interpret
+
+# jit code reads globals as constexprs, fixed when a kernel is first compiled: Triton decides per
+# decorated kernel whether it is interpreted, so this is read once, at import, like Triton itself
+INTERPRET_DOT = tl.constexpr(triton_interpret())
 
 
 def nibble_shift(j: int) -> int:

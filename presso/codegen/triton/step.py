@@ -19,6 +19,8 @@ class Step:
     prepare: Optional[tuple[tuple[int, ...], Callable]] = None
     # the Values its run returns, when they are not ``node``'s outputs (a step covering several nodes)
     produces: Optional[list] = None
+    # whether ``run`` takes the symbolic dims' sizes (``bindings=``): torch references, generated kernels
+    takes_bindings: bool = False
 
     @property
     def outputs(self) -> list:

@@ -1,9 +1,10 @@
 """presso IR -> one TVM Relax function.
 
 Each presso op lowers through one entry of ``LOWER`` (a Relax op, or a tensor expression via
-``emit_te`` where Relax has no equivalent). Linear layers whose weight is a parameter -- dense,
-``dequantize``-d or ``densify_nm``-ed -- become one ``packed_linear`` kernel that reads the
-compressed storage (see ``linear.py``); their weight producers are not lowered at all.
+``emit_te`` where Relax has no equivalent). Kernels are selected in the IR first (``select.py``):
+linear layers whose weight is a parameter -- dense, ``dequantize``-d or ``densify_nm``-ed -- are
+``llvm.*`` ops, each one ``packed_linear`` kernel reading the compressed storage (see
+``linear.py``), their weight producers gone from the graph.
 
 Symbolic dims (``batch``, ``batch*seq``) become TIR variables, so one module serves every size.
 Parameters are function arguments (not constants baked into the library): the compiled code stays
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 
 from ...errors import CodegenError
-from ...ir.analysis import packed_weight_producer
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import INT64_MAX, hadamard_matrix
 from ...ir.types import DType, TensorType
@@ -25,6 +25,7 @@ from . import hadamard as fwht
 from . import int8_avx2
 from . import linear as lin
 from .attention import emit_softmax
+from .select import select_kernels
 from .table import LOWER, TVM_DTYPE, lowers
 
 
@@ -53,7 +54,7 @@ class Lowering:
     def __init__(self, graph: Graph, target_spec: dict | None = None):
         from tvm import relax, te, tirx
         self.rx, self.te, self.tirx = relax, te, tirx
-        self.g = graph
+        self.g = select_kernels(graph, target_spec)      # in place; a no-op on a selected graph
         self.target_spec = target_spec or {}
         self.prim_funcs: dict[str, object] = {}
         self.u8_codes: set[Value] = set()      # quantize_per_token codes lowered as u8 (code + 64)
@@ -63,7 +64,6 @@ class Lowering:
         self.env: dict[Value, object] = {}
         self.bb = relax.BlockBuilder()
         self.fused: dict[Node, FusedLinear] = {}
-        self.skipped: set[Node] = set()
         self.tied_lookups: dict[Node, FusedLinear] = {}   # gather_dequantize reading a fused linear's tiles
 
     # ---- types -------------------------------------------------------------------------------
@@ -86,22 +86,20 @@ class Lowering:
     def sinfo(self, t: TensorType):
         return self.rx.TensorType(self.shape(t), TVM_DTYPE[t.dtype])
 
-    # ---- planning: which linears read packed weights ------------------------------------------
+    # ---- planning: the prepacked weights of the selected linears ----------------------------------
     def plan(self) -> list:
-        """Decide the fused linears; return the runtime params (name, array) in argument order."""
-        g, users = self.g, self.users
+        """Prepack the selected linears' weights; return the runtime params (name, array) in argument order."""
+        g = self.g
         arrays: list = []
         used_raw: set[str] = set()
         for n in g.nodes:
-            fl = self._fusable_linear(n, users) if n.op in WEIGHT_INPUT else None
+            fl = self._fusable_linear(n) if n.op in PACKED_INPUTS else None
             if fl is not None:
                 self.fused[n] = fl
                 for (suffix, arr), name in zip(fl.spec.arrays.items(), fl.param_names):
                     arrays.append((name, arr))
         self.tied_lookups = _tied_lookups(g, self.fused)
         for n in g.nodes:
-            if n in self.skipped:
-                continue
             for i, v in enumerate(n.inputs):
                 if v is not None and v.kind == "param" and i not in self._packed_inputs(n):
                     used_raw.add(v.name)
@@ -111,30 +109,24 @@ class Lowering:
             arrays.append((name, p.data.contiguous().numpy()))
         return arrays
 
-    def _fusable_linear(self, n: Node, users):
-        w = n.inputs[WEIGHT_INPUT[n.op]]
+    def _fusable_linear(self, n: Node):
         g = self.g
-        if w.kind == "param":
-            if w.type.dtype not in ((DType.i8,) if n.op == "linear_int8" else (DType.f32, DType.f16, DType.f64)):
-                return None
+        data = [None if v is None or v.kind != "param" else g.params[v.name].data for v in n.inputs]
+        w = n.inputs[PACKED_INPUTS[n.op][0]]
+        if n.op == "llvm.w8a7_avx2_linear":
             rows, cols = w.type.shape
-            if n.op == "linear_int8" and _seven_bit_codes(n) and int8_avx2.fits(self.target_spec, cols, rows):
-                spec = lin.WeightSpec("avx2_u8s8", rows, cols, 8, dtype="int8",
-                                      arrays=int8_avx2.prepack(g.params[w.name].data.numpy()))
-            else:
-                spec = lin.prepack_dense(g.params[w.name].data)
-        elif n.op == "linear" and packed_weight_producer(w, users) is not None:
-            p = w.node
-            data = [None if v is None else g.params[v.name].data for v in p.inputs]
-            if p.op == "dequantize":
-                spec = lin.prepack_quant(data[0], data[1], data[2], p.attrs["bits"], p.attrs["group_size"],
-                                         signed=p.inputs[2] is None, out_dtype=TVM_DTYPE[DType[p.attrs["dtype"]]])
-            else:
-                spec = lin.prepack_nm(data[0], data[1], p.attrs["n"], p.attrs["m"])
-            self.skipped.add(p)
+            spec = lin.WeightSpec("avx2_u8s8", rows, cols, 8, dtype="int8",
+                                  arrays=int8_avx2.prepack(g.params[w.name].data.numpy()))
+        elif n.op in ("llvm.packed_linear", "llvm.int8_linear"):
+            spec = lin.prepack_dense(g.params[w.name].data)
+        elif n.op == "llvm.quant_linear":
+            spec = lin.prepack_quant(data[1], data[2], data[3], n.attrs["bits"], n.attrs["group_size"],
+                                     signed=n.inputs[3] is None, out_dtype=TVM_DTYPE[DType[n.attrs["dtype"]]])
         else:
-            return None
-        names = [f"{w.name}.{k}.tiled{spec.nj}" for k in spec.arrays]
+            spec = lin.prepack_nm(data[1], data[2], n.attrs["n"], n.attrs["m"])
+        # (a weight read through a producer is named after its linear: the tiles are that linear's)
+        base = w.name if len(PACKED_INPUTS[n.op]) == 1 else f"{n.name}.weight"
+        names = [f"{base}.{k}.tiled{spec.nj}" for k in spec.arrays]
         return FusedLinear(spec, names)
 
     # ---- building --------------------------------------------------------------------------
@@ -152,8 +144,6 @@ class Lowering:
         with self.bb.function("main", args + list(pvars.values())):
             with self.bb.dataflow():
                 for n in g.nodes:
-                    if n in self.skipped:
-                        continue
                     self._lower_node(n)
                 outs = [self.env[v] for v in g.outputs]
                 out = self.bb.emit_output(outs[0] if len(outs) == 1 else rx.Tuple(outs))
@@ -192,7 +182,7 @@ class Lowering:
     def _packed_inputs(self, n: Node) -> tuple:
         """Operand positions a node reads from prepacked params rather than as given."""
         if n in self.fused:
-            return (WEIGHT_INPUT[n.op],)
+            return PACKED_INPUTS[n.op]
         return (1, 2, 3) if n in self.tied_lookups else ()
 
     def emit(self, expr):
@@ -211,24 +201,23 @@ class Lowering:
         return e if TVM_DTYPE[v.type.dtype] == dtype else self.emit(self.rx.op.astype(e, dtype))
 
 
-WEIGHT_INPUT = {"linear": 1, "linear_int8": 2}
+# the selected linears: the operand positions read from prepacked params (the weight first)
+PACKED_INPUTS = {"llvm.packed_linear": (1,), "llvm.quant_linear": (1, 2, 3), "llvm.nm_linear": (1, 2),
+                 "llvm.int8_linear": (2,), "llvm.w8a7_avx2_linear": (2,)}
 
 
 def _tied_lookups(g: Graph, fused: dict) -> dict:
-    """``gather_dequantize`` nodes whose table (codes, scales, zeros) a fused linear also reads
-    through its ``dequantize`` (a tied LM head): they look rows up in that linear's column tiles,
-    so the table is held once."""
-    tiles = {}
-    for n, fl in fused.items():
-        p = n.inputs[1].node if n.op == "linear" else None
-        if p is not None and p.op == "dequantize" and fl.spec.kind == "quant":
-            tiles[(tuple(p.inputs), p.attrs["bits"], p.attrs["group_size"])] = fl
+    """``llvm.tied_gather_dequant`` nodes -> the quantized linear whose column tiles they read (a
+    tied LM head reading the same codes, scales and zeros), so the table is held once."""
+    tiles = {(tuple(n.inputs[1:4]), n.attrs["bits"], n.attrs["group_size"]): fl
+             for n, fl in fused.items() if n.op == "llvm.quant_linear"}
     out = {}
     for n in g.nodes:
-        if n.op == "gather_dequantize":
+        if n.op == "llvm.tied_gather_dequant":
             fl = tiles.get((tuple(n.inputs[1:]), n.attrs["bits"], n.attrs["group_size"]))
-            if fl is not None:
-                out[n] = fl
+            if fl is None:
+                raise CodegenError(f"node '{n.name}': {n.op} reads a table no llvm.quant_linear reads")
+            out[n] = fl
     return out
 
 
@@ -384,9 +373,9 @@ def _softmax(L, n, ins):
     return emit_softmax(L, ins[0], n.attrs["axis"] % n.inputs[0].type.rank)
 
 
-@lowers("linear")
+@lowers("linear", "llvm.packed_linear", "llvm.quant_linear", "llvm.nm_linear")
 def _linear(L, n, ins):
-    x, w, b = n.inputs
+    b = n.inputs[-1]
     out_t = n.output.type
     fl = L.fused.get(n)
     if fl is None:
@@ -403,7 +392,7 @@ def _linear(L, n, ins):
         epi = (lambda v, i, j: v + bias[j].astype("float32")) if bias is not None else None
         return lin.packed_linear(L.te, xt, spec, pmap, epilogue=epi, out_dtype=out_dtype)
 
-    args = [ins[0]] + params + ([ins[2]] if b is not None else [])
+    args = [ins[0]] + params + ([ins[-1]] if b is not None else [])
     return L.emit_te(kernel, *args, name=f"linear_{spec.kind}{spec.bits or ''}")
 
 
@@ -586,11 +575,6 @@ def _quantize_per_token(L, n, ins):
     return [L.emit(L.rx.TupleGetItem(t, 0)), L.emit(L.rx.TupleGetItem(t, 1))]
 
 
-def _seven_bit_codes(n: Node) -> bool:
-    p = n.inputs[0].node
-    return p is not None and p.op == "quantize_per_token" and p.attrs["bits"] == 7
-
-
 def _linear_w8a7_avx2(L, n, ins, fl):
     """The hand-written AVX2 u8 x s8 kernel (int8_avx2.py) over [rows, K] activation bytes."""
     import numpy as np
@@ -611,7 +595,7 @@ def _linear_w8a7_avx2(L, n, ins, fl):
     return L.emit(rx.op.reshape(y, list(lead) + [rows]))
 
 
-@lowers("linear_int8")
+@lowers("linear_int8", "llvm.int8_linear", "llvm.w8a7_avx2_linear")
 def _linear_int8(L, n, ins):
     b = n.inputs[4]
     fl = L.fused.get(n)
@@ -651,7 +635,7 @@ def _dequantize(L, n, ins):
     return L.emit_te(f, *[i for i in ins if i is not None], name="dequantize")
 
 
-@lowers("gather_dequantize")
+@lowers("gather_dequantize", "llvm.tied_gather_dequant")
 def _gather_dequantize(L, n, ins):
     """Rows of a quantized table dequantized as they are looked up (indices wrap, as ``gather``'s);
     a table tied to a fused linear is read in that linear's column tiles [rows/NJ, cols, NJ]."""
