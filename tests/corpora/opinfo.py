@@ -108,10 +108,11 @@ UNINITIALISED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_
 
 def _returns_uninitialised(ep) -> bool:
     """An output straight from an allocation (``empty`` and kin) holds whatever memory it got: two
-    eager calls that reuse one freed buffer agree by chance, and agreeing with them means nothing."""
+    eager calls that reuse one freed buffer agree by chance, and agreeing with them means nothing.
+    (An empty allocation of no elements, as OpInfo's signal windows of length 0 give, is determined.)"""
     (out,) = [n for n in ep.graph.nodes if n.op == "output"]
     return any(getattr(a, "op", None) == "call_function" and getattr(a.target, "_opname", None) in UNINITIALISED
-               for a in pytree.tree_leaves(out.args))
+               and getattr(a.meta.get("val"), "numel", lambda: 1)() > 0 for a in pytree.tree_leaves(out.args))
 
 
 def _same(a, b) -> bool:
