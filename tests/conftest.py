@@ -14,6 +14,7 @@ SLOW = [
     "test_corpus_opinfo.py::test_opinfo_corpus_imports_and_matches_eager_torch",
     "test_corpus_opinfo.py::test_opinfo_shard_imports_and_matches_eager_torch",
     "test_corpus_llvm.py::test_opinfo_corpus_compiles_for_llvm_and_matches_torch",
+    "test_corpus_llvm.py::test_opinfo_shard_compiles_for_llvm_and_matches_torch",
     "test_corpus_onnx.py::test_backend_data_pass_rate",
     "test_corpus_onnx.py::test_light_zoo_matches_onnxruntime",
     "test_corpus_hf.py::test_hf_corpus_pass_rate",
