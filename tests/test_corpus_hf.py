@@ -5,6 +5,7 @@ for causal LMs, against HF's greedy ``generate``, on ``reference`` and (where TV
 inputs, outputs in HF's structure (the ``DynamicCache`` too), a symbolic sequence with HF's mask
 code, artifacts, the real MiniLM."""
 import functools
+import importlib.util
 import os
 
 import pytest
@@ -17,11 +18,7 @@ from presso.errors import InputError  # noqa: E402
 from tests.corpora import hf as corpus  # noqa: E402
 
 def _default_targets() -> str:
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        return "reference"
-    return "reference,llvm"
+    return "reference,llvm" if importlib.util.find_spec("tvm") else "reference"
 
 
 TARGETS = [t for t in os.environ.get("PRESSO_HF_TARGETS", _default_targets()).split(",") if t]
