@@ -9,6 +9,7 @@ parameter so that compiled targets other than ``reference`` (``llvm``) run the s
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -203,6 +204,14 @@ class FlatOutputs(torch.nn.Module):
         return tuple(_leaves(self.model(**dict(zip(self.keys, args)), **self.extra)))
 
 
+# Cases torch's exporters cannot export (the failure is torch's, before presso sees a graph); the
+# corpus leaves them out, and tests/test_corpus_hf.py checks each still fails in torch.
+NOT_EXPORTABLE = {
+    ("t5_encoder", "dynamo"): "Cannot view a tensor",   # the exporter's decomposition views T5's transposed heads
+}
+ONNX_CASES = tuple((n, e) for n in MODELS for e in EXPORTERS if (n, e) not in NOT_EXPORTABLE)
+
+
 def export_onnx(model, inputs: dict, exporter: str):
     """The model's ONNX export by ``exporter`` (one of ``EXPORTERS``), quietly, as a ModelProto."""
     import contextlib
@@ -222,9 +231,17 @@ def export_onnx(model, inputs: dict, exporter: str):
         return onnx.load_from_string(f.getvalue())
 
 
+@functools.lru_cache(maxsize=None)
+def exported(name: str, exporter: str) -> bytes:
+    """Corpus model ``name`` exported by ``exporter``, serialized: one export serves every target."""
+    model, inputs = build(name)
+    return export_onnx(model, inputs, exporter).SerializeToString()
+
+
 def run_onnx(name: str, exporter: str, target: str = "reference") -> Result:
     """Export corpus model ``name`` to ONNX with ``exporter``, compile the ONNX model with presso
     for ``target``, compare its outputs with HF eager's (flattened, without the cache)."""
+    import onnx
     import presso
     res = Result(name, f"{target} via ONNX", structure=f"ONNX/{exporter}")
     t0 = time.time()
@@ -232,7 +249,7 @@ def run_onnx(name: str, exporter: str, target: str = "reference") -> Result:
         model, inputs = build(name)
         with torch.no_grad():
             want = FlatOutputs(model, inputs)(*inputs.values())
-        cm = presso.compile(export_onnx(model, inputs, exporter), target=target)
+        cm = presso.compile(onnx.load_from_string(exported(name, exporter)), target=target)
         got = cm(*inputs.values())
         res.max_rel_err = rel_err(list(got) if isinstance(got, tuple) else [got], list(want))
         res.ok = res.max_rel_err <= MAX_REL_ERR

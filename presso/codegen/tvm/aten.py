@@ -693,6 +693,8 @@ def _any_all(L, n, ins):
 
 @aten("argmax", "argmin")
 def _argmax(L, n, ins):
+    if n.inputs[0].type.rank == 0:         # a 0-d tensor's one element (Relax cannot reduce 0 dims)
+        return L.rx.const(np.zeros((), "int64"), "int64")
     f = L.rx.op.argmax if n.op == "aten.argmax" else L.rx.op.argmin
     d = n.attrs["dim"]
     axis = None if d is None else d % max(n.inputs[0].type.rank, 1)
