@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MAX_REL_ERR = 1e-4
-GENERATION_TARGETS = ("reference", "cuda")      # the targets CompiledModel.generate runs on
+GENERATION_TARGETS = ("reference", "cuda", "llvm")      # the targets CompiledModel.generate runs on
 VOCAB, SEQ, NEW_TOKENS = 96, 8, 6
 
 _DEC = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
