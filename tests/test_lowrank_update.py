@@ -172,6 +172,7 @@ def test_greedy_allocation_gives_layers_different_ranks():
     ("lowrank{method=whitened,damp=-1}", r"option 'damp' must be >= 0, got -1"),
     ("lowrank{method=whitened,update=maybe}", r"option 'update'"),
     ("lowrank{method=whitened,sequential=2}", r"option 'sequential'"),
+    ("lowrank{method=whitened,fisher_weighted=true}", r"option fisher_weighted=true needs allocation=fisher"),
     ("lowrank{method=svd,allocation=fisher}", r"option allocation='fisher' needs method=whitened and sequential=true"),
     ("lowrank{method=whitened,update=true,refit=all}", r"option 'refit' must be one of \['full', 'up'\]"),
 ])

@@ -14,8 +14,14 @@
   parameter, or explicit ``ranks="regex:r;regex:full"``; ``allocation=by-type`` does so within each
   layer type (weight names up to the layer index: every q_proj, every down_proj), each type keeping
   ``ratio`` (SVD-LLM v2's per-type allocation); ``allocation=uniform`` gives every layer the same
-  fraction. Layers where factoring would not save parameters stay dense (and keep their
-  parameters in the budget).
+  fraction. ``allocation=fisher`` spends the budget on the loss instead of the per-layer relative
+  error: each dropped whitened component costs its output error weighted by the diagonal Fisher
+  information of the layer's output (``passes/fisher.py``: one backward pass per sample on labels
+  sampled from the model), so all layers' costs share one scale and early or loss-sensitive
+  layers keep more rank. Layers where factoring would not save parameters stay dense (and keep
+  their parameters in the budget).
+* ``refit=up`` (with ``update``): SVD-LLM's update of the up-projection only: A from the
+  whitened truncation, B the least-squares fit for that A to the uncompressed outputs.
 * ``share_input=True``: linears reading the same tensor (q/k/v, gate/up) share one
   down-projection A (SkipCat), factored jointly from their stacked weights.
 """
@@ -97,15 +103,16 @@ def _cholesky(gram: torch.Tensor, damp: float, diag: Optional[torch.Tensor] = No
     return torch.linalg.cholesky(g + damp * scale * eye)
 
 
-def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Relative output error of keeping r whitened components, r = 0..k (the allocation's curve)."""
+def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Relative output error of keeping r whitened components, r = 0..k (the allocation's curve);
+    with ``normalize=False`` the error itself (the dropped energy)."""
     w = w.double()
     if w.shape[0] <= w.shape[1]:       # the eigenvalues of W G W^T are the squared singular values of W L
         energy = torch.linalg.eigvalsh(w @ gram.double() @ w.T).flip(0).clamp_min(0)
     else:
         m = w @ _cholesky(gram, 1e-6)
         energy = torch.linalg.eigvalsh(m.T @ m).flip(0).clamp_min(0)
-    return truncation_error(energy)
+    return truncation_error(energy) * (1.0 if normalize else energy.sum())
 
 
 def fisher_spectrum(w: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
@@ -183,6 +190,9 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
                          help="ranks where the output error per parameter is lowest (over all layers; fisher: "
                               "the error weighted by each output's loss sensitivity, the diagonal Fisher; or "
                               "within each layer type, each type keeping ratio), or the same fraction per layer"),
+    "fisher_weighted": Option(bool, False, help="allocation=fisher: each truncation minimizes the Fisher-weighted "
+                                                "output error too (FWSVD on the whitened weight), not only the "
+                                                "ranks"),
     "fisher_samples": Option(int, 1, check=lambda n: n >= 1, allowed=">= 1",
                              help="allocation=fisher: calibration samples (batches) run backward for the Fisher"),
     "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
@@ -197,7 +207,7 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
                    help="update: ridge toward the original weight, relative to each input channel's energy"),
 })
 def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int,
-            allocation: str, fisher_samples: int, sequential: bool, update: bool, refit: str, damp: float):
+            allocation: str, fisher_weighted: bool, fisher_samples: int, sequential: bool, update: bool, refit: str, damp: float):
     """Factor linears into two smaller linears; see the module docstring."""
     from .quantize import dequantize_layers, requantize_layers
     explicit = match_patterns(ranks, "ranks", "lowrank")
@@ -212,6 +222,8 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     if allocation == "fisher" and not (method == "whitened" and sequential):
         raise PipelineError("pass 'lowrank': option allocation='fisher' needs method=whitened and sequential=true, "
                             f"got method={method!r}, sequential={sequential}")
+    if fisher_weighted and allocation != "fisher":
+        raise PipelineError(f"pass 'lowrank': option fisher_weighted=true needs allocation=fisher, got {allocation!r}")
     if method == "whitened" and sequential:
         samples = normalize_samples(getattr(ctx, "calibration", None))
         if not samples:
@@ -220,7 +232,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     groups = _group(linears, share_input)
     if method == "whitened" and sequential:
         _lowrank_sequential(g, ctx, samples, groups, explicit, ratio, rank_multiple, allocation,
-                            refit if update else None, damp, fisher_samples)
+                            refit if update else None, damp, fisher_samples, fisher_weighted)
         requantize_layers(g, requant, "lowrank")
         return dce(g)
     stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened", what=what)
@@ -239,7 +251,7 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
 
 
 def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp,
-                        fisher_samples: int = 1) -> None:
+                        fisher_samples: int = 1, fisher_weighted: bool = False) -> None:
     """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time;
     from fewer batches than all, the 1536-wide inputs' Grams lose rank, their spectra's tails look
     small and the allocation cuts those layers too deep), then a second walk factoring each layer on
@@ -247,17 +259,22 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
     show = getattr(ctx, "progress", True)
     lead = {grp[0].node: grp for grp in groups}
     curves: dict = {}
+    fisher, weight_of = None, {}
+    if allocation == "fisher":
+        members = [l.node for grp in groups for l in grp]
+        fisher = output_fisher(g, samples[:fisher_samples], members)
+        if fisher_weighted:
+            for node, grp in lead.items():
+                weight_of[node] = _fisher_rows(torch.cat([fisher[l.node.name] for l in grp]))
     if not explicit and allocation != "uniform":
-        fisher = None
-        if allocation == "fisher":
-            members = [l.node for grp in groups for l in grp]
-            fisher = output_fisher(g, samples[:fisher_samples], members)
-
         def measure(x, nodes, st):
             for node in nodes:
                 w = _stacked(lead[node])
                 if fisher is None:
                     curves[node] = whitened_spectrum(w, st.gram)
+                elif node in weight_of:
+                    d, scale = weight_of[node]
+                    curves[node] = whitened_spectrum(d[:, None] * w.double(), st.gram, normalize=False) * scale
                 else:
                     curves[node] = fisher_spectrum(w, st.gram, torch.cat([fisher[l.node.name] for l in lead[node]]))
         calibrate_sequentially(g, samples, list(lead), measure,
@@ -272,11 +289,23 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
             if update:
                 f = factorize_fitted(w, st, damp) if update == "full" else refit_up(w, st, r, damp)
                 _rewrite(g, grp, f, r, "whitened", lambda a, b: fitted_error(a, b, st), "calibration (uncompressed)")
+            elif node in weight_of:
+                d = weight_of[node][0]
+                f = factorize(d[:, None] * w.double(), st.gram, True)
+                f.B = f.B / d[:, None]
+                _rewrite(g, grp, f, r, "whitened", lambda a, b: output_error(a, b, st.gram), "calibration")
             else:
                 f = factorize(w, st.gram, True)
                 _rewrite(g, grp, f, r, "whitened", lambda a, b: output_error(a, b, st.gram), "calibration")
     calibrate_sequentially(g, samples, list(plan), compress, progress=show, desc="lowrank{method=whitened}",
                            reference=update is not None)
+
+
+def _fisher_rows(fisher: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Row weights sqrt(F_j / mean F) for a Fisher-weighted truncation (floored at 1/20 so that no
+    output row is treated as free) and the scale that puts its error back in loss units."""
+    mean = float(fisher.double().mean().clamp_min(1e-300))
+    return (fisher.double() / mean).sqrt().clamp_min(0.05), mean
 
 
 def _stacked(grp: list[Linear]) -> torch.Tensor:
