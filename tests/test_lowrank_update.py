@@ -10,7 +10,7 @@ import presso
 from presso import PipelineError
 from presso.models.llama import LlamaConfig, make_llama
 from presso.passes.calibrate import LinearStats
-from presso.passes.fisher import output_fisher
+from presso.passes.fisher import output_fisher, sample_labels
 from presso.passes.lowrank import factorize, factorize_fitted, fisher_spectrum, fitted_error, refit_up
 from presso.passes.sequential import cross_gram, input_stats
 
@@ -120,9 +120,16 @@ def test_fisher_of_the_logits_is_the_softmax_score_of_the_sampled_labels():
     for s in calib[:2]:
         logits = base(*s).reshape(-1, CONFIG.vocab).float()
         p = torch.softmax(logits, -1)
-        labels = torch.multinomial(torch.log_softmax(logits, -1).exp(), 1, generator=gen)
-        want += ((torch.nn.functional.one_hot(labels[:, 0], CONFIG.vocab) - p).double() ** 2).sum(0)
+        labels = sample_labels(p, gen)
+        want += ((torch.nn.functional.one_hot(labels, CONFIG.vocab) - p).double() ** 2).sum(0)
     assert torch.allclose(fisher, want, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_labels_follow_the_distribution():
+    p = torch.tensor([[0.1, 0.6, 0.3]]).repeat(20000, 1)
+    labels = sample_labels(p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(labels, minlength=3).double() / len(labels)
+    assert torch.allclose(freq, p[0].double(), atol=0.01)
 
 
 def test_fisher_spectrum_is_the_weighted_error_of_the_whitened_truncation():
