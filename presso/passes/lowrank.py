@@ -198,8 +198,8 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
     "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
                                           "factored (else all layers on the uncompressed model)"),
     "update": Option(bool, False, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
-                                       "(closed-form least squares; on SmolLM2-135M it overfits the calibration "
-                                       "text: see benchmarks/RESULTS.md)"),
+                                       "(closed-form least squares; on SmolLM2-135M it loses on held-out text, "
+                                       "refit=full or up: see benchmarks/RESULTS.md)"),
     "refit": Option(str, "full", choices=("full", "up"),
                     help="update: fit the whole weight then truncate (full), or keep the whitened truncation's "
                          "down-projection and refit only the up-projection (up)"),
