@@ -144,3 +144,24 @@ def test_a_pass_that_requantizes_calibrated_codes_says_so():
         cm = presso.compile(compiled().graph, example_inputs=(ev[None, :WINDOW],), calibration=calib[:2],
                             recipe="quantize{weights=int4,group_size=64,method=gptq},sparsify{pattern=2:4}")
     assert {r["method"] for r in cm.graph.meta["compression"].values()} == {"rtn"}
+
+
+def _kl_to_uncompressed(recipe: str) -> float:
+    """Mean KL(uncompressed || compressed) of the next-token distributions on the evaluation windows."""
+    _, ev, _ = real_slice()
+    ref, cm = compiled(), compiled(recipe)
+    kl, n = 0.0, 0
+    for ids, _ in windows(ev, WINDOW):
+        p = torch.log_softmax(ref(ids).logits.double(), -1)
+        q = torch.log_softmax(cm(ids).logits.double(), -1)
+        kl, n = kl + float((p.exp() * (p - q)).sum()), n + ids.numel()
+    return kl / n
+
+
+@pytest.mark.slow
+def test_fisher_allocation_and_truncation_lose_less_than_the_relative_error_greedy():
+    base = "lowrank{method=whitened,ratio=0.6"
+    greedy = _kl_to_uncompressed(base + "}")
+    fisher = _kl_to_uncompressed(base + ",allocation=fisher,fisher_weighted=true}")
+    print(f"\nreal slice, lowrank 0.6: KL greedy {greedy:.4f}, fisher-weighted {fisher:.4f}")
+    assert fisher < greedy

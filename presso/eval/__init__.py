@@ -10,7 +10,8 @@
 ``model`` is anything that maps token ids to logits: a torch module (a Hugging Face causal LM, or
 a module returning logits), a ``CompiledModel``, or the path of a saved artifact. Windows have one
 fixed length, so a model compiled with a static ``[1, window]`` example input scores text too.
-Every result carries the number of tokens scored and the wall time."""
+Every result carries the number of tokens scored and the wall time. ``presso.eval.harness.PressoLM``
+(the ``lmeval`` extra) runs the same models under lm-evaluation-harness tasks."""
 from __future__ import annotations
 
 import math

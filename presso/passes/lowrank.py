@@ -14,8 +14,14 @@
   parameter, or explicit ``ranks="regex:r;regex:full"``; ``allocation=by-type`` does so within each
   layer type (weight names up to the layer index: every q_proj, every down_proj), each type keeping
   ``ratio`` (SVD-LLM v2's per-type allocation); ``allocation=uniform`` gives every layer the same
-  fraction. Layers where factoring would not save parameters stay dense (and keep their
-  parameters in the budget).
+  fraction. ``allocation=fisher`` spends the budget on the loss instead of the per-layer relative
+  error: each dropped whitened component costs its output error weighted by the diagonal Fisher
+  information of the layer's output (``passes/fisher.py``: one backward pass per sample on labels
+  sampled from the model), so all layers' costs share one scale and early or loss-sensitive
+  layers keep more rank. Layers where factoring would not save parameters stay dense (and keep
+  their parameters in the budget).
+* ``refit=up`` (with ``update``): SVD-LLM's update of the up-projection only: A from the
+  whitened truncation, B the least-squares fit for that A to the uncompressed outputs.
 * ``share_input=True``: linears reading the same tensor (q/k/v, gate/up) share one
   down-projection A (SkipCat), factored jointly from their stacked weights.
 """
@@ -34,6 +40,7 @@ from .compress_common import (Linear, calibration_stats, dense_linears, derive, 
                               output_error, record, replace_linear, require_match)
 from .sequential import calibrate_sequentially
 from .dce import dce
+from .fisher import output_fisher
 from .registry import Option, register_pass
 from .progress import progress
 
@@ -96,15 +103,35 @@ def _cholesky(gram: torch.Tensor, damp: float, diag: Optional[torch.Tensor] = No
     return torch.linalg.cholesky(g + damp * scale * eye)
 
 
-def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Relative output error of keeping r whitened components, r = 0..k (the allocation's curve)."""
+def whitened_spectrum(w: torch.Tensor, gram: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Relative output error of keeping r whitened components, r = 0..k (the allocation's curve);
+    with ``normalize=False`` the error itself (the dropped energy)."""
     w = w.double()
     if w.shape[0] <= w.shape[1]:       # the eigenvalues of W G W^T are the squared singular values of W L
         energy = torch.linalg.eigvalsh(w @ gram.double() @ w.T).flip(0).clamp_min(0)
     else:
         m = w @ _cholesky(gram, 1e-6)
         energy = torch.linalg.eigvalsh(m.T @ m).flip(0).clamp_min(0)
-    return truncation_error(energy)
+    return truncation_error(energy) * (1.0 if normalize else energy.sum())
+
+
+def fisher_spectrum(w: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """Loss cost of keeping r whitened components, r = 0..k: each dropped component i (left
+    singular vector u_i, singular value s_i of W L) costs s_i^2 sum_j F_j u_ij^2, its output error
+    weighted by the diagonal Fisher F of the layer's output (to second order, the loss it adds).
+    Not normalized: the costs of all layers are in the same (loss) units, so the allocation can
+    compare them."""
+    w = w.double()
+    if w.shape[0] <= w.shape[1]:
+        e, U = torch.linalg.eigh(w @ gram.double() @ w.T)
+        us = U * e.clamp_min(0).sqrt()[None, :]
+    else:
+        m = w @ _cholesky(gram, 1e-6)
+        _, V = torch.linalg.eigh(m.T @ m)
+        us = m @ V
+    order = (us ** 2).sum(0).argsort(descending=True)     # truncation drops the smallest s_i first
+    energy = (fisher.double()[:, None] * us[:, order] ** 2).sum(0)
+    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
 
 
 def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factorization:
@@ -128,6 +155,22 @@ def factorize_fitted(w: torch.Tensor, stats: LinearStats, damp: float) -> Factor
     return Factorization(A=root[:, None] * Vh, B=U * root[None, :], err=((total - kept) / total).clamp_min(0))
 
 
+def refit_up(w: torch.Tensor, stats: LinearStats, r: int, damp: float) -> Factorization:
+    """SVD-LLM's update of the up-projection alone: A from the truncation whitened by the compressed
+    input (``factorize``), then the least-squares B for that A against the *uncompressed* outputs,
+    min ||X W^T - X~ A^T B^T||^2 + damp * mean(diag(H)) ||B - B0||^2 with H = A X~^T X~ A^T and B0
+    the truncation's own B (a ridge toward it). An r-dimensional regression, not an in-dimensional one:
+    far fewer coefficients to fit from the calibration tokens than refitting all of W."""
+    f = factorize(w, stats.gram, True)
+    a, b0 = f.A[:r], f.B[:, :r]
+    h = a @ stats.gram.double() @ a.T
+    lam = damp * h.diagonal().mean().clamp_min(1e-300)
+    rhs = w.double() @ stats.cross.double() @ a.T + lam * b0
+    eye = torch.eye(r, dtype=h.dtype)
+    b = torch.linalg.solve(h + lam * eye, rhs.T).T
+    return Factorization(A=a, B=b, err=f.err[: r + 1])
+
+
 def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float:
     """||X W^T - X~ W2^T||^2 / ||X W^T||^2 from the statistics (X uncompressed, X~ compressed input)."""
     w, w2 = w.double(), w2.double()
@@ -143,19 +186,28 @@ def fitted_error(w: torch.Tensor, w2: torch.Tensor, stats: LinearStats) -> float
     "ranks": Option(str, "", help="explicit ranks, 'regex:r;regex:full' on weight names (overrides ratio)"),
     "share_input": Option(bool, False, help="linears reading one tensor share the down-projection"),
     "rank_multiple": Option(int, 8, check=lambda m: m >= 1, allowed=">= 1", help="ranks are multiples of this"),
-    "allocation": Option(str, "greedy", choices=("greedy", "by-type", "uniform"),
-                         help="ranks where the output error per parameter is lowest (over all layers, or within "
-                              "each layer type, each type keeping ratio), or the same fraction per layer"),
+    "allocation": Option(str, "greedy", choices=("greedy", "fisher", "by-type", "uniform"),
+                         help="ranks where the output error per parameter is lowest (over all layers; fisher: "
+                              "the error weighted by each output's loss sensitivity, the diagonal Fisher; or "
+                              "within each layer type, each type keeping ratio), or the same fraction per layer"),
+    "fisher_weighted": Option(bool, False, help="allocation=fisher: each truncation minimizes the Fisher-weighted "
+                                                "output error too (FWSVD on the whitened weight), not only the "
+                                                "ranks"),
+    "fisher_samples": Option(int, 1, check=lambda n: n >= 1, allowed=">= 1",
+                             help="allocation=fisher: calibration samples (batches) run backward for the Fisher"),
     "sequential": Option(bool, True, help="whitened: factor each layer on the outputs of the layers before it as "
                                           "factored (else all layers on the uncompressed model)"),
     "update": Option(bool, False, help="whitened, sequential: fit the factors to the uncompressed model's outputs "
-                                       "(closed-form least squares; on SmolLM2-135M it overfits the calibration "
-                                       "text: see benchmarks/RESULTS.md)"),
+                                       "(closed-form least squares; on SmolLM2-135M it loses on held-out text, "
+                                       "refit=full or up: see benchmarks/RESULTS.md)"),
+    "refit": Option(str, "full", choices=("full", "up"),
+                    help="update: fit the whole weight then truncate (full), or keep the whitened truncation's "
+                         "down-projection and refit only the up-projection (up)"),
     "damp": Option(float, 0.01, check=lambda d: d >= 0, allowed=">= 0",
                    help="update: ridge toward the original weight, relative to each input channel's energy"),
 })
 def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: bool, rank_multiple: int,
-            allocation: str, sequential: bool, update: bool, damp: float):
+            allocation: str, fisher_weighted: bool, fisher_samples: int, sequential: bool, update: bool, refit: str, damp: float):
     """Factor linears into two smaller linears; see the module docstring."""
     from .quantize import dequantize_layers, requantize_layers
     explicit = match_patterns(ranks, "ranks", "lowrank")
@@ -167,6 +219,11 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
         require_match(g, [p for p, _ in explicit], [l.weight.name for l in linears], "ranks", "lowrank")
         linears = [l for l in linears if any(p.search(l.weight.name) for p, _ in explicit)]
     what = f"lowrank{{method={method}}}"
+    if allocation == "fisher" and not (method == "whitened" and sequential):
+        raise PipelineError("pass 'lowrank': option allocation='fisher' needs method=whitened and sequential=true, "
+                            f"got method={method!r}, sequential={sequential}")
+    if fisher_weighted and allocation != "fisher":
+        raise PipelineError(f"pass 'lowrank': option fisher_weighted=true needs allocation=fisher, got {allocation!r}")
     if method == "whitened" and sequential:
         samples = normalize_samples(getattr(ctx, "calibration", None))
         if not samples:
@@ -174,7 +231,8 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     requant = dequantize_layers(g)  # running after quantize: factor the float weights, then re-quantize
     groups = _group(linears, share_input)
     if method == "whitened" and sequential:
-        _lowrank_sequential(g, ctx, samples, groups, explicit, ratio, rank_multiple, allocation, update, damp)
+        _lowrank_sequential(g, ctx, samples, groups, explicit, ratio, rank_multiple, allocation,
+                            refit if update else None, damp, fisher_samples, fisher_weighted)
         requantize_layers(g, requant, "lowrank")
         return dce(g)
     stats = calibration_stats(g, ctx, [grp[0].node for grp in groups], need=method == "whitened", what=what)
@@ -192,7 +250,8 @@ def lowrank(g: Graph, ctx, method: str, ratio: float, ranks: str, share_input: b
     return dce(g)
 
 
-def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp) -> None:
+def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multiple, allocation, update, damp,
+                        fisher_samples: int = 1, fisher_weighted: bool = False) -> None:
     """Ranks from the uncompressed model's whitened spectra (one walk holding one Gram at a time;
     from fewer batches than all, the 1536-wide inputs' Grams lose rank, their spectra's tails look
     small and the allocation cuts those layers too deep), then a second walk factoring each layer on
@@ -200,10 +259,24 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
     show = getattr(ctx, "progress", True)
     lead = {grp[0].node: grp for grp in groups}
     curves: dict = {}
+    fisher, weight_of = None, {}
+    if allocation == "fisher":
+        members = [l.node for grp in groups for l in grp]
+        fisher = output_fisher(g, samples[:fisher_samples], members)
+        if fisher_weighted:
+            for node, grp in lead.items():
+                weight_of[node] = _fisher_rows(torch.cat([fisher[l.node.name] for l in grp]))
     if not explicit and allocation != "uniform":
         def measure(x, nodes, st):
             for node in nodes:
-                curves[node] = whitened_spectrum(_stacked(lead[node]), st.gram)
+                w = _stacked(lead[node])
+                if fisher is None:
+                    curves[node] = whitened_spectrum(w, st.gram)
+                elif node in weight_of:
+                    d, scale = weight_of[node]
+                    curves[node] = whitened_spectrum(d[:, None] * w.double(), st.gram, normalize=False) * scale
+                else:
+                    curves[node] = fisher_spectrum(w, st.gram, torch.cat([fisher[l.node.name] for l in lead[node]]))
         calibrate_sequentially(g, samples, list(lead), measure,
                                progress=show, desc="lowrank{allocation}")
     rank_of = _ranks(groups, [curves.get(grp[0].node) for grp in groups], explicit, ratio, multiple, allocation)
@@ -214,13 +287,25 @@ def _lowrank_sequential(g: Graph, ctx, samples, groups, explicit, ratio, multipl
             grp, r = plan[node]
             w = _stacked(grp)
             if update:
-                f = factorize_fitted(w, st, damp)
+                f = factorize_fitted(w, st, damp) if update == "full" else refit_up(w, st, r, damp)
                 _rewrite(g, grp, f, r, "whitened", lambda a, b: fitted_error(a, b, st), "calibration (uncompressed)")
+            elif node in weight_of:
+                d = weight_of[node][0]
+                f = factorize(d[:, None] * w.double(), st.gram, True)
+                f.B = f.B / d[:, None]
+                _rewrite(g, grp, f, r, "whitened", lambda a, b: output_error(a, b, st.gram), "calibration")
             else:
                 f = factorize(w, st.gram, True)
                 _rewrite(g, grp, f, r, "whitened", lambda a, b: output_error(a, b, st.gram), "calibration")
     calibrate_sequentially(g, samples, list(plan), compress, progress=show, desc="lowrank{method=whitened}",
-                           reference=update)
+                           reference=update is not None)
+
+
+def _fisher_rows(fisher: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Row weights sqrt(F_j / mean F) for a Fisher-weighted truncation (floored at 1/20 so that no
+    output row is treated as free) and the scale that puts its error back in loss units."""
+    mean = float(fisher.double().mean().clamp_min(1e-300))
+    return (fisher.double() / mean).sqrt().clamp_min(0.05), mean
 
 
 def _stacked(grp: list[Linear]) -> torch.Tensor:
