@@ -12,7 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 SLOW = [
     # corpora: hundreds of ops or models per test
     "test_corpus_opinfo.py::test_opinfo_corpus_imports_and_matches_eager_torch",
+    "test_corpus_opinfo.py::test_opinfo_corpus_floor_over_all_shards",
     "test_corpus_llvm.py::test_opinfo_corpus_compiles_for_llvm_and_matches_torch",
+    "test_corpus_llvm.py::test_opinfo_corpus_on_llvm_floor_over_all_shards",
     "test_corpus_onnx.py::test_backend_data_pass_rate",
     "test_corpus_onnx.py::test_light_zoo_matches_onnxruntime",
     "test_corpus_hf.py::test_hf_corpus_pass_rate",

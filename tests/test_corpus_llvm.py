@@ -4,9 +4,11 @@ a typed ``CodegenError``, never a wrong result.
 
 A full pass takes ~12 minutes on 2 cores (one TVM build per op), so this test runs a fixed,
 documented subset: every op in ``PRIORITY`` (what Hugging Face models produce through the torch
-frontend) plus every ``STRIDE``-th of the remaining ops in OpInfo's own order. ``python -m
+frontend) plus every ``STRIDE``-th of the remaining ops in OpInfo's own order, as interleaved shards
+(tests/corpora/shards.py) and a last test that holds the floors over all of them. ``python -m
 tests.test_corpus_llvm`` runs the whole corpus.
 """
+import functools
 import sys
 
 import pytest
@@ -15,6 +17,7 @@ pytest.importorskip("tvm")
 pytest.importorskip("expecttest")
 
 from corpora import opinfo  # noqa: E402
+from corpora.shards import Shards  # noqa: E402
 
 PRIORITY = {"gather", "index_select", "take_along_dim", "cumsum", "diff", "where", "masked_fill", "bitwise_not",
             "bitwise_and", "eq", "ne", "lt", "clamp", "pow", "rsqrt", "exp", "log", "nn.functional.embedding",
@@ -30,6 +33,7 @@ PRIORITY = {"gather", "index_select", "take_along_dim", "cumsum", "diff", "where
 STRIDE = 5
 FLOOR_PASSED = 163     # measured: 163/209 (78.0%) of the subset, 4.5 min on 2 shared cores
 FLOOR_RATE = 0.779
+SHARDS = Shards(4)
 
 
 def selected(all_ops):
@@ -58,14 +62,27 @@ def report(outs) -> float:
     return rate
 
 
-def test_opinfo_corpus_compiles_for_llvm_and_matches_torch():
-    outs = run(selected(opinfo.ops()))
-    rate = report(outs)
+@functools.cache
+def corpus():
+    return selected(opinfo.ops())
+
+
+@pytest.mark.parametrize("shard", range(SHARDS.count), ids=SHARDS.ids)
+def test_opinfo_corpus_compiles_for_llvm_and_matches_torch(shard):
+    outs = run(SHARDS.slice(corpus(), shard))
+    SHARDS.record(shard, outs)
+    print(f"\n{SHARDS.ids[shard]}:")
+    report(outs)
     wrong = [o.op for o in outs if o.status == "mismatch"]
     assert not wrong, f"ops lowered to wrong numbers on llvm: {wrong}"
     errors = [o for o in outs if o.status == "error" and "CodegenError" not in o.detail
               and "UnsupportedOpError" not in o.detail]
     assert not errors, f"untyped failures: {[(o.op, o.detail) for o in errors]}"
+
+
+def test_opinfo_corpus_on_llvm_floor_over_all_shards():
+    outs = SHARDS.all()
+    rate = report(outs)
     assert sum(o.status.startswith("pass") for o in outs) >= FLOOR_PASSED
     assert rate >= FLOOR_RATE
 
