@@ -52,6 +52,12 @@ SLOW = [
         "test_auto_nm_spends_the_density_budget_where_error_is_lowest", "test_passes_compose_in_any_order",
         "test_a_pass_that_skips_every_layer_leaves_quantized_codes_untouched",
         "test_the_issue_pipeline_text_runs_end_to_end", "test_report_bytes_are_the_bytes_of_the_packed_tensors")),
+    # the accuracy table through transformers.AutoModel: each a calibrated compile of the real MiniLM
+    # (its round-to-nearest int8 row stays in the fast subset)
+    *(f"test_compression.py::test_real_minilm_through_transformers_automodel_keeps_the_accuracy_table[{r}]" for r in (
+        "quantize{weights=int8,activations=int7,rotate=hadamard}",
+        "quantize{weights=int4,group_size=128,method=gptq,symmetric=false,rotate=hadamard,act_order=true,damp=0.1}",
+        "sparsify{pattern=2:4,method=wanda,sequential=false}", "lowrank{method=whitened,ratio=0.9,sequential=false}")),
     # the real SmolLM2 compressed with calibration
     *(f"test_llm_eval.py::{t}" for t in (
         "test_calibrated_quantization_beats_round_to_nearest_on_real_weights",
