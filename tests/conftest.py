@@ -27,6 +27,7 @@ SLOW = [
     "test_examples.py::test_quickstart_runs_end_to_end_and_checks_itself",
     "test_triton_kernels.py::test_compressed_linear_kernels_match_the_reference_under_the_interpreter",
     "test_cuda_target.py::test_whole_models_run_through_the_kernels_under_the_interpreter",
+    "test_cuda_target.py::test_ragged_batches_decode_through_the_kernels_under_the_interpreter",
     *(f"test_tvm.py::test_every_zoo_model_matches_the_reference_on_llvm[{m}]"
       for m in ("cnn", "gpt2", "llama", "minilm", "vit")),
     "test_tvm.py::test_compressed_llama_matches_the_reference_on_llvm[quantize{weights=int8}]",
