@@ -165,6 +165,16 @@ def test_identity_options_are_exact(recipe, rewritten):
         assert ((cm(ids) - want).abs().max() / want.abs().max()).item() <= 1e-4
 
 
+def test_a_pass_that_requantizes_calibrated_codes_says_so():
+    model, example, calib = zoo_llama()
+    graph = presso.compile(model, example_inputs=example).graph
+    with pytest.warns(UserWarning, match=r"sparsify changed the weights of 15 layer\(s\) quantized with gptq .*"
+                                         r"re-quantized with RTN"):
+        cm = presso.compile(graph, example_inputs=example, calibration=calib[:2],
+                            recipe="quantize{weights=int4,group_size=32,method=gptq},sparsify{pattern=2:4}")
+    assert {r["method"] for r in cm.graph.meta["compression"].values()} == {"rtn"}
+
+
 def test_report_bytes_are_the_bytes_of_the_packed_tensors():
     cm = compiled("lowrank{method=whitened,ratio=0.9,rank_multiple=32},sparsify{pattern=2:4},quantize{weights=int4,group_size=16}")
     g = cm.graph
