@@ -18,7 +18,7 @@ __all__ = ["compile", "load", "CompiledModel", "import_model", "from_torch", "fr
 def __getattr__(name):
     if name == "from_onnx":       # imports onnx (a large part of import torch's time)
         from .deps import require
-        require("onnx", "onnx", "presso.from_onnx")
+        require("onnx", "onnx", "presso.from_onnx", load=False)
         from .frontend.onnx_frontend import from_onnx
         return from_onnx
     raise AttributeError(f"module 'presso' has no attribute {name!r}")

@@ -176,7 +176,7 @@ def import_model(model, example_inputs=None, dynamic_shapes=None) -> Graph:
         from .frontend.torch_frontend import from_torch
         return from_torch(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
-        require("onnx", "onnx", "an ONNX model")
+        require("onnx", "onnx", "an ONNX model", load=False)
         from .frontend.onnx_frontend import from_onnx
         return from_onnx(model)
     raise ValueError(f"model must be an nn.Module, an onnx.ModelProto, a path to a .onnx file or a presso Graph; "

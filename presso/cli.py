@@ -62,8 +62,10 @@ def load_any(spec: str, with_torch: bool = False, key=None, trust_code: bool = F
     raise CLIError(f"{spec!r} is not a .onnx file, a presso artifact directory, or package.module:factory")
 
 
-def print_report(rep: dict, out=sys.stdout) -> None:
-    print(format_report(rep), file=out)
+def print_report(rep: dict, out=None) -> None:
+    """Print the report table to ``out``, by default the ``sys.stdout`` of the moment (not the one
+    at import, so that a caller's redirection holds)."""
+    print(format_report(rep), file=out or sys.stdout)
 
 
 def _artifact_opts(a) -> dict:

@@ -1,8 +1,13 @@
-"""The presso command, through real subprocesses: exit codes and output."""
+"""The presso command: exit codes and output. The commands run in this process through
+``presso.cli.main`` (what the ``presso`` script calls), each captured as a subprocess's would be;
+``python -m presso`` itself, in a fresh interpreter, is tested by the last tests here."""
+import contextlib
+import io
 import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 from safetensors.torch import save_file
@@ -10,11 +15,32 @@ from safetensors.torch import save_file
 import torch
 
 from presso import load as load_artifact
+from presso.cli import main
 
 
-def presso(*args, timeout=300):
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def presso(*args, cwd=None) -> Ran:
+    """``presso ARGS`` in this process: its exit code and what it printed to stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            contextlib.chdir(cwd or "."):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:         # argparse's --help and usage errors
+            code = e.code
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def presso_process(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m presso ARGS`` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "presso", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +122,7 @@ def test_diff_and_bench(artifact):
     (["show", "presso.models:make_mlp", "-o", "g.png"], "must end in .html, .svg or .dot"),
 ])
 def test_bad_arguments_print_one_line_and_exit_nonzero(args, msg, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "presso", *args], capture_output=True, text=True, cwd=tmp_path)
+    r = presso(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
@@ -107,8 +133,13 @@ def test_unreadable_artifact_and_debug_traceback(tmp_path):
     (bad / "manifest.json").write_text("{}")
     r = presso("inspect", bad)
     assert r.returncode == 2 and "does not describe a presso artifact" in r.stderr and "Traceback" not in r.stderr
-    r = presso("--debug", "inspect", bad)
+    r = presso_process("--debug", "inspect", bad)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_python_m_presso_runs_the_command():
+    r = presso_process("inspect", "presso.models:make_mlp", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ops"] == {"gelu": 1, "linear": 3, "relu": 1}
 
 
 @pytest.fixture(scope="module")

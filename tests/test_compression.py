@@ -45,21 +45,15 @@ def cosine(recipe: str, calibrate: bool = True) -> float:
     return torch.cat([torch.nn.functional.cosine_similarity(cm(*e), r) for e, r in zip(evals, ref)]).mean().item()
 
 
-def max_rel_err(recipe: str) -> float:
-    _, _, _, evals, ref = setup()
-    cm = compiled(recipe)
-    return max(((cm(*e) - r).abs().max() / r.abs().max()).item() for e, r in zip(evals, ref))
-
-
 def test_int8_per_channel():
     assert cosine("quantize{weights=int8}", calibrate=False) >= 0.999
 
 
 def test_int8_with_the_word_embedding_table_quantized_keeps_0999_and_shrinks_35x():
-    recipe = "quantize{weights=int8,embeddings=int8}"
-    cos = cosine(recipe)
-    comp = compiled(recipe).report()["compression"]
-    plain = compiled("quantize{weights=int8}").report()["compression"]
+    recipe = "quantize{weights=int8,embeddings=int8}"      # round to nearest: no calibration to read
+    cos = cosine(recipe, calibrate=False)
+    comp = compiled(recipe, calibrate=False).report()["compression"]
+    plain = compiled("quantize{weights=int8}", calibrate=False).report()["compression"]
     print(f"MiniLM {recipe}: cos {cos:.5f}, {comp['model_bytes_uncompressed']:,} -> {comp['model_bytes']:,} bytes "
           f"({comp['compression_ratio']:.2f}x; linears only: {plain['compression_ratio']:.2f}x); by role "
           f"{comp['bytes_by_role']}")
@@ -141,14 +135,44 @@ def test_auto_nm_spends_the_density_budget_where_error_is_lowest():
 
 
 def setup_linear_weights():
-    g = compiled("canonicalize").graph
+    g = compiled("canonicalize", calibrate=False).graph
     return {n.inputs[1].name: g.params[n.inputs[1].name] for n in g.nodes if n.op == "linear"}
 
 
-@pytest.mark.parametrize("recipe", ["lowrank{ratio=1.0}", "lowrank{ranks=.*:full}", "lowrank{method=whitened,ranks=.*:full}",
-                                    "sparsify{pattern=8:8}", "sparsify{pattern=4:4,method=wanda}"])
-def test_identity_options_are_exact(recipe):
-    assert max_rel_err(recipe) <= 1e-4
+@functools.lru_cache(maxsize=None)
+def zoo_llama():
+    """The zoo's small Llama (linears of four shapes) and calibration batches of random tokens."""
+    from presso.models import make_llama
+    torch.manual_seed(0)
+    model, example = make_llama(batch=2, seq=16)
+    return model, example, [(torch.randint(0, 256, (2, 16)),) for _ in range(8)]
+
+
+# Exactness is a property of the factorization / mask, not of the weights: the zoo Llama shows it in
+# a fraction of the real MiniLM's compile time.
+# (recipe, how many of the 15 linears it rewrites: at ratio 1 no factorization is smaller than the
+# weight, so none is made)
+@pytest.mark.parametrize("recipe, rewritten", [
+    ("lowrank{ratio=1.0}", 0), ("lowrank{ranks=.*:full}", 15), ("lowrank{method=whitened,ranks=.*:full}", 15),
+    ("sparsify{pattern=8:8}", 15), ("sparsify{pattern=4:4,method=wanda}", 15)])
+def test_identity_options_are_exact(recipe, rewritten):
+    model, example, calib = zoo_llama()
+    cm = presso.compile(model, example_inputs=example, recipe=recipe, calibration=calib)
+    assert len(cm.report()["compression"]["layers"]) == rewritten
+    for ids in [example[0]] + [c[0] for c in calib[:2]]:
+        with torch.no_grad():
+            want = model(ids)
+        assert ((cm(ids) - want).abs().max() / want.abs().max()).item() <= 1e-4
+
+
+def test_a_pass_that_requantizes_calibrated_codes_says_so():
+    model, example, calib = zoo_llama()
+    graph = presso.compile(model, example_inputs=example).graph
+    with pytest.warns(UserWarning, match=r"sparsify changed the weights of 15 layer\(s\) quantized with gptq .*"
+                                         r"re-quantized with RTN"):
+        cm = presso.compile(graph, example_inputs=example, calibration=calib[:2],
+                            recipe="quantize{weights=int4,group_size=32,method=gptq},sparsify{pattern=2:4}")
+    assert {r["method"] for r in cm.graph.meta["compression"].values()} == {"rtn"}
 
 
 def test_report_bytes_are_the_bytes_of_the_packed_tensors():
@@ -189,8 +213,8 @@ def test_calibration_is_needed_by_gptq_wanda_and_whitened():
     ("lowrank{ranks=query:zero}", "positive ints or 'full'"),
 ])
 def test_bad_options_are_typed_errors_and_nothing_is_half_applied(recipe, msg):
-    model, example, calib, _, _ = setup()
-    graph = presso.compile(model, example_inputs=example).graph
+    _, example, calib, _, _ = setup()
+    graph = compiled("canonicalize", calibrate=False).graph     # one graph: no refused recipe may change it
     before = str(graph)
     with pytest.raises(PipelineError, match=msg):
         presso.compile(graph, example_inputs=example, recipe=recipe, calibration=calib[:1])

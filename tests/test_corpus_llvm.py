@@ -4,9 +4,9 @@ a typed ``CodegenError``, never a wrong result.
 
 A full pass takes ~12 minutes on 2 cores (one TVM build per op), so this test runs a fixed,
 documented subset: every op in ``PRIORITY`` (what Hugging Face models produce through the torch
-frontend) plus every ``STRIDE``-th of the remaining ops in OpInfo's own order, dealt into ``SHARDS``
-tests so that none runs long; the floor is asserted over the shards' outcomes (computed once per
-session). ``python -m tests.test_corpus_llvm`` runs the whole corpus.
+frontend) plus every ``STRIDE``-th of the remaining ops in OpInfo's own order, as interleaved shards
+(tests/corpora/shards.py) and a last test that holds the floors over all of them. ``python -m
+tests.test_corpus_llvm`` runs the whole corpus.
 """
 import functools
 import sys
@@ -17,6 +17,7 @@ pytest.importorskip("tvm")
 pytest.importorskip("expecttest")
 
 from corpora import opinfo  # noqa: E402
+from corpora.shards import Shards  # noqa: E402
 
 PRIORITY = {"gather", "index_select", "take_along_dim", "cumsum", "diff", "where", "masked_fill", "bitwise_not",
             "bitwise_and", "eq", "ne", "lt", "clamp", "pow", "rsqrt", "exp", "log", "nn.functional.embedding",
@@ -32,6 +33,7 @@ PRIORITY = {"gather", "index_select", "take_along_dim", "cumsum", "diff", "where
 STRIDE = 5
 FLOOR_PASSED = 165     # measured: 165/209 (78.9%) of the subset, 3.5 min in 12 shards on 2 loaded cores
 FLOOR_RATE = 0.789
+SHARDS = Shards(12)
 
 
 def selected(all_ops):
@@ -60,17 +62,17 @@ def report(outs) -> float:
     return rate
 
 
-SHARDS = 12
+@functools.cache
+def corpus():
+    return selected(opinfo.ops())
 
 
-@functools.lru_cache(maxsize=None)
-def _shard(i: int) -> tuple:
-    return tuple(run(selected(opinfo.ops())[i::SHARDS]))
-
-
-@pytest.mark.parametrize("shard", range(SHARDS))
-def test_opinfo_shard_compiles_for_llvm_and_matches_torch(shard):
-    outs = _shard(shard)
+@pytest.mark.parametrize("shard", range(SHARDS.count), ids=SHARDS.ids)
+def test_opinfo_corpus_compiles_for_llvm_and_matches_torch(shard):
+    outs = run(SHARDS.slice(corpus(), shard))
+    SHARDS.record(shard, outs)
+    print(f"\n{SHARDS.ids[shard]}:")
+    report(outs)
     wrong = [o.op for o in outs if o.status == "mismatch"]
     assert not wrong, f"ops lowered to wrong numbers on llvm: {wrong}"
     errors = [o for o in outs if o.status == "error" and "CodegenError" not in o.detail
@@ -78,8 +80,8 @@ def test_opinfo_shard_compiles_for_llvm_and_matches_torch(shard):
     assert not errors, f"untyped failures: {[(o.op, o.detail) for o in errors]}"
 
 
-def test_opinfo_corpus_compiles_for_llvm_and_matches_torch():
-    outs = [o for i in range(SHARDS) for o in _shard(i)]
+def test_opinfo_corpus_on_llvm_floor_over_all_shards():
+    outs = SHARDS.all()
     rate = report(outs)
     assert sum(o.status.startswith("pass") for o in outs) >= FLOOR_PASSED
     assert rate >= FLOOR_RATE

@@ -24,13 +24,26 @@ def test_import_presso_and_cli_help_load_no_optional_package():
     assert loaded_after(help_) == []
 
 
-def test_heavy_packages_load_on_first_use():
+def test_heavy_packages_load_on_first_use(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    nodes = [helper.make_node("Add", ["one", "one"], ["two"]), helper.make_node("Mul", ["x", "two"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [one]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "fold.onnx"))
     code = ("import torch, presso\nfrom presso.ir import parse\n"
             "g = parse('graph @g(%x: f32[2, 3]) {\\n  %y: f32[2, 3] = aten.acos(%x)\\n  return %y\\n}')\n"
             "x = torch.rand(2, 3)\n"
             "assert torch.equal(presso.compile(g)(x), torch.acos(x))\n"   # an ATen op registers on first use
-            "assert callable(presso.from_onnx) and callable(presso.frontend.from_onnx)")
-    assert loaded_after(code) == ["onnx"]
+            "assert callable(presso.from_onnx) and callable(presso.frontend.from_onnx)\n"
+            "import presso.frontend.onnx_frontend")
+    # reading ONNX needs onnx's protobuf classes and checker only (tests/test_onnx_proto.py) ...
+    assert loaded_after(code) == []
+    # ... and the whole package where it folds constants with onnx's reference evaluator
+    fold = f"\nx = torch.rand(3)\nassert torch.equal(presso.compile({str(tmp_path / 'fold.onnx')!r})(x), x * 2)"
+    assert loaded_after(code + fold) == ["onnx"]
 
 
 def test_a_missing_optional_package_names_the_extra_that_installs_it():

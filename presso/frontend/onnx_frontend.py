@@ -8,18 +8,20 @@ Unsqueeze/Squeeze/Cast can rearrange and Reshape/Expand/ConstantOfShape consume.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from ..errors import FrontendError, IRError, UnsupportedOpError
 from ..ir.graph import Graph, Value
 from ..ir.types import DType, TensorType
+from . import onnx_proto
 from .common import GraphBuilder, clean_name, clean_symbol
 from .onnx_table import ONNX_OPS, OPSETS, Seq, SymShape, _dtype, handles
+
+if TYPE_CHECKING:       # read with onnx_proto, which imports the onnx package only where it must
+    import onnx
 
 class _Importer:
     def __init__(self, model: onnx.ModelProto):
@@ -71,7 +73,7 @@ class _Importer:
     def attr(self, name: str, default=None):
         for a in self.node.attribute:
             if a.name == name:
-                return onnx.helper.get_attribute_value(a)
+                return onnx_proto.attribute_value(a)
         return default
 
     def op(self, name, *ins, **attrs) -> Value:
@@ -105,7 +107,7 @@ class _Importer:
         inits = {i.name for i in gp.initializer}
         for init in gp.initializer:
             try:
-                self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+                self.env[init.name] = torch.from_numpy(np.array(onnx_proto.to_array(init)))
             except Exception as e:  # noqa: BLE001 - onnx raises KeyError/ValueError/TypeError for bad tensors
                 raise FrontendError(f"ONNX initializer '{init.name}' cannot be read (data type {init.data_type}, "
                                     f"dims {list(init.dims)}): {type(e).__name__}: {e}") from None
@@ -155,6 +157,7 @@ class _Importer:
 
     def _fold(self, node):
         """Evaluate a node whose inputs are all constants with ONNX's reference evaluator."""
+        import onnx
         from onnx.reference import ReferenceEvaluator
         ins = [i for i in node.input if i]
         feeds = {i: self.env[i].numpy() for i in ins}
@@ -325,7 +328,7 @@ def _shape(im):
 def _const_of_shape(im):
     shape = im.ints(0, "ConstantOfShape's shape")
     val = im.attr("value")
-    arr = numpy_helper.to_array(val) if val is not None else np.zeros(1, np.float32)
+    arr = onnx_proto.to_array(val) if val is not None else np.zeros(1, np.float32)
     return im.op("full", value=float(arr.reshape(-1)[0]), shape=shape,
                  dtype=DType.from_torch(torch.from_numpy(np.array(arr)).dtype).value)
 
@@ -334,8 +337,8 @@ def _const_of_shape(im):
 def _constant(im):
     a = im.node.attribute[0]
     if a.name == "value":
-        return torch.from_numpy(np.array(numpy_helper.to_array(a.t)))
-    v = onnx.helper.get_attribute_value(a)
+        return torch.from_numpy(np.array(onnx_proto.to_array(a.t)))
+    v = onnx_proto.attribute_value(a)
     return torch.tensor(v)
 
 
@@ -350,18 +353,18 @@ from . import onnx_ops_math, onnx_ops_nn, onnx_ops_resample, onnx_ops_shape  # n
 # ---- entry point -------------------------------------------------------------------------
 def load_onnx(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.ModelProto:
     """Load and check an ONNX model, turning every failure into a FrontendError."""
-    if isinstance(model, onnx.ModelProto):
+    if isinstance(model, onnx_proto.pb().ModelProto):
         proto = model
     else:
         try:
-            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model))
+            proto = onnx_proto.read_model(model)
         except FileNotFoundError:
             raise FrontendError(f"ONNX file not found: {model}") from None
         except Exception as e:  # noqa: BLE001 - protobuf raises several types for corrupt data
             raise FrontendError(f"cannot read ONNX model {model if not isinstance(model, bytes) else '<bytes>'}: "
                                 f"malformed or truncated file ({type(e).__name__}: {e})") from None
     try:
-        onnx.checker.check_model(proto)
+        onnx_proto.check_model(proto)
     except Exception as e:  # noqa: BLE001
         raise FrontendError(f"invalid ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if len(proto.graph.node) == 0:
@@ -378,12 +381,12 @@ def upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     allowed = f"opsets {OPSETS.start}..{OPSETS.stop - 1} import directly, 1..{OPSETS.start - 1} and " \
-              f"{OPSETS.stop}..{onnx.defs.onnx_opset_version()} are converted with onnx.version_converter"
+              f"{OPSETS.stop}..{onnx_proto.opset_version()} are converted with onnx.version_converter"
     if opset is None:
         raise FrontendError(f"the ONNX model imports no default-domain (ai.onnx) opset; {allowed}")
     if opset in OPSETS:
         return proto
-    if not 1 <= opset <= onnx.defs.onnx_opset_version():
+    if not 1 <= opset <= onnx_proto.opset_version():
         raise FrontendError(f"ONNX default-domain opset {opset} is not supported: {allowed}")
     target = OPSETS.start if opset < OPSETS.start else OPSETS.stop - 1
     try:

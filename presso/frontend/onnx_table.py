@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import onnx
-
 from ..errors import FrontendError
 from ..ir.types import DType
 from .common import registrar
+from .onnx_proto import dtype_name
 
 OPSETS = range(13, 24)
 ONNX_OPS: dict[str, Callable] = {}
@@ -33,7 +32,7 @@ _ONNX_DTYPE = {1: DType.f32, 10: DType.f16, 16: DType.bf16, 11: DType.f64, 7: DT
 def _dtype(elem_type: int, where: str) -> DType:
     if elem_type not in _ONNX_DTYPE:
         try:
-            name = onnx.TensorProto.DataType.Name(elem_type)
+            name = dtype_name(elem_type)
         except ValueError:      # not a type ONNX defines (a damaged or hostile file)
             name = f"{elem_type} (not an ONNX type)"
         raise FrontendError(f"{where}: ONNX element type {name} is not supported")
