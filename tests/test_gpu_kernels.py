@@ -222,13 +222,8 @@ def test_ragged_batch_on_the_gpu_equals_each_prompt_alone_and_the_reference(reci
     per-sequence starts give each prompt the tokens it gets alone, and the reference target's."""
     import presso
     from presso.models import make_llama
+    from zoo_util import assert_ragged_batch_decodes_as_alone
     m, ins = make_llama(batch=2)
     kw = dict(example_inputs=ins, generation=True, max_len=64, recipe=recipe, calibration=[ins])
     cm, ref = presso.compile(m, target="cuda", **kw), presso.compile(m, **kw)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 7, 12, 20)]
-    got = cm.generate(prompts, max_new_tokens=8)
-    want = ref.generate(prompts, max_new_tokens=8)
-    alone = [cm.generate(p[None], max_new_tokens=8)[0] for p in prompts]
-    for i, (a, b, c) in enumerate(zip(got, want, alone)):
-        assert torch.equal(a.cpu(), b.cpu()) and torch.equal(a.cpu(), c.cpu()), f"prompt {i}: {a} / {b} / {c}"
+    assert_ragged_batch_decodes_as_alone(cm, ref, new=8)

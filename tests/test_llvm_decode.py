@@ -8,6 +8,7 @@ import torch
 
 import presso
 from presso.models import make_gpt2, make_llama
+from zoo_util import assert_ragged_batch_decodes_as_alone
 
 pytest.importorskip("tvm")
 
@@ -46,13 +47,7 @@ def test_llvm_greedy_tokens_equal_the_reference_target(make, recipe):
 def test_llvm_ragged_batch_equals_each_prompt_alone_and_the_reference():
     cm, _ = compiled(make_llama, None, "llvm")
     ref, _ = compiled(make_llama, None, "reference")
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 7, 12, 20)]
-    got = cm.generate(prompts, max_new_tokens=6)
-    want = ref.generate(prompts, max_new_tokens=6)
-    alone = [cm.generate(p[None], max_new_tokens=6)[0] for p in prompts]
-    for i, (a, b, c) in enumerate(zip(got, want, alone)):
-        assert torch.equal(a, b) and torch.equal(a, c), f"prompt {i}: {a} vs reference {b} vs alone {c}"
+    assert_ragged_batch_decodes_as_alone(cm, ref)
 
 
 def test_llvm_decode_step_writes_the_caches_in_place():

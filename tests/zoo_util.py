@@ -29,3 +29,16 @@ def run_ort(proto, inputs):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+def assert_ragged_batch_decodes_as_alone(cm, ref, lengths=(3, 7, 12, 20), new: int = 6, vocab: int = 256):
+    """Prompts of ``lengths`` decoded as one left-padded batch by ``cm`` give, for each prompt, the
+    tokens ``cm`` gives it alone and the tokens the reference-target model ``ref`` gives the batch."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    got = cm.generate(prompts, max_new_tokens=new)
+    want = ref.generate(prompts, max_new_tokens=new)
+    alone = [cm.generate(p[None], max_new_tokens=new)[0] for p in prompts]
+    for i, (a, b, c) in enumerate(zip(got, want, alone)):
+        a, b, c = a.cpu(), b.cpu(), c.cpu()
+        assert torch.equal(a, b) and torch.equal(a, c), f"prompt {i}: {a} vs reference {b} vs alone {c}"
