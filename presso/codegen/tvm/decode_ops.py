@@ -14,6 +14,10 @@ from .attention import attention_probs_times_v, attention_scores
 from .table import TVM_DTYPE, lowers
 
 
+def cache_update_name(rank: int, axis: int, dtype: str) -> str:
+    return f"presso_cache_update_r{rank}_a{axis}_{dtype}"
+
+
 def cache_update_func(rank: int, axis: int, dtype: str):
     """cache[..., positions[i], ...] = new[..., i, ...] along ``axis``, in place; every dim is
     symbolic, so one kernel serves the prefill (a symbolic sequence) and the step (one token)."""
@@ -23,7 +27,7 @@ def cache_update_func(rank: int, axis: int, dtype: str):
 
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(f"presso_cache_update_r{rank}_a{axis}_{dtype}")
+            T.func_name(cache_update_name(rank, axis, dtype))
             # opaque (8): Relax's FuseOps must not fuse an in-place write with its producer
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
             dims = [tirx.Var(f"d{i}", "int64") for i in range(rank)]
@@ -56,7 +60,7 @@ def _cache_update(L, n, ins):
     rank, axis = cache.type.rank, n.attrs["axis"] % cache.type.rank
     dt = TVM_DTYPE[cache.type.dtype]
     new = ins[1] if n.inputs[1].type.dtype == cache.type.dtype else L.emit(L.rx.op.astype(ins[1], dt))
-    kernel = L.kernel(f"presso_cache_update_r{rank}_a{axis}_{dt}", lambda: cache_update_func(rank, axis, dt))
+    kernel = L.kernel(cache_update_name(rank, axis, dt), lambda: cache_update_func(rank, axis, dt))
     return L.emit(L.rx.call_tir_inplace(kernel, L.rx.Tuple([ins[0], new, ins[2]]), [0],
                                         L.rx.TensorType(L.shape(cache.type), dt)))
 
